@@ -1,0 +1,25 @@
+"""Mamba2 1.3B (state-spaces/mamba2-1.3b): 48 Mamba2 layers, d_model 2048, GPT-NeoX vocabulary, tied head.
+
+Pretrain (NeMo recipe: TP 1, one GPU, bf16 mixed precision, sequence 4096):
+  python -m mamba_jax.train --config experiments/mamba2_1_3b.py --workdir runs/mamba2_1_3b
+Parameters: 1,343,757,312 (vocab 50277 padded to 50288), equal to mamba_ssm's count.
+"""
+
+from mamba_jax import config as mjc
+
+
+def get_config(arg=None):
+    c = mjc.base_config()
+    c.name = "mamba2_1_3b"
+    c.variant = mjc.parse_variant(arg)
+    c.model.update(
+        pattern="M" * 48,
+        d_model=2048,
+        vocab_size=50277,
+        vocab_multiple=16,
+        tie_embeddings=True,
+        residual_in_fp32=True,
+        mamba_chunk_size=256,
+    )
+    c.lock()
+    return c

@@ -1,0 +1,25 @@
+"""Mamba2 780M (state-spaces/mamba2-780m): 48 Mamba2 layers, d_model 1536, GPT-NeoX vocabulary, tied head.
+
+Pretrain (NeMo recipe: TP 1, data parallel over 8 GPUs, bf16 mixed precision, sequence 4096):
+  python -m mamba_jax.train --config experiments/mamba2_780m.py --workdir runs/mamba2_780m
+Parameters: within 1 % of the published size.
+"""
+
+from mamba_jax import config as mjc
+
+
+def get_config(arg=None):
+    c = mjc.base_config()
+    c.name = "mamba2_780m"
+    c.variant = mjc.parse_variant(arg)
+    c.model.update(
+        pattern="M" * 48,
+        d_model=1536,
+        vocab_size=50277,
+        vocab_multiple=16,
+        tie_embeddings=True,
+        residual_in_fp32=True,
+        mamba_chunk_size=256,
+    )
+    c.lock()
+    return c

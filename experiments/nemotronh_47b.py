@@ -1,0 +1,33 @@
+"""Nemotron-H 47B: 98 layers (45 Mamba2 with state 256, 5 attention, 48 MLP), d_model 8192, GQA 64/8 heads of 128
+(NoPE), relu² MLP 30720, vocabulary 131072.
+
+Pretrain (NeMo recipe: TP 8, sequence parallel, 32 nodes × 8 GPUs, global batch 768, sequence 8192; NeMo
+trains it in fp8, which is not in this version: bf16 mixed precision here):
+  python -m mamba_jax.train --config experiments/nemotronh_47b.py --workdir runs/nemotronh_47b
+Parameters: 46,791,554,816 (46.79 B); float32 master weights 21.8 GiB per device at tensor=8.
+"""
+
+from mamba_jax import config as mjc
+
+
+def get_config(arg=None):
+    c = mjc.base_config()
+    c.name = "nemotronh_47b"
+    c.variant = mjc.parse_variant(arg)
+    c.model.update(
+        pattern="M-M-M-M-M-M-M-M-M*-M-M-M-M-M-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-M-M---MM---M-M*-M-M-M-M-M-",
+        d_model=8192,
+        vocab_size=131072,
+        vocab_multiple=128,
+        mamba_d_state=256,
+        mamba_num_groups=8,
+        mamba_chunk_size=128,
+        attn_num_heads=64,
+        attn_num_kv_heads=8,
+        attn_head_dim=128,
+        ffn_hidden_size=30720,
+        mlp_activation="relu2",
+    )
+    c.mesh.tensor = 8
+    c.lock()
+    return c

@@ -1,0 +1,82 @@
+"""Causal grouped-query self-attention, as in Megatron-LM's `SelfAttention` for the hybrid models.
+
+No biases, softmax scale 1/√head_dim, no positional encoding by default (NoPE: the Mamba layers carry
+position, as in Mamba2-Hybrid and Nemotron-H); rotary embeddings (non-interleaved halves, Megatron's
+default) are an option for other hybrids. The kernel is cuDNN flash attention on GPU
+(`jax.nn.dot_product_attention(implementation="cudnn")`; the XLA one is far slower there and runs out of
+memory at 8K) and the XLA implementation elsewhere. With `seq_idx`, tokens attend only within their own
+document (packed sequences); positions for RoPE then restart per document (computed by the model).
+
+Dimension key: B batch, L length (T queries, S keys), D model width, H query heads, K key/value heads,
+E head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mamba_jax.layers.base import cast, normal, param
+from mamba_jax.models.config import ModelConfig
+
+
+def rope(x_BLHE, positions_BL, theta: float):
+    """Rotary position embedding on the two halves of the head dim (GPT-NeoX / Megatron layout)."""
+    e = x_BLHE.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+    ang_BLF = positions_BL.astype(jnp.float32)[..., None] * inv_freq
+    cos, sin = jnp.cos(ang_BLF)[:, :, None, :], jnp.sin(ang_BLF)[:, :, None, :]
+    x1, x2 = jnp.split(x_BLHE.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BLHE.dtype)
+
+
+def attention_impl(requested: str, dtype) -> str:
+    if requested != "auto":
+        return requested
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+
+
+class Attention(nnx.Module):
+    """Causal GQA self-attention: (B, L, D) → (B, L, D)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *, rngs: nnx.Rngs):
+        del layer_idx
+        self.cfg = cfg
+        d, hq, hkv, e = cfg.d_model, cfg.attn_num_heads, cfg.attn_num_kv_heads, cfg.attn_head_dim
+        pdt = jnp.dtype(cfg.param_dtype)
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(cfg.n_layers)
+        self.q_proj = param(normal(rngs, (d, hq, e), std, pdt), ("embed", "q_heads", None))
+        self.k_proj = param(normal(rngs, (d, hkv, e), std, pdt), ("embed", "kv_heads", None))
+        self.v_proj = param(normal(rngs, (d, hkv, e), std, pdt), ("embed", "kv_heads", None))
+        self.o_proj = param(normal(rngs, (hq, e, d), out_std, pdt), ("q_heads", None, "embed"))
+
+    def __call__(self, x_BLD, *, seq_idx=None, positions=None):
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        x = x_BLD.astype(dtype)
+        q_BTHE = jnp.einsum("bld,dhe->blhe", x, cast(self.q_proj[...], dtype))
+        k_BSKE = jnp.einsum("bld,dhe->blhe", x, cast(self.k_proj[...], dtype))
+        v_BSKE = jnp.einsum("bld,dhe->blhe", x, cast(self.v_proj[...], dtype))
+        if cfg.attn_rope:
+            if positions is None:
+                positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+            q_BTHE = rope(q_BTHE, positions, cfg.attn_rope_theta)
+            k_BSKE = rope(k_BSKE, positions, cfg.attn_rope_theta)
+        mask = None
+        if seq_idx is not None:
+            # Packed documents: block attention across boundaries (combined with the causal mask).
+            mask = (seq_idx[:, :, None] == seq_idx[:, None, :])[:, None]
+        o_BTHE = jax.nn.dot_product_attention(
+            q_BTHE,
+            k_BSKE,
+            v_BSKE,
+            mask=mask,
+            is_causal=True,
+            implementation=attention_impl(cfg.attn_impl, dtype),
+        )
+        return jnp.einsum("blhe,hed->bld", o_BTHE, cast(self.o_proj[...], dtype))

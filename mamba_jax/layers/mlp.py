@@ -1,0 +1,52 @@
+"""The MLP layer of the hybrids: down(act(up(x))), non-gated, as Megatron's MLP for Nemotron-H (relu²)
+and Mamba2-Hybrid (GELU); the gated SwiGLU form, down(silu(gate(x)) · up(x)), for custom models.
+
+Dimension key: B batch, L length, D model width, F hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mamba_jax.layers.base import cast, normal, param
+from mamba_jax.models.config import ModelConfig
+
+ACTIVATIONS = {
+    "relu2": lambda h: jnp.square(jax.nn.relu(h)),
+    "gelu": lambda h: jax.nn.gelu(h, approximate=False),  # torch's F.gelu default (erf)
+    "silu": jax.nn.silu,
+}
+
+
+class MLP(nnx.Module):
+    """(B, L, D) → (B, L, D)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *, rngs: nnx.Rngs):
+        del layer_idx
+        self.cfg = cfg
+        d, f = cfg.d_model, cfg.ffn_hidden_size
+        pdt = jnp.dtype(cfg.param_dtype)
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(cfg.n_layers)
+        self.up_proj = param(normal(rngs, (d, f), std, pdt), ("embed", "mlp"))
+        self.gate_proj = param(normal(rngs, (d, f), std, pdt), ("embed", "mlp")) if self.gated else None
+        self.down_proj = param(normal(rngs, (f, d), out_std, pdt), ("mlp", "embed"))
+
+    @property
+    def gated(self) -> bool:
+        return self.cfg.mlp_activation == "swiglu"
+
+    def __call__(self, x_BLD, *, seq_idx=None, positions=None):
+        del seq_idx, positions
+        dtype = jnp.dtype(self.cfg.dtype)
+        x = x_BLD.astype(dtype)
+        h_BLF = jnp.einsum("bld,df->blf", x, cast(self.up_proj[...], dtype))
+        if self.gated:
+            gate_BLF = jnp.einsum("bld,df->blf", x, cast(self.gate_proj[...], dtype))
+            h_BLF = jax.nn.silu(gate_BLF.astype(jnp.float32)) * h_BLF.astype(jnp.float32)
+        else:
+            h_BLF = ACTIVATIONS[self.cfg.mlp_activation](h_BLF.astype(jnp.float32))
+        return jnp.einsum("blf,fd->bld", h_BLF.astype(dtype), cast(self.down_proj[...], dtype))
