@@ -21,5 +21,6 @@ def get_config(arg=None):
         residual_in_fp32=True,
         mamba_chunk_size=256,
     )
+    mjc.nemo_pretrain(c, seq_len=4096, global_batch_size=8)
     c.lock()
     return c

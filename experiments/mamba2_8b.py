@@ -22,5 +22,6 @@ def get_config(arg=None):
         mamba_chunk_size=128,
     )
     c.mesh.tensor = 8
+    mjc.nemo_pretrain(c, seq_len=4096, global_batch_size=8)
     c.lock()
     return c

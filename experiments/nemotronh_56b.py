@@ -29,5 +29,6 @@ def get_config(arg=None):
         mlp_activation="relu2",
     )
     c.mesh.tensor = 8
+    mjc.nemo_pretrain(c, seq_len=8192, global_batch_size=768)
     c.lock()
     return c

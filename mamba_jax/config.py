@@ -15,8 +15,10 @@ from typing import Any
 
 from ml_collections import ConfigDict, config_dict
 
+from mamba_jax.data.pipeline import DataConfig
 from mamba_jax.models.config import ModelConfig
 from mamba_jax.parallel.sharding import DEFAULT_RULES, MeshConfig
+from mamba_jax.train.config import CheckpointConfig, CorpusConfig, OptimConfig, TrainConfig
 
 VARIANTS = ("pretrain", "finetune")
 # Variants whose machinery is built; the others fail with a clear message until they are.
@@ -25,8 +27,15 @@ AVAILABLE_VARIANTS = ("pretrain",)
 _MISSING = dataclasses.MISSING
 
 
+def _placeholder_type(annotation: str):
+    for name, kind in (("tuple", tuple), ("str", str), ("float", float), ("int", int), ("bool", bool)):
+        if name in str(annotation):
+            return kind
+    return object
+
+
 def _section(cls) -> ConfigDict:
-    """A ConfigDict with every field of a dataclass: its default, or a typed placeholder."""
+    """A ConfigDict with every field of a config dataclass: its default, or a typed placeholder for None."""
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.default is not _MISSING:
@@ -35,11 +44,7 @@ def _section(cls) -> ConfigDict:
             default = f.default_factory()
         else:
             default = None
-        if default is None:
-            kind = {"pattern": str}.get(f.name, int)
-            fields[f.name] = config_dict.placeholder(kind)
-        else:
-            fields[f.name] = default
+        fields[f.name] = config_dict.placeholder(_placeholder_type(f.type)) if default is None else default
     return ConfigDict(fields)
 
 
@@ -49,10 +54,32 @@ def base_config() -> ConfigDict:
     c.name = config_dict.placeholder(str)
     c.variant = "pretrain"
     c.model = _section(ModelConfig)
+    c.train = _section(TrainConfig)
+    c.optim = _section(OptimConfig)
+    c.checkpoint = _section(CheckpointConfig)
+    c.data = _section(DataConfig)
+    c.corpus = _section(CorpusConfig)  # raw text to tokenize before training (optional)
     c.mesh = ConfigDict(dataclasses.asdict(MeshConfig()))
     # logical axis → mesh axes (see mamba_jax.parallel.sharding); a recipe may override the table.
     c.sharding_rules = DEFAULT_RULES
     return c
+
+
+def nemo_pretrain(c: ConfigDict, *, seq_len: int, global_batch_size: int, micro_batch_size: int = 1) -> None:
+    """The NeMo 2 pretraining recipe defaults (shared/docs/REFERENCE.md): mock data, bf16 mixed precision,
+    Adam (0.9, 0.95) with weight decay 0.1, lr 3e-4 → 3e-5 cosine after 2000 warm-up steps, clip 1.0."""
+    c.data.update(kind="mock", seq_len=seq_len)
+    c.model.dtype = "bfloat16"
+    c.train.update(
+        steps=1_168_251,  # NeMo's max_steps for these recipes; set --config.train.steps for a shorter run
+        global_batch_size=global_batch_size,
+        micro_batch_size=micro_batch_size,
+        log_every=10,
+        eval_every=2000,
+        eval_batches=32,
+    )
+    c.optim.update(lr=3e-4, min_lr=3e-5, warmup_steps=2000, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1, grad_clip=1.0)
+    c.checkpoint.update(every_steps=2000, keep_last=3)
 
 
 def parse_variant(arg: str | None) -> str:

@@ -34,7 +34,7 @@ def test_data_by_tensor_mesh_equals_single_device():
 
     mesh = make_mesh(MeshConfig(data=2, tensor=4))
     model = init_model(cfg, mesh=mesh, seed=3)
-    in_proj = model.layers[0].mixer.in_proj[...]
+    in_proj = model.layers.block(0).mixer.in_proj[...]
     assert in_proj.sharding.spec == P("fsdp", "tensor", None)
     assert in_proj.addressable_shards[0].data.shape == (64, 1, in_proj.shape[2])  # one group per shard
     loss8, grads8 = _loss_and_grads(model, ids, mesh)
@@ -76,7 +76,7 @@ def test_model_that_cannot_split_raises_before_allocating():
         (dict(data=-1, tensor=3), "multiple of 3 devices"),
         (dict(data=-1, fsdp=-1), "at most one mesh axis"),
         (dict(data=-1, sequence=2), "not available in this version"),
-        (dict(data=-1, expert=2), "unknown mesh axis"),
+        (dict(data=-1, expert=2), "unknown MeshConfig key"),
     ],
 )
 def test_bad_mesh_configs(mesh, message):

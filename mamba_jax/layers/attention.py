@@ -18,6 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mamba_jax.layers.base import cast, normal, param
 from mamba_jax.models.config import ModelConfig
@@ -62,6 +63,7 @@ class Attention(nnx.Module):
         q_BTHE = jnp.einsum("bld,dhe->blhe", x, cast(self.q_proj[...], dtype))
         k_BSKE = jnp.einsum("bld,dhe->blhe", x, cast(self.k_proj[...], dtype))
         v_BSKE = jnp.einsum("bld,dhe->blhe", x, cast(self.v_proj[...], dtype))
+        q_BTHE, k_BSKE, v_BSKE = (checkpoint_name(t, "proj_in") for t in (q_BTHE, k_BSKE, v_BSKE))
         if cfg.attn_rope:
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
@@ -71,12 +73,11 @@ class Attention(nnx.Module):
         if seq_idx is not None:
             # Packed documents: block attention across boundaries (combined with the causal mask).
             mask = (seq_idx[:, :, None] == seq_idx[:, None, :])[:, None]
+        impl = attention_impl(cfg.attn_impl, dtype)
+        if impl == "xla" and dtype == jnp.float16 and jax.default_backend() == "cpu":
+            # jax's XLA attention asks for an F16_F16_F32 dot that the CPU backend cannot differentiate.
+            q_BTHE, k_BSKE, v_BSKE = (t.astype(jnp.float32) for t in (q_BTHE, k_BSKE, v_BSKE))
         o_BTHE = jax.nn.dot_product_attention(
-            q_BTHE,
-            k_BSKE,
-            v_BSKE,
-            mask=mask,
-            is_causal=True,
-            implementation=attention_impl(cfg.attn_impl, dtype),
-        )
+            q_BTHE, k_BSKE, v_BSKE, mask=mask, is_causal=True, implementation=impl
+        ).astype(dtype)
         return jnp.einsum("blhe,hed->bld", o_BTHE, cast(self.o_proj[...], dtype))

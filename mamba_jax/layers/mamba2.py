@@ -22,6 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mamba_jax.layers.base import cast, normal, param, uniform
 from mamba_jax.layers.norms import gated_rms_norm
@@ -100,6 +101,7 @@ class Mamba2Mixer(nnx.Module):
         g, n = cfg.mamba_num_groups, cfg.mamba_d_state
 
         zxbcdt_BLGW = jnp.einsum("bld,dgw->blgw", x_BLD.astype(dtype), cast(self.in_proj[...], dtype))
+        zxbcdt_BLGW = checkpoint_name(zxbcdt_BLGW, "proj_in")
         z_BLGF, xBC_BLGF, dt_BLGR = jnp.split(zxbcdt_BLGW, self.split_W, axis=-1)
         xBC_BLGF = causal_conv1d(xBC_BLGF, self.conv_weight[...], self.conv_bias[...], seq_idx=seq_idx)
         xBC_BLGF = jax.nn.silu(xBC_BLGF)

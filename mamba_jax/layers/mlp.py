@@ -11,6 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mamba_jax.layers.base import cast, normal, param
 from mamba_jax.models.config import ModelConfig
@@ -43,9 +44,9 @@ class MLP(nnx.Module):
         del seq_idx, positions
         dtype = jnp.dtype(self.cfg.dtype)
         x = x_BLD.astype(dtype)
-        h_BLF = jnp.einsum("bld,df->blf", x, cast(self.up_proj[...], dtype))
+        h_BLF = checkpoint_name(jnp.einsum("bld,df->blf", x, cast(self.up_proj[...], dtype)), "proj_in")
         if self.gated:
-            gate_BLF = jnp.einsum("bld,df->blf", x, cast(self.gate_proj[...], dtype))
+            gate_BLF = checkpoint_name(jnp.einsum("bld,df->blf", x, cast(self.gate_proj[...], dtype)), "proj_in")
             h_BLF = jax.nn.silu(gate_BLF.astype(jnp.float32)) * h_BLF.astype(jnp.float32)
         else:
             h_BLF = ACTIVATIONS[self.cfg.mlp_activation](h_BLF.astype(jnp.float32))

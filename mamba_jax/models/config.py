@@ -9,10 +9,11 @@ files in `experiments/` fill them from a ConfigDict through `ModelConfig.from_di
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from collections.abc import Mapping
 from typing import Any
+
+from mamba_jax.schema import from_mapping
 
 ACTIVATIONS = ("relu2", "gelu", "swiglu", "silu")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -63,6 +64,10 @@ class ModelConfig:
     ffn_hidden_size: int = 0
     mlp_activation: str = "relu2"
 
+    # Compile the layer stack as scanned segments of a repeated unit (one copy of each unit in the program)
+    # rather than one copy per layer; parameters of a segment are stacked on a leading axis.
+    scan_layers: bool = True
+
     # Initialisation and numerics.
     init_std: float = 0.02
     dtype: str = "bfloat16"  # compute dtype
@@ -78,16 +83,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
         """Build from a mapping (ConfigDict, JSON); unknown keys fail with the nearest valid name."""
-        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in d if k not in names]
-        if unknown:
-            hints = []
-            for k in unknown:
-                close = difflib.get_close_matches(k, names, n=1)
-                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigError(f"unknown model config key(s): {', '.join(hints)}.")
-        return cls(**d)
+        return from_mapping(cls, d, error=ConfigError)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

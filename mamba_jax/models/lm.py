@@ -2,7 +2,8 @@
 final RMSNorm → LM head (tied to the embedding or not).
 
 Every layer is `x = x + mixer(RMSNorm(x))` (Megatron's hybrid stack, mamba_ssm's `Block`), where the
-mixer is the class registered for its symbol in `mamba_jax.layers.registry`. The residual stream is kept
+mixer is the class registered for its symbol in `mamba_jax.layers.registry`; the layers are applied as
+scanned segments (`mamba_jax.models.stack`). The residual stream is kept
 in float32 when `residual_in_fp32` (state-spaces checkpoints) and in the compute dtype otherwise (NeMo).
 Activations are constrained to their logical sharding at block boundaries only.
 
@@ -17,11 +18,9 @@ from flax import nnx
 
 from mamba_jax.layers.base import cast, normal, param
 from mamba_jax.layers.norms import RMSNorm
-from mamba_jax.layers.registry import LAYERS
 from mamba_jax.models.config import ModelConfig
+from mamba_jax.models.stack import ACT_BLD, LayerStack
 from mamba_jax.parallel.sharding import constrain
-
-ACT_BLD = ("batch", "length", "act_embed")
 
 
 def document_positions(seq_idx_BL):
@@ -32,19 +31,6 @@ def document_positions(seq_idx_BL):
     return t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
 
 
-class Block(nnx.Module):
-    """Pre-norm residual layer around one mixer."""
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int, *, rngs: nnx.Rngs):
-        self.symbol = cfg.pattern[layer_idx]
-        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=jnp.dtype(cfg.dtype), param_dtype=cfg.param_dtype)
-        self.mixer = LAYERS[self.symbol](cfg, layer_idx, rngs=rngs)
-
-    def __call__(self, h_BLD, *, seq_idx=None, positions=None):
-        out = self.mixer(self.norm(h_BLD), seq_idx=seq_idx, positions=positions)
-        return h_BLD + out.astype(h_BLD.dtype)
-
-
 class LanguageModel(nnx.Module):
     """`model(input_ids (B, L) int32) → logits (B, L, V) float32` (V is the padded vocabulary)."""
 
@@ -53,22 +39,24 @@ class LanguageModel(nnx.Module):
         v, d = cfg.padded_vocab_size, cfg.d_model
         pdt = jnp.dtype(cfg.param_dtype)
         self.embed = param(normal(rngs, (v, d), cfg.init_std, pdt), ("vocab", "embed"))
-        self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+        self.layers = LayerStack(cfg, rngs=rngs)
         self.norm_f = RMSNorm(d, eps=cfg.norm_eps, dtype=jnp.dtype(cfg.dtype), param_dtype=pdt)
         self.lm_head = (
             None if cfg.tie_embeddings else param(normal(rngs, (d, v), cfg.init_std, pdt), ("embed", "vocab"))
         )
 
-    def hidden_states(self, input_ids_BL, *, seq_idx=None, positions=None):
-        """Final-normed hidden states (B, L, D) in the compute dtype."""
+    def hidden_states(self, input_ids_BL, *, seq_idx=None, positions=None, remat="none", remat_layers="M*-"):
+        """Final-normed hidden states (B, L, D) in the compute dtype.
+
+        `remat` ("none", "full", "selective") checkpoints the blocks whose symbol is in `remat_layers`.
+        """
         cfg = self.cfg
         if positions is None and seq_idx is not None and cfg.attn_rope:
             positions = document_positions(seq_idx)
         stream_dtype = jnp.float32 if cfg.residual_in_fp32 else jnp.dtype(cfg.dtype)
         h_BLD = jnp.take(self.embed[...], input_ids_BL, axis=0).astype(stream_dtype)
         h_BLD = constrain(h_BLD, ACT_BLD)
-        for block in self.layers:
-            h_BLD = constrain(block(h_BLD, seq_idx=seq_idx, positions=positions), ACT_BLD)
+        h_BLD = self.layers(h_BLD, seq_idx=seq_idx, positions=positions, remat=remat, remat_layers=remat_layers)
         return self.norm_f(h_BLD)
 
     def head_weight(self):

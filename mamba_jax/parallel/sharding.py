@@ -26,6 +26,8 @@ from flax import nnx
 from flax.core import spmd
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
+from mamba_jax.schema import from_mapping
+
 MESH_AXES = ("pipeline", "data", "fsdp", "sequence", "tensor")
 
 # logical axis → mesh axis (or axes). Unlisted names are replicated.
@@ -41,6 +43,19 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...]], ...] = (
 )
 
 
+# Every logical axis name the layers and the model use (unlisted in the rules → replicated).
+LOGICAL_AXES = (
+    "batch", "length", "act_embed", "vocab", "embed", "norm", "layers",
+    "ssm_groups", "ssm_heads", "q_heads", "kv_heads", "mlp",
+)  # fmt: skip
+
+
+def complete_rules(rules=DEFAULT_RULES) -> tuple:
+    """The rules with an explicit `None` for every other known logical axis (what flax's helpers expect)."""
+    listed = {name for name, _ in rules}
+    return tuple(rules) + tuple((name, None) for name in LOGICAL_AXES if name not in listed)
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Sizes of the mesh axes; one of them may be -1 (all remaining devices)."""
@@ -53,11 +68,7 @@ class MeshConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MeshConfig:
-        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
-        unknown = sorted(set(d) - set(MESH_AXES))
-        if unknown:
-            raise ValueError(f"unknown mesh axis name(s) {unknown}; the mesh axes are {MESH_AXES}.")
-        return cls(**d)
+        return from_mapping(cls, d)
 
     def resolve(self, n_devices: int) -> dict[str, int]:
         sizes = {a: getattr(self, a) for a in MESH_AXES}
@@ -114,7 +125,7 @@ def logical_to_spec(axes: Sequence[str | None], rules=DEFAULT_RULES) -> Partitio
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh | AbstractMesh, rules=DEFAULT_RULES):
     """Make `mesh` and `rules` current: activation constraints inside the model then take effect."""
-    with jax.set_mesh(mesh), spmd.logical_axis_rules(tuple(rules)):
+    with jax.set_mesh(mesh), spmd.logical_axis_rules(complete_rules(rules)):
         yield mesh
 
 

@@ -1,1 +1,2 @@
-"""Training: the `python -m mamba_jax.train` entry point (arrives with the training issue)."""
+"""Training: `python -m mamba_jax.train` (loop.py) and its pure pieces (state.py, loss.py, optim.py,
+checkpoint.py, metrics.py, data.py)."""

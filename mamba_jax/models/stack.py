@@ -1,0 +1,148 @@
+"""The stack of layers: a pattern string cut into segments of a repeated unit, each applied with `scan`.
+
+Unrolled, a 64-layer model is 64 copies of the layer in the compiled program (minutes of XLA compile
+time); scanned, it is one. Hybrid patterns are not one repeated layer, so the pattern is cut greedily into
+segments `unit × reps` that cover the most layers (Nemotron-H 8B: "M-" × 3, "M*-M-M-M-M-" × 4, "M-" × 1),
+and each segment keeps its parameters stacked on a leading "layers" axis (MaxText's scanned layers; the
+axis pipeline parallelism will split). A segment of one repetition is plain, unstacked layers.
+`scan_layers=False` makes every layer its own segment.
+
+Dimension key: B batch, L length, D model width.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from mamba_jax.layers.norms import RMSNorm
+from mamba_jax.layers.registry import LAYERS
+from mamba_jax.models.config import ModelConfig
+from mamba_jax.parallel.sharding import constrain
+
+ACT_BLD = ("batch", "length", "act_embed")
+MAX_UNIT = 16
+
+# Activation checkpointing per block. "full" keeps only each block's input; "selective" also keeps the
+# outputs of the input projections (the expensive matmuls, tagged "proj_in" in the layers) and recomputes
+# the rest: conv, SSD scan, attention core, norms and activations.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "selective": jax.checkpoint_policies.save_only_these_names("proj_in"),
+}
+
+
+def segment_pattern(pattern: str, scan: bool = True, max_unit: int = MAX_UNIT) -> list[tuple[str, int]]:
+    """Cut a pattern into (unit, reps): at each position the unit whose repetitions cover most layers
+    (ties: the shorter unit); a position where nothing repeats becomes a single layer."""
+    if not scan:
+        return [(s, 1) for s in pattern]
+    out, i = [], 0
+    while i < len(pattern):
+        best_unit, best_reps = pattern[i], 1
+        for n in range(1, min(max_unit, len(pattern) - i) + 1):
+            unit, reps = pattern[i : i + n], 1
+            while pattern[i + reps * n : i + (reps + 1) * n] == unit:
+                reps += 1
+            if reps > 1 and reps * n > best_reps * len(best_unit):
+                best_unit, best_reps = unit, reps
+        if out and best_reps == 1 and out[-1][1] == 1 and len(out[-1][0]) < max_unit:
+            out[-1] = (out[-1][0] + best_unit, 1)  # merge runs of singletons into one unrolled unit
+        else:
+            out.append((best_unit, best_reps))
+        i += best_reps * len(best_unit)
+    return out
+
+
+class Block(nnx.Module):
+    """Pre-norm residual layer around one mixer: x + mixer(RMSNorm(x))."""
+
+    def __init__(self, cfg: ModelConfig, symbol: str, *, rngs: nnx.Rngs):
+        self.symbol = symbol
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.mixer = LAYERS[symbol](cfg, 0, rngs=rngs)
+
+    def __call__(self, h_BLD, *, seq_idx=None, positions=None):
+        out = self.mixer(self.norm(h_BLD), seq_idx=seq_idx, positions=positions)
+        return h_BLD + out.astype(h_BLD.dtype)
+
+
+def _call_block(block, h_BLD, seq_idx, positions):
+    return block(h_BLD, seq_idx=seq_idx, positions=positions)
+
+
+class Unit(nnx.Module):
+    """The layers of one repetition of a segment's unit, applied in order."""
+
+    def __init__(self, cfg: ModelConfig, unit: str, *, rngs: nnx.Rngs):
+        self.blocks = nnx.List([Block(cfg, s, rngs=rngs) for s in unit])
+
+    def __call__(self, h_BLD, seq_idx, positions, remat: str, remat_layers: str):
+        call = None if remat == "none" else nnx.remat(_call_block, policy=REMAT_POLICIES[remat])
+        for block in self.blocks:
+            if call is not None and block.symbol in remat_layers:
+                h_BLD = call(block, h_BLD, seq_idx, positions)
+            else:
+                h_BLD = block(h_BLD, seq_idx=seq_idx, positions=positions)
+            h_BLD = constrain(h_BLD, ACT_BLD)
+        return h_BLD
+
+
+class Segment(nnx.Module):
+    """`reps` repetitions of a unit; parameters stacked on a leading "layers" axis when reps > 1."""
+
+    def __init__(self, cfg: ModelConfig, unit: str, reps: int, *, rngs: nnx.Rngs):
+        self.unit, self.reps = unit, reps
+        if reps == 1:
+            self.layers = Unit(cfg, unit, rngs=rngs)
+            return
+
+        @nnx.split_rngs(splits=reps)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make(rngs):
+            return Unit(cfg, unit, rngs=rngs)
+
+        self.layers = make(rngs)
+
+    def __call__(self, h_BLD, seq_idx, positions, remat: str, remat_layers: str):
+        if self.reps == 1:
+            return self.layers(h_BLD, seq_idx, positions, remat, remat_layers)
+
+        # A plain lax.scan over the stacked state (rather than nnx.scan), so that the model also works when
+        # closed over by a user's jax.jit.
+        graphdef, state = nnx.split(self.layers)
+
+        def body(h, unit_state):
+            unit = nnx.merge(graphdef, unit_state)
+            return unit(h, seq_idx, positions, remat, remat_layers), None
+
+        return jax.lax.scan(body, h_BLD, state)[0]
+
+
+class LayerStack(nnx.Module):
+    """All layers of a model, as segments (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.plan = tuple(segment_pattern(cfg.pattern, cfg.scan_layers))
+        self.segments = nnx.List([Segment(cfg, unit, reps, rngs=rngs) for unit, reps in self.plan])
+
+    def __call__(self, h_BLD, *, seq_idx=None, positions=None, remat="none", remat_layers="M*-"):
+        for segment in self.segments:
+            h_BLD = segment(h_BLD, seq_idx, positions, remat, remat_layers)
+        return h_BLD
+
+    def locate(self, layer: int) -> tuple[int, int | None, int]:
+        """Where layer `layer` lives: (segment, repetition or None when unstacked, position in the unit)."""
+        start = 0
+        for s, (unit, reps) in enumerate(self.plan):
+            if layer < start + reps * len(unit):
+                r, k = divmod(layer - start, len(unit))
+                return s, (r if reps > 1 else None), k
+            start += reps * len(unit)
+        raise IndexError(f"layer {layer} of a {start}-layer model")
+
+    def block(self, layer: int) -> Block:
+        """The Block object of a layer; for a stacked segment its parameters carry the leading layers axis
+        (index them with the repetition from `locate`)."""
+        s, _, k = self.locate(layer)
+        return self.segments[s].layers.blocks[k]
