@@ -33,6 +33,8 @@ from mamba_jax.train.state import init_state, make_train_step
 
 
 def git_revision() -> str:
+    if os.environ.get("GIT_REVISION"):  # the device machine's copy of the tree has no .git
+        return os.environ["GIT_REVISION"]
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         return subprocess.check_output(["git", "-C", root, "rev-parse", "HEAD"], text=True).strip()

@@ -56,7 +56,7 @@ class Attention(nnx.Module):
         self.v_proj = param(normal(rngs, (d, hkv, e), std, pdt), ("embed", "kv_heads", None))
         self.o_proj = param(normal(rngs, (hq, e, d), out_std, pdt), ("q_heads", None, "embed"))
 
-    def __call__(self, x_BLD, *, seq_idx=None, positions=None):
+    def _qkv(self, x_BLD, positions):
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         x = x_BLD.astype(dtype)
@@ -69,15 +69,51 @@ class Attention(nnx.Module):
                 positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
             q_BTHE = rope(q_BTHE, positions, cfg.attn_rope_theta)
             k_BSKE = rope(k_BSKE, positions, cfg.attn_rope_theta)
+        return q_BTHE, k_BSKE, v_BSKE
+
+    def _o(self, o_BTHE):
+        dtype = jnp.dtype(self.cfg.dtype)
+        return jnp.einsum("blhe,hed->bld", o_BTHE.astype(dtype), cast(self.o_proj[...], dtype))
+
+    def _attend(self, q_BTHE, k_BSKE, v_BSKE, seq_idx):
+        dtype = jnp.dtype(self.cfg.dtype)
         mask = None
         if seq_idx is not None:
             # Packed documents: block attention across boundaries (combined with the causal mask).
             mask = (seq_idx[:, :, None] == seq_idx[:, None, :])[:, None]
-        impl = attention_impl(cfg.attn_impl, dtype)
+        impl = attention_impl(self.cfg.attn_impl, dtype)
         if impl == "xla" and dtype == jnp.float16 and jax.default_backend() == "cpu":
             # jax's XLA attention asks for an F16_F16_F32 dot that the CPU backend cannot differentiate.
             q_BTHE, k_BSKE, v_BSKE = (t.astype(jnp.float32) for t in (q_BTHE, k_BSKE, v_BSKE))
-        o_BTHE = jax.nn.dot_product_attention(
-            q_BTHE, k_BSKE, v_BSKE, mask=mask, is_causal=True, implementation=impl
-        ).astype(dtype)
-        return jnp.einsum("blhe,hed->bld", o_BTHE, cast(self.o_proj[...], dtype))
+        o_BTHE = jax.nn.dot_product_attention(q_BTHE, k_BSKE, v_BSKE, mask=mask, is_causal=True, implementation=impl)
+        return self._o(o_BTHE)
+
+    def __call__(self, x_BLD, *, seq_idx=None, positions=None):
+        return self._attend(*self._qkv(x_BLD, positions), seq_idx)
+
+    # --- inference: prefill and one-token decode with a K / V cache ----------------------------------------
+    def prefill(self, x_BLD, *, seq_idx, positions, cache_len):
+        """Full forward that also returns K / V for the prompt, in a cache of `cache_len` positions."""
+        q_BTHE, k_BSKE, v_BSKE = self._qkv(x_BLD, positions)
+        y_BLD = self._attend(q_BTHE, k_BSKE, v_BSKE, seq_idx)
+        l = k_BSKE.shape[1]
+        pad = ((0, 0), (0, cache_len - l), (0, 0), (0, 0))
+        return y_BLD, {"k": jnp.pad(k_BSKE, pad), "v": jnp.pad(v_BSKE, pad)}
+
+    def decode(self, x_BD, cache, *, pos, start):
+        """One token per row at position `pos` (the same for every row; row b's tokens start at start[b])."""
+        cfg = self.cfg
+        q_B1HE, k_B1KE, v_B1KE = self._qkv(x_BD[:, None], (pos - start)[:, None])
+        k_BSKE = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_B1KE.astype(cache["k"].dtype), pos, axis=1)
+        v_BSKE = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_B1KE.astype(cache["v"].dtype), pos, axis=1)
+        b, s, hkv, e = k_BSKE.shape
+        r = cfg.attn_num_heads // hkv  # query head i reads kv head i // r
+        q_BKRE = q_B1HE[:, 0].reshape(b, hkv, r, e)
+        scores_BKRS = jnp.einsum("bkre,bske->bkrs", q_BKRE, k_BSKE, preferred_element_type=jnp.float32)
+        scores_BKRS = scores_BKRS / jnp.sqrt(jnp.float32(e))
+        t = jnp.arange(s)
+        valid_BS = (t[None] >= start[:, None]) & (t[None] <= pos)
+        scores_BKRS = jnp.where(valid_BS[:, None, None], scores_BKRS, -jnp.inf)
+        p_BKRS = jax.nn.softmax(scores_BKRS, axis=-1).astype(v_BSKE.dtype)
+        o_BKRE = jnp.einsum("bkrs,bske->bkre", p_BKRS, v_BSKE, preferred_element_type=jnp.float32)
+        return self._o(o_BKRE.reshape(b, 1, hkv * r, e))[:, 0], {"k": k_BSKE, "v": v_BSKE}

@@ -28,6 +28,7 @@ from mamba_jax.layers.base import cast, normal, param, uniform
 from mamba_jax.layers.norms import gated_rms_norm
 from mamba_jax.models.config import ModelConfig
 from mamba_jax.ops.ssd import ssd
+from mamba_jax.ops.ssd_reference import ssd_step
 
 
 def causal_conv1d(x_BLGF, w_KGF, b_GF, *, seq_idx=None, state_BKGF=None):
@@ -92,41 +93,89 @@ class Mamba2Mixer(nnx.Module):
         out_std = cfg.init_std / math.sqrt(cfg.n_layers)
         self.out_proj = param(normal(rngs, (h, p, d), out_std, pdt), ("ssm_heads", None, "embed"))
 
-    def __call__(self, x_BLD, *, seq_idx=None, positions=None):
-        del positions
-        cfg = self.cfg
-        dtype = jnp.dtype(cfg.dtype)
-        b, l, _ = x_BLD.shape
-        h, p = cfg.mamba_heads, cfg.mamba_head_dim
-        g, n = cfg.mamba_num_groups, cfg.mamba_d_state
-
+    # --- pieces shared by the training forward, prefill and decode ---------------------------------------
+    def _in_proj(self, x_BLD):
+        """(z, xBC before the conv, dt) with each group's columns: (B, L, G, R·P), (B, L, G, F), (B, L, G, R)."""
+        dtype = jnp.dtype(self.cfg.dtype)
         zxbcdt_BLGW = jnp.einsum("bld,dgw->blgw", x_BLD.astype(dtype), cast(self.in_proj[...], dtype))
         zxbcdt_BLGW = checkpoint_name(zxbcdt_BLGW, "proj_in")
-        z_BLGF, xBC_BLGF, dt_BLGR = jnp.split(zxbcdt_BLGW, self.split_W, axis=-1)
-        xBC_BLGF = causal_conv1d(xBC_BLGF, self.conv_weight[...], self.conv_bias[...], seq_idx=seq_idx)
-        xBC_BLGF = jax.nn.silu(xBC_BLGF)
-        x_BLGF, B_BLGN, C_BLGN = jnp.split(xBC_BLGF, (xBC_BLGF.shape[-1] - 2 * n, xBC_BLGF.shape[-1] - n), axis=-1)
+        return jnp.split(zxbcdt_BLGW, self.split_W, axis=-1)
 
-        y_BLHP = ssd(
+    def _split_xBC(self, xBC_BLGF):
+        n = self.cfg.mamba_d_state
+        f = xBC_BLGF.shape[-1]
+        return jnp.split(xBC_BLGF, (f - 2 * n, f - n), axis=-1)
+
+    def _ssd_kwargs(self):
+        cfg = self.cfg
+        return dict(D=self.D[...], dt_bias=self.dt_bias[...], dt_softplus=True, dt_limit=cfg.mamba_dt_limit)
+
+    def _A(self):
+        return -jnp.exp(self.A_log[...].astype(jnp.float32))
+
+    def _out(self, y_BLHP, z_BLHP):
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        groups = cfg.mamba_num_groups if cfg.mamba_norm_per_group else 1
+        y_BLHP = gated_rms_norm(y_BLHP, z_BLHP, self.norm[...], groups=groups, eps=cfg.norm_eps, out_dtype=dtype)
+        return jnp.einsum("blhp,hpd->bld", y_BLHP, cast(self.out_proj[...], dtype))
+
+    def _forward(self, x_BLD, seq_idx, return_state: bool):
+        cfg = self.cfg
+        b, l, _ = x_BLD.shape
+        h, p = cfg.mamba_heads, cfg.mamba_head_dim
+        z_BLGF, xBC_BLGF, dt_BLGR = self._in_proj(x_BLD)
+        conv_BLGF = jax.nn.silu(causal_conv1d(xBC_BLGF, self.conv_weight[...], self.conv_bias[...], seq_idx=seq_idx))
+        x_BLGF, B_BLGN, C_BLGN = self._split_xBC(conv_BLGF)
+        out = ssd(
             x_BLGF.reshape(b, l, h, p),
             dt_BLGR.reshape(b, l, h),
-            -jnp.exp(self.A_log[...].astype(jnp.float32)),
+            self._A(),
             B_BLGN,
             C_BLGN,
             chunk_size=cfg.mamba_chunk_size,
-            D=self.D[...],
-            dt_bias=self.dt_bias[...],
-            dt_softplus=True,
-            dt_limit=cfg.mamba_dt_limit,
             seq_idx=seq_idx,
+            return_final_states=return_state,
             impl=cfg.ssd_impl,
+            **self._ssd_kwargs(),
         )
-        y_BLHP = gated_rms_norm(
-            y_BLHP,
-            z_BLGF.reshape(b, l, h, p),
-            self.norm[...],
-            groups=g if cfg.mamba_norm_per_group else 1,
-            eps=cfg.norm_eps,
-            out_dtype=dtype,
+        y_BLHP, ssm_BHPN = out if return_state else (out, None)
+        return self._out(y_BLHP, z_BLGF.reshape(b, l, h, p)), xBC_BLGF, ssm_BHPN
+
+    # --- training / full forward --------------------------------------------------------------------------
+    def __call__(self, x_BLD, *, seq_idx=None, positions=None):
+        del positions
+        return self._forward(x_BLD, seq_idx, return_state=False)[0]
+
+    # --- inference: prefill and one-token decode ---------------------------------------------------------
+    def prefill(self, x_BLD, *, seq_idx, positions, cache_len):
+        """Full forward that also returns the decoding cache: the last K−1 conv inputs (B, K−1, G, F) and
+        the SSM state (B, H, P, N) float32, both of the document at the last position."""
+        del positions, cache_len
+        k = self.cfg.mamba_d_conv
+        y_BLD, xBC_BLGF, ssm_BHPN = self._forward(x_BLD, seq_idx, return_state=True)
+        pad = max(k - 1 - xBC_BLGF.shape[1], 0)
+        tail_BKGF = jnp.pad(xBC_BLGF, ((0, 0), (pad, 0), (0, 0), (0, 0)))[:, xBC_BLGF.shape[1] + pad - (k - 1) :]
+        if seq_idx is not None:  # inputs of an earlier document must not reach the conv of the last one
+            sid = jnp.pad(seq_idx, ((0, 0), (pad, 0)), constant_values=-1)[:, seq_idx.shape[1] + pad - (k - 1) :]
+            tail_BKGF = jnp.where((sid == seq_idx[:, -1:])[..., None, None], tail_BKGF, 0)
+        return y_BLD, {"conv": tail_BKGF, "ssm": ssm_BHPN}
+
+    def decode(self, x_BD, cache, *, pos, start):
+        """One token per row: (B, D) → (B, D), with the cache advanced by that token."""
+        del pos, start
+        cfg = self.cfg
+        b = x_BD.shape[0]
+        h, p = cfg.mamba_heads, cfg.mamba_head_dim
+        z_BGF, xBC_BGF, dt_BGR = (t[:, 0] for t in self._in_proj(x_BD[:, None]))
+        window_BKGF = jnp.concatenate([cache["conv"].astype(xBC_BGF.dtype), xBC_BGF[:, None]], axis=1)
+        conv_BGF = jnp.einsum(
+            "bkgf,kgf->bgf", window_BKGF.astype(jnp.float32), self.conv_weight[...].astype(jnp.float32)
         )
-        return jnp.einsum("blhp,hpd->bld", y_BLHP, cast(self.out_proj[...], dtype))
+        conv_BGF = jax.nn.silu((conv_BGF + self.conv_bias[...].astype(jnp.float32)).astype(xBC_BGF.dtype))
+        x_BGF, B_BGN, C_BGN = self._split_xBC(conv_BGF)
+        y_BHP, ssm_BHPN = ssd_step(
+            cache["ssm"], x_BGF.reshape(b, h, p), dt_BGR.reshape(b, h), self._A(), B_BGN, C_BGN, **self._ssd_kwargs()
+        )
+        out_B1D = self._out(y_BHP[:, None], z_BGF.reshape(b, 1, h, p))
+        return out_B1D[:, 0], {"conv": window_BKGF[:, 1:], "ssm": ssm_BHPN}

@@ -51,3 +51,11 @@ class MLP(nnx.Module):
         else:
             h_BLF = ACTIVATIONS[self.cfg.mlp_activation](h_BLF.astype(jnp.float32))
         return jnp.einsum("blf,fd->bld", h_BLF.astype(dtype), cast(self.down_proj[...], dtype))
+
+    def prefill(self, x_BLD, *, seq_idx, positions, cache_len):
+        del cache_len
+        return self(x_BLD, seq_idx=seq_idx, positions=positions), {}
+
+    def decode(self, x_BD, cache, *, pos, start):
+        del pos, start
+        return self(x_BD[:, None])[:, 0], cache

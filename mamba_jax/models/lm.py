@@ -68,3 +68,31 @@ class LanguageModel(nnx.Module):
         w_DV = cast(self.head_weight(), h_BLD.dtype)
         logits = jnp.einsum("bld,dv->blv", h_BLD, w_DV, preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "length", "vocab"))
+
+    # --- inference ----------------------------------------------------------------------------------------
+    def prefill(self, input_ids_BL, *, seq_idx=None, positions=None, cache_len: int):
+        """Run the prompt; returns (float32 logits of the last position (B, V), the decoding cache).
+
+        Every Mamba layer keeps its final SSM state and last conv inputs, every attention layer its K / V in a
+        cache of `cache_len` positions. Prompts of different lengths are left-padded and given `seq_idx` = 0
+        on the padding and 1 on the prompt, so that no state, conv window or attention crosses into them.
+        """
+        cfg = self.cfg
+        if positions is None and seq_idx is not None and cfg.attn_rope:
+            positions = document_positions(seq_idx)
+        stream_dtype = jnp.float32 if cfg.residual_in_fp32 else jnp.dtype(cfg.dtype)
+        h_BLD = jnp.take(self.embed[...], input_ids_BL, axis=0).astype(stream_dtype)
+        h_BLD, cache = self.layers.prefill(h_BLD, seq_idx=seq_idx, positions=positions, cache_len=cache_len)
+        return self._logits(self.norm_f(h_BLD[:, -1])), cache
+
+    def decode(self, ids_B, cache, *, pos, start):
+        """One token per row at position `pos` (row b's prompt starts at start[b]); returns (logits, cache)."""
+        cfg = self.cfg
+        stream_dtype = jnp.float32 if cfg.residual_in_fp32 else jnp.dtype(cfg.dtype)
+        h_BD = jnp.take(self.embed[...], ids_B, axis=0).astype(stream_dtype)
+        h_BD, cache = self.layers.decode(h_BD, cache, pos=pos, start=start)
+        return self._logits(self.norm_f(h_BD)), cache
+
+    def _logits(self, h_xD):
+        w_DV = cast(self.head_weight(), h_xD.dtype)
+        return jnp.einsum("...d,dv->...v", h_xD, w_DV, preferred_element_type=jnp.float32)

@@ -66,6 +66,14 @@ class Block(nnx.Module):
         out = self.mixer(self.norm(h_BLD), seq_idx=seq_idx, positions=positions)
         return h_BLD + out.astype(h_BLD.dtype)
 
+    def prefill(self, h_BLD, *, seq_idx, positions, cache_len):
+        out, cache = self.mixer.prefill(self.norm(h_BLD), seq_idx=seq_idx, positions=positions, cache_len=cache_len)
+        return h_BLD + out.astype(h_BLD.dtype), cache
+
+    def decode(self, h_BD, cache, *, pos, start):
+        out, cache = self.mixer.decode(self.norm(h_BD), cache, pos=pos, start=start)
+        return h_BD + out.astype(h_BD.dtype), cache
+
 
 def _call_block(block, h_BLD, seq_idx, positions):
     return block(h_BLD, seq_idx=seq_idx, positions=positions)
@@ -86,6 +94,20 @@ class Unit(nnx.Module):
                 h_BLD = block(h_BLD, seq_idx=seq_idx, positions=positions)
             h_BLD = constrain(h_BLD, ACT_BLD)
         return h_BLD
+
+    def prefill(self, h_BLD, seq_idx, positions, cache_len):
+        caches = []
+        for block in self.blocks:
+            h_BLD, cache = block.prefill(h_BLD, seq_idx=seq_idx, positions=positions, cache_len=cache_len)
+            caches.append(cache)
+        return h_BLD, tuple(caches)
+
+    def decode(self, h_BD, caches, pos, start):
+        new = []
+        for block, cache in zip(self.blocks, caches, strict=True):
+            h_BD, cache = block.decode(h_BD, cache, pos=pos, start=start)
+            new.append(cache)
+        return h_BD, tuple(new)
 
 
 class Segment(nnx.Module):
@@ -118,6 +140,28 @@ class Segment(nnx.Module):
 
         return jax.lax.scan(body, h_BLD, state)[0]
 
+    def prefill(self, h_BLD, seq_idx, positions, cache_len):
+        """Forward that also returns this segment's caches (stacked on a leading axis when scanned)."""
+        if self.reps == 1:
+            return self.layers.prefill(h_BLD, seq_idx, positions, cache_len)
+        graphdef, state = nnx.split(self.layers)
+
+        def body(h, unit_state):
+            return nnx.merge(graphdef, unit_state).prefill(h, seq_idx, positions, cache_len)
+
+        return jax.lax.scan(body, h_BLD, state)
+
+    def decode(self, h_BD, caches, pos, start):
+        if self.reps == 1:
+            return self.layers.decode(h_BD, caches, pos, start)
+        graphdef, state = nnx.split(self.layers)
+
+        def body(h, xs):
+            unit_state, unit_caches = xs
+            return nnx.merge(graphdef, unit_state).decode(h, unit_caches, pos, start)
+
+        return jax.lax.scan(body, h_BD, (state, caches))
+
 
 class LayerStack(nnx.Module):
     """All layers of a model, as segments (see the module docstring)."""
@@ -130,6 +174,20 @@ class LayerStack(nnx.Module):
         for segment in self.segments:
             h_BLD = segment(h_BLD, seq_idx, positions, remat, remat_layers)
         return h_BLD
+
+    def prefill(self, h_BLD, *, seq_idx, positions, cache_len):
+        caches = []
+        for segment in self.segments:
+            h_BLD, cache = segment.prefill(h_BLD, seq_idx, positions, cache_len)
+            caches.append(cache)
+        return h_BLD, tuple(caches)
+
+    def decode(self, h_BD, caches, *, pos, start):
+        new = []
+        for segment, cache in zip(self.segments, caches, strict=True):
+            h_BD, cache = segment.decode(h_BD, cache, pos, start)
+            new.append(cache)
+        return h_BD, tuple(new)
 
     def locate(self, layer: int) -> tuple[int, int | None, int]:
         """Where layer `layer` lives: (segment, repetition or None when unstacked, position in the unit)."""

@@ -1,0 +1,196 @@
+"""The generation engine: prefill with the chunked scan, then a compiled decode loop over constant-size state.
+
+A batch of prompts is left-padded to one length; the padding is its own document (`seq_idx` 0, the prompt 1),
+so no SSM state, conv window or attention reaches the prompt from it, and every row then decodes at the same
+position. Prefill runs the model once over the prompts and keeps, per Mamba layer, the final SSM state and
+the last conv inputs, per attention layer the K / V in a cache preallocated to the final length. The decode
+loop (`lax.while_loop`: no Python per token) samples a token, advances every layer by one token, and stops
+when every row has produced EOS or the token budget is spent. With `stream`, each new token is handed to a
+host callback as it is produced.
+
+Sampling follows Hugging Face's logits processors, in this order: repetition penalty (over prompt and
+generated tokens), temperature, top-k, top-p; temperature 0 is greedy.
+
+Dimension key: B batch, L prompt length (padded), T new tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mamba_jax.inference.sampling import filter_logits
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    repetition_penalty: float = 1.0  # 1: off; > 1 discourages tokens already seen
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}.")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+            raise ValueError(
+                "sampling needs temperature ≥ 0, top_k ≥ 0, 0 < top_p ≤ 1 and repetition_penalty > 0; got "
+                f"{self.temperature}, {self.top_k}, {self.top_p}, {self.repetition_penalty}."
+            )
+
+
+@dataclasses.dataclass
+class Generation:
+    """Per prompt: the generated token ids (EOS excluded) and their log-probabilities under the model."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    finished: list[bool]  # True where the row stopped at EOS
+
+
+def apply_repetition_penalty(logits_BV, seen_BV, penalty: float):
+    """Hugging Face's rule: a seen token's logit is divided by the penalty if positive, multiplied if not."""
+    if penalty == 1.0:
+        return logits_BV
+    return jnp.where(seen_BV, jnp.where(logits_BV > 0, logits_BV / penalty, logits_BV * penalty), logits_BV)
+
+
+def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 1):
+    """Left-pad token lists to one length (rounded up to `multiple`); returns (ids (B, L) int32, start (B,))."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (an empty prompt cannot be continued).")
+    length = -(-max(len(p) for p in prompts) // multiple) * multiple
+    ids = np.full((len(prompts), length), pad_id, np.int32)
+    start = np.zeros(len(prompts), np.int32)
+    for b, p in enumerate(prompts):
+        ids[b, length - len(p) :] = p
+        start[b] = length - len(p)
+    return ids, start
+
+
+class Engine:
+    """Compiled generation for one model; reuse it across calls (each new shape compiles once)."""
+
+    def __init__(self, model, *, dtype=None, mesh=None):
+        if dtype is not None:  # e.g. bf16 weights for serving a float32-trained model
+            model = nnx.merge(*_cast_state(nnx.split(model), dtype))
+        self.graphdef, self.state = nnx.split(model)
+        self.cfg = model.cfg
+        self.mesh = mesh
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams = SamplingParams(),
+        *,
+        eos_id: int | None = None,
+        stream=None,
+        pad_multiple: int = 16,
+    ) -> Generation:
+        """Continue each prompt (a list of token ids). `stream(token_ids_B)` is called per step if given."""
+        ids, start = pad_prompts(prompts, multiple=pad_multiple)
+        # The seed travels as a key argument, so that other seeds reuse the compiled loop.
+        fn = _generate_fn(
+            self.graphdef, dataclasses.replace(params, seed=0), -1 if eos_id is None else eos_id, bool(stream)
+        )
+        args = (self.state, jnp.asarray(ids), jnp.asarray(start), jax.random.key(params.seed))
+        if stream is not None:
+            _STREAM[0] = stream
+        if self.mesh is not None:
+            from mamba_jax.parallel.sharding import use_mesh
+
+            with use_mesh(self.mesh):
+                tokens, logprobs, n = fn(*args)
+        else:
+            tokens, logprobs, n = fn(*args)
+        tokens, logprobs, n = np.asarray(tokens), np.asarray(logprobs), int(n)
+        out_t, out_l, fin = [], [], []
+        for b in range(len(prompts)):
+            row = tokens[b, :n].tolist()
+            stopped = eos_id is not None and eos_id in row
+            cut = row.index(eos_id) if stopped else len(row)
+            out_t.append(row[:cut])
+            out_l.append(logprobs[b, :cut].tolist())
+            fin.append(stopped)
+        return Generation(out_t, out_l, fin)
+
+
+_STREAM = [None]  # the host callback of the running streamed generation
+
+
+def _emit(tokens_B):
+    if _STREAM[0] is not None:
+        _STREAM[0](np.asarray(tokens_B))
+
+
+def _cast_state(split, dtype):
+    graphdef, state = split
+    dtype = jnp.dtype(dtype)
+    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 2 else x  # noqa: E731
+    return graphdef, jax.tree.map(cast, state)
+
+
+@functools.lru_cache(maxsize=32)
+def _generate_fn(graphdef, params: SamplingParams, eos_id: int, stream: bool):
+    T = params.max_new_tokens
+
+    def run(state, ids_BL, start_B, key):
+        model = nnx.merge(graphdef, state)
+        b, l = ids_BL.shape
+        seq_idx = (jnp.arange(l)[None] >= start_B[:, None]).astype(jnp.int32)
+        logits_BV, cache = model.prefill(ids_BL, seq_idx=seq_idx, cache_len=l + T)
+        v = logits_BV.shape[-1]
+        seen_BV = jnp.zeros((b, v), bool)
+        if params.repetition_penalty != 1.0:  # the prompt counts as seen
+            seen_BV = jax.vmap(lambda s, i, m: s.at[i].max(m))(seen_BV, ids_BL, seq_idx.astype(bool))
+
+        def cond(carry):
+            t, done = carry[0], carry[5]
+            return (t < T) & ~jnp.all(done)
+
+        def body(carry):
+            t, logits_BV, cache, key, seen_BV, done_B, tokens_BT, logprobs_BT = carry
+            key, sub = jax.random.split(key)
+            raw_BV = logits_BV
+            logits_BV = apply_repetition_penalty(logits_BV, seen_BV, params.repetition_penalty)
+            if params.temperature == 0.0:
+                tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+            else:
+                filtered = filter_logits(
+                    logits_BV, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p
+                )
+                tok_B = jax.random.categorical(sub, filtered, axis=-1).astype(jnp.int32)
+            # A finished row keeps emitting EOS (cheaper than ragged batches; cut off on the host).
+            tok_B = jnp.where(done_B, max(eos_id, 0), tok_B)
+            # Log-probabilities under the model itself (before penalty, temperature and truncation).
+            lp_B = jnp.take_along_axis(jax.nn.log_softmax(raw_BV, axis=-1), tok_B[:, None], axis=-1)[:, 0]
+            tokens_BT = tokens_BT.at[:, t].set(tok_B)
+            logprobs_BT = logprobs_BT.at[:, t].set(lp_B)
+            if stream:
+                jax.debug.callback(_emit, tok_B, ordered=True)
+            seen_BV = seen_BV.at[jnp.arange(b), tok_B].set(True)
+            done_B = done_B | (tok_B == eos_id)
+            logits_BV, cache = model.decode(tok_B, cache, pos=l + t, start=start_B)
+            return t + 1, logits_BV, cache, key, seen_BV, done_B, tokens_BT, logprobs_BT
+
+        carry = (
+            jnp.int32(0),
+            logits_BV,
+            cache,
+            key,
+            seen_BV,
+            jnp.zeros((b,), bool),
+            jnp.zeros((b, T), jnp.int32),
+            jnp.zeros((b, T), jnp.float32),
+        )
+        out = jax.lax.while_loop(cond, body, carry)
+        return out[6], out[7], out[0]
+
+    return jax.jit(run)
