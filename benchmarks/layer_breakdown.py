@@ -74,7 +74,7 @@ def main() -> int:
         Bm = jax.random.normal(ks[3], (b, l, g, n), jnp.bfloat16)
         Cm = jax.random.normal(ks[4], (b, l, g, n), jnp.bfloat16)
 
-        def scan(xs, dt, Bm, Cm, impl=impl):
+        def scan(xs, dt, Bm, Cm, impl=impl, A=A):
             y = mamba_jax.ssd(xs, dt, A, Bm, Cm, chunk_size=base.mamba_chunk_size, D=jnp.ones((h,)),
                               dt_bias=jnp.zeros((h,)), dt_softplus=True, impl=impl)  # fmt: skip
             return y.astype(jnp.float32).sum()
@@ -82,7 +82,7 @@ def main() -> int:
         rows[f"ssd {impl} fwd+bwd"] = timed(jax.jit(jax.grad(scan, argnums=(0, 1, 2, 3))), xs, dt, Bm, Cm)
         mixer = Mamba2Mixer(base.replace(ssd_impl=impl, dtype="bfloat16"), 0, rngs=nnx.Rngs(0))
         graphdef, state = nnx.split(mixer)
-        loss = lambda st, x: nnx.merge(graphdef, st)(x).astype(jnp.float32).sum()  # noqa: E731
+        loss = lambda st, x, gd=graphdef: nnx.merge(gd, st)(x).astype(jnp.float32).sum()  # noqa: E731
         rows[f"mixer ({impl} scan) fwd+bwd"] = timed(jax.jit(jax.grad(loss, argnums=(0, 1))), state, x)
 
     print(f"\n{args.recipe}: one Mamba2 layer, batch {b} × {l} tokens, {jax.devices()[0].device_kind}")
