@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -95,6 +96,7 @@ def main() -> int:
                     "command": " ".join(["python3", *sys.argv]),
                     "device": jax.devices()[0].device_kind,
                     "jax": jax.__version__,
+                    "git_revision": os.environ.get("GIT_REVISION", "unknown"),
                     "batch": b,
                     "seq_len": l,
                     "bf16_matmul_tflops": rate / 1e12,

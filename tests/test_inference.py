@@ -23,6 +23,12 @@ def model(request):
     return init_model(small_hybrid(**CONFIGS[request.param]), seed=3)
 
 
+@pytest.fixture(scope="module")
+def hybrid():
+    """Scanned segments, RoPE and GQA: the engine tests run on this one."""
+    return init_model(small_hybrid(**CONFIGS["hybrid_rope_scanned"]), seed=3)
+
+
 def _prompts(lengths, vocab, seed=0):
     rng = np.random.default_rng(seed)
     return [rng.integers(1, vocab, n).tolist() for n in lengths]
@@ -47,7 +53,8 @@ def test_incremental_decoding_equals_full_forward(model):
         assert rel_err(inc[b], full) <= 1e-4, b
 
 
-def test_greedy_engine_equals_rerunning_the_model(model):
+def test_greedy_engine_equals_rerunning_the_model(hybrid):
+    model = hybrid
     prompts = _prompts([3, 11], model.cfg.vocab_size, seed=2)
     out = Engine(model).generate(prompts, SamplingParams(max_new_tokens=8, temperature=0.0))
     for p, got in zip(prompts, out.tokens, strict=True):
@@ -55,7 +62,8 @@ def test_greedy_engine_equals_rerunning_the_model(model):
     assert all(len(lp) == 8 and max(lp) <= 0 for lp in out.logprobs)
 
 
-def test_seed_top_k_and_eos(model):
+def test_seed_top_k_and_eos(hybrid):
+    model = hybrid
     eng = Engine(model)
     prompts = _prompts([4, 9], model.cfg.vocab_size, seed=3)
     hot = SamplingParams(max_new_tokens=10, temperature=1.5, seed=7)
@@ -71,7 +79,8 @@ def test_seed_top_k_and_eos(model):
     assert stopped.tokens[0] == greedy.tokens[0][:3] and stopped.finished[0]
 
 
-def test_streaming_reports_every_token(model):
+def test_streaming_reports_every_token(hybrid):
+    model = hybrid
     seen = []
     out = Engine(model).generate(
         _prompts([6], model.cfg.vocab_size), SamplingParams(max_new_tokens=5, temperature=0.0), stream=seen.append
