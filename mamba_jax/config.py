@@ -65,6 +65,20 @@ def base_config() -> ConfigDict:
     return c
 
 
+def state_spaces_mamba2(c: ConfigDict, *, d_model: int, n_layers: int) -> None:
+    """The state-spaces Mamba2 family (130M–2.7B): pure Mamba2 layers, GPT-NeoX vocabulary padded to ×16,
+    tied embeddings, float32 residual stream, chunk 256, one group (mamba_ssm's MambaLMHeadModel)."""
+    c.model.update(
+        pattern="M" * n_layers,
+        d_model=d_model,
+        vocab_size=50277,
+        vocab_multiple=16,
+        tie_embeddings=True,
+        residual_in_fp32=True,
+        mamba_chunk_size=256,
+    )
+
+
 def nemo_pretrain(c: ConfigDict, *, seq_len: int, global_batch_size: int, micro_batch_size: int = 1) -> None:
     """The NeMo 2 pretraining recipe defaults (shared/docs/REFERENCE.md): mock data, bf16 mixed precision,
     Adam (0.9, 0.95) with weight decay 0.1, lr 3e-4 → 3e-5 cosine after 2000 warm-up steps, clip 1.0."""
