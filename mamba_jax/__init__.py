@@ -3,4 +3,13 @@
 from mamba_jax.ops import ssd, ssd_step
 
 __version__ = "0.1.0"
-__all__ = ["ssd", "ssd_step"]
+__all__ = ["from_pretrained", "ssd", "ssd_step"]
+
+
+def __getattr__(name):
+    # Loaded on first use: checkpoint reading pulls in Orbax, which `import mamba_jax` need not pay for.
+    if name == "from_pretrained":
+        from mamba_jax.interop import from_pretrained
+
+        return from_pretrained
+    raise AttributeError(f"module 'mamba_jax' has no attribute {name!r}")
