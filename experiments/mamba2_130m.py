@@ -1,5 +1,6 @@
 """Mamba2 130M (state-spaces/mamba2-130m): 24 Mamba2 layers, d_model 768, GPT-NeoX vocabulary, tied head.
 
+Variants: pretrain (default), finetune (SQuAD-style SFT with LoRA), finetune_full.
 Pretrain (NeMo recipe: TP 1, bf16 mixed precision, sequence 4096):
   python -m mamba_jax.train --config experiments/mamba2_130m.py --workdir runs/mamba2_130m
 Parameters: 128,989,632 (vocab 50277 padded to 50288), equal to mamba_ssm's count.
@@ -15,6 +16,6 @@ def get_config(arg=None):
     c.name = "mamba2_130m"
     c.variant = mjc.parse_variant(arg)
     mjc.state_spaces_mamba2(c, d_model=768, n_layers=24)
-    mjc.nemo_pretrain(c, seq_len=4096, global_batch_size=8)
+    mjc.nemo_recipe(c, seq_len=4096, global_batch_size=8)
     c.lock()
     return c

@@ -1,5 +1,6 @@
 """Mamba2 1.3B (state-spaces/mamba2-1.3b): 48 Mamba2 layers, d_model 2048, GPT-NeoX vocabulary, tied head.
 
+Variants: pretrain (default), finetune (SQuAD-style SFT with LoRA), finetune_full.
 Pretrain (NeMo recipe: TP 1, one GPU, bf16 mixed precision, sequence 4096):
   python -m mamba_jax.train --config experiments/mamba2_1_3b.py --workdir runs/mamba2_1_3b
 Parameters: 1,343,757,312 (vocab 50277 padded to 50288), equal to mamba_ssm's count.
@@ -15,6 +16,6 @@ def get_config(arg=None):
     c.name = "mamba2_1_3b"
     c.variant = mjc.parse_variant(arg)
     mjc.state_spaces_mamba2(c, d_model=2048, n_layers=48)
-    mjc.nemo_pretrain(c, seq_len=4096, global_batch_size=8)
+    mjc.nemo_recipe(c, seq_len=4096, global_batch_size=8)
     c.lock()
     return c

@@ -1,5 +1,6 @@
 """Mamba2 370M (state-spaces/mamba2-370m): 48 Mamba2 layers, d_model 1024, GPT-NeoX vocabulary, tied head.
 
+Variants: pretrain (default), finetune (SQuAD-style SFT with LoRA), finetune_full.
 Pretrain (NeMo recipe: TP 1, data parallel over 8 GPUs, bf16 mixed precision, sequence 4096):
   python -m mamba_jax.train --config experiments/mamba2_370m.py --workdir runs/mamba2_370m
 Parameters: 368,346,624 (vocab 50277 padded to 50288), within 1 % of the published size.
@@ -13,6 +14,6 @@ def get_config(arg=None):
     c.name = "mamba2_370m"
     c.variant = mjc.parse_variant(arg)
     mjc.state_spaces_mamba2(c, d_model=1024, n_layers=48)
-    mjc.nemo_pretrain(c, seq_len=4096, global_batch_size=8)
+    mjc.nemo_recipe(c, seq_len=4096, global_batch_size=8)
     c.lock()
     return c

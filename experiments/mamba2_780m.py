@@ -1,5 +1,6 @@
 """Mamba2 780M (state-spaces/mamba2-780m): 48 Mamba2 layers, d_model 1536, GPT-NeoX vocabulary, tied head.
 
+Variants: pretrain (default), finetune (SQuAD-style SFT with LoRA), finetune_full.
 Pretrain (NeMo recipe: TP 1, data parallel over 8 GPUs, bf16 mixed precision, sequence 4096):
   python -m mamba_jax.train --config experiments/mamba2_780m.py --workdir runs/mamba2_780m
 Parameters: 780,161,280 (vocab 50277 padded to 50288), within 1 % of the published size.
@@ -13,6 +14,6 @@ def get_config(arg=None):
     c.name = "mamba2_780m"
     c.variant = mjc.parse_variant(arg)
     mjc.state_spaces_mamba2(c, d_model=1536, n_layers=48)
-    mjc.nemo_pretrain(c, seq_len=4096, global_batch_size=8)
+    mjc.nemo_recipe(c, seq_len=4096, global_batch_size=8)
     c.lock()
     return c

@@ -28,6 +28,6 @@ def get_config(arg=None):
         mlp_activation="relu2",
     )
     c.mesh.tensor = 2
-    mjc.nemo_pretrain(c, seq_len=8192, global_batch_size=768)
+    mjc.nemo_recipe(c, seq_len=8192, global_batch_size=768)
     c.lock()
     return c

@@ -1,6 +1,7 @@
 """Nemotron-H 56B: 118 layers (54 Mamba2 with state 256, 10 attention, 54 MLP), d_model 8192, GQA 64/8 heads of
 128 (NoPE), relu² MLP 32768, vocabulary 131072.
 
+Variants: pretrain (default), finetune (SQuAD-style SFT with LoRA), finetune_full.
 Pretrain (NeMo recipe: TP 8, sequence parallel, 32 nodes × 8 GPUs, global batch 768, sequence 8192; NeMo
 trains it in fp8, which is not in this version: bf16 mixed precision here):
   python -m mamba_jax.train --config experiments/nemotronh_56b.py --workdir runs/nemotronh_56b
@@ -29,6 +30,6 @@ def get_config(arg=None):
         mlp_activation="relu2",
     )
     c.mesh.tensor = 8
-    mjc.nemo_pretrain(c, seq_len=8192, global_batch_size=768)
+    mjc.nemo_recipe(c, seq_len=8192, global_batch_size=768)
     c.lock()
     return c

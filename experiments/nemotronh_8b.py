@@ -1,6 +1,7 @@
 """Nemotron-H 8B: 52 layers (24 Mamba2, 4 attention, 24 MLP), d_model 4096, GQA 32/8 heads of 128 (NoPE), relu²
 MLP 21504, vocabulary 131072.
 
+Variants: pretrain (default), finetune (SQuAD-style SFT with LoRA), finetune_full.
 Pretrain (NeMo recipe: TP 2, sequence parallel, 8 nodes × 8 GPUs, global batch 768, bf16 mixed precision,
 sequence 8192):
   python -m mamba_jax.train --config experiments/nemotronh_8b.py --workdir runs/nemotronh_8b
@@ -28,6 +29,6 @@ def get_config(arg=None):
         mlp_activation="relu2",
     )
     c.mesh.tensor = 2
-    mjc.nemo_pretrain(c, seq_len=8192, global_batch_size=768)
+    mjc.nemo_recipe(c, seq_len=8192, global_batch_size=768)
     c.lock()
     return c

@@ -88,6 +88,16 @@ def test_streaming_reports_every_token(hybrid):
     assert [int(t[0]) for t in seen] == out.tokens[0]
 
 
+def test_bf16_state_tracks_the_float32_state(hybrid):
+    """State held in bf16 between steps (mamba_ssm's cache dtype): the same tokens here, log-probs close."""
+    prompts = _prompts([5, 10], hybrid.cfg.vocab_size, seed=6)
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    exact = Engine(hybrid).generate(prompts, params)
+    half = Engine(hybrid, state_dtype="bfloat16").generate(prompts, params)
+    assert half.tokens == exact.tokens
+    assert rel_err(np.array(half.logprobs), np.array(exact.logprobs)) <= 2e-2
+
+
 def test_tensor_parallel_generation_equals_single_device():
     cfg = small_hybrid(pattern="M*-M-")
     prompts = _prompts([7, 12], cfg.vocab_size, seed=4)

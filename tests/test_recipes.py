@@ -42,6 +42,8 @@ def test_contract_recipes_exist():
 
 @pytest.mark.parametrize("path", RECIPES, ids=_name)
 def test_recipe_loads_and_builds_abstractly(path):
+    for variant in mjc.VARIANTS:  # every recipe takes every variant
+        assert mjc.load_config(f"{path}:{variant}").variant == variant
     c = mjc.load_config(path)
     assert c.variant == "pretrain"
     with open(path) as f:
@@ -77,8 +79,10 @@ def test_variants_and_locked_keys():
     assert mjc.load_config(path + ":pretrain").variant == "pretrain"
     with pytest.raises(ValueError, match="unknown recipe variant 'pretrian'"):
         mjc.load_config(path + ":pretrian")
-    with pytest.raises(ValueError, match="not available in this version"):
-        mjc.load_config(path + ":finetune")
+    for variant in ("finetune", "finetune_full"):
+        ft = mjc.load_config(path + ":" + variant)
+        assert ft.variant == variant and ft.data.kind == "sft"
+        assert ft.peft.method == ("lora" if variant == "finetune" else "none")
     c = mjc.load_config(path)
     with pytest.raises(AttributeError, match="d_modle"):
         c.model.d_modle = 3

@@ -17,6 +17,7 @@ Dimension key: B batch rows on this host (global_batch_size / process_count), L 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -26,18 +27,21 @@ import numpy as np
 
 from mamba_jax.data.errors import DataError
 from mamba_jax.data.packing import PackedRows
+from mamba_jax.data.readers import expand_inputs
+from mamba_jax.data.sft import SQUAD_TEMPLATE, SFTRows, encode_example, load_split
 from mamba_jax.data.shards import TokenShards
 from mamba_jax.schema import from_mapping
 
-KINDS = ("mock", "shards")
+KINDS = ("mock", "shards", "sft")
 SPLITS = ("train", "eval")
 _SPLIT_SEED = 20240601  # picks the held-out documents; independent of DataConfig.seed on purpose
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    kind: str = "mock"  # "mock" (random tokens) or "shards" (corpora made by python -m mamba_jax.preprocess)
-    paths: tuple[str, ...] = ()  # corpus directories, blended
+    kind: str = "mock"  # "mock" (random tokens), "shards" (corpora made by python -m mamba_jax.preprocess),
+    # or "sft" (SQuAD-style JSONL files: prompt / answer with answer-only loss, mamba_jax/data/sft.py)
+    paths: tuple[str, ...] = ()  # corpus directories (blended), or SFT files / globs
     weights: tuple[float, ...] = ()  # blending weight per path; empty = equal
     seq_len: int = 4096
     seed: int = 0  # document order, row shuffle, mock tokens
@@ -45,6 +49,8 @@ class DataConfig:
     num_threads: int = 4  # grain read threads
     prefetch_buffer_size: int = 8  # batches read ahead
     mock_eval_rows: int = 512  # rows of the mock eval split
+    tokenizer: str = ""  # sft: the model's tokenizer
+    prompt_template: str = SQUAD_TEMPLATE  # sft: how context / question records become prompts
 
     def __post_init__(self):
         # Lists arrive from ConfigDicts and JSON; keep the dataclass hashable.
@@ -67,6 +73,8 @@ class DataConfig:
     def validate(self) -> None:
         if self.kind not in KINDS:
             raise DataError(f"data kind must be one of {KINDS}, got {self.kind!r}.")
+        if self.kind == "sft" and not self.paths:
+            raise DataError("data kind 'sft' needs data.paths: JSONL files of context / question / answers records.")
         if self.kind == "shards" and not self.paths:
             raise DataError("data kind 'shards' needs data.paths: the corpus directories made by mamba_jax.preprocess.")
         if self.weights and len(self.weights) != len(self.paths):
@@ -170,6 +178,26 @@ def _corpus_rows(cfg: DataConfig, split: str, vocab_size: int) -> tuple[grain.Ma
     return mixed, [c.fingerprint for c in corpora]
 
 
+def _sft_rows(cfg: DataConfig, split: str, vocab_size: int, global_batch_size: int):
+    tok, train_ex, eval_ex = load_split(cfg.paths, cfg.tokenizer, cfg.prompt_template, cfg.eval_fraction)
+    if tok.vocab_size > vocab_size:
+        raise DataError(
+            f"the tokenizer {cfg.tokenizer} has {tok.vocab_size} tokens but the model's vocab_size is {vocab_size}; "
+            f"use the model's tokenizer."
+        )
+    examples = train_ex if split == "train" else eval_ex
+    encoded = [encode_example(tok, ex, cfg.seq_len) for ex in examples]
+    if split == "eval" and encoded:
+        # Every held-out example counts: fill the last batch with fully masked copies.
+        fill = (-len(encoded)) % global_batch_size
+        encoded += [(ids, len(ids) + 1) for ids, _ in encoded[:1]] * fill
+    source = grain.MapDataset.source(SFTRows(encoded, cfg.seq_len))
+    fingerprint = [f"{p}:{os.path.getsize(p)}" for p in expand_inputs(cfg.paths)] + [f"examples:{len(examples)}"]
+    if split == "eval":
+        return source, fingerprint
+    return source.shuffle(seed=_seed(cfg.seed, 0, 1)).repeat(), fingerprint
+
+
 class DataIterator:
     """Batches (dicts of numpy arrays) with grain's exact resume: `get_state()` is small and JSON-serializable."""
 
@@ -231,6 +259,8 @@ def make_dataset(
         length = sys.maxsize if split == "train" else cfg.mock_eval_rows
         rows = grain.MapDataset.source(MockRows(cfg.seq_len, vocab_size, cfg.seed, length, SPLITS.index(split)))
         corpora = []
+    elif cfg.kind == "sft":
+        rows, corpora = _sft_rows(cfg, split, vocab_size, global_batch_size)
     else:
         rows, corpora = _corpus_rows(cfg, split, vocab_size)
     num_rows = 0 if rows is None else len(rows)

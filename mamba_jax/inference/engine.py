@@ -78,12 +78,17 @@ def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 1):
 class Engine:
     """Compiled generation for one model; reuse it across calls (each new shape compiles once)."""
 
-    def __init__(self, model, *, dtype=None, mesh=None):
-        if dtype is not None:  # e.g. bf16 weights for serving a float32-trained model
+    def __init__(self, model, *, dtype=None, state_dtype="float32", mesh=None):
+        """`dtype`: cast the weight matrices (e.g. bf16 for serving a float32-trained model). `state_dtype`:
+        the SSM state kept between decode steps; float32 (default) is exact, bfloat16 halves the bytes every
+        step moves (what mamba_ssm keeps in a bf16 model; at batch 32 of Mamba2-2.7B the float32 states are
+        as many bytes as the weights) at some drift over long generations. The update itself is float32."""
+        if dtype is not None:
             model = nnx.merge(*_cast_state(nnx.split(model), dtype))
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
         self.mesh = mesh
+        self.state_dtype = jnp.dtype(state_dtype).name
 
     def generate(
         self,
@@ -93,12 +98,19 @@ class Engine:
         eos_id: int | None = None,
         stream=None,
         pad_multiple: int = 16,
+        vocab_size: int | None = None,
     ) -> Generation:
-        """Continue each prompt (a list of token ids). `stream(token_ids_B)` is called per step if given."""
+        """Continue each prompt (a list of token ids). `stream(token_ids_B)` is called per step if given.
+        `vocab_size` (the tokenizer's) keeps sampling off the padding rows of a padded embedding."""
         ids, start = pad_prompts(prompts, multiple=pad_multiple)
         # The seed travels as a key argument, so that other seeds reuse the compiled loop.
         fn = _generate_fn(
-            self.graphdef, dataclasses.replace(params, seed=0), -1 if eos_id is None else eos_id, bool(stream)
+            self.graphdef,
+            dataclasses.replace(params, seed=0),
+            -1 if eos_id is None else eos_id,
+            bool(stream),
+            vocab_size,
+            self.state_dtype,
         )
         args = (self.state, jnp.asarray(ids), jnp.asarray(start), jax.random.key(params.seed))
         if stream is not None:
@@ -131,14 +143,33 @@ def _emit(tokens_B):
 
 
 def _cast_state(split, dtype):
+    """Cast the matrices (the weight-decayed parameters: projections, embeddings, conv) to `dtype`; A_log, D,
+    dt_bias, norms and biases keep their precision (exp(A_log) compounds over every step)."""
     graphdef, state = split
     dtype = jnp.dtype(dtype)
-    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 2 else x  # noqa: E731
-    return graphdef, jax.tree.map(cast, state)
+
+    def cast(v):
+        if isinstance(v, nnx.Variable) and v.get_metadata().get("weight_decay", False):
+            value = v.get_value()
+            if jnp.issubdtype(value.dtype, jnp.floating):
+                return v.replace(value.astype(dtype))
+        return v
+
+    return graphdef, jax.tree.map(cast, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _cast_ssm_states(cache, dtype: str):
+    """The SSM states (the "ssm" entries of the Mamba layers' caches) in `dtype`; decode keeps that dtype."""
+
+    def cast(path, leaf):
+        name = getattr(path[-1], "key", None)
+        return leaf.astype(dtype) if name == "ssm" else leaf
+
+    return jax.tree_util.tree_map_with_path(cast, cache)
 
 
 @functools.lru_cache(maxsize=32)
-def _generate_fn(graphdef, params: SamplingParams, eos_id: int, stream: bool):
+def _generate_fn(graphdef, params: SamplingParams, eos_id: int, stream: bool, vocab_size: int | None, state_dtype: str):
     T = params.max_new_tokens
 
     def run(state, ids_BL, start_B, key):
@@ -146,6 +177,7 @@ def _generate_fn(graphdef, params: SamplingParams, eos_id: int, stream: bool):
         b, l = ids_BL.shape
         seq_idx = (jnp.arange(l)[None] >= start_B[:, None]).astype(jnp.int32)
         logits_BV, cache = model.prefill(ids_BL, seq_idx=seq_idx, cache_len=l + T)
+        cache = _cast_ssm_states(cache, state_dtype)
         v = logits_BV.shape[-1]
         seen_BV = jnp.zeros((b, v), bool)
         if params.repetition_penalty != 1.0:  # the prompt counts as seen
@@ -158,6 +190,8 @@ def _generate_fn(graphdef, params: SamplingParams, eos_id: int, stream: bool):
         def body(carry):
             t, logits_BV, cache, key, seen_BV, done_B, tokens_BT, logprobs_BT = carry
             key, sub = jax.random.split(key)
+            if vocab_size is not None:  # ids past the tokenizer's vocabulary are padding rows
+                logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < vocab_size, logits_BV, -jnp.inf)
             raw_BV = logits_BV
             logits_BV = apply_repetition_penalty(logits_BV, seen_BV, params.repetition_penalty)
             if params.temperature == 0.0:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from mamba_jax.layers.base import cast, normal, param
+from mamba_jax.layers.base import linear, normal, param
 from mamba_jax.models.config import ModelConfig
 
 
@@ -56,26 +56,22 @@ class Attention(nnx.Module):
         self.v_proj = param(normal(rngs, (d, hkv, e), std, pdt), ("embed", "kv_heads", None))
         self.o_proj = param(normal(rngs, (hq, e, d), out_std, pdt), ("q_heads", None, "embed"))
 
-    def _qkv(self, x_BLD, positions):
+    def _qkv(self, x_BLD, positions, key=None):
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
-        x = x_BLD.astype(dtype)
-        q_BTHE = jnp.einsum("bld,dhe->blhe", x, cast(self.q_proj[...], dtype))
-        k_BSKE = jnp.einsum("bld,dhe->blhe", x, cast(self.k_proj[...], dtype))
-        v_BSKE = jnp.einsum("bld,dhe->blhe", x, cast(self.v_proj[...], dtype))
+        q_BTHE, k_BSKE, v_BSKE = (linear(self, n, x_BLD, 1, dtype, key=key) for n in ("q_proj", "k_proj", "v_proj"))
         q_BTHE, k_BSKE, v_BSKE = (checkpoint_name(t, "proj_in") for t in (q_BTHE, k_BSKE, v_BSKE))
         if cfg.attn_rope:
             if positions is None:
-                positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+                positions = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
             q_BTHE = rope(q_BTHE, positions, cfg.attn_rope_theta)
             k_BSKE = rope(k_BSKE, positions, cfg.attn_rope_theta)
         return q_BTHE, k_BSKE, v_BSKE
 
-    def _o(self, o_BTHE):
-        dtype = jnp.dtype(self.cfg.dtype)
-        return jnp.einsum("blhe,hed->bld", o_BTHE.astype(dtype), cast(self.o_proj[...], dtype))
+    def _o(self, o_BTHE, key=None):
+        return linear(self, "o_proj", o_BTHE, 2, jnp.dtype(self.cfg.dtype), key=key)
 
-    def _attend(self, q_BTHE, k_BSKE, v_BSKE, seq_idx):
+    def _attend(self, q_BTHE, k_BSKE, v_BSKE, seq_idx, key=None):
         dtype = jnp.dtype(self.cfg.dtype)
         mask = None
         if seq_idx is not None:
@@ -86,10 +82,10 @@ class Attention(nnx.Module):
             # jax's XLA attention asks for an F16_F16_F32 dot that the CPU backend cannot differentiate.
             q_BTHE, k_BSKE, v_BSKE = (t.astype(jnp.float32) for t in (q_BTHE, k_BSKE, v_BSKE))
         o_BTHE = jax.nn.dot_product_attention(q_BTHE, k_BSKE, v_BSKE, mask=mask, is_causal=True, implementation=impl)
-        return self._o(o_BTHE)
+        return self._o(o_BTHE, key)
 
-    def __call__(self, x_BLD, *, seq_idx=None, positions=None):
-        return self._attend(*self._qkv(x_BLD, positions), seq_idx)
+    def __call__(self, x_BLD, *, seq_idx=None, positions=None, key=None):
+        return self._attend(*self._qkv(x_BLD, positions, key), seq_idx, key)
 
     # --- inference: prefill and one-token decode with a K / V cache ----------------------------------------
     def prefill(self, x_BLD, *, seq_idx, positions, cache_len):

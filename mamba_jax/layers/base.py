@@ -5,6 +5,10 @@ Every parameter is an `nnx.Param` whose metadata carries
     in `mamba_jax.parallel.sharding` (never by the layers themselves), and
   - `weight_decay`: False for A_log, D, dt_bias, norm scales and biases (Megatron / mamba_ssm practice).
 Eager sharding is off: the model is sharded once, as a whole, when `init_model` builds it under `jit`.
+
+`linear` is every projection of the layers: x's last `n_in` axes contracted with the weight's first `n_in`,
+plus, where LoRA adapters were attached to that weight (mamba_jax/models/peft.py), the low-rank branch
+scale · (dropout(x) · A) · B (Hu et al. 2021).
 """
 
 from __future__ import annotations
@@ -31,3 +35,28 @@ def uniform(rngs: nnx.Rngs, shape, lo: float, hi: float, dtype) -> jax.Array:
 def cast(w, dtype):
     """A weight as the computation uses it (master weights stay in param_dtype)."""
     return jnp.asarray(w).astype(dtype)
+
+
+LORA_SCALE, LORA_DROPOUT = "lora_scale", "lora_dropout"
+
+
+def lora_names(name: str) -> tuple[str, str]:
+    return f"{name}_lora_a", f"{name}_lora_b"
+
+
+def linear(module, name: str, x, n_in: int, dtype, *, key=None):
+    """x (…, in axes) · module.<name> (in axes, out axes) → (…, out axes) in `dtype`, with LoRA if attached."""
+    y = jnp.tensordot(x.astype(dtype), cast(getattr(module, name)[...], dtype), axes=n_in)
+    a_name, b_name = lora_names(name)
+    if not hasattr(module, a_name):
+        return y
+    a = getattr(module, a_name)[...]  # (in axes…, r)
+    b = getattr(module, b_name)[...]  # (r, out axes…)
+    xl = x.astype(dtype)
+    dropout = getattr(module, LORA_DROPOUT, 0.0)
+    if dropout > 0.0 and key is not None:
+        key = jax.random.fold_in(key, hash(name) % (1 << 30))
+        keep = jax.random.bernoulli(key, 1.0 - dropout, xl.shape)
+        xl = jnp.where(keep, xl / (1.0 - dropout), 0).astype(dtype)
+    h = jnp.tensordot(xl, cast(a, dtype), axes=n_in)
+    return y + getattr(module, LORA_SCALE) * jnp.tensordot(h, cast(b, dtype), axes=1)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from mamba_jax.layers.base import cast, normal, param, uniform
+from mamba_jax.layers.base import linear, normal, param, uniform
 from mamba_jax.layers.norms import gated_rms_norm
 from mamba_jax.models.config import ModelConfig
 from mamba_jax.ops.ssd import ssd
@@ -94,10 +94,10 @@ class Mamba2Mixer(nnx.Module):
         self.out_proj = param(normal(rngs, (h, p, d), out_std, pdt), ("ssm_heads", None, "embed"))
 
     # --- pieces shared by the training forward, prefill and decode ---------------------------------------
-    def _in_proj(self, x_BLD):
+    def _in_proj(self, x_BLD, key=None):
         """(z, xBC before the conv, dt) with each group's columns: (B, L, G, R·P), (B, L, G, F), (B, L, G, R)."""
         dtype = jnp.dtype(self.cfg.dtype)
-        zxbcdt_BLGW = jnp.einsum("bld,dgw->blgw", x_BLD.astype(dtype), cast(self.in_proj[...], dtype))
+        zxbcdt_BLGW = linear(self, "in_proj", x_BLD, 1, dtype, key=key)
         zxbcdt_BLGW = checkpoint_name(zxbcdt_BLGW, "proj_in")
         return jnp.split(zxbcdt_BLGW, self.split_W, axis=-1)
 
@@ -113,18 +113,18 @@ class Mamba2Mixer(nnx.Module):
     def _A(self):
         return -jnp.exp(self.A_log[...].astype(jnp.float32))
 
-    def _out(self, y_BLHP, z_BLHP):
+    def _out(self, y_BLHP, z_BLHP, key=None):
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         groups = cfg.mamba_num_groups if cfg.mamba_norm_per_group else 1
         y_BLHP = gated_rms_norm(y_BLHP, z_BLHP, self.norm[...], groups=groups, eps=cfg.norm_eps, out_dtype=dtype)
-        return jnp.einsum("blhp,hpd->bld", y_BLHP, cast(self.out_proj[...], dtype))
+        return linear(self, "out_proj", y_BLHP, 2, dtype, key=key)
 
-    def _forward(self, x_BLD, seq_idx, return_state: bool):
+    def _forward(self, x_BLD, seq_idx, return_state: bool, key=None):
         cfg = self.cfg
         b, l, _ = x_BLD.shape
         h, p = cfg.mamba_heads, cfg.mamba_head_dim
-        z_BLGF, xBC_BLGF, dt_BLGR = self._in_proj(x_BLD)
+        z_BLGF, xBC_BLGF, dt_BLGR = self._in_proj(x_BLD, key)
         conv_BLGF = jax.nn.silu(causal_conv1d(xBC_BLGF, self.conv_weight[...], self.conv_bias[...], seq_idx=seq_idx))
         x_BLGF, B_BLGN, C_BLGN = self._split_xBC(conv_BLGF)
         out = ssd(
@@ -140,12 +140,12 @@ class Mamba2Mixer(nnx.Module):
             **self._ssd_kwargs(),
         )
         y_BLHP, ssm_BHPN = out if return_state else (out, None)
-        return self._out(y_BLHP, z_BLGF.reshape(b, l, h, p)), xBC_BLGF, ssm_BHPN
+        return self._out(y_BLHP, z_BLGF.reshape(b, l, h, p), key), xBC_BLGF, ssm_BHPN
 
     # --- training / full forward --------------------------------------------------------------------------
-    def __call__(self, x_BLD, *, seq_idx=None, positions=None):
+    def __call__(self, x_BLD, *, seq_idx=None, positions=None, key=None):
         del positions
-        return self._forward(x_BLD, seq_idx, return_state=False)[0]
+        return self._forward(x_BLD, seq_idx, return_state=False, key=key)[0]
 
     # --- inference: prefill and one-token decode ---------------------------------------------------------
     def prefill(self, x_BLD, *, seq_idx, positions, cache_len):
@@ -178,4 +178,5 @@ class Mamba2Mixer(nnx.Module):
             cache["ssm"], x_BGF.reshape(b, h, p), dt_BGR.reshape(b, h), self._A(), B_BGN, C_BGN, **self._ssd_kwargs()
         )
         out_B1D = self._out(y_BHP[:, None], z_BGF.reshape(b, 1, h, p))
-        return out_B1D[:, 0], {"conv": window_BKGF[:, 1:], "ssm": ssm_BHPN}
+        # The state keeps the cache's dtype (the engine may hold it in bf16; the update above is float32).
+        return out_B1D[:, 0], {"conv": window_BKGF[:, 1:], "ssm": ssm_BHPN.astype(cache["ssm"].dtype)}

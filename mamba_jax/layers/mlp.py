@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from mamba_jax.layers.base import cast, normal, param
+from mamba_jax.layers.base import linear, normal, param
 from mamba_jax.models.config import ModelConfig
 
 ACTIVATIONS = {
@@ -40,17 +40,16 @@ class MLP(nnx.Module):
     def gated(self) -> bool:
         return self.cfg.mlp_activation == "swiglu"
 
-    def __call__(self, x_BLD, *, seq_idx=None, positions=None):
+    def __call__(self, x_BLD, *, seq_idx=None, positions=None, key=None):
         del seq_idx, positions
         dtype = jnp.dtype(self.cfg.dtype)
-        x = x_BLD.astype(dtype)
-        h_BLF = checkpoint_name(jnp.einsum("bld,df->blf", x, cast(self.up_proj[...], dtype)), "proj_in")
+        h_BLF = checkpoint_name(linear(self, "up_proj", x_BLD, 1, dtype, key=key), "proj_in")
         if self.gated:
-            gate_BLF = checkpoint_name(jnp.einsum("bld,df->blf", x, cast(self.gate_proj[...], dtype)), "proj_in")
+            gate_BLF = checkpoint_name(linear(self, "gate_proj", x_BLD, 1, dtype, key=key), "proj_in")
             h_BLF = jax.nn.silu(gate_BLF.astype(jnp.float32)) * h_BLF.astype(jnp.float32)
         else:
             h_BLF = ACTIVATIONS[self.cfg.mlp_activation](h_BLF.astype(jnp.float32))
-        return jnp.einsum("blf,fd->bld", h_BLF.astype(dtype), cast(self.down_proj[...], dtype))
+        return linear(self, "down_proj", h_BLF, 1, dtype, key=key)
 
     def prefill(self, x_BLD, *, seq_idx, positions, cache_len):
         del cache_len

@@ -31,6 +31,27 @@ def document_positions(seq_idx_BL):
     return t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
 
 
+def _prepend_virtual(h_BLD, virtual_ND, seq_idx):
+    """Insert the N virtual-token embeddings right before each row's last document (position 0 for training
+    rows, after the left padding for inference batches). Returns (h (B, L + N, D), its seq_idx, and for each
+    input position its index in the new sequence)."""
+    b, l, _ = h_BLD.shape
+    n = virtual_ND.shape[0]
+    if seq_idx is None:
+        seq_idx = jnp.zeros((b, l), jnp.int32)
+    start_B = jnp.argmax(seq_idx == seq_idx[:, -1:], axis=1)  # first position of the last document
+    t = jnp.arange(l + n)[None]
+    is_virtual = (t >= start_B[:, None]) & (t < start_B[:, None] + n)
+    src_BT = jnp.clip(jnp.where(t < start_B[:, None], t, t - n), 0, l - 1)
+    tokens = jnp.take_along_axis(h_BLD, src_BT[..., None], axis=1)
+    virtual = virtual_ND[jnp.clip(t - start_B[:, None], 0, n - 1)]
+    h = jnp.where(is_virtual[..., None], virtual, tokens)
+    sid = jnp.where(is_virtual, seq_idx[:, -1:], jnp.take_along_axis(seq_idx, src_BT, axis=1))
+    j = jnp.arange(l)[None]
+    back_BL = jnp.where(j < start_B[:, None], j, j + n)
+    return h, sid.astype(jnp.int32), back_BL
+
+
 class LanguageModel(nnx.Module):
     """`model(input_ids (B, L) int32) → logits (B, L, V) float32` (V is the padded vocabulary)."""
 
@@ -45,7 +66,7 @@ class LanguageModel(nnx.Module):
             None if cfg.tie_embeddings else param(normal(rngs, (d, v), cfg.init_std, pdt), ("embed", "vocab"))
         )
 
-    def hidden_states(self, input_ids_BL, *, seq_idx=None, positions=None, remat="none", remat_layers="M*-"):
+    def hidden_states(self, input_ids_BL, *, seq_idx=None, positions=None, remat="none", remat_layers="M*-", key=None):
         """Final-normed hidden states (B, L, D) in the compute dtype.
 
         `remat` ("none", "full", "selective") checkpoints the blocks whose symbol is in `remat_layers`.
@@ -53,11 +74,22 @@ class LanguageModel(nnx.Module):
         cfg = self.cfg
         if positions is None and seq_idx is not None and cfg.attn_rope:
             positions = document_positions(seq_idx)
-        stream_dtype = jnp.float32 if cfg.residual_in_fp32 else jnp.dtype(cfg.dtype)
-        h_BLD = jnp.take(self.embed[...], input_ids_BL, axis=0).astype(stream_dtype)
+        h_BLD = self._embed(input_ids_BL)
+        virtual = getattr(self, "prompt", None)
+        if virtual is not None:
+            h_BLD, seq_idx, back_BL = _prepend_virtual(h_BLD, virtual().astype(h_BLD.dtype), seq_idx)
+            positions = document_positions(seq_idx) if cfg.attn_rope else None
         h_BLD = constrain(h_BLD, ACT_BLD)
-        h_BLD = self.layers(h_BLD, seq_idx=seq_idx, positions=positions, remat=remat, remat_layers=remat_layers)
+        h_BLD = self.layers(
+            h_BLD, seq_idx=seq_idx, positions=positions, remat=remat, remat_layers=remat_layers, key=key
+        )
+        if virtual is not None:  # back to the input's positions
+            h_BLD = jnp.take_along_axis(h_BLD, back_BL[..., None], axis=1)
         return self.norm_f(h_BLD)
+
+    def _embed(self, ids):
+        stream_dtype = jnp.float32 if self.cfg.residual_in_fp32 else jnp.dtype(self.cfg.dtype)
+        return jnp.take(self.embed[...], ids, axis=0).astype(stream_dtype)
 
     def head_weight(self):
         """The (D, V) output projection (the embedding transposed when tied)."""
@@ -78,18 +110,21 @@ class LanguageModel(nnx.Module):
         on the padding and 1 on the prompt, so that no state, conv window or attention crosses into them.
         """
         cfg = self.cfg
+        h_BLD = self._embed(input_ids_BL)
+        virtual = getattr(self, "prompt", None)
+        if virtual is not None:  # the virtual tokens go right before each prompt (after its left padding)
+            h_BLD, seq_idx, _ = _prepend_virtual(h_BLD, virtual().astype(h_BLD.dtype), seq_idx)
+            positions, cache_len = None, cache_len + virtual.embed.shape[0]
         if positions is None and seq_idx is not None and cfg.attn_rope:
             positions = document_positions(seq_idx)
-        stream_dtype = jnp.float32 if cfg.residual_in_fp32 else jnp.dtype(cfg.dtype)
-        h_BLD = jnp.take(self.embed[...], input_ids_BL, axis=0).astype(stream_dtype)
         h_BLD, cache = self.layers.prefill(h_BLD, seq_idx=seq_idx, positions=positions, cache_len=cache_len)
         return self._logits(self.norm_f(h_BLD[:, -1])), cache
 
     def decode(self, ids_B, cache, *, pos, start):
         """One token per row at position `pos` (row b's prompt starts at start[b]); returns (logits, cache)."""
-        cfg = self.cfg
-        stream_dtype = jnp.float32 if cfg.residual_in_fp32 else jnp.dtype(cfg.dtype)
-        h_BD = jnp.take(self.embed[...], ids_B, axis=0).astype(stream_dtype)
+        h_BD = self._embed(ids_B)
+        if getattr(self, "prompt", None) is not None:  # positions count the virtual tokens
+            pos = pos + self.prompt.embed.shape[0]
         h_BD, cache = self.layers.decode(h_BD, cache, pos=pos, start=start)
         return self._logits(self.norm_f(h_BD)), cache
 

@@ -62,8 +62,8 @@ class Block(nnx.Module):
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.mixer = LAYERS[symbol](cfg, 0, rngs=rngs)
 
-    def __call__(self, h_BLD, *, seq_idx=None, positions=None):
-        out = self.mixer(self.norm(h_BLD), seq_idx=seq_idx, positions=positions)
+    def __call__(self, h_BLD, *, seq_idx=None, positions=None, key=None):
+        out = self.mixer(self.norm(h_BLD), seq_idx=seq_idx, positions=positions, key=key)
         return h_BLD + out.astype(h_BLD.dtype)
 
     def prefill(self, h_BLD, *, seq_idx, positions, cache_len):
@@ -75,8 +75,15 @@ class Block(nnx.Module):
         return h_BD + out.astype(h_BD.dtype), cache
 
 
-def _call_block(block, h_BLD, seq_idx, positions):
-    return block(h_BLD, seq_idx=seq_idx, positions=positions)
+def _remat_block(block, h_BLD, seq_idx, positions, key, remat: str):
+    """The block under jax.checkpoint, as a function of its state (plain JAX rather than nnx.remat, so that
+    frozen and trained parameters may come from different traces, as under LoRA)."""
+    graphdef, state = nnx.split(block)
+
+    def run(state, h, seq_idx, positions, key):
+        return nnx.merge(graphdef, state)(h, seq_idx=seq_idx, positions=positions, key=key)
+
+    return jax.checkpoint(run, policy=REMAT_POLICIES[remat])(state, h_BLD, seq_idx, positions, key)
 
 
 class Unit(nnx.Module):
@@ -85,13 +92,13 @@ class Unit(nnx.Module):
     def __init__(self, cfg: ModelConfig, unit: str, *, rngs: nnx.Rngs):
         self.blocks = nnx.List([Block(cfg, s, rngs=rngs) for s in unit])
 
-    def __call__(self, h_BLD, seq_idx, positions, remat: str, remat_layers: str):
-        call = None if remat == "none" else nnx.remat(_call_block, policy=REMAT_POLICIES[remat])
-        for block in self.blocks:
-            if call is not None and block.symbol in remat_layers:
-                h_BLD = call(block, h_BLD, seq_idx, positions)
+    def __call__(self, h_BLD, seq_idx, positions, remat: str, remat_layers: str, key=None):
+        for i, block in enumerate(self.blocks):
+            k = None if key is None else jax.random.fold_in(key, i)
+            if remat != "none" and block.symbol in remat_layers:
+                h_BLD = _remat_block(block, h_BLD, seq_idx, positions, k, remat)
             else:
-                h_BLD = block(h_BLD, seq_idx=seq_idx, positions=positions)
+                h_BLD = block(h_BLD, seq_idx=seq_idx, positions=positions, key=k)
             h_BLD = constrain(h_BLD, ACT_BLD)
         return h_BLD
 
@@ -126,19 +133,22 @@ class Segment(nnx.Module):
 
         self.layers = make(rngs)
 
-    def __call__(self, h_BLD, seq_idx, positions, remat: str, remat_layers: str):
+    def __call__(self, h_BLD, seq_idx, positions, remat: str, remat_layers: str, key=None):
         if self.reps == 1:
-            return self.layers(h_BLD, seq_idx, positions, remat, remat_layers)
+            return self.layers(h_BLD, seq_idx, positions, remat, remat_layers, key)
 
         # A plain lax.scan over the stacked state (rather than nnx.scan), so that the model also works when
         # closed over by a user's jax.jit.
         graphdef, state = nnx.split(self.layers)
 
-        def body(h, unit_state):
-            unit = nnx.merge(graphdef, unit_state)
-            return unit(h, seq_idx, positions, remat, remat_layers), None
+        keys = None if key is None else jax.random.split(key, self.reps)
 
-        return jax.lax.scan(body, h_BLD, state)[0]
+        def body(h, xs):
+            unit_state, k = xs
+            unit = nnx.merge(graphdef, unit_state)
+            return unit(h, seq_idx, positions, remat, remat_layers, k), None
+
+        return jax.lax.scan(body, h_BLD, (state, keys))[0]
 
     def prefill(self, h_BLD, seq_idx, positions, cache_len):
         """Forward that also returns this segment's caches (stacked on a leading axis when scanned)."""
@@ -170,9 +180,10 @@ class LayerStack(nnx.Module):
         self.plan = tuple(segment_pattern(cfg.pattern, cfg.scan_layers))
         self.segments = nnx.List([Segment(cfg, unit, reps, rngs=rngs) for unit, reps in self.plan])
 
-    def __call__(self, h_BLD, *, seq_idx=None, positions=None, remat="none", remat_layers="M*-"):
-        for segment in self.segments:
-            h_BLD = segment(h_BLD, seq_idx, positions, remat, remat_layers)
+    def __call__(self, h_BLD, *, seq_idx=None, positions=None, remat="none", remat_layers="M*-", key=None):
+        for i, segment in enumerate(self.segments):
+            k = None if key is None else jax.random.fold_in(key, i)
+            h_BLD = segment(h_BLD, seq_idx, positions, remat, remat_layers, k)
         return h_BLD
 
     def prefill(self, h_BLD, *, seq_idx, positions, cache_len):

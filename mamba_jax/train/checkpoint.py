@@ -4,7 +4,8 @@ Each checkpoint is one Orbax step directory holding three items:
   - `state`: the TrainState (params, optimizer state, step, RNG, loss scale) — every process writes its own
     shards (OCDBT), and restoring with target shardings reshards onto whatever mesh the run has now;
   - `data`: the data iterator's state (JSON), so training resumes on the exact next batch;
-  - `meta`: the model config and the step (JSON), to refuse a checkpoint of another model.
+  - `meta`: the model config, the fine-tuning method and its base weights (`init_from`) and the step (JSON), to
+    refuse a checkpoint of another model and to rebuild an adapter's model.
 Orbax writes into a temporary directory and renames it on commit: a save interrupted at any point (even by
 SIGKILL) leaves the previous checkpoint as the newest one. Retention: the newest `keep_last` plus every
 step that is a multiple of `keep_every`.
@@ -32,7 +33,7 @@ def _model_diff(saved: dict, current: dict) -> list[str]:
 
 
 # Fields that change the computation but not the weights: a run may resume with other values.
-_RUNTIME_FIELDS = {"dtype", "ssd_impl", "attn_impl"}
+RUNTIME_FIELDS = {"dtype", "ssd_impl", "attn_impl"}
 
 
 class Checkpointer:
@@ -54,23 +55,26 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def check_model(self, model_dict: dict) -> None:
-        """Raise if the newest checkpoint was written for another model (weights of other shapes)."""
+    def check_model(self, run_meta: dict) -> None:
+        """Raise if the newest checkpoint was written for another model or another fine-tuning method."""
         step = self.latest_step()
         if step is None:
             return
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        saved = {k: v for k, v in meta["model"].items() if k not in _RUNTIME_FIELDS}
-        current = {k: v for k, v in model_dict.items() if k not in _RUNTIME_FIELDS}
+        saved = {k: v for k, v in meta["model"].items() if k not in RUNTIME_FIELDS}
+        current = {k: v for k, v in run_meta["model"].items() if k not in RUNTIME_FIELDS}
         diff = _model_diff(saved, current)
+        saved_peft = (meta.get("peft") or {}).get("method", "none")
+        if saved_peft != run_meta.get("peft", {}).get("method", "none"):
+            diff.append(f"peft.method: {saved_peft!r} → {run_meta['peft']['method']!r}")
         if diff:
             raise CheckpointMismatch(
-                f"{self.directory} holds checkpoints (newest: step {step}) of a different model; differences "
-                f"(checkpoint → config): {'; '.join(diff)}. Use another --workdir for this model, or move "
+                f"{self.directory} holds checkpoints (newest: step {step}) of a different model or run; differences "
+                f"(checkpoint → config): {'; '.join(diff)}. Use another --workdir for this run, or move "
                 f"the old checkpoints away. Nothing was changed."
             )
 
-    def save(self, step: int, state, data_state: dict, model_dict: dict, *, force: bool = False) -> bool:
+    def save(self, step: int, state, data_state: dict, run_meta: dict, *, force: bool = False) -> bool:
         if not bool(_params_finite(state.params)):
             raise FloatingPointError(f"refusing to checkpoint non-finite parameters at step {step}.")
         return self.manager.save(
@@ -78,7 +82,7 @@ class Checkpointer:
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=ocp.args.JsonSave(data_state),
-                meta=ocp.args.JsonSave({"model": model_dict, "step": step}),
+                meta=ocp.args.JsonSave({**run_meta, "step": step}),
             ),
             force=force,
         )

@@ -32,6 +32,9 @@ class TrainConfig:
     sample_temperature: float = 0.0  # 0: greedy
     sample_top_k: int = 0
     profile_steps: tuple[int, int] | None = None  # (first, last) step of a jax profiler trace
+    init_from: str = ""  # start from these weights: a mamba_jax checkpoint / work dir or a Hugging Face dir
+    eval_generate: int = 0  # sft data: held-out examples answered by generation for exact match / F1
+    eval_max_new_tokens: int = 32
 
     def __post_init__(self):
         if self.steps <= 0 or self.global_batch_size <= 0:

@@ -9,6 +9,7 @@ rerunning the same command resumes from the newest checkpoint in the work direct
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -22,7 +23,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from mamba_jax import config as mjc
-from mamba_jax.parallel.sharding import init_model, logical_to_spec, make_mesh, use_mesh
+from mamba_jax.models.peft import PeftConfig
+from mamba_jax.parallel.sharding import logical_to_spec, make_mesh, use_mesh
+from mamba_jax.train import setup
 from mamba_jax.train.checkpoint import Checkpointer, abstract_like
 from mamba_jax.train.config import CheckpointConfig, OptimConfig, TrainConfig
 from mamba_jax.train.metrics import MetricWriter, peak_flops, peak_memory_bytes
@@ -79,6 +82,7 @@ def train(c: ConfigDict, workdir: str) -> dict:
     tcfg = TrainConfig(**c.train.to_dict())
     ocfg = OptimConfig(**c.optim.to_dict())
     ckcfg = CheckpointConfig(**c.checkpoint.to_dict())
+    peft = PeftConfig.from_dict(c.peft)
     rules = mjc.sharding_rules(c)
     os.makedirs(workdir, exist_ok=True)
     _log(f"mamba_jax.train: {c.name or 'recipe'} ({c.variant}) in {os.path.abspath(workdir)}")
@@ -94,7 +98,10 @@ def train(c: ConfigDict, workdir: str) -> dict:
 
     # --- checkpoints: refuse another model's before touching anything -------------------------------
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), ckcfg)
-    ckpt.check_model(model_cfg.to_dict())
+    # The base of an adapter is reloaded from init_from whenever the checkpoint is used: keep it findable.
+    init_from = os.path.abspath(tcfg.init_from) if tcfg.init_from else ""
+    run_meta = {"model": model_cfg.to_dict(), "peft": dataclasses.asdict(peft), "init_from": init_from}
+    ckpt.check_model(run_meta)
 
     # --- input ------------------------------------------------------------------------------------
     from mamba_jax.train import data as train_data  # the data pipeline pulls in grain: import when needed
@@ -107,14 +114,17 @@ def train(c: ConfigDict, workdir: str) -> dict:
 
     with use_mesh(mesh, rules):
         # --- model and sharded train state ----------------------------------------------------------
-        model = init_model(model_cfg, mesh=mesh, rules=rules, seed=tcfg.seed)
-        graphdef, params = nnx.split(model)
-        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-        _log(f"model: {model_cfg.n_layers} layers '{model_cfg.pattern}', {n_params:,} parameters")
+        tm = setup.build(model_cfg, peft, init_from=tcfg.init_from, seed=tcfg.seed, mesh=mesh, rules=rules)
+        graphdef, frozen, n_params = tm.graphdef, tm.frozen, tm.n_params
+        _log(
+            f"model: {model_cfg.n_layers} layers '{model_cfg.pattern}', {n_params:,} parameters"
+            + (f", training {tm.n_trainable:,} ({peft.method})" if peft.method != "none" else "")
+            + (f", from {tcfg.init_from}" if tcfg.init_from else "")
+        )
         dynamic_scale = tcfg.loss_scale == "dynamic" or (tcfg.loss_scale == "auto" and model_cfg.dtype == "float16")
-        tx = make_optimizer(ocfg, params, tcfg.steps)
-        state = jax.jit(lambda p: init_state(p, tx, tcfg.seed, dynamic_scale))(params)
-        del model, params
+        tx = make_optimizer(ocfg, tm.trainable, tcfg.steps)
+        state = jax.jit(lambda p: init_state(p, tx, tcfg.seed, dynamic_scale))(tm.trainable)
+        del tm
 
         # --- step functions ---------------------------------------------------------------------------
         sched = schedule(ocfg, tcfg.steps)
@@ -129,7 +139,8 @@ def train(c: ConfigDict, workdir: str) -> dict:
         start = ckpt.latest_step()
         if start is not None:
             state, data_state = ckpt.restore(start, abstract_like(state))
-            train_ds.set_state(data_state)
+            if data_state:  # a converted model (python -m mamba_jax.convert) has read no data yet
+                train_ds.set_state(data_state)
             _log(f"resumed from step {start} ({ckpt.directory})")
         start = int(start or 0)
         writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start)
@@ -143,14 +154,16 @@ def train(c: ConfigDict, workdir: str) -> dict:
             for i, batch in enumerate(eval_ds):
                 if i >= tcfg.eval_batches:
                     break
-                out = eval_step(state.params, to_device(batch))
+                out = eval_step(state.params, to_device(batch), frozen)
                 loss_sum += float(out["loss_sum"])
                 tokens += float(out["tokens"])
             loss = loss_sum / max(tokens, 1.0)
-            return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+            out = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+            if tcfg.eval_generate and data_cfg.kind == "sft":
+                out.update(_evaluate_generation(graphdef, state.params, frozen, data_cfg, tcfg, mesh))
+            return out
 
         # --- loop -------------------------------------------------------------------------------------
-        model_dict = model_cfg.to_dict()
         tokens_per_step = tcfg.global_batch_size * data_cfg.seq_len
         peak = peak_flops()
         last: dict = {}
@@ -162,7 +175,7 @@ def train(c: ConfigDict, workdir: str) -> dict:
             for step in range(start + 1, tcfg.steps + 1):
                 if tcfg.profile_steps and step == tcfg.profile_steps[0]:
                     jax.profiler.start_trace(os.path.join(workdir, "profile"))
-                state, metrics = train_step(state, to_device(next(train_ds)))
+                state, metrics = train_step(state, to_device(next(train_ds)), frozen)
                 window_steps += 1
                 if tcfg.profile_steps and step == tcfg.profile_steps[1]:
                     jax.block_until_ready(state)
@@ -200,7 +213,7 @@ def train(c: ConfigDict, workdir: str) -> dict:
                             f"Lower optim.lr, check the data, or use train.loss_scale=dynamic for float16."
                         )
                 if is_ckpt:
-                    ckpt.save(step, state, train_ds.get_state(), model_dict, force=True)
+                    ckpt.save(step, state, train_ds.get_state(), run_meta, force=True)
                 if stopping:
                     ckpt.wait()
                     _log(f"stopped by signal {stop.received} at step {step}; checkpoint saved. "
@@ -212,11 +225,25 @@ def train(c: ConfigDict, workdir: str) -> dict:
 
         # --- sample -----------------------------------------------------------------------------------
         if tcfg.sample_prompt and stop.received is None and jax.process_index() == 0:
-            last["sample"] = _sample(graphdef, state, data_cfg, tcfg)
+            last["sample"] = _sample(graphdef, state, frozen, data_cfg, tcfg)
     return last
 
 
-def _sample(graphdef, state: TrainState, data_cfg, tcfg: TrainConfig) -> str:
+def _evaluate_generation(graphdef, params, frozen, data_cfg, tcfg: TrainConfig, mesh) -> dict:
+    """Exact match / F1 of greedy answers to the first `eval_generate` held-out SFT examples."""
+    from mamba_jax.data.sft import load_split
+    from mamba_jax.train.sft_eval import evaluate_generation
+
+    tokenizer, _, examples = load_split(data_cfg.paths, data_cfg.tokenizer, data_cfg.prompt_template,
+                                        data_cfg.eval_fraction)  # fmt: skip
+    model = nnx.merge(graphdef, params, frozen)
+    scores = evaluate_generation(
+        model, tokenizer, examples[: tcfg.eval_generate], max_new_tokens=tcfg.eval_max_new_tokens, mesh=mesh
+    )
+    return {"eval_exact_match": scores["exact_match"], "eval_f1": scores["f1"]}
+
+
+def _sample(graphdef, state: TrainState, frozen, data_cfg, tcfg: TrainConfig) -> str:
     from mamba_jax.data import load_tokenizer
     from mamba_jax.inference.naive import naive_generate
     from mamba_jax.train.data import tokenizer_path
@@ -225,7 +252,7 @@ def _sample(graphdef, state: TrainState, data_cfg, tcfg: TrainConfig) -> str:
     if path is None:
         return ""
     tok = load_tokenizer(path)
-    model = nnx.merge(graphdef, jax.device_get(state.params))
+    model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(frozen))
     ids = naive_generate(
         model,
         tok.encode(tcfg.sample_prompt),

@@ -66,31 +66,40 @@ def split_micro_batches(batch: dict, accum: int, sharding=None) -> dict:
 
 
 def make_train_step(graphdef, tx, tcfg: TrainConfig, *, accum: int, dynamic_scale: bool, schedule, micro_sharding=None):
-    def micro_loss(params, micro, scale):
-        model = nnx.merge(graphdef, params)
-        s, n = lm_loss_sums(model, micro, chunk=tcfg.loss_chunk, remat=tcfg.remat, remat_layers=tcfg.remat_layers)
+    """`train_step(state, batch, frozen) -> (state, metrics)`: `state.params` are the trained parameters,
+    `frozen` the rest of the model (empty in full training; the base weights under LoRA / prompt tuning)."""
+
+    def micro_loss(params, frozen, micro, scale, key):
+        model = nnx.merge(graphdef, params, *([] if frozen is None else [frozen]))
+        s, n = lm_loss_sums(
+            model, micro, chunk=tcfg.loss_chunk, remat=tcfg.remat, remat_layers=tcfg.remat_layers, key=key
+        )
         # Differentiate the sum scaled to about a mean (by the static token count of the micro batch), so
         # float16 gradients stay in range; the exact global division happens once after accumulation.
         return s * (scale / micro["labels"].size), (s, n)
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
 
-    def accumulate(params, micro, scale):
-        def body(carry, mb):
+    def accumulate(params, frozen, micro, scale, key):
+        def body(carry, xs):
+            mb, i = xs
             g_acc, s_acc, n_acc = carry
-            g, (s, n) = grad_fn(params, mb, scale)
+            g, (s, n) = grad_fn(params, frozen, mb, scale, jax.random.fold_in(key, i))
             return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, n_acc + n), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        return jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), micro)[0]
+        init = (zeros, jnp.float32(0), jnp.float32(0))
+        return jax.lax.scan(body, init, (micro, jnp.arange(accum)))[0]
 
-    def train_step(state: TrainState, batch: dict):
+    def train_step(state: TrainState, batch: dict, frozen=None):
+        # Randomness of this step (LoRA dropout): a function of the saved key and the step, so resume is exact.
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         if accum == 1:  # no accumulation buffer: one gradient's worth of memory less
-            g_sum, (loss_sum, count) = grad_fn(state.params, batch, state.loss_scale)
+            g_sum, (loss_sum, count) = grad_fn(state.params, frozen, batch, state.loss_scale, key)
             micro_tokens = batch["labels"].size
         else:
             micro = split_micro_batches(batch, accum, micro_sharding)
-            g_sum, loss_sum, count = accumulate(state.params, micro, state.loss_scale)
+            g_sum, loss_sum, count = accumulate(state.params, frozen, micro, state.loss_scale, key)
             micro_tokens = micro["labels"][0].size
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g * (micro_tokens / (count * state.loss_scale)), g_sum)
@@ -138,8 +147,8 @@ def make_train_step(graphdef, tx, tcfg: TrainConfig, *, accum: int, dynamic_scal
 
 
 def make_eval_step(graphdef, tcfg: TrainConfig):
-    def eval_step(params, batch):
-        model = nnx.merge(graphdef, params)
+    def eval_step(params, batch, frozen=None):
+        model = nnx.merge(graphdef, params, *([] if frozen is None else [frozen]))
         s, n = lm_loss_sums(model, batch, chunk=tcfg.loss_chunk)
         return {"loss_sum": s, "tokens": n}
 

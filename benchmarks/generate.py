@@ -1,0 +1,196 @@
+"""Decode throughput of the generation engine against its memory-bandwidth roofline, and mamba_ssm's
+`generate(cg=True)` side by side when it can be imported.
+
+  python benchmarks/generate.py --model mamba2_130m,mamba2_2_7b,nemotronh_8b_13l --batch 1,32 \
+      [--prompt-len 128 --new-tokens 256] [--state-dtype float32,bfloat16] [--peer]
+      [--out benchmarks/results/generate_h100.json]
+
+Random weights (throughput does not depend on their values), bf16, greedy. Per (model, batch): time to first
+token (prefill of the prompt + first sampled token), decode tokens/s (from runs of 1 and N new tokens, so that
+prefill and overheads cancel), and the roofline: every decode step reads all weights once, so tokens/s ≤
+batch × bandwidth / weight bytes (the bandwidth is measured here with a device copy); at large batches the
+states count too (each step reads and writes every SSM state, reads the conv windows and the K / V cache), so
+a second roofline adds those bytes. `--state-dtype` picks the dtype the SSM states are kept in between steps
+(mamba_ssm keeps bf16). `nemotronh_8b_13l` is Nemotron-H 8B cut to its first 13 layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mamba_jax import config as mjc
+from mamba_jax.inference.engine import Engine, SamplingParams
+from mamba_jax.parallel import init_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = {
+    "mamba2_130m": ("mamba2_130m.py", None),
+    "mamba2_1_3b": ("mamba2_1_3b.py", None),
+    "mamba2_2_7b": ("mamba2_2_7b.py", None),
+    "nemotronh_8b_13l": ("nemotronh_8b.py", 13),
+}
+
+
+def bandwidth_bytes_per_s() -> float:
+    x = jnp.ones((1 << 28,), jnp.float32)  # 1 GiB
+    copy = jax.jit(lambda a: a + 1)
+    copy(x).block_until_ready()
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        copy(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * x.nbytes / statistics.median(times)  # read + write
+
+
+def model_for(name: str):
+    recipe, layers = MODELS[name]
+    cfg = mjc.model_config(mjc.load_config(os.path.join(ROOT, "experiments", recipe)))
+    if layers:
+        cfg = cfg.replace(pattern=cfg.pattern[:layers])
+    return init_model(cfg.replace(dtype="bfloat16", param_dtype="bfloat16"), seed=0)
+
+
+def cache_bytes_per_step(model, batch: int, prompt_len: int, new_tokens: int, state_dtype: str) -> int:
+    """Bytes of decoding cache one decode step touches: SSM states read + written, the rest read."""
+    ids = jnp.zeros((batch, prompt_len), jnp.int32)
+    _, cache = jax.eval_shape(lambda i: model.prefill(i, cache_len=prompt_len + new_tokens), ids)
+    total = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]:
+        if getattr(path[-1], "key", None) == "ssm":
+            total += 2 * leaf.size * jnp.dtype(state_dtype).itemsize
+        else:
+            total += leaf.size * leaf.dtype.itemsize
+    return total
+
+
+def time_generate(engine, prompts, new_tokens, reps=3):
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+    engine.generate(prompts, params)  # compile
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        engine.generate(prompts, params)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def peer_generate(name: str, batch: int, prompt_len: int, new_tokens: int) -> dict | None:
+    """mamba_ssm's MambaLMHeadModel.generate with CUDA graphs, when importable (pure Mamba2 sizes only)."""
+    sizes = {"mamba2_130m": (768, 24), "mamba2_1_3b": (2048, 48), "mamba2_2_7b": (2560, 64)}
+    if name not in sizes:
+        return None
+    try:
+        sys.path.insert(0, os.path.join(ROOT, ".peer"))
+        import torch
+        from mamba_ssm.models.config_mamba import MambaConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    except ImportError as e:
+        return {"skipped": str(e)}
+    d, n = sizes[name]
+    cfg = MambaConfig(d_model=d, n_layer=n, vocab_size=50277, ssm_cfg={"layer": "Mamba2"}, rms_norm=True,
+                      residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=16)  # fmt: skip
+    model = MambaLMHeadModel(cfg, device="cuda", dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 50277, (batch, prompt_len), device="cuda")
+
+    def run(tokens):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.generate(ids, max_length=prompt_len + tokens, cg=True, temperature=0.0, top_k=1)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    run(new_tokens)
+    t_full = statistics.median(run(new_tokens) for _ in range(3))
+    t_one = statistics.median(run(1) for _ in range(3))
+    return {"decode_tokens_per_s": batch * (new_tokens - 1) / (t_full - t_one), "ttft_s": t_one}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="mamba2_130m,mamba2_2_7b,nemotronh_8b_13l")
+    p.add_argument("--batch", default="1,32")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--state-dtype", default="float32,bfloat16")
+    p.add_argument("--peer", action="store_true")
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    bw = bandwidth_bytes_per_s()
+    rows = []
+    for name in args.model.split(","):
+        model = model_for(name)
+        weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+        for batch in [int(b) for b in args.batch.split(",")]:
+            peer = peer_generate(name, batch, args.prompt_len, args.new_tokens) if args.peer else None
+            for state_dtype in args.state_dtype.split(","):
+                engine = Engine(model, state_dtype=state_dtype)
+                rng = np.random.default_rng(0)
+                prompts = [rng.integers(1, model.cfg.vocab_size, args.prompt_len).tolist() for _ in range(batch)]
+                t_one = time_generate(engine, prompts, 1)
+                t_full = time_generate(engine, prompts, args.new_tokens)
+                # The difference of the two runs: prefill, launch and host overheads cancel.
+                decode = batch * (args.new_tokens - 1) / (t_full - t_one)
+                roofline = batch * bw / weight_bytes
+                cache = cache_bytes_per_step(model, batch, args.prompt_len, args.new_tokens, state_dtype)
+                roofline_all = batch * bw / (weight_bytes + cache)
+                row = {
+                    "model": name,
+                    "batch": batch,
+                    "state_dtype": state_dtype,
+                    "prompt_len": args.prompt_len,
+                    "new_tokens": args.new_tokens,
+                    "weight_gib": weight_bytes / 2**30,
+                    "cache_gib_per_step": cache / 2**30,
+                    "ttft_s": t_one,
+                    "decode_tokens_per_s": decode,
+                    "roofline_tokens_per_s": roofline,
+                    "fraction_of_roofline": decode / roofline,
+                    "roofline_with_state_tokens_per_s": roofline_all,
+                    "fraction_of_roofline_with_state": decode / roofline_all,
+                    "mamba_ssm": peer,
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print(f"\n{jax.devices()[0].device_kind}, measured bandwidth {bw / 1e12:.2f} TB/s")
+    print(
+        f"{'model':>18} {'batch':>5} {'state':>8} {'TTFT ms':>8} {'tok/s':>9} {'roofline':>9} {'frac':>5} "
+        f"{'+state':>9} {'frac':>5} {'mamba_ssm':>10}"
+    )
+    for r in rows:
+        peer = (r.get("mamba_ssm") or {}).get("decode_tokens_per_s")
+        print(
+            f"{r['model']:>18} {r['batch']:>5} {r['state_dtype']:>8} {1000 * r['ttft_s']:>8.1f} "
+            f"{r['decode_tokens_per_s']:>9,.0f} {r['roofline_tokens_per_s']:>9,.0f} {r['fraction_of_roofline']:>5.2f} "
+            f"{r['roofline_with_state_tokens_per_s']:>9,.0f} {r['fraction_of_roofline_with_state']:>5.2f} "
+            f"{f'{peer:,.0f}' if peer else '-':>10}"
+        )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(
+                {
+                    "command": " ".join(["python3", *sys.argv]),
+                    "device": jax.devices()[0].device_kind,
+                    "jax": jax.__version__,
+                    "git_revision": os.environ.get("GIT_REVISION", "unknown"),
+                    "bandwidth_bytes_per_s": bw,
+                    "rows": rows,
+                },
+                f,
+                indent=2,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
