@@ -88,6 +88,16 @@ def test_streaming_reports_every_token(hybrid):
     assert [int(t[0]) for t in seen] == out.tokens[0]
 
 
+def test_unstacked_layers_decode_like_the_scanned_ones(hybrid):
+    """The engine decodes with every layer's weights in their own buffers (`unstack_layers`)."""
+    prompts = _prompts([4, 13], hybrid.cfg.vocab_size, seed=5)
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    scanned = Engine(hybrid, unstack=False).generate(prompts, params)
+    unstacked = Engine(hybrid).generate(prompts, params)
+    assert unstacked.tokens == scanned.tokens
+    assert rel_err(np.array(unstacked.logprobs), np.array(scanned.logprobs)) <= 1e-5
+
+
 def test_bf16_state_tracks_the_float32_state(hybrid):
     """State held in bf16 between steps (mamba_ssm's cache dtype): the same tokens here, log-probs close."""
     prompts = _prompts([5, 10], hybrid.cfg.vocab_size, seed=6)

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from mamba_jax.inference.sampling import filter_logits
+from mamba_jax.models.stack import unstack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,13 +79,17 @@ def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 1):
 class Engine:
     """Compiled generation for one model; reuse it across calls (each new shape compiles once)."""
 
-    def __init__(self, model, *, dtype=None, state_dtype="float32", mesh=None):
+    def __init__(self, model, *, dtype=None, state_dtype="float32", mesh=None, unstack: bool = True):
         """`dtype`: cast the weight matrices (e.g. bf16 for serving a float32-trained model). `state_dtype`:
         the SSM state kept between decode steps; float32 (default) is exact, bfloat16 halves the bytes every
         step moves (what mamba_ssm keeps in a bf16 model; at batch 32 of Mamba2-2.7B the float32 states are
-        as many bytes as the weights) at some drift over long generations. The update itself is float32."""
+        as many bytes as the weights) at some drift over long generations. The update itself is float32.
+        `unstack`: decode with every layer's weights in their own buffers (see `unstack_layers`: several
+        times faster per token; costs a second copy of the layer weights while `model` is alive)."""
         if dtype is not None:
             model = nnx.merge(*_cast_state(nnx.split(model), dtype))
+        if unstack:
+            model = unstack_layers(model)
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
         self.mesh = mesh

@@ -133,9 +133,19 @@ class Segment(nnx.Module):
 
         self.layers = make(rngs)
 
+    @property
+    def unrolled(self) -> bool:
+        """True once `unstack_layers` gave every repetition its own Unit (a list rather than one stacked Unit)."""
+        return isinstance(self.layers, nnx.List)
+
     def __call__(self, h_BLD, seq_idx, positions, remat: str, remat_layers: str, key=None):
         if self.reps == 1:
             return self.layers(h_BLD, seq_idx, positions, remat, remat_layers, key)
+        if self.unrolled:
+            for r, unit in enumerate(self.layers):
+                k = None if key is None else jax.random.fold_in(key, r)
+                h_BLD = unit(h_BLD, seq_idx, positions, remat, remat_layers, k)
+            return h_BLD
 
         # A plain lax.scan over the stacked state (rather than nnx.scan), so that the model also works when
         # closed over by a user's jax.jit.
@@ -154,6 +164,12 @@ class Segment(nnx.Module):
         """Forward that also returns this segment's caches (stacked on a leading axis when scanned)."""
         if self.reps == 1:
             return self.layers.prefill(h_BLD, seq_idx, positions, cache_len)
+        if self.unrolled:
+            caches = []
+            for unit in self.layers:
+                h_BLD, cache = unit.prefill(h_BLD, seq_idx, positions, cache_len)
+                caches.append(cache)
+            return h_BLD, tuple(caches)
         graphdef, state = nnx.split(self.layers)
 
         def body(h, unit_state):
@@ -164,6 +180,12 @@ class Segment(nnx.Module):
     def decode(self, h_BD, caches, pos, start):
         if self.reps == 1:
             return self.layers.decode(h_BD, caches, pos, start)
+        if self.unrolled:
+            new = []
+            for unit, cache in zip(self.layers, caches, strict=True):
+                h_BD, cache = unit.decode(h_BD, cache, pos, start)
+                new.append(cache)
+            return h_BD, tuple(new)
         graphdef, state = nnx.split(self.layers)
 
         def body(h, xs):
@@ -171,6 +193,26 @@ class Segment(nnx.Module):
             return nnx.merge(graphdef, unit_state).decode(h, unit_caches, pos, start)
 
         return jax.lax.scan(body, h_BD, (state, caches))
+
+
+def unstack_layers(model):
+    """A view of `model` for decoding whose scanned segments hold one Unit per repetition.
+
+    A decode step is memory-bound: it reads every weight once. Under `scan` each layer's weights are a
+    dynamic slice of the stacked arrays, which XLA copies before the matmul (measured on an H100: 3.4 of
+    7.4 ms per Mamba2-2.7B token), and the stacked caches are rebuilt every step. Sliced once here, every
+    layer's weights are their own buffers and its cache is updated in place. The slices are new arrays (the
+    layers' weights exist twice while `model` is alive too); embeddings, norms and the head are shared.
+    """
+    model = nnx.clone(model)  # new module objects around the same arrays
+    for segment in model.layers.segments:
+        if segment.reps == 1 or segment.unrolled:
+            continue
+        graphdef, state = nnx.split(segment.layers)
+        segment.layers = nnx.List(
+            [nnx.merge(graphdef, jax.tree.map(lambda a, r=r: a[r], state)) for r in range(segment.reps)]
+        )
+    return model
 
 
 class LayerStack(nnx.Module):
