@@ -78,6 +78,7 @@ def _tokenizer_beside(directory: str) -> str | None:
 
 
 def run(args: argparse.Namespace) -> str:
+    from mamba_jax.inference.api import find_tokenizer_path
     from mamba_jax.interop import export_hf, from_pretrained, load_hf, save_native
     from mamba_jax.interop.hf_checkpoint import ensure_writable
     from mamba_jax.interop.native import ensure_no_checkpoints, find_checkpoint, workdir_of
@@ -104,7 +105,8 @@ def run(args: argparse.Namespace) -> str:
     out = export_hf(
         model,
         args.to_hf,
-        tokenizer=args.tokenizer or _tokenizer_beside(src),
+        # a work directory's tokenizer: copied beside it by --from-hf, else its training corpus's
+        tokenizer=args.tokenizer or _tokenizer_beside(src) or find_tokenizer_path(args.from_ckpt),
         flavor=None if args.flavor == "auto" else args.flavor,
         dtype=args.dtype,
         max_shard_size=args.max_shard_size,

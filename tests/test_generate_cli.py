@@ -74,3 +74,24 @@ def test_api_text_tokens_stop_strings(workdir):
         assert cut.finish_reason == "stop" and stop not in cut.text and res[0].text.startswith(cut.text)
     with pytest.raises(ValueError, match="need a tokenizer"):
         generate(model, "alpha")
+
+
+def test_tokenizer_of_a_workdir_with_a_relative_corpus(workdir, tmp_path, monkeypatch):
+    """A run started with a relative corpus path (as the quickstart's) is found from any directory, and an
+    export carries the tokenizer along."""
+    from mamba_jax.convert import main as convert
+    from mamba_jax.inference.api import find_tokenizer_path
+
+    cfg_path = os.path.join(workdir, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    parent = os.path.dirname(workdir)
+    rel = os.path.relpath(os.path.join(workdir, "corpus"), parent)  # relative to where training ran
+    cfg["corpus"]["output"] = rel
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    monkeypatch.chdir(tmp_path)  # somewhere else
+    assert find_tokenizer_path(workdir) == os.path.join(parent, rel, "tokenizer.model")
+    assert convert(["--from", workdir, "--to-hf", str(tmp_path / "hf")]) == 0
+    assert os.path.isfile(tmp_path / "hf" / "tokenizer.model")
+    assert find_tokenizer_path(str(tmp_path / "hf")) == str(tmp_path / "hf" / "tokenizer.model")

@@ -30,13 +30,15 @@ class Completion:
     text: str | None = None
 
 
-def find_tokenizer(path: str):
-    """The tokenizer that belongs to a model path: files in it (Hugging Face directory), else the corpus a
-    mamba_jax training work directory was trained on. None when there is none."""
-    from mamba_jax.data import DataError, load_tokenizer
+def find_tokenizer_path(path: str) -> str | None:
+    """The tokenizer file that belongs to a model path: one in it (Hugging Face directory), else the one of the
+    corpus a mamba_jax training work directory (or one of its checkpoints) was trained on. None when there is
+    none."""
+    from mamba_jax.data import DataError
+    from mamba_jax.data.tokenizer import resolve_tokenizer_path
 
     try:
-        return load_tokenizer(path)
+        return resolve_tokenizer_path(path)
     except DataError:
         pass
     workdir = path
@@ -51,18 +53,38 @@ def find_tokenizer(path: str):
         c = json.load(f)
     candidates = [c.get("corpus", {}).get("output") or os.path.join(workdir, "corpus")]
     candidates += list(c.get("data", {}).get("paths", []))
+    if c.get("data", {}).get("tokenizer"):
+        candidates.insert(0, c["data"]["tokenizer"])
+    # Relative paths are the training command's: try them from here, then from the work directory's parents.
+    roots, parent = [""], os.path.abspath(workdir)
+    for _ in range(3):
+        parent = os.path.dirname(parent)
+        roots.append(parent)
+    candidates = [os.path.join(r, c) for c in candidates if c for r in ([""] if os.path.isabs(c) else roots)]
     for corpus in candidates:
-        if corpus and os.path.exists(os.path.join(corpus, "tokenizer.model")):
-            return load_tokenizer(os.path.join(corpus, "tokenizer.model"))
+        try:
+            file = resolve_tokenizer_path(corpus)
+            if os.path.basename(file) == "tokenizer.json" or file.endswith(".model"):
+                return file
+        except DataError:
+            pass
         try:
             from mamba_jax.data import TokenShards
 
             tok = TokenShards(corpus).tokenizer_path
             if tok:
-                return load_tokenizer(tok)
+                return tok
         except (DataError, OSError, ValueError):
             continue
     return None
+
+
+def find_tokenizer(path: str):
+    """The loaded tokenizer of `find_tokenizer_path(path)`, or None."""
+    from mamba_jax.data import load_tokenizer
+
+    file = find_tokenizer_path(path)
+    return load_tokenizer(file) if file else None
 
 
 def generate(
