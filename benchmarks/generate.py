@@ -27,6 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_util import bandwidth_bytes_per_s, write_result
 from flax import nnx
 
 from mamba_jax import config as mjc
@@ -40,22 +41,6 @@ MODELS = {
     "mamba2_2_7b": ("mamba2_2_7b.py", None),
     "nemotronh_8b_13l": ("nemotronh_8b.py", 13),
 }
-
-
-def bandwidth_bytes_per_s() -> tuple[float, float]:
-    """(copy, read) bandwidth over 1 GiB: a + 1 (read + write) and a sum (read only, as a GEMV streams its
-    weights). The roofline uses the faster: the rate a decode step can reach."""
-    x = jnp.ones((1 << 28,), jnp.float32)
-    rates = []
-    for fn, passes in ((jax.jit(lambda a: a + 1), 2), (jax.jit(lambda a: a.sum()), 1)):
-        fn(x).block_until_ready()
-        times = []
-        for _ in range(10):
-            t = time.perf_counter()
-            fn(x).block_until_ready()
-            times.append(time.perf_counter() - t)
-        rates.append(passes * x.nbytes / statistics.median(times))
-    return rates[0], rates[1]
 
 
 def weight_bytes_per_step(model) -> int:
@@ -87,17 +72,18 @@ def cache_bytes_per_step(model, batch: int, prompt_len: int, new_tokens: int, st
     return total
 
 
-def time_generate(engine, prompts, new_tokens, reps=3):
+def time_generate(engine, prompts, new_tokens, reps=3) -> tuple[float, float]:
+    """(median seconds of a generation, seconds of the first call, which compiles)."""
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
     t = time.perf_counter()
-    engine.generate(prompts, params)  # compile
-    time_generate.first_call_s = time.perf_counter() - t
+    engine.generate(prompts, params)
+    first = time.perf_counter() - t
     times = []
     for _ in range(reps):
         t = time.perf_counter()
         engine.generate(prompts, params)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(times), first
 
 
 def peer_generate(name: str, batch: int, prompt_len: int, new_tokens: int) -> dict | None:
@@ -142,7 +128,7 @@ def main() -> int:
     p.add_argument("--out", default="")
     args = p.parse_args()
     bw_copy, bw_read = bandwidth_bytes_per_s()
-    bw = max(bw_copy, bw_read)
+    bw = max(bw_copy, bw_read)  # the rate a decode step can reach
     rows = []
     for name in args.model.split(","):
         model = model_for(name)
@@ -153,9 +139,9 @@ def main() -> int:
                 engine = Engine(model, state_dtype=state_dtype)
                 rng = np.random.default_rng(0)
                 prompts = [rng.integers(1, model.cfg.vocab_size, args.prompt_len).tolist() for _ in range(batch)]
-                t_one = time_generate(engine, prompts, 1)
-                t_full = time_generate(engine, prompts, args.new_tokens)
-                compile_s = time_generate.first_call_s - t_full
+                t_one, _ = time_generate(engine, prompts, 1)
+                t_full, first_full = time_generate(engine, prompts, args.new_tokens)
+                compile_s = first_full - t_full
                 # The difference of the two runs: prefill, launch and host overheads cancel.
                 decode = batch * (args.new_tokens - 1) / (t_full - t_one)
                 roofline = batch * bw / weight_bytes
@@ -195,22 +181,15 @@ def main() -> int:
             f"{r['roofline_with_state_tokens_per_s']:>9,.0f} {r['fraction_of_roofline_with_state']:>5.2f} "
             f"{f'{peer:,.0f}' if peer else '-':>10}"
         )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(
-                {
-                    "command": " ".join(["python3", *sys.argv]),
-                    "device": jax.devices()[0].device_kind,
-                    "jax": jax.__version__,
-                    "git_revision": os.environ.get("GIT_REVISION", "unknown"),
-                    "bandwidth_bytes_per_s": bw,
-                    "copy_bandwidth_bytes_per_s": bw_copy,
-                    "read_bandwidth_bytes_per_s": bw_read,
-                    "rows": rows,
-                },
-                f,
-                indent=2,
-            )
+    write_result(
+        args.out,
+        {
+            "bandwidth_bytes_per_s": bw,
+            "copy_bandwidth_bytes_per_s": bw_copy,
+            "read_bandwidth_bytes_per_s": bw_read,
+            "rows": rows,
+        },
+    )
     return 0
 
 

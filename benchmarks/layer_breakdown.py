@@ -12,30 +12,16 @@ floor of the matmuls at the measured bf16 rate.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
+from bench_util import timed, write_result
 from flax import nnx
 
 import mamba_jax
 from mamba_jax import config as mjc
 from mamba_jax.layers.mamba2 import Mamba2Mixer
-
-
-def timed(fn, *args, reps=20):
-    out = fn(*args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -89,22 +75,10 @@ def main() -> int:
     print(f"\n{args.recipe}: one Mamba2 layer, batch {b} × {l} tokens, {jax.devices()[0].device_kind}")
     for k, v in rows.items():
         print(f"  {k:42s} {1000 * v:8.3f} ms")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(
-                {
-                    "command": " ".join(["python3", *sys.argv]),
-                    "device": jax.devices()[0].device_kind,
-                    "jax": jax.__version__,
-                    "git_revision": os.environ.get("GIT_REVISION", "unknown"),
-                    "batch": b,
-                    "seq_len": l,
-                    "bf16_matmul_tflops": rate / 1e12,
-                    "ms": {k: 1000 * v for k, v in rows.items()},
-                },
-                f,
-                indent=2,
-            )
+    write_result(
+        args.out,
+        {"batch": b, "seq_len": l, "bf16_matmul_tflops": rate / 1e12, "ms": {k: 1000 * v for k, v in rows.items()}},
+    )
     return 0
 
 

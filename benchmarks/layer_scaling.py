@@ -17,22 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
+
+from bench_util import provenance, timed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def timed(fn, *args, reps):
-    jax = sys.modules["jax"]
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def measure(lengths, batch, impl):
@@ -118,14 +107,7 @@ def main() -> int:
         print(
             f"{n:>8} {m or float('nan'):>10.2f} {a or float('nan'):>13.2f} {speedup.get(str(n), float('nan')):>14.1f}"
         )
-    result = {
-        "command": " ".join(["python3", *sys.argv]),
-        "device": jax.devices()[0].device_kind,
-        "jax": jax.__version__,
-        "git_revision": os.environ.get("GIT_REVISION", "unknown"),
-        "rows": rows,
-        "speedup_at": speedup,
-    }
+    result = {**provenance(), "rows": rows, "speedup_at": speedup}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

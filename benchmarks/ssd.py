@@ -23,13 +23,13 @@ import os
 import pathlib
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_util import git_revision
 
 import mamba_jax
 from mamba_jax.kernels import ssd_scan
@@ -155,17 +155,6 @@ def mamba_ssm_runner(torch, scan, inp, chunk):
         return statistics.median(samples), samples
 
     return fwd, fwd_bwd, timed
-
-
-def git_revision():
-    if os.environ.get("GIT_REVISION"):  # the device machine's copy of the tree may carry no usable git
-        return os.environ["GIT_REVISION"]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return rev + ("+uncommitted changes" if dirty.strip() else "")
-    except OSError:
-        return "unknown"
 
 
 def kernel_breakdown(inp, reps):

@@ -14,12 +14,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import jax
 import numpy as np
+from bench_util import git_revision
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -30,16 +30,6 @@ from mamba_jax.train.config import OptimConfig, TrainConfig
 from mamba_jax.train.metrics import peak_flops, peak_memory_bytes
 from mamba_jax.train.optim import make_optimizer, schedule
 from mamba_jax.train.state import init_state, make_train_step
-
-
-def git_revision() -> str:
-    if os.environ.get("GIT_REVISION"):  # the device machine's copy of the tree has no .git
-        return os.environ["GIT_REVISION"]
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.check_output(["git", "-C", root, "rev-parse", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def run_variant(c, *, batch: int, micro: int | None, remat: str, steps: int, seq_len: int, profile: str | None):
