@@ -41,17 +41,21 @@ def find_tokenizer_path(path: str) -> str | None:
         return resolve_tokenizer_path(path)
     except DataError:
         pass
-    workdir = path
-    for _ in range(3):  # a step directory sits in <workdir>/checkpoints/<step>
-        config = os.path.join(workdir, "config.json")
-        if os.path.exists(config) and os.path.isdir(os.path.join(workdir, "checkpoints")):
-            break
-        workdir = os.path.dirname(os.path.abspath(workdir))
-    else:
+    from mamba_jax.interop.errors import ConversionError
+    from mamba_jax.interop.native import find_checkpoint
+
+    try:
+        found = find_checkpoint(path)  # a work directory, its checkpoints folder or one step
+    except ConversionError:
+        found = None
+    workdir = os.path.dirname(found[0]) if found else None
+    config = os.path.join(workdir, "config.json") if workdir else ""
+    if not os.path.isfile(config):
         return None
     with open(config) as f:
         c = json.load(f)
-    candidates = [c.get("corpus", {}).get("output") or os.path.join(workdir, "corpus")]
+    # Files beside the work directory's config (a converted checkpoint keeps them there), then its corpus.
+    candidates = [workdir, c.get("corpus", {}).get("output") or os.path.join(workdir, "corpus")]
     candidates += list(c.get("data", {}).get("paths", []))
     if c.get("data", {}).get("tokenizer"):
         candidates.insert(0, c["data"]["tokenizer"])
