@@ -96,14 +96,19 @@ def mamba_rules(cfg: ModelConfig) -> list[Rule]:
         Rule(("mixer", "A_log"), "mixer.A_log", (h,), _identity, _identity),
         Rule(("mixer", "D"), "mixer.D", (h,), _identity, _identity),
         Rule(("mixer", "norm"), "mixer.norm.weight", (h * p,), lambda w: w.reshape(h, p), lambda w: w.reshape(-1)),
-        Rule(
-            ("mixer", "out_proj"),
-            "mixer.out_proj.weight",
-            (d, h * p),
-            lambda w: w.T.reshape(h, p, d),
-            lambda w_HPD: w_HPD.reshape(h * p, d).T,
-        ),
+        _heads_to_model("out_proj", h, p, d),
     ]
+
+
+def _heads_to_model(name: str, heads: int, dim: int, d: int) -> Rule:
+    """An output projection: ours (heads, dim, D), Hugging Face's nn.Linear weight (D, heads · dim)."""
+    return Rule(
+        ("mixer", name),
+        f"mixer.{name}.weight",
+        (d, heads * dim),
+        lambda w: w.T.reshape(heads, dim, d),
+        lambda w_HED: w_HED.reshape(heads * dim, d).T,
+    )
 
 
 def attention_rules(cfg: ModelConfig) -> list[Rule]:
@@ -122,13 +127,7 @@ def attention_rules(cfg: ModelConfig) -> list[Rule]:
         proj("q_proj", q),
         proj("k_proj", j),
         proj("v_proj", j),
-        Rule(
-            ("mixer", "o_proj"),
-            "mixer.o_proj.weight",
-            (d, q * e),
-            lambda w: w.T.reshape(q, e, d),
-            lambda w_QED: w_QED.reshape(q * e, d).T,
-        ),
+        _heads_to_model("o_proj", q, e, d),
     ]
 
 
