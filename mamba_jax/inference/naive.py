@@ -1,5 +1,5 @@
-"""Generation by re-running the full forward pass at every step: simple and obviously correct, used for
-the training quickstart's sample and as the reference the compiled decoding engine is tested against.
+"""Generation by re-running the full forward pass at every step: simple and obviously correct, the reference
+the compiled decoding engine is tested against.
 
 Cost grows with the square of the length; use the engine for real serving.
 """

@@ -245,24 +245,23 @@ def _evaluate_generation(graphdef, params, frozen, data_cfg, tcfg: TrainConfig, 
 
 def _sample(graphdef, state: TrainState, frozen, data_cfg, tcfg: TrainConfig) -> str:
     from mamba_jax.data import load_tokenizer
-    from mamba_jax.inference.naive import naive_generate
+    from mamba_jax.inference.api import generate
     from mamba_jax.train.data import tokenizer_path
 
     path = tokenizer_path(data_cfg)
     if path is None:
         return ""
-    tok = load_tokenizer(path)
     model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(frozen))
-    ids = naive_generate(
+    out = generate(
         model,
-        tok.encode(tcfg.sample_prompt),
-        tcfg.sample_tokens,
+        tcfg.sample_prompt,
+        tokenizer=load_tokenizer(path),
+        max_new_tokens=tcfg.sample_tokens,
         temperature=tcfg.sample_temperature,
         top_k=tcfg.sample_top_k,
         seed=tcfg.seed,
-        eos_id=tok.eos_id,
-    )
-    text = tcfg.sample_prompt + tok.decode(ids)
+    )[0]
+    text = tcfg.sample_prompt + out.text
     how = (
         "greedy"
         if tcfg.sample_temperature == 0
