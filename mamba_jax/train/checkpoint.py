@@ -26,10 +26,19 @@ class CheckpointMismatch(RuntimeError):
     """The work directory holds checkpoints of a different model."""
 
 
+def same_config_value(a, b) -> bool:
+    """Equal as config values, whether or not they went through JSON (which turns tuples into lists)."""
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    return norm(a) == norm(b)
+
+
 def _model_diff(saved: dict, current: dict) -> list[str]:
     keys = sorted(set(saved) | set(current))
-    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (JSON turns tuples into lists)
-    return [f"{k}: {saved.get(k)!r} → {current.get(k)!r}" for k in keys if norm(saved.get(k)) != norm(current.get(k))]
+    return [
+        f"{k}: {saved.get(k)!r} → {current.get(k)!r}"
+        for k in keys
+        if not same_config_value(saved.get(k), current.get(k))
+    ]
 
 
 # Fields that change the computation but not the weights: a run may resume with other values.

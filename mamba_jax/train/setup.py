@@ -17,7 +17,7 @@ from flax import nnx
 from mamba_jax.models.config import ConfigError, ModelConfig
 from mamba_jax.models.peft import PeftConfig, apply_peft
 from mamba_jax.parallel.sharding import init_model, state_shardings
-from mamba_jax.train.checkpoint import RUNTIME_FIELDS
+from mamba_jax.train.checkpoint import RUNTIME_FIELDS, same_config_value
 
 # The fields that decide which weights exist and their shapes: these must agree with the loaded weights.
 SHAPE_FIELDS = (
@@ -51,7 +51,7 @@ def load_pretrained_into(model, path: str, *, mesh, rules) -> None:
     diff = [
         f"{k}: {getattr(theirs, k)!r} (weights) vs {getattr(mine, k)!r} (recipe)"
         for k in SHAPE_FIELDS
-        if _norm(getattr(mine, k)) != _norm(getattr(theirs, k))
+        if not same_config_value(getattr(mine, k), getattr(theirs, k))
     ]
     if diff:
         raise ConfigError(
@@ -64,7 +64,7 @@ def load_pretrained_into(model, path: str, *, mesh, rules) -> None:
         for k in mine.to_dict()
         if k not in SHAPE_FIELDS
         and k not in RUNTIME_FIELDS
-        and _norm(getattr(mine, k)) != _norm(getattr(theirs, k))
+        and not same_config_value(getattr(mine, k), getattr(theirs, k))
         and k not in INIT_ONLY_FIELDS
     ]
     if others and jax.process_index() == 0:
@@ -74,10 +74,6 @@ def load_pretrained_into(model, path: str, *, mesh, rules) -> None:
             flush=True,
         )
     nnx.update(model, nnx.state(source))
-
-
-def _norm(v):
-    return list(v) if isinstance(v, tuple) else v
 
 
 def build(model_cfg: ModelConfig, peft: PeftConfig, *, init_from: str, seed: int, mesh, rules) -> TrainModel:
