@@ -7,6 +7,7 @@ The scripts run as `python benchmarks/<name>.py`, so this directory is on the pa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -51,12 +52,24 @@ def git_revision() -> str:
         return "unknown"
 
 
+def versions() -> dict:
+    """Versions of what a result depends on: jax, jaxlib, flax, and torch / triton when the peer is importable."""
+    from importlib import metadata
+
+    out = {}
+    for name in ("jax", "jaxlib", "flax", "torch", "triton"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
 def provenance() -> dict:
     """The fields every result JSON starts with."""
     return {
         "command": " ".join(["python3", *sys.argv]),
         "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,
+        "versions": versions(),
         "git_revision": git_revision(),
     }
 
