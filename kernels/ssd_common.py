@@ -38,6 +38,15 @@ VEC_CS, VEC_DT, VEC_AIN, VEC_AW, VEC_CARRY, VEC_SID, VEC_D = range(7)
 NDV = 6
 DV_DA, DV_DT, DV_AIN, DV_AW, DV_CARRY, DV_D = range(NDV)
 
+# Mosaic GPU's on-device profiler: `benchmarks/ssd_profile.py` sets {"profile_space": …, "profile_dir": …}
+# (and clears the builders' caches); the kernels mark their stages with `jax.named_scope`, free otherwise.
+PROFILE: dict = {}
+
+
+def compiler_params():
+    return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane, **PROFILE)
+
+
 SMEM_BUDGET = 220 * 1024  # H100 allows 227 KiB per block; leave room for barriers and reduction scratch
 
 ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a WGMMA tile

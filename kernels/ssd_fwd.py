@@ -50,6 +50,7 @@ from mamba_jax.kernels.ssd_common import (
     bcast_cols,
     bcast_rows,
     block_decay,
+    compiler_params,
     sigmoid,
     smem_tile,
     wgmma_result,
@@ -150,52 +151,58 @@ def build_fwd(*, b, l, h, p, g, n, dtype, has_z, has_init, has_seq, save_states,
 
             def step(blk, S):
                 slot = lax.rem(blk, jnp.asarray(slots, blk.dtype))
-                for kind in range(2 + n_in):
-                    plgpu.barrier_wait(bar(slot, kind, wg) if kind >= 2 else bar(slot, kind))
+                with jax.named_scope("fwd.wait_in"):
+                    for kind in range(2 + n_in):
+                        plgpu.barrier_wait(bar(slot, kind, wg) if kind >= 2 else bar(slot, kind))
                 Bs, Cs, xs, vs = B_s.at[slot], C_s.at[slot], x_s.at[slot, wg], v_s.at[slot, wg]
                 rows = pl.ds(blk * T, T)
                 if save_states:  # the state entering this block, for the backward kernels
                     plgpu.copy_smem_to_gmem(Sb, st_ref.at[bi, blk, hd, cols])
 
-                cs_q = plgpu.load(vs.at[VEC_CS], layout=ROW)
-                cs_s = plgpu.load(vs.at[VEC_CS], layout=COL)
-                dt_s = plgpu.load(vs.at[VEC_DT], layout=COL)
-                ain_q = plgpu.load(vs.at[VEC_AIN], layout=ROW)
-                aw_q = plgpu.load(vs.at[VEC_AW], layout=ROW)
-                sid = (plgpu.load(vs.at[VEC_SID], layout=ROW), plgpu.load(vs.at[VEC_SID], layout=COL))
-                sid = sid if has_seq else (None, None)
+                with jax.named_scope("fwd.cb_off"):
+                    cs_q = plgpu.load(vs.at[VEC_CS], layout=ROW)
+                    cs_s = plgpu.load(vs.at[VEC_CS], layout=COL)
+                    dt_s = plgpu.load(vs.at[VEC_DT], layout=COL)
+                    ain_q = plgpu.load(vs.at[VEC_AIN], layout=ROW)
+                    aw_q = plgpu.load(vs.at[VEC_AW], layout=ROW)
+                    sid = (plgpu.load(vs.at[VEC_SID], layout=ROW), plgpu.load(vs.at[VEC_SID], layout=COL))
+                    sid = sid if has_seq else (None, None)
 
-                def cb_and_off(acc_cb, acc_off):
-                    plgpu.wgmma(acc_cb, Cs, Bs.transpose((1, 0)))
-                    plgpu.wgmma(acc_off, Cs, Sb.transpose((1, 0)))
+                    def cb_and_off(acc_cb, acc_off):
+                        plgpu.wgmma(acc_cb, Cs, Bs.transpose((1, 0)))
+                        plgpu.wgmma(acc_off, Cs, Sb.transpose((1, 0)))
 
-                cb_QS, off_QP = wgmma_result([(T, T), (T, PT)], cb_and_off)
-                ps[...] = (cb_QS * block_decay(cs_q, cs_s, *sid) * bcast_cols(dt_s, (T, T))).astype(dtype)
-                plgpu.commit_smem()
-                y_QP = wgmma_result([(T, PT)], lambda acc: plgpu.wgmma(acc, ps, xs))
-                x_QP = plgpu.load(xs, layout=WGMMA).astype(f32)
-                y_QP = y_QP + bcast_rows(ain_q, (T, PT)) * off_QP + vs[VEC_D, 0] * x_QP
-                if has_z:
-                    z_QP = plgpu.load(z_s.at[slot, wg], layout=WGMMA).astype(f32)
-                    y_QP = y_QP * z_QP * sigmoid(z_QP)
-                # The previous block's y store must have read y_s (the state store, if any, came after it).
-                plgpu.wait_smem_to_gmem(1 if save_states else 0, wait_read_only=True)
-                ys[...] = y_QP.astype(dtype)
-                xws[...] = (x_QP * bcast_rows(aw_q, (T, PT))).astype(dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(ys, y_ref.at[bi, rows, hd, cols])
-                if save_states:  # the state store issued at the top of this block must have read Sb
-                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                carry = vs[VEC_CARRY, 0]
-                S_new = []
-                for S_k, sl in zip(S, n_slices, strict=True):
-                    upd = wgmma_result(
-                        [(PT, NS)], lambda acc, sl=sl: plgpu.wgmma(acc, xws.transpose((1, 0)), Bs.at[:, sl])
-                    )
-                    S_k = carry * S_k + upd
-                    Sb.at[:, sl][...] = S_k.astype(dtype)
-                    S_new.append(S_k)
-                plgpu.commit_smem()
+                    cb_QS, off_QP = wgmma_result([(T, T), (T, PT)], cb_and_off)
+                with jax.named_scope("fwd.scores"):
+                    ps[...] = (cb_QS * block_decay(cs_q, cs_s, *sid) * bcast_cols(dt_s, (T, T))).astype(dtype)
+                    plgpu.commit_smem()
+                with jax.named_scope("fwd.y"):
+                    y_QP = wgmma_result([(T, PT)], lambda acc: plgpu.wgmma(acc, ps, xs))
+                with jax.named_scope("fwd.epilogue"):
+                    x_QP = plgpu.load(xs, layout=WGMMA).astype(f32)
+                    y_QP = y_QP + bcast_rows(ain_q, (T, PT)) * off_QP + vs[VEC_D, 0] * x_QP
+                    if has_z:
+                        z_QP = plgpu.load(z_s.at[slot, wg], layout=WGMMA).astype(f32)
+                        y_QP = y_QP * z_QP * sigmoid(z_QP)
+                    # The previous block's y store must have read y_s (the state store, if any, came after it).
+                    plgpu.wait_smem_to_gmem(1 if save_states else 0, wait_read_only=True)
+                    ys[...] = y_QP.astype(dtype)
+                    xws[...] = (x_QP * bcast_rows(aw_q, (T, PT))).astype(dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(ys, y_ref.at[bi, rows, hd, cols])
+                    if save_states:  # the state store issued at the top of this block must have read Sb
+                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                with jax.named_scope("fwd.state"):
+                    carry = vs[VEC_CARRY, 0]
+                    S_new = []
+                    for S_k, sl in zip(S, n_slices, strict=True):
+                        upd = wgmma_result(
+                            [(PT, NS)], lambda acc, sl=sl: plgpu.wgmma(acc, xws.transpose((1, 0)), Bs.at[:, sl])
+                        )
+                        S_k = carry * S_k + upd
+                        Sb.at[:, sl][...] = S_k.astype(dtype)
+                        S_new.append(S_k)
+                    plgpu.commit_smem()
                 plgpu.barrier_arrive(consumed.at[slot])
                 S = tuple(S_new)
                 return S
@@ -233,6 +240,6 @@ def build_fwd(*, b, l, h, p, g, n, dtype, has_z, has_init, has_seq, save_states,
         num_threads=heads + 1,
         thread_name="wg",
         scratch_types=scratch,
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        compiler_params=compiler_params(),
         interpret=interpret,
     )
