@@ -57,12 +57,11 @@ from mamba_jax.kernels.ssd_common import (
     bcast_cols,
     bcast_rows,
     block_decay,
+    compiler_params,
     sigmoid,
     smem_tile,
     wgmma_result,
 )
-
-_LANE = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
 
 
 def _slots(per_slot, fixed):
@@ -111,7 +110,7 @@ def build_bwd_heads(*, b, l, h, p, g, n, dtype, has_z, has_seq, interpret):
         dx_ref = refs.pop(0)
         dz_ref = refs.pop(0) if has_z else None
         dv_ref, dst_ref, ds0_ref = refs.pop(0), refs.pop(0), refs.pop(0)
-        (B_s, C_s, x_s, dyo_s, z_s, v_s, Sp_s, dSb, p_s, ut_s, dy_s, ady_s, dx_s, dz_s, dv_s, bars, consumed) = refs
+        (B_s, C_s, x_s, dyo_s, z_s, v_s, Sp_s, dSb, p_s, ge_s, dy_s, ady_s, dx_s, dz_s, dv_s, bars, consumed) = refs
 
         hd, pt, bi = lax.axis_index("h"), lax.axis_index("pt"), lax.axis_index("b")
         wg = lax.axis_index("wg")
@@ -150,26 +149,28 @@ def build_bwd_heads(*, b, l, h, p, g, n, dtype, has_z, has_seq, interpret):
         def _compute():
             plgpu.set_max_registers(240, action="increase")
             dS = plgpu.load(dfin_ref.at[bi, hd, cols], layout=WGMMA, optimized=False)
-            s_TT = plgpu.broadcasted_iota(jnp.int32, (T, T), 0, layout=WGMMA)
-            t_TT = plgpu.broadcasted_iota(jnp.int32, (T, T), 1, layout=WGMMA)
-            ut_s[...] = jnp.where(s_TT < t_TT, 1.0, 0.0).astype(dtype)  # [s < t]
+            t_TQ = plgpu.broadcasted_iota(jnp.int32, (T, T), 0, layout=WGMMA)
+            q_TQ = plgpu.broadcasted_iota(jnp.int32, (T, T), 1, layout=WGMMA)
+            ge_s[...] = jnp.where(q_TQ >= t_TQ, 1.0, 0.0).astype(dtype)  # [q ≥ t]
             plgpu.commit_smem()
 
             def step(i, dS):
                 blk = nblk - 1 - i
                 slot = lax.rem(i, jnp.asarray(slots, i.dtype))
-                for k in range(n_in):
-                    plgpu.barrier_wait(bars.at[slot * n_in + k])
+                with jax.named_scope("bh.wait_in"):
+                    for k in range(n_in):
+                        plgpu.barrier_wait(bars.at[slot * n_in + k])
                 Bs, Cs, xs, dyos, vs, Sps = (r.at[slot] for r in (B_s, C_s, x_s, dyo_s, v_s, Sp_s))
                 rows = pl.ds(blk * T, T)
 
-                # The previous block's output stores must have read their staging buffers.
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                # d carry = ⟨dS, S_in⟩ first, while little else is live (keeps the kernel out of spills).
-                dv_s.at[DV_CARRY][...] = (dS * plgpu.load(Sps, layout=WGMMA).astype(f32)).sum(axis=1)
-                dSb[...] = dS.astype(dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(dSb, dst_ref.at[bi, blk, hd, cols])
+                with jax.named_scope("bh.carry_dS"):
+                    # The previous block's output stores must have read their staging buffers.
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    # d carry = ⟨dS, S_in⟩ first, while little else is live (keeps the kernel out of spills).
+                    dv_s.at[DV_CARRY][...] = (dS * plgpu.load(Sps, layout=WGMMA).astype(f32)).sum(axis=1)
+                    dSb[...] = dS.astype(dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(dSb, dst_ref.at[bi, blk, hd, cols])
 
                 decay_QS, dt_S = _vectors(vs, has_seq)
                 ain_q = plgpu.load(vs.at[VEC_AIN], layout=ROW)
@@ -190,57 +191,72 @@ def build_bwd_heads(*, b, l, h, p, g, n, dtype, has_z, has_seq, interpret):
                     plgpu.wgmma(acc_cb, Cs, Bs.transpose((1, 0)))
                     plgpu.wgmma(acc_off, Cs, Sps.transpose((1, 0)))
 
-                cb_QS, off_QP = wgmma_result([(T, T), (T, PT)], cb_and_off)
-                cbL_QS = cb_QS * decay_QS
-                p_s[...] = (cbL_QS * bcast_cols(dt_S, (T, T))).astype(dtype)
-                plgpu.commit_smem()
-                x_QP = load_x()
-                dy_QP, gate, sg_QP = load_dy()
-                if has_z:  # recompute the gate's input y + D x
-                    y_QP = wgmma_result([(T, PT)], lambda acc: plgpu.wgmma(acc, p_s, xs))
-                    y_QP = y_QP + bcast_rows(ain_q, (T, PT)) * off_QP + D * x_QP
-                    dyo_QP, z_QP = gate
-                    dz_s[...] = (dyo_QP * y_QP * sg_QP * (1.0 + z_QP * (1.0 - sg_QP))).astype(dtype)
-                dv_s.at[DV_AIN][...] = (dy_QP * off_QP).sum(axis=1)
-                dv_s.at[DV_D][...] = (dy_QP * x_QP).sum(axis=1)
-                dy_s[...] = dy_QP.astype(dtype)
-                ady_s[...] = (dy_QP * bcast_rows(ain_q, (T, PT))).astype(dtype)
-                plgpu.commit_smem()
+                with jax.named_scope("bh.cb_off"):
+                    cb_QS, off_QP = wgmma_result([(T, T), (T, PT)], cb_and_off)
+                with jax.named_scope("bh.scores"):
+                    cbL_QS = cb_QS * decay_QS
+                    p_s[...] = (cbL_QS * bcast_cols(dt_S, (T, T))).astype(dtype)
+                    plgpu.commit_smem()
+                with jax.named_scope("bh.gate"):
+                    x_QP = load_x()
+                    dy_QP, gate, sg_QP = load_dy()
+                    if has_z:  # recompute the gate's input y + D x
+                        y_QP = wgmma_result([(T, PT)], lambda acc: plgpu.wgmma(acc, p_s, xs))
+                        y_QP = y_QP + bcast_rows(ain_q, (T, PT)) * off_QP + D * x_QP
+                        dyo_QP, z_QP = gate
+                        dz_s[...] = (dyo_QP * y_QP * sg_QP * (1.0 + z_QP * (1.0 - sg_QP))).astype(dtype)
+                    dv_s.at[DV_AIN][...] = (dy_QP * off_QP).sum(axis=1)
+                    dv_s.at[DV_D][...] = (dy_QP * x_QP).sum(axis=1)
+                    if has_z:  # without the gate the scan's dy is the output's, already in shared memory
+                        dy_s[...] = dy_QP.astype(dtype)
+                    ady_s[...] = (dy_QP * bcast_rows(ain_q, (T, PT))).astype(dtype)
+                    plgpu.commit_smem()
+
+                dy_op = dy_s if has_z else dyos
 
                 def g_and_dx(acc_g, acc_mt, acc_bds):
-                    plgpu.wgmma(acc_g, dy_s, xs.transpose((1, 0)))
-                    plgpu.wgmma(acc_mt, p_s.transpose((1, 0)), dy_s)
+                    plgpu.wgmma(acc_g, dy_op, xs.transpose((1, 0)))
+                    plgpu.wgmma(acc_mt, p_s.transpose((1, 0)), dy_op)
                     plgpu.wgmma(acc_bds, Bs, dSb.transpose((1, 0)))
 
-                G_QS, mtdy_SP, bds_SP = wgmma_result([(T, T), (T, PT), (T, PT)], g_and_dx)
-                GcbL_QS = G_QS * cbL_QS
-                dv_s.at[DV_DT][...] = GcbL_QS.sum(axis=0)
-                # d(dt·A)_t = Σ_{q ≥ t > s} (G ∘ M)[q, s]: prefix sums over s by a product with the strict
-                # upper-triangular ones (M has been read from p_s by now), then the rows q ≥ t.
-                p_s[...] = (GcbL_QS * bcast_cols(dt_S, (T, T))).astype(dtype)
-                plgpu.commit_smem()
+                with jax.named_scope("bh.g_mt_bds"):
+                    G_QS, mtdy_SP, bds_SP = wgmma_result([(T, T), (T, PT), (T, PT)], g_and_dx)
+                with jax.named_scope("bh.gm"):
+                    # Both sums over q below come from one product R = [q ≥ t]ᵀ (G ∘ CB ∘ decay) (M has been
+                    # read from p_s by now), so that they end as sums along rows, within a warp, instead of
+                    # column sums across the warpgroup's four warps.
+                    p_s[...] = (G_QS * cbL_QS).astype(dtype)
+                    plgpu.commit_smem()
 
-                def tail(acc_pre, acc_ds):
+                def tail(acc_r, acc_ds):
                     # Both products run while dx is formed.
-                    plgpu.wgmma(acc_pre, p_s, ut_s)
+                    plgpu.wgmma(acc_r, ge_s, p_s)
                     plgpu.wgmma(acc_ds, ady_s.transpose((1, 0)), Cs)
                     x_QP = load_x()
                     dy_QP = load_dy()[0]
                     aw_q = plgpu.load(vs.at[VEC_AW], layout=ROW)
                     dv_s.at[DV_AW][...] = (x_QP * bds_SP).sum(axis=1)
                     dx_s[...] = (mtdy_SP + bcast_rows(aw_q, (T, PT)) * bds_SP + D * dy_QP).astype(dtype)
-                    return acc_pre[...], acc_ds[...]
+                    return acc_r[...], acc_ds[...]
 
-                pre_QT, ds_PN = pl.run_scoped(tail, plgpu.ACC((T, T), f32), plgpu.ACC((PT, n), f32))
-                q_QT = plgpu.broadcasted_iota(jnp.int32, (T, T), 0, layout=WGMMA)
-                t_QT = plgpu.broadcasted_iota(jnp.int32, (T, T), 1, layout=WGMMA)
-                dv_s.at[DV_DA][...] = jnp.where(q_QT >= t_QT, pre_QT, 0.0).sum(axis=0)
-                dS = vs[VEC_CARRY, 0] * dS + ds_PN
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(dx_s, dx_ref.at[bi, rows, hd, cols])
-                if has_z:
-                    plgpu.copy_smem_to_gmem(dz_s, dz_ref.at[bi, rows, hd, cols])
-                plgpu.copy_smem_to_gmem(dv_s, dv_ref.at[bi, hd, pt, blk])
+                with jax.named_scope("bh.tail"):
+                    R_TS, ds_PN = pl.run_scoped(tail, plgpu.ACC((T, T), f32), plgpu.ACC((PT, n), f32))
+                with jax.named_scope("bh.da_update"):
+                    # R[t, s] = Σ_{q ≥ t} (G ∘ CB ∘ decay)[q, s]. Its diagonal is the whole column sum (the
+                    # decay is 0 for q < s): d dt_s. d(dt·A)_t = Σ_{q ≥ t > s} (G ∘ M)[q, s] = Σ_{s < t} R[t, s] dt_s,
+                    # summed pair by pair, not as row minus column sums, which cancel under strong decay.
+                    t_TS = plgpu.broadcasted_iota(jnp.int32, (T, T), 0, layout=WGMMA)
+                    s_TS = plgpu.broadcasted_iota(jnp.int32, (T, T), 1, layout=WGMMA)
+                    dt_S = plgpu.load(vs.at[VEC_DT], layout=COL)
+                    dv_s.at[DV_DT][...] = jnp.where(t_TS == s_TS, R_TS, 0.0).sum(axis=1)
+                    dv_s.at[DV_DA][...] = jnp.where(s_TS < t_TS, R_TS * bcast_cols(dt_S, (T, T)), 0.0).sum(axis=1)
+                    dS = vs[VEC_CARRY, 0] * dS + ds_PN
+                    plgpu.commit_smem()
+                with jax.named_scope("bh.stores"):
+                    plgpu.copy_smem_to_gmem(dx_s, dx_ref.at[bi, rows, hd, cols])
+                    if has_z:
+                        plgpu.copy_smem_to_gmem(dz_s, dz_ref.at[bi, rows, hd, cols])
+                    plgpu.copy_smem_to_gmem(dv_s, dv_ref.at[bi, hd, pt, blk])
                 plgpu.barrier_arrive(consumed.at[slot])
                 return dS
 
@@ -259,8 +275,8 @@ def build_bwd_heads(*, b, l, h, p, g, n, dtype, has_z, has_seq, interpret):
         smem_tile((slots, PT, n), dtype),  # state entering the block
         smem_tile((PT, n), dtype),  # dS leaving the block: wgmma operand and TMA source
         smem_tile((T, T), dtype),  # M, then G ∘ M
-        smem_tile((T, T), dtype),  # strict upper-triangular ones
-        smem_tile((T, PT), dtype),  # dy (of the scan, after the gate)
+        smem_tile((T, T), dtype),  # upper-triangular ones [q ≥ t]
+        smem_tile((T, PT), dtype),  # dy (of the scan, after the gate; unused without z)
         smem_tile((T, PT), dtype),  # ain · dy
         smem_tile((T, PT), dtype),  # dx staging
         smem_tile((T, PT), dtype) if has_z else None,  # dz staging
@@ -284,7 +300,7 @@ def build_bwd_heads(*, b, l, h, p, g, n, dtype, has_z, has_seq, interpret):
         num_threads=2,
         thread_name="wg",
         scratch_types=scratch,
-        compiler_params=_LANE,
+        compiler_params=compiler_params(),
         interpret=interpret,
     )
 
@@ -351,32 +367,36 @@ def build_bwd_groups(*, b, l, h, p, g, n, dtype, has_z, has_seq, interpret):
             def scope(acc):
                 def step(j, W_QS, with_w):
                     slot = lax.rem(j, jnp.asarray(slots, j.dtype))
-                    for k in waits:
-                        plgpu.barrier_wait(bars.at[slot * n_in + k])
+                    with jax.named_scope("bg.wait_in"):
+                        for k in waits:
+                            plgpu.barrier_wait(bars.at[slot * n_in + k])
                     xs, dyos, vs = x_s.at[slot], dyo_s.at[slot], v_s.at[slot]
                     dy_op = dyos
-                    if has_z and (with_w or c == 0):  # the scan's dy is the output's dy through the gate
-                        z_QP = plgpu.load(z_s.at[slot], layout=WGMMA).astype(f32)
-                        dy_QP = plgpu.load(dyos, layout=WGMMA).astype(f32) * z_QP * sigmoid(z_QP)
-                        if with_w:
-                            dys[...] = dy_QP.astype(dtype)
-                            dy_op = dys
-                    elif c == 0:
-                        dy_QP = plgpu.load(dyos, layout=WGMMA).astype(f32)
-                    if c == 0:
-                        a_QP = dy_QP * bcast_rows(plgpu.load(vs.at[VEC_AIN], layout=ROW), (T, PT))
-                    else:
-                        x_QP = plgpu.load(xs, layout=WGMMA).astype(f32)
-                        a_QP = x_QP * bcast_rows(plgpu.load(vs.at[VEC_AW], layout=ROW), (T, PT))
-                    # The previous step's state-term wgmma has finished with a_smem (waited below).
-                    a_smem[...] = a_QP.astype(dtype)
-                    plgpu.commit_smem()
-                    plgpu.wgmma(acc, a_smem, (Sp_s if c == 0 else dS_s).at[slot])
+                    with jax.named_scope("bg.state_term"):
+                        if has_z and (with_w or c == 0):  # the scan's dy is the output's dy through the gate
+                            z_QP = plgpu.load(z_s.at[slot], layout=WGMMA).astype(f32)
+                            dy_QP = plgpu.load(dyos, layout=WGMMA).astype(f32) * z_QP * sigmoid(z_QP)
+                            if with_w:
+                                dys[...] = dy_QP.astype(dtype)
+                                dy_op = dys
+                        elif c == 0:
+                            dy_QP = plgpu.load(dyos, layout=WGMMA).astype(f32)
+                        if c == 0:
+                            a_QP = dy_QP * bcast_rows(plgpu.load(vs.at[VEC_AIN], layout=ROW), (T, PT))
+                        else:
+                            x_QP = plgpu.load(xs, layout=WGMMA).astype(f32)
+                            a_QP = x_QP * bcast_rows(plgpu.load(vs.at[VEC_AW], layout=ROW), (T, PT))
+                        # The previous step's state-term wgmma has finished with a_smem (waited below).
+                        a_smem[...] = a_QP.astype(dtype)
+                        plgpu.commit_smem()
+                        plgpu.wgmma(acc, a_smem, (Sp_s if c == 0 else dS_s).at[slot])
                     if with_w:
-                        decay_QS, dt_S = _vectors(vs, has_seq)
-                        G_QS = wgmma_result([(T, T)], lambda acc_g: plgpu.wgmma(acc_g, dy_op, xs.transpose((1, 0))))
-                        W_QS = W_QS + G_QS * decay_QS * bcast_cols(dt_S, (T, T))
-                    plgpu.wgmma_wait(0)
+                        with jax.named_scope("bg.w"):
+                            decay_QS, dt_S = _vectors(vs, has_seq)
+                            G_QS = wgmma_result([(T, T)], lambda acc_g: plgpu.wgmma(acc_g, dy_op, xs.transpose((1, 0))))
+                            W_QS = W_QS + G_QS * decay_QS * bcast_cols(dt_S, (T, T))
+                    with jax.named_scope("bg.wgmma_wait"):
+                        plgpu.wgmma_wait(0)
                     plgpu.barrier_arrive(consumed.at[slot])
                     return W_QS
 
@@ -441,6 +461,6 @@ def build_bwd_groups(*, b, l, h, p, g, n, dtype, has_z, has_seq, interpret):
         num_threads=3,
         thread_name="wg",
         scratch_types=scratch,
-        compiler_params=_LANE,
+        compiler_params=compiler_params(),
         interpret=interpret,
     )
