@@ -4,12 +4,18 @@ headline figure (its Mamba2 layer is ≈ 18× faster than attention at 256K toke
   python benchmarks/layer_scaling.py [--lengths 2048,8192,32768,131072,262144] [--batch 1]
       [--out benchmarks/results/layer_scaling_h100.json]
   python benchmarks/layer_scaling.py --plot benchmarks/results/layer_scaling_h100.json   # PNG from a JSON
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python benchmarks/layer_scaling.py --lengths 262144 \
+      --update benchmarks/results/layer_scaling_h100.json   # re-measure some lengths of a result
 
 Both layers at d_model 4096 with the Mamba2-Hybrid-8B shapes (experiments/hybrid_8b.py): the Mamba2 mixer
 (in_proj, conv, SSD scan with our Pallas kernels, gated norm, out_proj; 128 heads of 64, 8 groups, state 128)
 and GQA attention (32 query / 8 key-value heads of 128, q/k/v/o projections, cuDNN flash attention, causal),
 each with its pre-norm and residual as in the model, bf16. Median of several runs after compile; a length
-that runs out of memory is recorded as such (the batch is shrunk by the caller, never silently).
+that runs out of memory is recorded as such (the batch is shrunk by the caller, never silently). At 256K
+tokens the Mamba2 layer's forward + backward needs 69 GiB (65 GiB of XLA temporaries: activations and
+gradients of the 18,560-wide in_proj output, the kernels' per-block states), more than JAX's default 75 %
+preallocation of an 80 GB GPU: run that length with XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 (recorded in the
+result).
 """
 
 from __future__ import annotations
@@ -86,6 +92,7 @@ def main() -> int:
     p.add_argument("--impl", default="pallas", help="SSD implementation of the Mamba2 layer")
     p.add_argument("--out", default="")
     p.add_argument("--plot", default="", help="only draw the PNG of an existing JSON result")
+    p.add_argument("--update", default="", help="replace the rows of --lengths in this JSON result (and its PNG)")
     args = p.parse_args()
     if args.plot:
         with open(args.plot) as f:
@@ -94,6 +101,18 @@ def main() -> int:
     import jax
 
     rows = measure([int(n) for n in args.lengths.split(",")], args.batch, args.impl)
+    mem_fraction = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    for r in rows:
+        r["mem_fraction"] = float(mem_fraction) if mem_fraction else 0.75
+    earlier = {}
+    if args.update:
+        with open(args.update) as f:
+            old = json.load(f)
+        new = {(r["layer"], r["seq_len"]) for r in rows}
+        rows = sorted([r for r in old["rows"] if (r["layer"], r["seq_len"]) not in new] + rows,
+                      key=lambda r: (r["layer"], r["seq_len"]))  # fmt: skip
+        earlier = {"earlier_runs": old.get("earlier_runs", []) + [{k: old.get(k) for k in ("command", "git_revision")}]}
+        args.out = args.update
     ms = {(r["layer"], r["seq_len"]): r.get("fwd_bwd_ms") for r in rows}
     speedup = {
         str(n): ms[("attention", n)] / ms[("mamba2", n)]
@@ -107,7 +126,7 @@ def main() -> int:
         print(
             f"{n:>8} {m or float('nan'):>10.2f} {a or float('nan'):>13.2f} {speedup.get(str(n), float('nan')):>14.1f}"
         )
-    result = {**provenance(), "rows": rows, "speedup_at": speedup}
+    result = {**provenance(), **earlier, "rows": rows, "speedup_at": speedup}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
