@@ -276,7 +276,7 @@ def build_bwd_heads(*, b, l, h, p, g, n, dtype, has_z, has_seq, interpret):
         smem_tile((PT, n), dtype),  # dS leaving the block: wgmma operand and TMA source
         smem_tile((T, T), dtype),  # M, then G ∘ M
         smem_tile((T, T), dtype),  # upper-triangular ones [q ≥ t]
-        smem_tile((T, PT), dtype),  # dy (of the scan, after the gate; unused without z)
+        smem_tile((T, PT), dtype) if has_z else None,  # dy of the scan, after the gate (without z: dyo_s)
         smem_tile((T, PT), dtype),  # ain · dy
         smem_tile((T, PT), dtype),  # dx staging
         smem_tile((T, PT), dtype) if has_z else None,  # dz staging
