@@ -55,12 +55,17 @@ def stage_times(trace_file):
     return stages
 
 
+def _forget_kernels():
+    """Drop the built kernels, so that the next call builds them with the current `PROFILE` setting."""
+    for build in (ssd_fwd.build_fwd, ssd_bwd.build_bwd_heads, ssd_bwd.build_bwd_groups):
+        build.cache_clear()
+
+
 def profile_shape(shape, chunk, space, trace_dir):
     os.makedirs(trace_dir, exist_ok=True)
     ssd_common.PROFILE.clear()
     ssd_common.PROFILE.update(profile_space=space, profile_dir=trace_dir, profile_bounds_check=True)
-    for build in (ssd_fwd.build_fwd, ssd_bwd.build_bwd_heads, ssd_bwd.build_bwd_groups):
-        build.cache_clear()
+    _forget_kernels()
     try:
         inp = make_inputs(shape)
         args = tuple(inp[k] for k in ("x", "dt", "A", "B", "C", "D", "dt_bias"))
@@ -73,8 +78,7 @@ def profile_shape(shape, chunk, space, trace_dir):
         jax.effects_barrier()  # the traces are written by a host callback
     finally:
         ssd_common.PROFILE.clear()
-        for build in (ssd_fwd.build_fwd, ssd_bwd.build_bwd_heads, ssd_bwd.build_bwd_groups):
-            build.cache_clear()
+        _forget_kernels()
     merged = collections.defaultdict(lambda: collections.defaultdict(list))
     for path in sorted(glob.glob(os.path.join(trace_dir, "*-trace.json"))):
         for kernel, st in stage_times(path).items():
