@@ -4,10 +4,11 @@
 
 Random bf16 weights, bf16 SSM states, greedy, prompt 128 (as `generate.py`). Generates `--new-tokens` tokens
 under `jax.profiler`, reads the trace back (`jax.profiler.ProfileData`) and lists the kernels on the GPU's
-streams by total time, with how many times each ran and its mean duration: a kernel that runs once per layer
-and token shows `count` = layers × (new tokens + 1). Times are the profiler's (a little above an unprofiled
-run). This is how the decode loop's time splits into weight GEMVs (at memory bandwidth) and the small
-per-layer kernels that a fused decode kernel would remove (benchmarks/README.md).
+streams by total time, with how many times each ran and its mean duration: a kernel that runs once per
+layer and decoded token shows `count` = layers × new tokens (the first token comes from prefill). Times are
+the profiler's (a little above an unprofiled run). This is how the decode loop's time splits into weight
+GEMVs (at memory bandwidth) and the small per-layer kernels that a fused decode kernel would remove
+(benchmarks/README.md).
 """
 
 from __future__ import annotations
