@@ -1,6 +1,7 @@
 """Which GPU kernels one decode step of the generation engine runs, and how long each takes.
 
-    python benchmarks/decode_profile.py [--model mamba2_2_7b] [--batch 1] [--new-tokens 64] [--out FILE.json]
+    python benchmarks/decode_profile.py [--model mamba2_2_7b] [--batch 1] [--new-tokens 64]
+        [--decode-impl auto | xla | pallas] [--out FILE.json]
 
 Random bf16 weights, bf16 SSM states, greedy, prompt 128 (as `generate.py`). Generates `--new-tokens` tokens
 under `jax.profiler`, reads the trace back (`jax.profiler.ProfileData`) and lists the kernels on the GPU's
@@ -54,10 +55,11 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--decode-impl", default="auto", choices=("auto", "xla", "pallas"))
     p.add_argument("--out", default="")
     args = p.parse_args()
     model = model_for(args.model)
-    engine = Engine(model, state_dtype="bfloat16")
+    engine = Engine(model, state_dtype="bfloat16", decode_impl=args.decode_impl)
     prompts = [[1 + (7 * i + j) % 1000 for j in range(128)] for i in range(args.batch)]
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0)
     engine.generate(prompts, params)  # compile
@@ -71,6 +73,7 @@ def main() -> int:
     for r in rows[: args.top]:
         print(f"{r['count']:>7} {r['mean_us']:>9.2f} {r['total_ms']:>9.3f}  {r['name']}")
     write_result(args.out, {"model": args.model, "batch": args.batch, "new_tokens": args.new_tokens,
+                            "decode_impl": args.decode_impl,
                             "total_kernel_ms": total_ms, "kernels": rows[:100]})  # fmt: skip
     return 0
 

@@ -3,7 +3,7 @@
 
   python benchmarks/generate.py --model mamba2_130m,mamba2_2_7b,nemotronh_8b_13l --batch 1,32 \
       [--prompt-len 128 --new-tokens 256] [--state-dtype float32,bfloat16] [--peer]
-      [--out benchmarks/results/generate_h100.json]
+      [--decode-impl auto,xla] [--out benchmarks/results/generate_h100.json]
 
 Random weights (throughput does not depend on their values), bf16, greedy. Per (model, batch): time to first
 token (prefill of the prompt + first sampled token), decode tokens/s (from runs of 1 and N new tokens, so that
@@ -18,6 +18,7 @@ a second roofline adds those bytes. `--state-dtype` picks the dtype the SSM stat
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -124,6 +125,7 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--state-dtype", default="float32,bfloat16")
+    p.add_argument("--decode-impl", default="auto", help="comma-separated: auto, xla, pallas (Engine decode_impl)")
     p.add_argument("--peer", action="store_true")
     p.add_argument("--out", default="")
     args = p.parse_args()
@@ -135,8 +137,8 @@ def main() -> int:
         weight_bytes = weight_bytes_per_step(model)
         for batch in [int(b) for b in args.batch.split(",")]:
             peer = peer_generate(name, batch, args.prompt_len, args.new_tokens) if args.peer else None
-            for state_dtype in args.state_dtype.split(","):
-                engine = Engine(model, state_dtype=state_dtype)
+            for state_dtype, impl in itertools.product(args.state_dtype.split(","), args.decode_impl.split(",")):
+                engine = Engine(model, state_dtype=state_dtype, decode_impl=impl)
                 rng = np.random.default_rng(0)
                 prompts = [rng.integers(1, model.cfg.vocab_size, args.prompt_len).tolist() for _ in range(batch)]
                 t_one, _ = time_generate(engine, prompts, 1)
@@ -151,6 +153,7 @@ def main() -> int:
                     "model": name,
                     "batch": batch,
                     "state_dtype": state_dtype,
+                    "decode_impl": impl,
                     "prompt_len": args.prompt_len,
                     "new_tokens": args.new_tokens,
                     "weight_gib_read_per_step": weight_bytes / 2**30,
@@ -170,13 +173,13 @@ def main() -> int:
         f"\n{jax.devices()[0].device_kind}, bandwidth: copy {bw_copy / 1e12:.2f} TB/s, read {bw_read / 1e12:.2f} TB/s"
     )
     print(
-        f"{'model':>18} {'batch':>5} {'state':>8} {'TTFT ms':>8} {'tok/s':>9} {'roofline':>9} {'frac':>5} "
+        f"{'model':>18} {'batch':>5} {'state':>8} {'impl':>6} {'TTFT ms':>8} {'tok/s':>9} {'roofline':>9} {'frac':>5} "
         f"{'+state':>9} {'frac':>5} {'mamba_ssm':>10}"
     )
     for r in rows:
         peer = (r.get("mamba_ssm") or {}).get("decode_tokens_per_s")
         print(
-            f"{r['model']:>18} {r['batch']:>5} {r['state_dtype']:>8} {1000 * r['ttft_s']:>8.1f} "
+            f"{r['model']:>18} {r['batch']:>5} {r['state_dtype']:>8} {r['decode_impl']:>6} {1000 * r['ttft_s']:>8.1f} "
             f"{r['decode_tokens_per_s']:>9,.0f} {r['roofline_tokens_per_s']:>9,.0f} {r['fraction_of_roofline']:>5.2f} "
             f"{r['roofline_with_state_tokens_per_s']:>9,.0f} {r['fraction_of_roofline_with_state']:>5.2f} "
             f"{f'{peer:,.0f}' if peer else '-':>10}"

@@ -79,17 +79,21 @@ def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 1):
 class Engine:
     """Compiled generation for one model; reuse it across calls (each new shape compiles once)."""
 
-    def __init__(self, model, *, dtype=None, state_dtype="float32", mesh=None, unstack: bool = True):
+    def __init__(self, model, *, dtype=None, state_dtype="float32", mesh=None, unstack: bool = True, decode_impl=None):
         """`dtype`: cast the weight matrices (e.g. bf16 for serving a float32-trained model). `state_dtype`:
         the SSM state kept between decode steps; float32 (default) is exact, bfloat16 halves the bytes every
         step moves (what mamba_ssm keeps in a bf16 model; at batch 32 of Mamba2-2.7B the float32 states are
         as many bytes as the weights) at some drift over long generations. The update itself is float32.
         `unstack`: decode with every layer's weights in their own buffers (see `unstack_layers`: several
-        times faster per token; costs a second copy of the layer weights while `model` is alive)."""
+        times faster per token; costs a second copy of the layer weights while `model` is alive).
+        `decode_impl`: override the model's `decode_impl` ("auto", "xla", "pallas": the fused Mamba decode
+        kernels, see mamba_jax.kernels.decode)."""
         if dtype is not None:
             model = nnx.merge(*_cast_state(nnx.split(model), dtype))
         if unstack:
             model = unstack_layers(model)
+        if decode_impl is not None:
+            model = _with_decode_impl(model if unstack else nnx.clone(model), decode_impl)
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
         self.mesh = mesh
@@ -145,6 +149,14 @@ _STREAM = [None]  # the host callback of the running streamed generation
 def _emit(tokens_B):
     if _STREAM[0] is not None:
         _STREAM[0](np.asarray(tokens_B))
+
+
+def _with_decode_impl(model, impl: str):
+    """`model` (modified) with every module's config asking for `impl` in one-token decode."""
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, nnx.Module) and hasattr(module, "cfg"):
+            module.cfg = module.cfg.replace(decode_impl=impl)
+    return model
 
 
 def _cast_state(split, dtype):

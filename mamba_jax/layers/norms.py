@@ -35,9 +35,14 @@ class RMSNorm(nnx.Module):
 
 def gated_rms_norm(y_BLHP, z_BLHP, weight_HP, *, groups: int, eps: float, out_dtype):
     """rmsnorm(y · silu(z)) · w over `groups` equal groups of the H·P channels (groups of whole heads)."""
-    b, l, h, p = y_BLHP.shape
     g32 = y_BLHP.astype(jnp.float32) * jax.nn.silu(z_BLHP.astype(jnp.float32))
-    g_BLGF = g32.reshape(b, l, groups, (h // groups) * p)
-    inv = jax.lax.rsqrt(jnp.mean(g_BLGF * g_BLGF, axis=-1, keepdims=True) + eps)
-    out = (g_BLGF * inv).reshape(b, l, h, p) * weight_HP.astype(jnp.float32)
+    return grouped_rms_norm(g32, weight_HP, groups=groups, eps=eps, out_dtype=out_dtype)
+
+
+def grouped_rms_norm(x_BLHP, weight_HP, *, groups: int, eps: float, out_dtype):
+    """RMSNorm over `groups` equal groups of the H·P channels (the gated norm after its gate)."""
+    b, l, h, p = x_BLHP.shape
+    x_BLGF = x_BLHP.astype(jnp.float32).reshape(b, l, groups, (h // groups) * p)
+    inv = jax.lax.rsqrt(jnp.mean(x_BLGF * x_BLGF, axis=-1, keepdims=True) + eps)
+    out = (x_BLGF * inv).reshape(b, l, h, p) * weight_HP.astype(jnp.float32)
     return out.astype(out_dtype)

@@ -51,6 +51,9 @@ class ModelConfig:
     # over all of d_inner at once (Hugging Face Mamba2; identical when groups = 1).
     mamba_norm_per_group: bool = True
     ssd_impl: str = "auto"
+    # One-token decode of a Mamba block: "pallas" (the fused kernels of mamba_jax.kernels.decode: three
+    # launches per block, interpret mode off the GPU), "xla", or "auto" (the kernels on a GPU, unsharded).
+    decode_impl: str = "auto"
 
     # Self-attention.
     attn_num_heads: int = 0
@@ -169,6 +172,8 @@ class ModelConfig:
             fail(f"mamba_dt_limit must be (min, max) with 0 ≤ min < max, got {self.mamba_dt_limit}.")
         if self.ssd_impl not in ("auto", "xla", "pallas"):
             fail(f"ssd_impl must be 'auto', 'xla' or 'pallas', got {self.ssd_impl!r}.")
+        if self.decode_impl not in ("auto", "xla", "pallas"):
+            fail(f"decode_impl must be 'auto', 'xla' or 'pallas', got {self.decode_impl!r}.")
 
     def _validate_attention(self, fail) -> None:
         hq, hkv = self.attn_num_heads, self.attn_num_kv_heads

@@ -42,7 +42,7 @@ def _model_diff(saved: dict, current: dict) -> list[str]:
 
 
 # Fields that change the computation but not the weights: a run may resume with other values.
-RUNTIME_FIELDS = {"dtype", "ssd_impl", "attn_impl"}
+RUNTIME_FIELDS = {"dtype", "ssd_impl", "decode_impl", "attn_impl"}
 
 
 class Checkpointer:

@@ -1,0 +1,165 @@
+"""The fused decode kernels (mamba_jax.kernels.decode): each against a plain float32 formula, and a model
+decoding with them against the XLA decode path and the full forward. Pallas interpret mode on the CPU; the
+`gpu` test runs them compiled at real widths."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import rel_err, small_hybrid
+
+from mamba_jax.inference.engine import Engine, SamplingParams, pad_prompts
+from mamba_jax.kernels import decode as kd
+from mamba_jax.ops.ssd_reference import ssd_step
+from mamba_jax.parallel import init_model
+
+
+def _norm_gemv_ref(x, nw, w, res, groups, eps):
+    rows, k = x.shape
+    xg = x.astype(jnp.float32).reshape(rows, groups, -1)
+    u = (xg * jax.lax.rsqrt(jnp.mean(xg * xg, -1, keepdims=True) + eps)).reshape(rows, k) * nw
+    y = jnp.dot(u.astype(w.dtype).astype(jnp.float32), w.astype(jnp.float32), precision="highest")
+    y = y.astype(w.dtype)
+    return y if res is None else res + y.astype(res.dtype)
+
+
+@pytest.mark.parametrize("rows,k,n,groups,dtype,residual", [
+    (1, 256, 200, 1, jnp.bfloat16, False),  # N not a multiple of the column block
+    (3, 192, 64, 2, jnp.bfloat16, True),  # group of 96: the K step drops to 32
+    (4, 128, 80, 4, jnp.float32, True),
+])  # fmt: skip
+def test_norm_gemv_matches_formula(rows, k, n, groups, dtype, residual):
+    ks = jax.random.split(jax.random.key(rows), 4)
+    x = jax.random.normal(ks[0], (rows, k), jnp.float32) * 3
+    nw = 1 + 0.1 * jax.random.normal(ks[1], (k,), jnp.float32)
+    w = (jax.random.normal(ks[2], (k, n), jnp.float32) / 16).astype(dtype)
+    res = jax.random.normal(ks[3], (rows, n), jnp.float32) if residual else None
+    got = kd.norm_gemv(x, nw, w, res, eps=1e-5, groups=groups, bn=32)
+    want = _norm_gemv_ref(x, nw, w, res, groups, 1e-5)
+    assert got.dtype == want.dtype and got.shape == (rows, n)
+    # Same roundings; only the float32 summation order differs (one bf16 ulp where a sum sits on a tie).
+    tol = 1e-6 if dtype == jnp.float32 else 8e-3
+    assert rel_err(got, want) <= tol
+
+
+def test_norm_gemv_rejects_what_it_cannot_take():
+    x = jnp.ones((kd.MAX_GEMV_ROWS + 1, 128))
+    with pytest.raises(ValueError, match="batch"):
+        kd.norm_gemv(x, jnp.ones(128), jnp.ones((128, 32)), eps=1e-5)
+    with pytest.raises(ValueError, match="norm groups"):
+        kd.norm_gemv(jnp.ones((1, 120)), jnp.ones(120), jnp.ones((120, 32)), eps=1e-5, groups=3)
+
+
+@pytest.mark.parametrize(
+    "groups,dt_limit,state_dtype", [(1, (0.0, float("inf")), jnp.float32), (2, (0.01, 0.1), jnp.bfloat16)]
+)
+def test_ssm_step_matches_conv_and_recurrence(groups, dt_limit, state_dtype):
+    b, h, p, s, taps = 2, 4, 16, 32, 3
+    r = h // groups
+    f = r * p + 2 * s
+    w = 2 * r * p + 2 * s + r
+    ks = jax.random.split(jax.random.key(groups), 9)
+    zx = jax.random.normal(ks[0], (b, groups, w), jnp.float32)
+    conv = jax.random.normal(ks[1], (b, taps, groups, f), jnp.float32)
+    cw = jax.random.normal(ks[2], (taps + 1, groups, f), jnp.float32) / 2
+    cb = jax.random.normal(ks[3], (groups, f), jnp.float32) / 4
+    ssm = jax.random.normal(ks[4], (b, h, p, s), jnp.float32).astype(state_dtype)
+    a_log = jnp.log(jax.random.uniform(ks[5], (h,), jnp.float32, 1, 16))
+    dvec = jax.random.normal(ks[6], (h,), jnp.float32)
+    dtb = jax.random.normal(ks[7], (h,), jnp.float32)
+    g_BF, conv_new, ssm_new = kd.ssm_step(zx, conv, cw, cb, ssm, a_log, dvec, dtb, heads=h, dt_limit=dt_limit)
+
+    # Plain formula: the depthwise conv over [window | new], SiLU, the recurrence of ssd_step, the z gate.
+    z, xbc, dt = zx[..., : r * p], zx[..., r * p : r * p + f], zx[..., r * p + f :]
+    window = jnp.concatenate([conv, xbc[:, None]], axis=1)
+    act = jax.nn.silu(jnp.einsum("bkgf,kgf->bgf", window, cw, precision="highest") + cb)
+    x, B, C = act[..., : r * p], act[..., r * p : r * p + s], act[..., r * p + s :]
+    y, state = ssd_step(ssm.astype(jnp.float32), x.reshape(b, h, p), dt.reshape(b, h), -jnp.exp(a_log), B, C,
+                        D=dvec, z_BHP=z.reshape(b, h, p), dt_bias=dtb, dt_softplus=True, dt_limit=dt_limit)  # fmt: skip
+    assert rel_err(g_BF, y.reshape(b, h * p)) <= 1e-5
+    assert rel_err(ssm_new.astype(jnp.float32), state.astype(state_dtype).astype(jnp.float32)) <= 1e-5
+    assert ssm_new.dtype == state_dtype
+    np.testing.assert_array_equal(conv_new, window[:, 1:])
+
+
+def _kernel_model(pattern, **changes):
+    # head_dim 16: the step kernel needs powers of two ≥ 16 (the shared helpers' 8 falls back to XLA).
+    return small_hybrid(pattern=pattern, mamba_head_dim=16, **changes)
+
+
+@pytest.mark.parametrize("pattern,batch", [("MMM", 3), ("M*-M", 3), ("MM", 6)])
+def test_kernel_decoding_equals_full_forward(pattern, batch):
+    model = init_model(_kernel_model(pattern, decode_impl="pallas", residual_in_fp32=True), seed=5)
+    rng = np.random.default_rng(batch)
+    prompts = [rng.integers(1, 250, n).tolist() for n in rng.integers(2, 20, batch)]
+    cont = [rng.integers(1, 250, 4).tolist() for _ in range(batch)]
+    ids, start = pad_prompts(prompts, multiple=8)
+    l = ids.shape[1]
+    seq_idx = (np.arange(l)[None] >= start[:, None]).astype(np.int32)
+    logits, cache = jax.jit(lambda i, s: model.prefill(i, seq_idx=s, cache_len=l + 4))(ids, seq_idx)
+    decode = jax.jit(lambda t, c, pos: model.decode(t, c, pos=pos, start=jnp.asarray(start)))
+    assert "pallas_call" in str(jax.make_jaxpr(decode)(jnp.zeros(batch, jnp.int32), cache, l))
+    steps = [logits]
+    for t in range(3):
+        logits, cache = decode(jnp.array([c[t] for c in cont]), cache, l + t)
+        steps.append(logits)
+    inc = np.stack(steps, axis=1)
+    for b, (p, c) in enumerate(zip(prompts, cont, strict=True)):
+        full = model(jnp.asarray([p + c[:3]]))[0, len(p) - 1 :]
+        assert rel_err(inc[b], full) <= 1e-4, b
+
+
+def test_engine_with_kernels_generates_as_without():
+    model = init_model(_kernel_model("M*-M"), seed=2)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, 250, n).tolist() for n in (4, 13)]
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    xla = Engine(model, decode_impl="xla").generate(prompts, params)
+    fused = Engine(model, decode_impl="pallas").generate(prompts, params)
+    assert fused.tokens == xla.tokens
+    np.testing.assert_allclose(fused.logprobs, xla.logprobs, rtol=1e-4, atol=1e-5)
+
+
+def test_unsupported_shapes_fall_back_to_xla():
+    model = init_model(small_hybrid(pattern="MM", decode_impl="pallas"), seed=0)  # head_dim 8
+    assert kd.ssm_step_unsupported(model.cfg.mamba_head_dim, model.cfg.mamba_d_state)
+    out = Engine(model).generate([[1, 2, 3]], SamplingParams(max_new_tokens=3, temperature=0.0))
+    ref = Engine(model, decode_impl="xla").generate([[1, 2, 3]], SamplingParams(max_new_tokens=3, temperature=0.0))
+    assert out.tokens == ref.tokens
+
+
+def _teacher_forced_logits(model, prompts, cont, steps):
+    ids, start = pad_prompts(prompts, multiple=8)
+    l = ids.shape[1]
+    seq_idx = (np.arange(l)[None] >= start[:, None]).astype(np.int32)
+    logits, cache = jax.jit(lambda i, s: model.prefill(i, seq_idx=s, cache_len=l + steps))(ids, seq_idx)
+    decode = jax.jit(lambda t, c, pos: model.decode(t, c, pos=pos, start=jnp.asarray(start)))
+    out = []
+    for t in range(steps):
+        logits, cache = decode(jnp.array([c[t] for c in cont]), cache, l + t)
+        out.append(logits)
+    return np.stack(out, axis=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("groups,batch", [(1, 1), (8, 3)])
+def test_kernels_at_real_widths_on_gpu(groups, batch):
+    """bf16 at Mamba2 widths (head dim 64, state 128), compiled: the fused path is as close to the float32
+    model as XLA's bf16 decode path is."""
+    from flax import nnx
+
+    from mamba_jax.inference.engine import _cast_state, _with_decode_impl
+
+    cfg = small_hybrid(pattern="MMMM", d_model=1024, mamba_head_dim=64, mamba_d_state=128, mamba_num_groups=groups,
+                       residual_in_fp32=True, vocab_size=1000, decode_impl="xla")  # fmt: skip
+    f32 = init_model(cfg, seed=1)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, 1000, n).tolist() for n in rng.integers(10, 60, batch)]
+    cont = [rng.integers(1, 1000, 6).tolist() for _ in range(batch)]
+    want = _teacher_forced_logits(f32, prompts, cont, 6)
+    bf16 = nnx.merge(*_cast_state(nnx.split(f32), "bfloat16"))
+    err = {}
+    for impl in ("pallas", "xla"):
+        model = _with_decode_impl(nnx.clone(bf16), impl)
+        err[impl] = rel_err(_teacher_forced_logits(model, prompts, cont, 6), want)
+    assert err["pallas"] <= 1.5 * err["xla"] + 1e-3, err
