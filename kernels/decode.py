@@ -7,7 +7,7 @@ norm, conv, dt, state update, y, gated norm, residual), ≈ 16 µs per layer, a 
 
   `ssm_step`   conv window + SiLU + dt (bias, softplus, limit) + state update + y + D skip + SiLU(z) gate,
                one program per (row, head): the state is read and written once, in place. This is what
-               `Mamba2Mixer.decode_block` runs between XLA's in_proj and out_proj (4 µs per 2.7B layer
+               `Mamba2Mixer.decode` runs between XLA's in_proj and out_proj (4 µs per 2.7B layer
                at batch 1 on an H100).
   `norm_gemv`  (rmsnorm(x) · w_norm) @ W [+ residual]: a norm fused in front of a GEMV, the residual add
                behind it. Measured slower than XLA's own GEMV (the 2.7B in_proj 31.6 µs against 21.3,

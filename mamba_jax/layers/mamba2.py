@@ -17,8 +17,6 @@ N state, K conv kernel, W per-group in_proj width, F per-group conv channels.
 
 from __future__ import annotations
 
-import functools
-import logging
 import math
 
 import jax
@@ -27,17 +25,10 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from mamba_jax.layers.base import linear, normal, param, uniform
-from mamba_jax.layers.norms import gated_rms_norm, grouped_rms_norm, rms_norm
+from mamba_jax.layers.norms import gated_rms_norm, grouped_rms_norm
 from mamba_jax.models.config import ModelConfig
-from mamba_jax.ops.ssd import ssd
+from mamba_jax.ops.ssd import note_once, ssd
 from mamba_jax.ops.ssd_reference import ssd_step
-
-log = logging.getLogger(__name__)
-
-
-@functools.cache
-def _note_once(message: str) -> None:
-    log.warning(message)
 
 
 def causal_conv1d(x_BLGF, w_KGF, b_GF, *, seq_idx=None, state_BKGF=None):
@@ -122,11 +113,15 @@ class Mamba2Mixer(nnx.Module):
     def _A(self):
         return -jnp.exp(self.A_log[...].astype(jnp.float32))
 
-    def _out(self, y_BLHP, z_BLHP, key=None):
+    def _out(self, y_BLHP, z_BLHP=None, key=None):
+        """Gated RMSNorm of y · SiLU(z) (of y itself when z is None: already gated), then out_proj."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         groups = cfg.mamba_num_groups if cfg.mamba_norm_per_group else 1
-        y_BLHP = gated_rms_norm(y_BLHP, z_BLHP, self.norm[...], groups=groups, eps=cfg.norm_eps, out_dtype=dtype)
+        if z_BLHP is None:
+            y_BLHP = grouped_rms_norm(y_BLHP, self.norm[...], groups=groups, eps=cfg.norm_eps, out_dtype=dtype)
+        else:
+            y_BLHP = gated_rms_norm(y_BLHP, z_BLHP, self.norm[...], groups=groups, eps=cfg.norm_eps, out_dtype=dtype)
         return linear(self, "out_proj", y_BLHP, 2, dtype, key=key)
 
     def _forward(self, x_BLD, seq_idx, return_state: bool, key=None):
@@ -173,6 +168,8 @@ class Mamba2Mixer(nnx.Module):
     def decode(self, x_BD, cache, *, pos, start):
         """One token per row: (B, D) → (B, D), with the cache advanced by that token."""
         del pos, start
+        if self._decode_kernel():
+            return self._decode_fused(x_BD, cache)
         cfg = self.cfg
         b = x_BD.shape[0]
         h, p = cfg.mamba_heads, cfg.mamba_head_dim
@@ -190,39 +187,37 @@ class Mamba2Mixer(nnx.Module):
         # The state keeps the cache's dtype (the engine may hold it in bf16; the update above is float32).
         return out_B1D[:, 0], {"conv": window_BKGF[:, 1:], "ssm": ssm_BHPN.astype(cache["ssm"].dtype)}
 
-    # --- inference: the whole block around this mixer with the fused decode kernels ------------------------
-    def _decode_kernels_unsupported(self) -> str | None:
+    # --- inference: the fused decode kernel ------------------------------------------------------------------
+    def _decode_kernel_unsupported(self) -> str | None:
         cfg = self.cfg
         from mamba_jax.kernels.decode import ssm_step_unsupported  # lazy: Pallas imports cost start-up time
 
         if jax.sharding.get_abstract_mesh().size > 1:
-            return "a sharded model (the kernels run on one device)"
+            return "a sharded model (the kernel runs on one device)"
         return ssm_step_unsupported(cfg.mamba_head_dim, cfg.mamba_d_state)
 
-    def decode_kernels(self) -> bool:
-        """Whether `decode_block` runs the fused kernels (cfg.decode_impl, resolved for this trace)."""
+    def _decode_kernel(self) -> bool:
+        """Whether `decode` runs the fused step kernel (cfg.decode_impl, resolved for this trace)."""
         impl = self.cfg.decode_impl
         if impl == "xla":
             return False
-        reason = self._decode_kernels_unsupported()
+        reason = self._decode_kernel_unsupported()
         if reason and impl == "pallas":
-            _note_once(f"decode_impl='pallas': the fused decode kernels do not support {reason}; using XLA.")
+            note_once(f"decode_impl='pallas': the fused decode kernel does not support {reason}; using XLA.")
         return not reason and (impl == "pallas" or jax.default_backend() == "gpu")
 
-    def decode_block(self, h_BD, norm, cache):
-        """h + mixer(norm(h)) for one token per row, with the fused SSM step of `mamba_jax.kernels.decode`
-        (conv + dt + state update + y + gate in one launch) between XLA's input norm + in_proj and gated
-        norm + out_proj. (The kernels' fused norm + GEMV is slower than XLA's GEMV on an H100 today:
-        benchmarks/README.md.) Returns (h, cache)."""
+    def _decode_fused(self, x_BD, cache):
+        """`decode` with the fused SSM step of `mamba_jax.kernels.decode` (conv + dt + state update + y + gate
+        in one launch) between XLA's in_proj and gated norm + out_proj. (The kernels' fused norm + GEMV is
+        slower than XLA's GEMV on an H100 today: benchmarks/README.md.)"""
         from mamba_jax.kernels.decode import ssm_step
 
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
-        b = h_BD.shape[0]
-        h, p, g = cfg.mamba_heads, cfg.mamba_head_dim, cfg.mamba_num_groups
-        zx_BGW = linear(self, "in_proj", rms_norm(h_BD, norm.weight[...], norm.eps, dtype), 1, dtype)
+        b = x_BD.shape[0]
+        h, p = cfg.mamba_heads, cfg.mamba_head_dim
         g_BF, conv, ssm = ssm_step(
-            zx_BGW,
+            linear(self, "in_proj", x_BD, 1, dtype),
             cache["conv"].astype(dtype),
             self.conv_weight[...],
             self.conv_bias[...],
@@ -233,8 +228,4 @@ class Mamba2Mixer(nnx.Module):
             heads=h,
             dt_limit=tuple(cfg.mamba_dt_limit),
         )
-        groups = g if cfg.mamba_norm_per_group else 1
-        y_BHP = grouped_rms_norm(g_BF.reshape(b, 1, h, p), self.norm[...], groups=groups, eps=cfg.norm_eps,
-                                 out_dtype=dtype)[:, 0]  # fmt: skip
-        out_BD = linear(self, "out_proj", y_BHP, 2, dtype)
-        return h_BD + out_BD.astype(h_BD.dtype), {"conv": conv, "ssm": ssm}
+        return self._out(g_BF.reshape(b, 1, h, p))[:, 0], {"conv": conv, "ssm": ssm}

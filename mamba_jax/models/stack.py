@@ -71,8 +71,6 @@ class Block(nnx.Module):
         return h_BLD + out.astype(h_BLD.dtype), cache
 
     def decode(self, h_BD, cache, *, pos, start):
-        if getattr(self.mixer, "decode_kernels", None) and self.mixer.decode_kernels():
-            return self.mixer.decode_block(h_BD, self.norm, cache)
         out, cache = self.mixer.decode(self.norm(h_BD), cache, pos=pos, start=start)
         return h_BD + out.astype(h_BD.dtype), cache
 

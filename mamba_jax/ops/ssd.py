@@ -66,7 +66,7 @@ def _check(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, i
 
 
 @functools.cache
-def _note_once(message: str) -> None:
+def note_once(message: str) -> None:
     log.warning(message)
 
 
@@ -78,7 +78,7 @@ def _resolve_impl(impl: str, **options) -> str:
     reason = ssd_pallas_unsupported(**options)
     if impl == "pallas":
         if reason:
-            _note_once(f"mamba_jax.ssd: Pallas kernels do not support {reason}; using the XLA path.")
+            note_once(f"mamba_jax.ssd: Pallas kernels do not support {reason}; using the XLA path.")
             return "xla"
         return "pallas"
     # auto: the kernels only pay off on a GPU with Hopper-class features.
