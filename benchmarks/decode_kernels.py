@@ -71,51 +71,43 @@ def gemv_chain(cfg, layers: int, batch: int):
     return fused, jax.jit(xla), (h0, ws), bytes_
 
 
-def step_bench(cfg, layers: int, batch: int, state_dtype):
+def step_bench(cfg, layers: int, batch: int, state_dtype, **conf):
     h, p, g, n = cfg.mamba_heads, cfg.mamba_head_dim, cfg.mamba_num_groups, cfg.mamba_d_state
     f = h // g * p + 2 * n
     k = cfg.mamba_d_conv
     key = jax.random.split(jax.random.key(1), 8)
     zx = jax.random.normal(key[0], (layers, batch, g, 2 * (h // g) * p + 2 * n + h // g), jnp.bfloat16)
-    conv = jax.random.normal(key[1], (layers, batch, k - 1, g, f), jnp.bfloat16)
+    conv = [jax.random.normal(key[1], (batch, k, g, f), jnp.bfloat16) for _ in range(layers)]  # rings of K inputs
     ssm = [jax.random.normal(key[2 + i % 4], (batch, h, p, n), jnp.float32).astype(state_dtype) for i in range(layers)]
     cw = jax.random.normal(key[6], (k, g, f), jnp.bfloat16)
     cb = jnp.zeros((g, f), jnp.bfloat16)
     a_log, dvec, dtb = jnp.zeros((h,)), jnp.ones((h,)), jnp.zeros((h,))
 
     def run(zx, conv, ssm):
-        outs, states = [], []
+        outs, rings, states = [], [], []
         for i in range(layers):
-            y, _, s = kd.ssm_step(zx[i], conv[i], cw, cb, ssm[i], a_log, dvec, dtb, heads=h, dt_limit=(0, math.inf))
+            y, _, c, s = kd.ssm_step(zx[i], conv[i], cw, cb, ssm[i], a_log, dvec, dtb, 0, heads=h,
+                                     dt_limit=(0, math.inf), g_dtype=jnp.bfloat16, **conf)  # fmt: skip
             outs.append(y)
+            rings.append(c)
             states.append(s)
-        return outs, states
+        return outs, rings, states
 
-    fn = jax.jit(run, donate_argnums=(2,))
-    _, ssm = fn(zx, conv, ssm)
+    fn = jax.jit(run, donate_argnums=(1, 2))  # ring and state updated in place, as in the decode loop
+    _, conv, ssm = fn(zx, conv, ssm)
     jax.block_until_ready(ssm)
     reps = 20
     t = time.perf_counter()
     for _ in range(reps):
-        _, ssm = fn(zx, conv, ssm)
+        _, conv, ssm = fn(zx, conv, ssm)
     jax.block_until_ready(ssm)
     sec = (time.perf_counter() - t) / reps
     state_bytes = 2 * layers * batch * h * p * n * jnp.dtype(state_dtype).itemsize
     return sec / layers, state_bytes / sec
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="mamba2_2_7b", choices=sorted(MODELS))
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--batch", default="1,32")
-    ap.add_argument("--quick", action="store_true", help="only the default block sizes")
-    ap.add_argument("--out", default="")
-    args = ap.parse_args()
-    recipe, _ = MODELS[args.model]
-    cfg = mjc.model_config(mjc.load_config(os.path.join(ROOT, "experiments", recipe)))
-    result = {"model": args.model, "layers": args.layers, "gemv": [], "step": []}
-
+def gemv_sweep(cfg, args, result):
+    """The normed GEMVs' block sizes against XLA's rms_norm + dot, per layer of a chain."""
     fused, xla, chain_args, bytes_ = gemv_chain(cfg, args.layers, 1)
     t = wall(xla, chain_args)
     row = {"impl": "xla", "us_per_layer": 1e6 * t / args.layers, "tb_per_s": bytes_ / t / 1e12}
@@ -138,12 +130,38 @@ def main() -> int:
         print(row, flush=True)
         result["gemv"].append(row)
 
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="mamba2_2_7b", choices=sorted(MODELS))
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--batch", default="1,32")
+    ap.add_argument("--quick", action="store_true", help="only the default block sizes")
+    ap.add_argument("--skip-gemv", action="store_true", help="only the step kernel")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    recipe, _ = MODELS[args.model]
+    cfg = mjc.model_config(mjc.load_config(os.path.join(ROOT, "experiments", recipe)))
+    result = {"model": args.model, "layers": args.layers, "gemv": [], "step": []}
+
+    if not args.skip_gemv:
+        gemv_sweep(cfg, args, result)
+
+    p = cfg.mamba_head_dim
     for batch in [int(b) for b in args.batch.split(",")]:
         for sd in ("bfloat16", "float32"):
-            us, bw = step_bench(cfg, args.layers, batch, jnp.dtype(sd))
-            row = {"batch": batch, "state_dtype": sd, "us_per_layer": 1e6 * us, "state_tb_per_s": bw / 1e12}
-            print(row, flush=True)
-            result["step"].append(row)
+            confs = (
+                [{}]
+                if args.quick
+                else [{}]
+                + [dict(block_p=bp, warps=w) for bp in sorted({p, p // 2, p // 4} - {0}) if bp >= 16 for w in (2, 4, 8)]
+            )
+            for conf in confs:
+                us, bw = step_bench(cfg, args.layers, batch, jnp.dtype(sd), **conf)
+                row = {"batch": batch, "state_dtype": sd, **(conf or {"block_p": "default", "warps": 4}),
+                       "us_per_layer": 1e6 * us, "state_tb_per_s": bw / 1e12}  # fmt: skip
+                print(row, flush=True)
+                result["step"].append(row)
     write_result(args.out, result)
     return 0
 

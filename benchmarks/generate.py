@@ -118,6 +118,20 @@ def peer_generate(name: str, batch: int, prompt_len: int, new_tokens: int) -> di
     return {"decode_tokens_per_s": batch * (new_tokens - 1) / (t_full - t_one), "ttft_s": t_one}
 
 
+def _option(text: str):
+    """NAME=VALUE with VALUE a bool, int or float where it reads as one."""
+    name, _, value = text.partition("=")
+    low = value.lower()
+    if low in ("true", "false"):
+        return name, low == "true"
+    for kind in (int, float):
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    return name, value
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="mamba2_130m,mamba2_2_7b,nemotronh_8b_13l")
@@ -127,8 +141,12 @@ def main() -> int:
     p.add_argument("--state-dtype", default="float32,bfloat16")
     p.add_argument("--decode-impl", default="auto", help="comma-separated: auto, xla, pallas (Engine decode_impl)")
     p.add_argument("--peer", action="store_true")
+    p.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="an XLA option for the generation loop (Engine compiler_options), e.g. "
+                   "xla_gpu_exhaustive_tiling_search=true; repeatable")  # fmt: skip
     p.add_argument("--out", default="")
     args = p.parse_args()
+    options = dict(_option(o) for o in args.xla_option)
     bw_copy, bw_read = bandwidth_bytes_per_s()
     bw = max(bw_copy, bw_read)  # the rate a decode step can reach
     rows = []
@@ -138,7 +156,7 @@ def main() -> int:
         for batch in [int(b) for b in args.batch.split(",")]:
             peer = peer_generate(name, batch, args.prompt_len, args.new_tokens) if args.peer else None
             for state_dtype, impl in itertools.product(args.state_dtype.split(","), args.decode_impl.split(",")):
-                engine = Engine(model, state_dtype=state_dtype, decode_impl=impl)
+                engine = Engine(model, state_dtype=state_dtype, decode_impl=impl, compiler_options=options)
                 rng = np.random.default_rng(0)
                 prompts = [rng.integers(1, model.cfg.vocab_size, args.prompt_len).tolist() for _ in range(batch)]
                 t_one, _ = time_generate(engine, prompts, 1)
@@ -154,6 +172,7 @@ def main() -> int:
                     "batch": batch,
                     "state_dtype": state_dtype,
                     "decode_impl": impl,
+                    "xla_options": options,
                     "prompt_len": args.prompt_len,
                     "new_tokens": args.new_tokens,
                     "weight_gib_read_per_step": weight_bytes / 2**30,

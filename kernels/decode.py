@@ -3,20 +3,26 @@
 A decode step of Mamba2-2.7B at batch 1 is two weight streams per layer (in_proj 54 MB, out_proj 26 MB) and
 a few kilobytes of everything else; XLA runs that everything else as ≈ 11 small kernels per layer (input
 norm, conv, dt, state update, y, gated norm, residual), ≈ 16 µs per layer, a third of the step
-(benchmarks/results/decode_profile_mamba2_2_7b_b1_h100.json).
+(benchmarks/results/decode_profile_mamba2_2_7b_b1_h100.json). What `Mamba2Mixer._decode_fused` runs
+instead, with the norms' weights folded into the projections (`mamba_jax.inference.fold`):
 
-  `ssm_step`   conv window + SiLU + dt (bias, softplus, limit) + state update + y + D skip + SiLU(z) gate,
-               one program per (row, head): the state is read and written once, in place. This is what
-               `Mamba2Mixer.decode` runs between XLA's in_proj and out_proj (4 µs per 2.7B layer
-               at batch 1 on an H100).
+  XLA: Σ h² of the residual (with the bf16 cast feeding the GEMV) → in_proj GEMV on the raw residual →
+  `ssm_step`   1/rms of the input norm + conv (a ring of K inputs, updated in place) + SiLU + dt (bias,
+               softplus, limit) + state update (in place) + y + D skip + SiLU(z) gate + Σ g² for the gated
+               norm; one program per (row, head, block of state rows) →
+  XLA: out_proj GEMV on the gated, unnormalised y →
+  `gated_norm_residual`  the gated norm's 1/rms on out_proj's output + the residual add.
+
   `norm_gemv`  (rmsnorm(x) · w_norm) @ W [+ residual]: a norm fused in front of a GEMV, the residual add
                behind it. Measured slower than XLA's own GEMV (the 2.7B in_proj 31.6 µs against 21.3,
-               out_proj 50 µs against 11: benchmarks/decode_kernels.py), so no decode path uses it; it
-               stays, tested, as the baseline for a faster one (split-K for the narrow out_proj).
+               out_proj 50 µs against 11: benchmarks/decode_kernels.py; split-K and transposed-weight
+               variants reached no more than 1.4 TB/s against XLA's 2.5), so no decode path uses it; it
+               stays, tested, as the baseline for a faster one.
 
-Rounding follows the XLA decode path (`Mamba2Mixer.decode`): the normed input, conv output, x / B / C, y and
-the gated-norm output are rounded to the compute dtype where that path rounds them, so both paths agree to
-float32 summation order. Off the GPU the kernels run in Pallas interpret mode (tests, CI).
+Rounding follows the XLA decode path (`Mamba2Mixer.decode`): the in_proj output, conv output, x / B / C, y
+and out_proj's output are rounded to the compute dtype where that path rounds them, so both paths agree to
+float32 summation order (and, with folded norms, the bf16 rounding of the folded weights). Off the GPU the
+kernels run in Pallas interpret mode (tests, CI).
 
 Dimension key: B batch, K reduction (in features), N out features, G groups, H heads, R heads per group,
 P head dim, S state size, F conv channels per group, W in_proj columns per group, C conv taps − 1.
@@ -142,54 +148,70 @@ def _silu(x):
 
 
 def _step_kernel(
-    zx_ref, conv_ref, cw_ref, cb_ref, ssm_ref, alog_ref, d_ref, dtb_ref,
-    g_ref, conv_out_ref, ssm_out_ref, *, r_heads, p, s, taps, dt_limit, cdtype,
+    zx_ref, conv_ref, cw_ref, cb_ref, ssm_ref, alog_ref, d_ref, dtb_ref, u_ref, slot_ref,
+    g_ref, ss_ref, conv_out_ref, ssm_out_ref, *, r_heads, p, bp, s, taps, dt_limit, norm_eps, cdtype,
 ):  # fmt: skip
     b = pl.program_id(0)
     h = pl.program_id(1)
+    j = pl.program_id(2)  # which `bp` rows of the head's state (more, smaller programs at large batch)
+    p0 = j * bp
     grp = h // r_heads
     r = h % r_heads
     rp = r_heads * p
     f32 = jnp.float32
     # in_proj columns of a group: [z (R·P) | x (R·P) | B (S) | C (S) | dt (R)]; conv channels: [x | B | C].
-    col_x, col_b, col_c, col_dt = rp + r * p, 2 * rp, 2 * rp + s, 2 * rp + 2 * s + r
-    ch_x, ch_b, ch_c = r * p, rp, rp + s
+    col_x, col_b, col_c, col_dt = rp + r * p + p0, 2 * rp, 2 * rp + s, 2 * rp + 2 * s + r
+    ch_x, ch_b, ch_c = r * p + p0, rp, rp + s
+
+    # The input RMSNorm's 1/rms when its weight was folded into in_proj (`fold_norm_weights`): in_proj ran
+    # on the raw residual, so every column is scaled here and rounded as the unfolded path rounds it.
+    # Each program sums the row's squares itself (a few KB from L2) rather than waiting on an XLA reduce.
+    d = u_ref.shape[1]
+    dp = pl.next_power_of_2(d)
+    u = plt.load(u_ref.at[pl.ds(b, 1), pl.ds(0, dp)], mask=(jnp.arange(dp) < d)[None, :], other=0.0).astype(f32)
+    scale = jax.lax.rsqrt(jnp.sum(u * u) / d + norm_eps)
+    # The conv window is a ring of K = taps + 1 inputs indexed by position mod K: the new input goes to
+    # `slot` (which held the input K steps back, no longer read) and tap t reads slot + 1 + t. Every
+    # program then reads only slots no program writes, so the ring is updated in place (aliased).
+    slot = jnp.sum(slot_ref[...])
+
+    def zx(col, width):
+        return (zx_ref[b, grp, pl.ds(col, width)].astype(f32) * scale).astype(cdtype)
 
     def conv(col, ch, width):
         """Causal conv of `width` channels over the cached window and the new input, + bias, SiLU."""
-        new = zx_ref[b, grp, pl.ds(col, width)]
+        new = zx(col, width)
         tap = lambda t: cw_ref[t, grp, pl.ds(ch, width)].astype(f32)  # noqa: E731
         acc = cb_ref[grp, pl.ds(ch, width)].astype(f32) + new.astype(f32) * tap(taps)
-        window = [conv_ref[b, t, grp, pl.ds(ch, width)] for t in range(taps)]
         for t in range(taps):
-            acc = acc + window[t].astype(f32) * tap(t)
+            acc = acc + conv_ref[b, (slot + 1 + t) % (taps + 1), grp, pl.ds(ch, width)].astype(f32) * tap(t)
         out = _silu(acc.astype(cdtype).astype(f32)).astype(cdtype).astype(f32)
-        return out, window[1:] + [new]
+        return out, new
 
-    x, x_win = conv(col_x, ch_x, p)
+    x, x_win = conv(col_x, ch_x, bp)
     bv, b_win = conv(col_b, ch_b, s)
     cv, c_win = conv(col_c, ch_c, s)
 
-    dt = jnp.sum(zx_ref[b, grp, pl.ds(col_dt, 1)].astype(f32)) + jnp.sum(dtb_ref[pl.ds(h, 1)].astype(f32))
+    dt = jnp.sum(zx(col_dt, 1).astype(f32)) + jnp.sum(dtb_ref[pl.ds(h, 1)].astype(f32))
     dt = _softplus(dt)
     lo, hi = dt_limit
     if lo > 0.0 or hi != float("inf"):
         dt = jnp.clip(dt, lo, hi)
     a = -jnp.exp(jnp.sum(alog_ref[pl.ds(h, 1)].astype(f32)))
-    state = ssm_ref[b, h].astype(f32) * jnp.exp(dt * a) + (dt * x)[:, None] * bv[None, :]
-    ssm_out_ref[b, h] = state.astype(ssm_out_ref.dtype)  # aliased with ssm_ref: updated in place
+    rows = pl.ds(p0, bp)
+    state = ssm_ref[b, h, rows].astype(f32) * jnp.exp(dt * a) + (dt * x)[:, None] * bv[None, :]
+    ssm_out_ref[b, h, rows] = state.astype(ssm_out_ref.dtype)  # aliased with ssm_ref: updated in place
     y = jnp.sum(state * cv[None, :], axis=1) + x * jnp.sum(d_ref[pl.ds(h, 1)].astype(f32))
-    z = zx_ref[b, grp, pl.ds(r * p, p)].astype(f32)
-    g_ref[b, pl.ds(h * p, p)] = (y.astype(cdtype).astype(f32) * _silu(z)).astype(g_ref.dtype)
+    gated = y.astype(cdtype).astype(f32) * _silu(zx(r * p + p0, bp).astype(f32))
+    g_ref[b, pl.ds(h * p + p0, bp)] = gated.astype(g_ref.dtype)
+    ss_ref[b, h, pl.ds(j, 1)] = jnp.sum(gated * gated, keepdims=True)  # the gated norm's statistics
 
-    for t in range(taps):
-        conv_out_ref[b, t, grp, pl.ds(ch_x, p)] = x_win[t].astype(conv_out_ref.dtype)
+    conv_out_ref[b, slot, grp, pl.ds(ch_x, bp)] = x_win.astype(conv_out_ref.dtype)
 
-    @pl.when(r == 0)  # B and C are shared by a group's heads: its first head writes their window
+    @pl.when((r == 0) & (j == 0))  # B and C are shared by a group's heads: its first program writes them
     def _():
-        for t in range(taps):
-            conv_out_ref[b, t, grp, pl.ds(ch_b, s)] = b_win[t].astype(conv_out_ref.dtype)
-            conv_out_ref[b, t, grp, pl.ds(ch_c, s)] = c_win[t].astype(conv_out_ref.dtype)
+        conv_out_ref[b, slot, grp, pl.ds(ch_b, s)] = b_win.astype(conv_out_ref.dtype)
+        conv_out_ref[b, slot, grp, pl.ds(ch_c, s)] = c_win.astype(conv_out_ref.dtype)
 
 
 def ssm_step_unsupported(p: int, s: int) -> str | None:
@@ -198,30 +220,98 @@ def ssm_step_unsupported(p: int, s: int) -> str | None:
     return None
 
 
-@functools.partial(jax.jit, static_argnames=("heads", "dt_limit", "warps"))
-def ssm_step(zx_BGW, conv_BCGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H, dt_bias_H, *, heads, dt_limit, warps=4):
-    """One decode step of a Mamba2 mixer after in_proj. zx: in_proj output (B, G, W) as [z | x | B | C | dt]
-    per group; conv: the last C = K − 1 conv inputs (B, C, G, F); ssm: the state (B, H, P, S), updated in
-    place (aliased: donate it under jit). Returns (y · SiLU(z) (B, H·P) float32, the gated norm's input; the
-    new conv window; the new state)."""
-    bsz, taps, g, _ = conv_BCGF.shape
+@functools.partial(jax.jit, static_argnames=("heads", "dt_limit", "norm_eps", "g_dtype", "block_p", "warps"))
+def ssm_step(
+    zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H, dt_bias_H, pos, norm_in_BD=None, *,
+    heads, dt_limit, norm_eps=0.0, g_dtype=jnp.float32, block_p=None, warps=4,
+):  # fmt: skip
+    """One decode step of a Mamba2 mixer after in_proj, for the token at position `pos` (int scalar).
+
+    zx: in_proj output (B, G, W) as [z | x | B | C | dt] per group; with `norm_in` (B, D), in_proj's
+    unnormalised input, it is scaled by that input's 1/rms = rsqrt(mean(norm_in²) + norm_eps) (the
+    norm's weight folded into in_proj: `mamba_jax.inference.fold`). conv: the conv inputs as a ring of K slots
+    (B, K, G, F), the input at position t in slot t mod K (`conv_ring` builds it from the last K − 1);
+    updated in place. ssm: the state (B, H, P, S), updated in place. Donate both under jit (aliased).
+    One program per (row, head, `block_p` rows of the head's state); by default the largest `block_p`
+    that gives ≈ 512 programs (≥ 16 rows). Returns (g = y · SiLU(z) (B, H·P) in `g_dtype`, the gated
+    norm's input; Σ g² (B, H, P / block_p) float32 per head and block of rows, from g before rounding;
+    the conv ring; the state)."""
+    bsz, k, g, _ = conv_BKGF.shape
     _, _, p, s = ssm_BHPS.shape
     reason = ssm_step_unsupported(p, s)
     if reason:
         raise ValueError(f"ssm_step does not support {reason}.")
+    if k != conv_w_KGF.shape[0]:
+        raise ValueError(f"the conv ring has {k} slots for a {conv_w_KGF.shape[0]}-tap conv (see conv_ring).")
+    if norm_in_BD is None:  # no input norm: rsqrt(1² / 1 + 0) = 1
+        norm_in_BD, norm_eps = jnp.ones((bsz, 1), jnp.float32), 0.0
+    # Enough programs to fill the GPU a few times over (at batch 1 a 2.7B layer has only 80 heads).
+    bp = block_p or p // min(max(p // 16, 1), pl.next_power_of_2(-(-512 // (bsz * heads))))
+    if p % bp or not _pow2(bp) or bp < 16:
+        raise ValueError(f"block_p={bp} must be a power of two ≥ 16 dividing the head dim {p}.")
+    nj = p // bp
     kernel = functools.partial(
-        _step_kernel, r_heads=heads // g, p=p, s=s, taps=taps, dt_limit=tuple(dt_limit), cdtype=jnp.dtype(zx_BGW.dtype)
-    )
-    return pl.pallas_call(
+        _step_kernel, r_heads=heads // g, p=p, bp=bp, s=s, taps=k - 1, dt_limit=tuple(dt_limit),
+        norm_eps=norm_eps, cdtype=jnp.dtype(zx_BGW.dtype),
+    )  # fmt: skip
+    slot = jnp.reshape(jnp.asarray(pos, jnp.int32) % k, (1,))
+    g_BF, ss_BHJ, conv, ssm = pl.pallas_call(
         kernel,
         out_shape=(
-            jax.ShapeDtypeStruct((bsz, heads * p), jnp.float32),
-            jax.ShapeDtypeStruct(conv_BCGF.shape, conv_BCGF.dtype),
+            jax.ShapeDtypeStruct((bsz, heads * p), g_dtype),
+            jax.ShapeDtypeStruct((bsz, heads, nj), jnp.float32),
+            jax.ShapeDtypeStruct(conv_BKGF.shape, conv_BKGF.dtype),
             jax.ShapeDtypeStruct(ssm_BHPS.shape, ssm_BHPS.dtype),
         ),
-        grid=(bsz, heads),
-        input_output_aliases={4: 2},
+        grid=(bsz, heads, nj),
+        input_output_aliases={1: 2, 4: 3},
         compiler_params=plt.CompilerParams(num_warps=warps, num_stages=1),
         interpret=_interpret(),
         name="ssm_step",
-    )(zx_BGW, conv_BCGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H, dt_bias_H)
+    )(zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H, dt_bias_H, norm_in_BD, slot)
+    return g_BF, ss_BHJ, conv, ssm
+
+
+def conv_ring(window_BCGF, pos: int):
+    """The ring `ssm_step` reads from a window of the last C = K − 1 conv inputs in order, the newest at
+    position `pos` − 1: input at position t in slot t mod K (slot `pos` mod K, not yet written, zero)."""
+    k = window_BCGF.shape[1] + 1
+    ring = jnp.concatenate([window_BCGF, jnp.zeros_like(window_BCGF[:, :1])], axis=1)  # positions pos−C … pos
+    return jnp.roll(ring, (pos - (k - 1)) % k, axis=1)
+
+
+# --- the residual add behind out_proj ---------------------------------------------------------------------
+def _residual_kernel(h_ref, o_ref, ss_ref, out_ref, *, d, bd, nss, norm_dim, eps, cdtype):
+    b = pl.program_id(0)
+    d0 = pl.program_id(1) * bd
+    f32 = jnp.float32
+    sp = pl.next_power_of_2(nss)  # Triton blocks are powers of two: mask the rest
+    cols = (d0 + jnp.arange(bd) < d)[None, :]
+    ss = plt.load(ss_ref.at[pl.ds(b, 1), pl.ds(0, sp)], mask=(jnp.arange(sp) < nss)[None, :], other=0.0)
+    inv = jax.lax.rsqrt(jnp.sum(ss) / norm_dim + eps)
+    o = plt.load(o_ref.at[pl.ds(b, 1), pl.ds(d0, bd)], mask=cols, other=0.0).astype(f32)
+    h = plt.load(h_ref.at[pl.ds(b, 1), pl.ds(d0, bd)], mask=cols, other=0.0).astype(f32)
+    y = h + (o * inv).astype(cdtype).astype(f32)  # out_proj's output rounds as the unfused path rounds it
+    plt.store(out_ref.at[pl.ds(b, 1), pl.ds(d0, bd)], y.astype(out_ref.dtype), mask=cols)
+
+
+@functools.partial(jax.jit, static_argnames=("norm_dim", "eps"))
+def gated_norm_residual(h_BD, out_BD, ss_BX, *, norm_dim, eps):
+    """h + (out · rsqrt(Σ ss / norm_dim + eps)) rounded to out's dtype: the gated RMSNorm's 1/rms (one norm
+    group; its weight folded into out_proj) applied to out_proj's output, and the residual add, in one
+    launch. ss: the step kernel's sums of squares of the norm's input, (B, any number of partial sums)."""
+    bsz, d = h_BD.shape
+    ss_BX = ss_BX.reshape(bsz, -1)
+    bd = min(pl.next_power_of_2(d), 512)  # a few programs per row: at batch 1 one would work alone
+    kernel = functools.partial(
+        _residual_kernel, d=d, bd=bd, nss=ss_BX.shape[1], norm_dim=norm_dim, eps=eps, cdtype=jnp.dtype(out_BD.dtype)
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(h_BD.shape, h_BD.dtype),
+        grid=(bsz, pl.cdiv(d, bd)),
+        input_output_aliases={0: 0},
+        compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
+        interpret=_interpret(),
+        name="gated_norm_residual",
+    )(h_BD, out_BD, ss_BX)

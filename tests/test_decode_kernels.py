@@ -6,10 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from helpers import rel_err, small_hybrid
 
 from mamba_jax.inference.engine import Engine, SamplingParams, pad_prompts
+from mamba_jax.inference.fold import fold_norm_weights
 from mamba_jax.kernels import decode as kd
+from mamba_jax.models.stack import Block
 from mamba_jax.ops.ssd_reference import ssd_step
 from mamba_jax.parallel import init_model
 
@@ -50,11 +53,12 @@ def test_norm_gemv_rejects_what_it_cannot_take():
         kd.norm_gemv(jnp.ones((1, 120)), jnp.ones(120), jnp.ones((120, 32)), eps=1e-5, groups=3)
 
 
-@pytest.mark.parametrize(
-    "groups,dt_limit,state_dtype", [(1, (0.0, float("inf")), jnp.float32), (2, (0.01, 0.1), jnp.bfloat16)]
-)
-def test_ssm_step_matches_conv_and_recurrence(groups, dt_limit, state_dtype):
-    b, h, p, s, taps = 2, 4, 16, 32, 3
+@pytest.mark.parametrize("groups,dt_limit,state_dtype,p,block_p", [
+    (1, (0.0, float("inf")), jnp.float32, 16, None),
+    (2, (0.01, 0.1), jnp.bfloat16, 32, 16),  # two programs per head, each half of its state rows
+])  # fmt: skip
+def test_ssm_step_matches_conv_and_recurrence(groups, dt_limit, state_dtype, p, block_p):
+    b, h, s, taps = 2, 4, 32, 3
     r = h // groups
     f = r * p + 2 * s
     w = 2 * r * p + 2 * s + r
@@ -67,9 +71,16 @@ def test_ssm_step_matches_conv_and_recurrence(groups, dt_limit, state_dtype):
     a_log = jnp.log(jax.random.uniform(ks[5], (h,), jnp.float32, 1, 16))
     dvec = jax.random.normal(ks[6], (h,), jnp.float32)
     dtb = jax.random.normal(ks[7], (h,), jnp.float32)
-    g_BF, conv_new, ssm_new = kd.ssm_step(zx, conv, cw, cb, ssm, a_log, dvec, dtb, heads=h, dt_limit=dt_limit)
+    u = jax.random.normal(ks[8], (b, 48), jnp.float32) * 2  # in_proj's input when the norm was folded into it
+    scale = jax.lax.rsqrt(jnp.mean(u * u, axis=-1) + 1e-5)
+    pos = 7 + groups  # the ring's slots rotate with the position
+    g_BF, ss_BH, ring_new, ssm_new = kd.ssm_step(
+        zx, kd.conv_ring(conv, pos), cw, cb, ssm, a_log, dvec, dtb, pos, u,
+        heads=h, dt_limit=dt_limit, norm_eps=1e-5, block_p=block_p,
+    )  # fmt: skip
 
     # Plain formula: the depthwise conv over [window | new], SiLU, the recurrence of ssd_step, the z gate.
+    zx = zx * scale[:, None, None]
     z, xbc, dt = zx[..., : r * p], zx[..., r * p : r * p + f], zx[..., r * p + f :]
     window = jnp.concatenate([conv, xbc[:, None]], axis=1)
     act = jax.nn.silu(jnp.einsum("bkgf,kgf->bgf", window, cw, precision="highest") + cb)
@@ -77,9 +88,25 @@ def test_ssm_step_matches_conv_and_recurrence(groups, dt_limit, state_dtype):
     y, state = ssd_step(ssm.astype(jnp.float32), x.reshape(b, h, p), dt.reshape(b, h), -jnp.exp(a_log), B, C,
                         D=dvec, z_BHP=z.reshape(b, h, p), dt_bias=dtb, dt_softplus=True, dt_limit=dt_limit)  # fmt: skip
     assert rel_err(g_BF, y.reshape(b, h * p)) <= 1e-5
+    assert rel_err(ss_BH.sum(-1), jnp.sum(jnp.square(y), axis=-1)) <= 1e-5
     assert rel_err(ssm_new.astype(jnp.float32), state.astype(state_dtype).astype(jnp.float32)) <= 1e-5
     assert ssm_new.dtype == state_dtype
-    np.testing.assert_array_equal(conv_new, window[:, 1:])
+    k = taps + 1  # the ring now holds positions pos − taps + 1 … pos (the last `taps` inputs)
+    newest = [ring_new[:, (pos - taps + 1 + i) % k] for i in range(taps)]
+    np.testing.assert_allclose(np.stack(newest, axis=1), window[:, 1:], rtol=1e-6)  # 1/rms: summation order
+
+
+@pytest.mark.parametrize("h_dtype", [jnp.float32, jnp.bfloat16])
+def test_gated_norm_residual_matches_formula(h_dtype):
+    ks = jax.random.split(jax.random.key(3), 3)
+    h = jax.random.normal(ks[0], (3, 1100), jnp.float32).astype(h_dtype)  # not a power of two; 3 blocks
+    out = jax.random.normal(ks[1], (3, 1100), jnp.float32).astype(jnp.bfloat16)
+    ss = jax.random.uniform(ks[2], (3, 5, 2), jnp.float32, 1.0, 50.0)
+    got = kd.gated_norm_residual(h, out, ss, norm_dim=160, eps=1e-5)
+    inv = jax.lax.rsqrt(ss.sum((1, 2)) / 160 + 1e-5)[:, None]
+    want = h + (out.astype(jnp.float32) * inv).astype(jnp.bfloat16).astype(h_dtype)
+    assert got.dtype == h_dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-6, atol=1e-6)
 
 
 def _kernel_model(pattern, **changes):
@@ -87,9 +114,26 @@ def _kernel_model(pattern, **changes):
     return small_hybrid(pattern=pattern, mamba_head_dim=16, **changes)
 
 
-@pytest.mark.parametrize("pattern,batch", [("MMM", 3), ("M*-M", 3), ("MM", 6)])
-def test_kernel_decoding_equals_full_forward(pattern, batch):
-    model = init_model(_kernel_model(pattern, decode_impl="pallas", residual_in_fp32=True), seed=5)
+def _random_norm_weights(model, seed):
+    """Norm weights away from their init of ones, so that folding them into the projections is tested."""
+    keys = iter(jax.random.split(jax.random.key(seed), 64))
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, Block):
+            for var in (module.norm.weight, getattr(module.mixer, "norm", None)):
+                if isinstance(var, nnx.Variable):
+                    var[...] = 1 + 0.3 * jax.random.normal(next(keys), var[...].shape, var[...].dtype)
+    return model
+
+
+@pytest.mark.parametrize("pattern,batch,fold,groups", [
+    ("MMM", 3, False, 4), ("M*-M", 3, False, 4), ("MM", 6, False, 4),
+    ("MMM", 3, True, 1), ("M*-M", 2, True, 2),  # folded norms: one gated-norm group, and per-group norms
+])  # fmt: skip
+def test_kernel_decoding_equals_full_forward(pattern, batch, fold, groups):
+    cfg = _kernel_model(pattern, decode_impl="pallas", residual_in_fp32=True, mamba_num_groups=groups,
+                        mamba_norm_per_group=groups > 1)  # fmt: skip
+    reference = _random_norm_weights(init_model(cfg, seed=5), seed=batch)
+    model = fold_norm_weights(nnx.clone(reference)) if fold else reference
     rng = np.random.default_rng(batch)
     prompts = [rng.integers(1, 250, n).tolist() for n in rng.integers(2, 20, batch)]
     cont = [rng.integers(1, 250, 4).tolist() for _ in range(batch)]
@@ -105,17 +149,24 @@ def test_kernel_decoding_equals_full_forward(pattern, batch):
         steps.append(logits)
     inc = np.stack(steps, axis=1)
     for b, (p, c) in enumerate(zip(prompts, cont, strict=True)):
-        full = model(jnp.asarray([p + c[:3]]))[0, len(p) - 1 :]
+        full = reference(jnp.asarray([p + c[:3]]))[0, len(p) - 1 :]
         assert rel_err(inc[b], full) <= 1e-4, b
 
 
 def test_engine_with_kernels_generates_as_without():
-    model = init_model(_kernel_model("M*-M"), seed=2)
+    model = _random_norm_weights(init_model(_kernel_model("M*-M", mamba_num_groups=1), seed=2), seed=1)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, 250, n).tolist() for n in (4, 13)]
     params = SamplingParams(max_new_tokens=6, temperature=0.0)
     xla = Engine(model, decode_impl="xla").generate(prompts, params)
-    fused = Engine(model, decode_impl="pallas").generate(prompts, params)
+    engine = Engine(model, decode_impl="pallas")  # folds the norm weights into the projections
+    folded = nnx.merge(engine.graphdef, engine.state)
+    assert all(
+        b.norm_folded and b.mixer.norm_folded
+        for _, b in nnx.iter_graph(folded)
+        if isinstance(b, Block) and b.symbol == "M"
+    )
+    fused = engine.generate(prompts, params)
     assert fused.tokens == xla.tokens
     np.testing.assert_allclose(fused.logprobs, xla.logprobs, rtol=1e-4, atol=1e-5)
 

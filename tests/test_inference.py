@@ -144,3 +144,13 @@ def test_bad_input_is_named():
         SamplingParams(max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
+
+
+def test_compiler_options_reach_the_generation_loop(hybrid):
+    """Options go to XLA with the loop's compilation: a real one changes nothing, an unknown one is named."""
+    params = SamplingParams(max_new_tokens=3, temperature=0.0)
+    plain = Engine(hybrid).generate([[5, 6, 7]], params)
+    tuned = Engine(hybrid, compiler_options={"xla_gpu_exhaustive_tiling_search": True}).generate([[5, 6, 7]], params)
+    assert tuned.tokens == plain.tokens
+    with pytest.raises(Exception, match="no_such_option"):
+        Engine(hybrid, compiler_options={"no_such_option": 1}).generate([[5, 6, 7]], params)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mamba_jax.inference.fold import fold_norm_weights
 from mamba_jax.inference.sampling import filter_logits
 from mamba_jax.models.stack import unstack_layers
 
@@ -79,7 +80,17 @@ def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 1):
 class Engine:
     """Compiled generation for one model; reuse it across calls (each new shape compiles once)."""
 
-    def __init__(self, model, *, dtype=None, state_dtype="float32", mesh=None, unstack: bool = True, decode_impl=None):
+    def __init__(
+        self,
+        model,
+        *,
+        dtype=None,
+        state_dtype="float32",
+        mesh=None,
+        unstack: bool = True,
+        decode_impl=None,
+        compiler_options: dict | None = None,
+    ):
         """`dtype`: cast the weight matrices (e.g. bf16 for serving a float32-trained model). `state_dtype`:
         the SSM state kept between decode steps; float32 (default) is exact, bfloat16 halves the bytes every
         step moves (what mamba_ssm keeps in a bf16 model; at batch 32 of Mamba2-2.7B the float32 states are
@@ -87,17 +98,23 @@ class Engine:
         `unstack`: decode with every layer's weights in their own buffers (see `unstack_layers`: several
         times faster per token; costs a second copy of the layer weights while `model` is alive).
         `decode_impl`: override the model's `decode_impl` ("auto", "xla", "pallas": the fused Mamba decode
-        kernels, see mamba_jax.kernels.decode)."""
+        kernels, see mamba_jax.kernels.decode). `unstack` with the fused kernels also folds the Mamba blocks'
+        norm weights into their projections (`mamba_jax.inference.fold`; same function, fewer launches).
+        `compiler_options`: XLA options for compiling the generation loop (e.g.
+        {"xla_gpu_exhaustive_tiling_search": True}: a wider autotuning of the GEMVs)."""
         if dtype is not None:
             model = nnx.merge(*_cast_state(nnx.split(model), dtype))
         if unstack:
             model = unstack_layers(model)
         if decode_impl is not None:
             model = _with_decode_impl(model if unstack else nnx.clone(model), decode_impl)
+        if unstack and _fused_decode_possible(model.cfg.decode_impl, mesh):
+            model = fold_norm_weights(model)  # the unstacked view's own arrays (see mamba_jax.inference.fold)
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
         self.mesh = mesh
         self.state_dtype = jnp.dtype(state_dtype).name
+        self.compiler_options = tuple(sorted((compiler_options or {}).items()))
 
     def generate(
         self,
@@ -120,6 +137,7 @@ class Engine:
             bool(stream),
             vocab_size,
             self.state_dtype,
+            self.compiler_options,
         )
         args = (self.state, jnp.asarray(ids), jnp.asarray(start), jax.random.key(params.seed))
         if stream is not None:
@@ -159,6 +177,14 @@ def _with_decode_impl(model, impl: str):
     return model
 
 
+def _fused_decode_possible(impl: str, mesh) -> bool:
+    """Whether decoding may take the fused kernel path (the Mamba layers decide per trace; this only says
+    whether folding the norm weights for it can pay off)."""
+    if impl == "xla" or (mesh is not None and mesh.size > 1):
+        return False
+    return impl == "pallas" or jax.default_backend() == "gpu"
+
+
 def _cast_state(split, dtype):
     """Cast the matrices (the weight-decayed parameters: projections, embeddings, conv) to `dtype`; A_log, D,
     dt_bias, norms and biases keep their precision (exp(A_log) compounds over every step)."""
@@ -186,7 +212,15 @@ def _cast_ssm_states(cache, dtype: str):
 
 
 @functools.lru_cache(maxsize=32)
-def _generate_fn(graphdef, params: SamplingParams, eos_id: int, stream: bool, vocab_size: int | None, state_dtype: str):
+def _generate_fn(
+    graphdef,
+    params: SamplingParams,
+    eos_id: int,
+    stream: bool,
+    vocab_size: int | None,
+    state_dtype: str,
+    compiler_options: tuple = (),
+):
     T = params.max_new_tokens
 
     def run(state, ids_BL, start_B, key):
@@ -244,4 +278,4 @@ def _generate_fn(graphdef, params: SamplingParams, eos_id: int, stream: bool, vo
         out = jax.lax.while_loop(cond, body, carry)
         return out[6], out[7], out[0]
 
-    return jax.jit(run)
+    return jax.jit(run, compiler_options=dict(compiler_options) or None)

@@ -92,6 +92,9 @@ class Mamba2Mixer(nnx.Module):
         self.norm = param(jnp.ones((h, p), pdt), ("ssm_heads", None), decay=False)
         out_std = cfg.init_std / math.sqrt(cfg.n_layers)
         self.out_proj = param(normal(rngs, (h, p, d), out_std, pdt), ("ssm_heads", None, "embed"))
+        # True once `fold_norm_weights` moved `norm` into out_proj (norm is then ones): with one norm group,
+        # the fused decode applies the norm's 1/rms after out_proj instead of before it.
+        self.norm_folded = False
 
     # --- pieces shared by the training forward, prefill and decode ---------------------------------------
     def _in_proj(self, x_BLD, key=None):
@@ -154,7 +157,8 @@ class Mamba2Mixer(nnx.Module):
     # --- inference: prefill and one-token decode ---------------------------------------------------------
     def prefill(self, x_BLD, *, seq_idx, positions, cache_len):
         """Full forward that also returns the decoding cache: the last K−1 conv inputs (B, K−1, G, F) and
-        the SSM state (B, H, P, N) float32, both of the document at the last position."""
+        the SSM state (B, H, P, N) float32, both of the document at the last position. When decoding takes
+        the fused kernel, the conv inputs are its ring of K slots instead (`kernels.decode.conv_ring`)."""
         del positions, cache_len
         k = self.cfg.mamba_d_conv
         y_BLD, xBC_BLGF, ssm_BHPN = self._forward(x_BLD, seq_idx, return_state=True)
@@ -163,13 +167,17 @@ class Mamba2Mixer(nnx.Module):
         if seq_idx is not None:  # inputs of an earlier document must not reach the conv of the last one
             sid = jnp.pad(seq_idx, ((0, 0), (pad, 0)), constant_values=-1)[:, seq_idx.shape[1] + pad - (k - 1) :]
             tail_BKGF = jnp.where((sid == seq_idx[:, -1:])[..., None, None], tail_BKGF, 0)
+        if self._decode_kernel():
+            from mamba_jax.kernels.decode import conv_ring
+
+            tail_BKGF = conv_ring(tail_BKGF, x_BLD.shape[1])  # the next token decoded is at position L
         return y_BLD, {"conv": tail_BKGF, "ssm": ssm_BHPN}
 
     def decode(self, x_BD, cache, *, pos, start):
         """One token per row: (B, D) → (B, D), with the cache advanced by that token."""
-        del pos, start
+        del start
         if self._decode_kernel():
-            return self._decode_fused(x_BD, cache)
+            return self._decode_fused(x_BD, cache, pos)
         cfg = self.cfg
         b = x_BD.shape[0]
         h, p = cfg.mamba_heads, cfg.mamba_head_dim
@@ -206,17 +214,23 @@ class Mamba2Mixer(nnx.Module):
             note_once(f"decode_impl='pallas': the fused decode kernel does not support {reason}; using XLA.")
         return not reason and (impl == "pallas" or jax.default_backend() == "gpu")
 
-    def _decode_fused(self, x_BD, cache):
+    def _decode_fused(self, x_BD, cache, pos, residual_BD=None):
         """`decode` with the fused SSM step of `mamba_jax.kernels.decode` (conv + dt + state update + y + gate
-        in one launch) between XLA's in_proj and gated norm + out_proj. (The kernels' fused norm + GEMV is
-        slower than XLA's GEMV on an H100 today: benchmarks/README.md.)"""
-        from mamba_jax.kernels.decode import ssm_step
+        in one launch) between XLA's in_proj and out_proj.
+
+        With `residual_BD` (from `Block.decode`, which folded its input norm's weight into in_proj), `x_BD`
+        is that raw residual, the step kernel applies the norm's 1/rms to in_proj's output, and the result
+        is the residual stream after this block. With the gated norm's weight folded into out_proj and one
+        norm group, its 1/rms (from the kernel's sums of squares) scales out_proj's output, applied with the
+        residual add in one more launch: no norm kernel runs between the weight streams."""
+        from mamba_jax.kernels.decode import gated_norm_residual, ssm_step
 
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         b = x_BD.shape[0]
         h, p = cfg.mamba_heads, cfg.mamba_head_dim
-        g_BF, conv, ssm = ssm_step(
+        post_norm = self.norm_folded and not (cfg.mamba_norm_per_group and cfg.mamba_num_groups > 1)
+        g_BF, ss_BHJ, conv, ssm = ssm_step(
             linear(self, "in_proj", x_BD, 1, dtype),
             cache["conv"].astype(dtype),
             self.conv_weight[...],
@@ -225,7 +239,20 @@ class Mamba2Mixer(nnx.Module):
             self.A_log[...],
             self.D[...],
             self.dt_bias[...],
+            pos,
+            residual_BD,
             heads=h,
             dt_limit=tuple(cfg.mamba_dt_limit),
+            norm_eps=cfg.norm_eps,
+            g_dtype=dtype if post_norm else jnp.float32,
         )
-        return self._out(g_BF.reshape(b, 1, h, p))[:, 0], {"conv": conv, "ssm": ssm}
+        cache = {"conv": conv, "ssm": ssm}
+        if not post_norm:
+            out_BD = self._out(g_BF.reshape(b, 1, h, p))[:, 0]
+            return (out_BD if residual_BD is None else residual_BD + out_BD.astype(residual_BD.dtype)), cache
+        # rmsnorm(g) @ W = (g @ W) / rms(g): with its weight folded into W, the norm is one scalar per row.
+        out_BD = linear(self, "out_proj", g_BF.reshape(b, h, p), 2, dtype)
+        if residual_BD is not None:
+            return gated_norm_residual(residual_BD, out_BD, ss_BHJ, norm_dim=h * p, eps=cfg.norm_eps), cache
+        inv_B1 = jax.lax.rsqrt(jnp.sum(ss_BHJ, axis=(1, 2))[:, None] / (h * p) + cfg.norm_eps)
+        return (out_BD.astype(jnp.float32) * inv_B1).astype(dtype), cache

@@ -61,6 +61,9 @@ class Block(nnx.Module):
         self.symbol = symbol
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.mixer = LAYERS[symbol](cfg, 0, rngs=rngs)
+        # True once `fold_norm_weights` moved the norm's weight into the mixer's in_proj (the norm is then
+        # ones): a fused Mamba decode takes the raw input and the norm's 1/rms instead of the normed input.
+        self.norm_folded = False
 
     def __call__(self, h_BLD, *, seq_idx=None, positions=None, key=None):
         out = self.mixer(self.norm(h_BLD), seq_idx=seq_idx, positions=positions, key=key)
@@ -71,6 +74,8 @@ class Block(nnx.Module):
         return h_BLD + out.astype(h_BLD.dtype), cache
 
     def decode(self, h_BD, cache, *, pos, start):
+        if self.norm_folded and self.mixer._decode_kernel():  # the mixer normalises and adds the residual
+            return self.mixer._decode_fused(h_BD, cache, pos, residual_BD=h_BD)
         out, cache = self.mixer.decode(self.norm(h_BD), cache, pos=pos, start=start)
         return h_BD + out.astype(h_BD.dtype), cache
 
