@@ -11,7 +11,10 @@ prefill and overheads cancel), and the roofline: every decode step reads all wei
 batch × bandwidth / weight bytes (the bandwidth measured here: the faster of a device copy and a read-only
 sum); at large batches the
 states count too (each step reads and writes every SSM state, reads the conv windows and the K / V cache), so
-a second roofline adds those bytes. `--state-dtype` picks the dtype the SSM states are kept in between steps
+a second roofline adds those bytes. XLA's copy / sum reach only 1.6–2.5 TB/s on the same H100 (varying by
+run) where a torch copy reaches 2.93 (benchmarks/gemv_probe.py --torch), so each row also carries the
+roofline at PERFORMANCE.md's floor bandwidth, 2.8 TB/s (`nominal`), the figure to compare across runs.
+`--state-dtype` picks the dtype the SSM states are kept in between steps
 (mamba_ssm keeps bf16). `nemotronh_8b_13l` is Nemotron-H 8B cut to its first 13 layers.
 """
 
@@ -35,6 +38,7 @@ from mamba_jax import config as mjc
 from mamba_jax.inference.engine import Engine, SamplingParams
 from mamba_jax.parallel import init_model
 
+NOMINAL_BANDWIDTH = 2.8e12  # bytes/s: PERFORMANCE.md's floor for an H100 (reads of the weights)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {
     "mamba2_130m": ("mamba2_130m.py", None),
@@ -167,6 +171,7 @@ def main() -> int:
                 roofline = batch * bw / weight_bytes
                 cache = cache_bytes_per_step(model, batch, args.prompt_len, args.new_tokens, state_dtype)
                 roofline_all = batch * bw / (weight_bytes + cache)
+                nominal = batch * NOMINAL_BANDWIDTH / weight_bytes
                 row = {
                     "model": name,
                     "batch": batch,
@@ -184,6 +189,8 @@ def main() -> int:
                     "fraction_of_roofline": decode / roofline,
                     "roofline_with_state_tokens_per_s": roofline_all,
                     "fraction_of_roofline_with_state": decode / roofline_all,
+                    "nominal_roofline_tokens_per_s": nominal,
+                    "fraction_of_nominal_roofline": decode / nominal,
                     "mamba_ssm": peer,
                 }
                 rows.append(row)
@@ -193,7 +200,7 @@ def main() -> int:
     )
     print(
         f"{'model':>18} {'batch':>5} {'state':>8} {'impl':>6} {'TTFT ms':>8} {'tok/s':>9} {'roofline':>9} {'frac':>5} "
-        f"{'+state':>9} {'frac':>5} {'mamba_ssm':>10}"
+        f"{'+state':>9} {'frac':>5} {'nominal':>8} {'frac':>5} {'mamba_ssm':>10}"
     )
     for r in rows:
         peer = (r.get("mamba_ssm") or {}).get("decode_tokens_per_s")
@@ -201,6 +208,7 @@ def main() -> int:
             f"{r['model']:>18} {r['batch']:>5} {r['state_dtype']:>8} {r['decode_impl']:>6} {1000 * r['ttft_s']:>8.1f} "
             f"{r['decode_tokens_per_s']:>9,.0f} {r['roofline_tokens_per_s']:>9,.0f} {r['fraction_of_roofline']:>5.2f} "
             f"{r['roofline_with_state_tokens_per_s']:>9,.0f} {r['fraction_of_roofline_with_state']:>5.2f} "
+            f"{r['nominal_roofline_tokens_per_s']:>8,.0f} {r['fraction_of_nominal_roofline']:>5.2f} "
             f"{f'{peer:,.0f}' if peer else '-':>10}"
         )
     write_result(

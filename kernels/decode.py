@@ -16,8 +16,8 @@ instead, with the norms' weights folded into the projections (`mamba_jax.inferen
   `norm_gemv`  (rmsnorm(x) · w_norm) @ W [+ residual]: a norm fused in front of a GEMV, the residual add
                behind it. Measured slower than XLA's own GEMV (the 2.7B in_proj 31.6 µs against 21.3,
                out_proj 50 µs against 11: benchmarks/decode_kernels.py; split-K and transposed-weight
-               variants reached no more than 1.4 TB/s against XLA's 2.5), so no decode path uses it; it
-               stays, tested, as the baseline for a faster one.
+               variants reached no more than 1.3 TB/s against XLA's 2.5: benchmarks/gemv_probe.py), so no
+               decode path uses it; it stays, tested, as the baseline for a faster one.
 
 Rounding follows the XLA decode path (`Mamba2Mixer.decode`): the in_proj output, conv output, x / B / C, y
 and out_proj's output are rounded to the compute dtype where that path rounds them, so both paths agree to
