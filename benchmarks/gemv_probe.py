@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 L = 16  # GEMVs per timed chain
 SHAPES = [(2560, 10576), (2560, 10240), (5120, 2560)]  # 2.7B in_proj, the same rounded to 256, out_proj
@@ -64,17 +63,9 @@ def pallas_probe() -> None:
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.triton as plt
     import jax.numpy as jnp
+    from bench_util import timed  # imports jax: kept out of the torch run
 
     bm, f32 = 16, jnp.float32
-
-    def timed(fn, *args, reps=20):
-        jax.block_until_ready(fn(*args))
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
 
     def splitk(x, w, *, bn, bk, splits, warps, stages, transposed):
         """Split-K tensor-core GEMV: program (column block, K split) → partial sums, added by XLA."""
