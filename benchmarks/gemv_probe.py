@@ -1,14 +1,15 @@
-"""What a batch-1 GEMV of the 2.7B decode shapes can reach on this GPU, outside the model: cuBLAS through
-torch, and hand-written Pallas Triton GEMVs (split-K, both weight layouts, tensor-core and FMA), against the
-device's copy / read bandwidth. It backs benchmarks/README.md's statement that XLA's own GEMV (≈ 2.5 TB/s
-in the decode trace) is the best of these.
+"""What a GEMV of the 2.7B decode shapes can reach on this GPU, outside the model: cuBLAS through torch,
+hand-written Pallas Triton GEMVs (split-K, both weight layouts, tensor-core and FMA) and the Mosaic GPU GEMV
+of `mamba_jax.kernels.gemv`, each against XLA's own dot on the same chain.
 
     python benchmarks/gemv_probe.py --torch > torch.txt     # cuBLAS (run alone: jax preallocates memory)
-    python benchmarks/gemv_probe.py > pallas.txt            # the Pallas variants
+    python benchmarks/gemv_probe.py > pallas.txt            # the Pallas Triton variants
+    python benchmarks/gemv_probe.py --mosaic > mosaic.txt   # kernels/gemv.py, batch 1 and 32
 
-Every variant runs a chain of 16 GEMVs with distinct weights (more bytes than L2 holds) and prints one JSON
-line per configuration: µs per GEMV and weight bytes / time. Exploratory: timed from the host around the
-chain (median of 20), so a few µs of launch per chain are included.
+Every variant runs a chain of 16 GEMVs with distinct weights (more bytes than L2 holds), REPS times inside
+one compiled loop (`looped`), and prints one JSON line per configuration: µs per GEMV and weight bytes /
+time. (Timed once per host call instead, as the first version of this script did, a chain measured the
+launches: ≈ 30 µs per GEMV whatever the kernel.) The torch probe still times per call.
 
 Dimension key: K reduction, N out features, BM the 16 rows of a tensor-core tile (the batch is masked in).
 """
@@ -16,11 +17,32 @@ Dimension key: K reduction, N out features, BM the 16 rows of a tensor-core tile
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 
 L = 16  # GEMVs per timed chain
+REPS = 10  # passes over the chain per timed call
 SHAPES = [(2560, 10576), (2560, 10240), (5120, 2560)]  # 2.7B in_proj, the same rounded to 256, out_proj
+
+
+def looped(gemv):
+    """REPS passes over the chain inside one compiled loop: the kernels queue back to back on the GPU
+    (timing a chain per host call measured the launches, ≈ 30 µs per GEMV whatever the kernel)."""
+    import jax  # not at the top: the torch probe runs without jax's memory preallocation
+    import jax.numpy as jnp
+
+    def run(x, ws):
+        def body(_, carry):
+            x, _ = carry
+            outs = [gemv(x, w) for w in ws]
+            # x takes a value from the last output: nothing in the loop is invariant (XLA would hoist it)
+            return x.at[0, 0].set(outs[-1].reshape(-1)[0].astype(x.dtype)), outs
+
+        init = [jnp.zeros(s.shape, s.dtype) for s in (jax.eval_shape(gemv, x, w) for w in ws)]
+        return jax.lax.fori_loop(0, REPS, body, (x, init))
+
+    return jax.jit(run)
 
 
 def torch_probe() -> None:
@@ -127,6 +149,8 @@ def pallas_probe() -> None:
         nbytes = L * k * n * 2
         x = jax.random.normal(key, (1, k), jnp.bfloat16)
         want = x.astype(f32) @ w_kn[0].astype(f32)
+        t = timed(looped(lambda x, w: x @ w), x, w_kn) / REPS
+        print(json.dumps({"impl": "xla", "k": k, "n": n, "us": t / L * 1e6, "tb_per_s": nbytes / t / 1e12}))
         confs = [("splitk", splitk, w_kn, dict(bn=bn, bk=128, splits=sp, warps=4, stages=st, transposed=False))
                  for bn, sp, st in [(64, 1, 4), (128, 1, 4), (128, 2, 4), (128, 4, 4), (256, 2, 3), (256, 4, 3),
                                     (256, 5, 3), (256, 10, 3), (128, 10, 4), (64, 4, 4)]]  # fmt: skip
@@ -139,9 +163,8 @@ def pallas_probe() -> None:
             if k // conf.get("splits", 1) % conf["bk"]:
                 continue
             try:
-                f = jax.jit(lambda x, ws, fn=fn, conf=conf: [fn(x, w, **conf) for w in ws])
-                err = float(jnp.max(jnp.abs(f(x, ws[:1])[0] - want)))
-                t = timed(f, x, ws)
+                err = float(jnp.max(jnp.abs(fn(x, ws[0], **conf) - want)))
+                t = timed(looped(lambda x, w, fn=fn, conf=conf: fn(x, w, **conf)), x, ws) / REPS
             except Exception as e:  # a configuration Triton cannot compile
                 print(json.dumps({"impl": name, **conf, "failed": repr(e)[:200]}), flush=True)
                 continue
@@ -149,10 +172,58 @@ def pallas_probe() -> None:
                               "tb_per_s": nbytes / t / 1e12, "max_abs_err": err}), flush=True)  # fmt: skip
 
 
+def mosaic_probe() -> None:
+    """`mamba_jax.kernels.gemv.gemv_t` (Mosaic GPU, TMA ring + transposed wgmma, split-K partials) against
+    XLA's dot on the same chain, batch 1 (padded to 8 rows) and 32; in_proj's columns padded to 64."""
+    import jax
+    import jax.numpy as jnp
+    from bench_util import timed
+
+    from mamba_jax.kernels.gemv import gemv_t, gemv_unsupported
+
+    f32, key = jnp.float32, jax.random.key(0)
+
+    shapes = [(2560, 10624, (1, 2, 4, 5)), (5120, 2560, (2, 4, 5, 8, 10))]
+    for k, n, split_opts in shapes:
+        ws = [jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.bfloat16) * 0.02 for i in range(L)]
+        nbytes = L * k * n * 2
+        for rows in (1, 32):
+            bp = -(-rows // 8) * 8
+            x = jax.random.normal(key, (bp, k), jnp.bfloat16)
+            xla = looped(lambda x, w, rows=rows: x[:rows] @ w)
+            t = timed(xla, x, ws) / REPS
+            print(json.dumps({"impl": "xla", "k": k, "n": n, "rows": rows, "us": t / L * 1e6,
+                              "tb_per_s": nbytes / t / 1e12}), flush=True)  # fmt: skip
+            want = (x.astype(f32) @ ws[0].astype(f32)).T
+            results = []
+            for bn, bk, splits, stages in itertools.product((64, 128), (64, 128, 256), split_opts, (4, 8)):
+                if gemv_unsupported(bp, k, n, bn=bn, bk=bk, splits=splits) or stages * bk * bn * 2 > 160 * 1024:
+                    continue
+                if rows > 1 and (bn, bk, splits, stages) not in best[k]:
+                    continue
+                conf = dict(bn=bn, bk=bk, splits=splits, stages=stages)
+                try:
+                    err = float(jnp.max(jnp.abs(gemv_t(x, ws[0], **conf).sum(0) - want)))
+                    t = timed(looped(lambda x, w, conf=conf: gemv_t(x, w, **conf)), x, ws) / REPS
+                except Exception as e:  # a configuration Mosaic cannot compile
+                    print(json.dumps({"impl": "mosaic", **conf, "failed": repr(e)[:300]}), flush=True)
+                    continue
+                results.append((t, (bn, bk, splits, stages)))
+                print(json.dumps({"impl": "mosaic", "k": k, "n": n, "rows": rows, **conf, "us": t / L * 1e6,
+                                  "tb_per_s": nbytes / t / 1e12, "max_abs_err": err}), flush=True)  # fmt: skip
+            if rows == 1:
+                best[k] = [c for _, c in sorted(results)[:6]]
+
+
+best: dict = {}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--torch", action="store_true", help="cuBLAS through torch instead of the Pallas GEMVs")
-    torch_probe() if ap.parse_args().torch else pallas_probe()
+    ap.add_argument("--mosaic", action="store_true", help="the Mosaic GPU GEMV (kernels/gemv.py) against XLA")
+    args = ap.parse_args()
+    torch_probe() if args.torch else mosaic_probe() if args.mosaic else pallas_probe()
 
 
 if __name__ == "__main__":

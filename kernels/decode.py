@@ -13,6 +13,12 @@ instead, with the norms' weights folded into the projections (`mamba_jax.inferen
   XLA: out_proj GEMV on the gated, unnormalised y →
   `gated_norm_residual`  the gated norm's 1/rms on out_proj's output + the residual add.
 
+At batch ≤ PREFETCH_MAX_BATCH the step kernel is latency-bound and the memory bus sits idle while it runs,
+so one more row of its programs reads the first PREFETCH_FRACTION of out_proj's weight into L2 (evict_last
+loads, summed into a dummy output); out_proj then finds that part in L2. Measured +1.5–2 % tokens/s at
+batch 1 for the 2.7B (benchmarks/README.md); the environment variable MAMBA_JAX_DECODE_PREFETCH overrides
+the fraction at trace time, for tuning.
+
   `norm_gemv`  (rmsnorm(x) · w_norm) @ W [+ residual]: a norm fused in front of a GEMV, the residual add
                behind it. Measured slower than XLA's own GEMV (the 2.7B in_proj 31.6 µs against 21.3,
                out_proj 50 µs against 11: benchmarks/decode_kernels.py; split-K and transposed-weight
@@ -31,6 +37,7 @@ P head dim, S state size, F conv channels per group, W in_proj columns per group
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.experimental.pallas as pl
@@ -39,6 +46,9 @@ import jax.numpy as jnp
 
 BM = 16  # rows of the GEMV's tensor-core tile (tl.dot needs 16); the batch is masked into it
 MAX_GEMV_ROWS = BM  # larger batches use XLA's GEMM (there the weights no longer dominate a step)
+PREFETCH_FRACTION = 0.3  # of out_proj's weight: 0.15–0.3 best at batch 1 (2.7B, H100); ≥ 0.45 slower
+PREFETCH_MAX_BATCH = 4  # above it the step kernel moves enough state to keep the bus busy itself
+PREFETCH_BLOCK = 8192  # elements per load of the L2 prefetch (16 KB of bf16 per program and load)
 
 
 def _interpret() -> bool:
@@ -147,13 +157,47 @@ def _silu(x):
     return x / (1.0 + jnp.exp(-x))
 
 
-def _step_kernel(
-    zx_ref, conv_ref, cw_ref, cb_ref, ssm_ref, alog_ref, d_ref, dtb_ref, u_ref, slot_ref,
+def _prefetch(i, pf_ref, out_ref, *, chunk, total):
+    """Reads program `i`'s `chunk` elements of `pf_ref` (flat) into L2 with evict_last, so the GEMV that
+    follows finds them there; the sum goes to a dummy output so the loads are not dead code."""
+    acc = jnp.zeros((), jnp.float32)
+    for part in range(0, chunk, PREFETCH_BLOCK):  # unrolled: the loads are independent, all in flight
+        idx = i * chunk + part + jnp.arange(min(PREFETCH_BLOCK, chunk))
+        v = plt.load(pf_ref.at[pl.ds(i * chunk + part, min(PREFETCH_BLOCK, chunk))], mask=idx < total, other=0.0,
+                     eviction_policy="evict_last")  # fmt: skip
+        acc = acc + jnp.sum(v.astype(jnp.float32))
+    out_ref[pl.ds(i, 1)] = jnp.full((1,), acc)
+
+
+def prefetch_elems(batch: int, weight_elems: int) -> int:
+    """How much of out_proj's weight `Mamba2Mixer._decode_fused` has the step kernel prefetch into L2."""
+    frac = float(os.environ.get("MAMBA_JAX_DECODE_PREFETCH", PREFETCH_FRACTION))
+    return int(frac * weight_elems) if batch <= PREFETCH_MAX_BATCH else 0
+
+
+def _step_kernel(*refs, has_prefetch, pf_chunk, pf_total, nj, bsz, **kw):
+    # Program ids are read here, outside the branches (the interpreter cannot lower them inside a cond).
+    # j: which `bp` rows of the head's state (more, smaller programs at large batch).
+    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    if not has_prefetch:
+        return _step_body(b, h, j, *refs, **kw)
+    pf_ref, pf_out_ref = refs[10], refs[-1]  # the last input and the last output
+    refs = refs[:10] + refs[11:-1]
+    # One extra row of programs (b == bsz): the prefetchers.
+
+    @pl.when(b == bsz)
+    def _():
+        _prefetch(h * nj + j, pf_ref, pf_out_ref, chunk=pf_chunk, total=pf_total)
+
+    @pl.when(b < bsz)
+    def _():
+        _step_body(b, h, j, *refs, **kw)
+
+
+def _step_body(
+    b, h, j, zx_ref, conv_ref, cw_ref, cb_ref, ssm_ref, alog_ref, d_ref, dtb_ref, u_ref, slot_ref,
     g_ref, ss_ref, conv_out_ref, ssm_out_ref, *, r_heads, p, bp, s, taps, dt_limit, norm_eps, cdtype,
 ):  # fmt: skip
-    b = pl.program_id(0)
-    h = pl.program_id(1)
-    j = pl.program_id(2)  # which `bp` rows of the head's state (more, smaller programs at large batch)
     p0 = j * bp
     grp = h // r_heads
     r = h % r_heads
@@ -220,10 +264,12 @@ def ssm_step_unsupported(p: int, s: int) -> str | None:
     return None
 
 
-@functools.partial(jax.jit, static_argnames=("heads", "dt_limit", "norm_eps", "g_dtype", "block_p", "warps"))
+@functools.partial(
+    jax.jit, static_argnames=("heads", "dt_limit", "norm_eps", "g_dtype", "block_p", "warps", "prefetch_elems")
+)
 def ssm_step(
     zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H, dt_bias_H, pos, norm_in_BD=None, *,
-    heads, dt_limit, norm_eps=0.0, g_dtype=jnp.float32, block_p=None, warps=4,
+    heads, dt_limit, norm_eps=0.0, g_dtype=jnp.float32, block_p=None, warps=4, prefetch=None, prefetch_elems=0,
 ):  # fmt: skip
     """One decode step of a Mamba2 mixer after in_proj, for the token at position `pos` (int scalar).
 
@@ -235,7 +281,11 @@ def ssm_step(
     One program per (row, head, `block_p` rows of the head's state); by default the largest `block_p`
     that gives ≈ 512 programs (≥ 16 rows). Returns (g = y · SiLU(z) (B, H·P) in `g_dtype`, the gated
     norm's input; Σ g² (B, H, P / block_p) float32 per head and block of rows, from g before rounding;
-    the conv ring; the state)."""
+    the conv ring; the state).
+
+    `prefetch` (any array, read flat) with `prefetch_elems` > 0: one more row of programs reads its first
+    `prefetch_elems` elements into L2 meanwhile (the next GEMV's weight: at small batch this kernel is
+    latency-bound and leaves the memory bus idle)."""
     bsz, k, g, _ = conv_BKGF.shape
     _, _, p, s = ssm_BHPS.shape
     reason = ssm_step_unsupported(p, s)
@@ -250,25 +300,33 @@ def ssm_step(
     if p % bp or not _pow2(bp) or bp < 16:
         raise ValueError(f"block_p={bp} must be a power of two ≥ 16 dividing the head dim {p}.")
     nj = p // bp
+    pf_elems = min(prefetch_elems, prefetch.size) if prefetch is not None else 0
+    pf_chunk = pl.next_power_of_2(-(-pf_elems // (heads * nj))) if pf_elems else 0
     kernel = functools.partial(
         _step_kernel, r_heads=heads // g, p=p, bp=bp, s=s, taps=k - 1, dt_limit=tuple(dt_limit),
-        norm_eps=norm_eps, cdtype=jnp.dtype(zx_BGW.dtype),
+        norm_eps=norm_eps, cdtype=jnp.dtype(zx_BGW.dtype), has_prefetch=bool(pf_elems), pf_chunk=pf_chunk,
+        pf_total=pf_elems, nj=nj, bsz=bsz,
     )  # fmt: skip
     slot = jnp.reshape(jnp.asarray(pos, jnp.int32) % k, (1,))
-    g_BF, ss_BHJ, conv, ssm = pl.pallas_call(
+    args = [zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H, dt_bias_H, norm_in_BD, slot]
+    out_shape = [
+        jax.ShapeDtypeStruct((bsz, heads * p), g_dtype),
+        jax.ShapeDtypeStruct((bsz, heads, nj), jnp.float32),
+        jax.ShapeDtypeStruct(conv_BKGF.shape, conv_BKGF.dtype),
+        jax.ShapeDtypeStruct(ssm_BHPS.shape, ssm_BHPS.dtype),
+    ]
+    if pf_elems:
+        args.append(prefetch.reshape(-1))
+        out_shape.append(jax.ShapeDtypeStruct((heads * nj,), jnp.float32))
+    g_BF, ss_BHJ, conv, ssm, *_ = pl.pallas_call(
         kernel,
-        out_shape=(
-            jax.ShapeDtypeStruct((bsz, heads * p), g_dtype),
-            jax.ShapeDtypeStruct((bsz, heads, nj), jnp.float32),
-            jax.ShapeDtypeStruct(conv_BKGF.shape, conv_BKGF.dtype),
-            jax.ShapeDtypeStruct(ssm_BHPS.shape, ssm_BHPS.dtype),
-        ),
-        grid=(bsz, heads, nj),
+        out_shape=tuple(out_shape),
+        grid=(bsz + bool(pf_elems), heads, nj),
         input_output_aliases={1: 2, 4: 3},
         compiler_params=plt.CompilerParams(num_warps=warps, num_stages=1),
         interpret=_interpret(),
         name="ssm_step",
-    )(zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H, dt_bias_H, norm_in_BD, slot)
+    )(*args)
     return g_BF, ss_BHJ, conv, ssm
 
 

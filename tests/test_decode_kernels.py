@@ -53,11 +53,12 @@ def test_norm_gemv_rejects_what_it_cannot_take():
         kd.norm_gemv(jnp.ones((1, 120)), jnp.ones(120), jnp.ones((120, 32)), eps=1e-5, groups=3)
 
 
-@pytest.mark.parametrize("groups,dt_limit,state_dtype,p,block_p", [
-    (1, (0.0, float("inf")), jnp.float32, 16, None),
-    (2, (0.01, 0.1), jnp.bfloat16, 32, 16),  # two programs per head, each half of its state rows
+@pytest.mark.parametrize("groups,dt_limit,state_dtype,p,block_p,prefetch", [
+    (1, (0.0, float("inf")), jnp.float32, 16, None, 0),
+    # two programs per head, each half of its state rows; a row of programs prefetching 1000 elements
+    (2, (0.01, 0.1), jnp.bfloat16, 32, 16, 1000),
 ])  # fmt: skip
-def test_ssm_step_matches_conv_and_recurrence(groups, dt_limit, state_dtype, p, block_p):
+def test_ssm_step_matches_conv_and_recurrence(groups, dt_limit, state_dtype, p, block_p, prefetch):
     b, h, s, taps = 2, 4, 32, 3
     r = h // groups
     f = r * p + 2 * s
@@ -77,6 +78,7 @@ def test_ssm_step_matches_conv_and_recurrence(groups, dt_limit, state_dtype, p, 
     g_BF, ss_BH, ring_new, ssm_new = kd.ssm_step(
         zx, kd.conv_ring(conv, pos), cw, cb, ssm, a_log, dvec, dtb, pos, u,
         heads=h, dt_limit=dt_limit, norm_eps=1e-5, block_p=block_p,
+        prefetch=jnp.ones((40, 40), jnp.bfloat16) if prefetch else None, prefetch_elems=prefetch,
     )  # fmt: skip
 
     # Plain formula: the depthwise conv over [window | new], SiLU, the recurrence of ssd_step, the z gate.

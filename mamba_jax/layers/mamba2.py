@@ -223,13 +223,15 @@ class Mamba2Mixer(nnx.Module):
         is the residual stream after this block. With the gated norm's weight folded into out_proj and one
         norm group, its 1/rms (from the kernel's sums of squares) scales out_proj's output, applied with the
         residual add in one more launch: no norm kernel runs between the weight streams."""
-        from mamba_jax.kernels.decode import gated_norm_residual, ssm_step
+        from mamba_jax.kernels.decode import gated_norm_residual, prefetch_elems, ssm_step
 
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         b = x_BD.shape[0]
         h, p = cfg.mamba_heads, cfg.mamba_head_dim
         post_norm = self.norm_folded and not (cfg.mamba_norm_per_group and cfg.mamba_num_groups > 1)
+        # While the step kernel runs (latency-bound at small batch) it pulls out_proj's weight into L2.
+        pf = prefetch_elems(b, self.out_proj[...].size) if post_norm else 0
         g_BF, ss_BHJ, conv, ssm = ssm_step(
             linear(self, "in_proj", x_BD, 1, dtype),
             cache["conv"].astype(dtype),
@@ -245,6 +247,8 @@ class Mamba2Mixer(nnx.Module):
             dt_limit=tuple(cfg.mamba_dt_limit),
             norm_eps=cfg.norm_eps,
             g_dtype=dtype if post_norm else jnp.float32,
+            prefetch=self.out_proj[...] if pf else None,
+            prefetch_elems=pf,
         )
         cache = {"conv": conv, "ssm": ssm}
         if not post_norm:
