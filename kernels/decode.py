@@ -6,7 +6,7 @@ norm, conv, dt, state update, y, gated norm, residual), ≈ 16 µs per layer, a 
 (benchmarks/results/decode_profile_mamba2_2_7b_b1_h100.json). What `Mamba2Mixer._decode_fused` runs
 instead, with the norms' weights folded into the projections (`mamba_jax.inference.fold`):
 
-  XLA: Σ h² of the residual (with the bf16 cast feeding the GEMV) → in_proj GEMV on the raw residual →
+  XLA: the bf16 cast of the residual → in_proj GEMV on the raw residual →
   `ssm_step`   1/rms of the input norm + conv (a ring of K inputs, updated in place) + SiLU + dt (bias,
                softplus, limit) + state update (in place) + y + D skip + SiLU(z) gate + Σ g² for the gated
                norm; one program per (row, head, block of state rows) →
@@ -22,8 +22,8 @@ the fraction at trace time, for tuning.
   `norm_gemv`  (rmsnorm(x) · w_norm) @ W [+ residual]: a norm fused in front of a GEMV, the residual add
                behind it. Measured slower than XLA's own GEMV (the 2.7B in_proj 31.6 µs against 21.3,
                out_proj 50 µs against 11: benchmarks/decode_kernels.py; split-K and transposed-weight
-               variants reached no more than 1.3 TB/s against XLA's 2.5: benchmarks/gemv_probe.py), so no
-               decode path uses it; it stays, tested, as the baseline for a faster one.
+               variants, timed in a compiled loop, came within 0–10 % of XLA's GEMV but not ahead of it:
+               benchmarks/gemv_probe.py), so no decode path uses it; it stays, tested, as a baseline.
 
 Rounding follows the XLA decode path (`Mamba2Mixer.decode`): the in_proj output, conv output, x / B / C, y
 and out_proj's output are rounded to the compute dtype where that path rounds them, so both paths agree to
