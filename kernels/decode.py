@@ -19,6 +19,11 @@ loads, summed into a dummy output); out_proj then finds that part in L2. Measure
 batch 1 for the 2.7B (benchmarks/README.md); the environment variable MAMBA_JAX_DECODE_PREFETCH overrides
 the fraction at trace time, for tuning.
 
+Opt-in (MAMBA_JAX_DECODE_GEMV=mosaic): out_proj as `kernels.gemv.gemv_t` with programmatic dependent
+launch; the step kernel then writes g padded to 8 rows (`g_rows`) and signals launch_dependents first thing
+(`trigger`), and `gated_norm_residual` sums the GEMV's split-K partials (layout "SDB"). Slower than XLA's
+GEMV in the decode loop (kernels/gemv.py says why).
+
   `norm_gemv`  (rmsnorm(x) · w_norm) @ W [+ residual]: a norm fused in front of a GEMV, the residual add
                behind it. Measured slower than XLA's own GEMV (the 2.7B in_proj 31.6 µs against 21.3,
                out_proj 50 µs against 11: benchmarks/decode_kernels.py; split-K and transposed-weight
@@ -57,6 +62,24 @@ def _interpret() -> bool:
 
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
+
+
+def _launch_dependents(v):
+    """`v` (an int32 block), after `griddepcontrol.launch_dependents`: a kernel launched behind this one with
+    programmatic dependent launch (`kernels.gemv.gemv_t(pdl=True)`) may start once every program of this
+    one has passed here (it still waits for this kernel to finish before it reads what this one writes).
+    The instruction goes through a value the kernel uses, so the compiler keeps it; off the GPU it is the
+    identity."""
+    if _interpret():
+        return v
+    [out] = plt.elementwise_inline_asm(
+        "griddepcontrol.launch_dependents;\n\tmov.b32 $0, $1;",
+        args=[v],
+        constraints="=r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.int32)],
+    )
+    return out
 
 
 # --- the normed GEMV --------------------------------------------------------------------------------------
@@ -157,12 +180,14 @@ def _silu(x):
     return x / (1.0 + jnp.exp(-x))
 
 
-def _prefetch(i, pf_ref, out_ref, *, chunk, total):
+def _prefetch(i, pf_ref, out_ref, *, chunk, total, trigger):
     """Reads program `i`'s `chunk` elements of `pf_ref` (flat) into L2 with evict_last, so the GEMV that
     follows finds them there; the sum goes to a dummy output so the loads are not dead code."""
     acc = jnp.zeros((), jnp.float32)
+    lanes = jnp.arange(min(PREFETCH_BLOCK, chunk))
+    lanes = _launch_dependents(lanes) if trigger else lanes
     for part in range(0, chunk, PREFETCH_BLOCK):  # unrolled: the loads are independent, all in flight
-        idx = i * chunk + part + jnp.arange(min(PREFETCH_BLOCK, chunk))
+        idx = i * chunk + part + lanes
         v = plt.load(pf_ref.at[pl.ds(i * chunk + part, min(PREFETCH_BLOCK, chunk))], mask=idx < total, other=0.0,
                      eviction_policy="evict_last")  # fmt: skip
         acc = acc + jnp.sum(v.astype(jnp.float32))
@@ -175,10 +200,11 @@ def prefetch_elems(batch: int, weight_elems: int) -> int:
     return int(frac * weight_elems) if batch <= PREFETCH_MAX_BATCH else 0
 
 
-def _step_kernel(*refs, has_prefetch, pf_chunk, pf_total, nj, bsz, **kw):
+def _step_kernel(*refs, has_prefetch, pf_chunk, pf_total, nj, bsz, trigger, **kw):
     # Program ids are read here, outside the branches (the interpreter cannot lower them inside a cond).
     # j: which `bp` rows of the head's state (more, smaller programs at large batch).
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    kw["trigger"] = trigger
     if not has_prefetch:
         return _step_body(b, h, j, *refs, **kw)
     pf_ref, pf_out_ref = refs[10], refs[-1]  # the last input and the last output
@@ -187,7 +213,7 @@ def _step_kernel(*refs, has_prefetch, pf_chunk, pf_total, nj, bsz, **kw):
 
     @pl.when(b == bsz)
     def _():
-        _prefetch(h * nj + j, pf_ref, pf_out_ref, chunk=pf_chunk, total=pf_total)
+        _prefetch(h * nj + j, pf_ref, pf_out_ref, chunk=pf_chunk, total=pf_total, trigger=trigger)
 
     @pl.when(b < bsz)
     def _():
@@ -196,7 +222,7 @@ def _step_kernel(*refs, has_prefetch, pf_chunk, pf_total, nj, bsz, **kw):
 
 def _step_body(
     b, h, j, zx_ref, conv_ref, cw_ref, cb_ref, ssm_ref, alog_ref, d_ref, dtb_ref, u_ref, slot_ref,
-    g_ref, ss_ref, conv_out_ref, ssm_out_ref, *, r_heads, p, bp, s, taps, dt_limit, norm_eps, cdtype,
+    g_ref, ss_ref, conv_out_ref, ssm_out_ref, *, r_heads, p, bp, s, taps, dt_limit, norm_eps, cdtype, trigger,
 ):  # fmt: skip
     p0 = j * bp
     grp = h // r_heads
@@ -212,7 +238,9 @@ def _step_body(
     # Each program sums the row's squares itself (a few KB from L2) rather than waiting on an XLA reduce.
     d = u_ref.shape[1]
     dp = pl.next_power_of_2(d)
-    u = plt.load(u_ref.at[pl.ds(b, 1), pl.ds(0, dp)], mask=(jnp.arange(dp) < d)[None, :], other=0.0).astype(f32)
+    # The first load: with `trigger`, the out_proj GEMV behind this kernel starts filling its weight ring now.
+    cols = _launch_dependents(jnp.arange(dp)) if trigger else jnp.arange(dp)
+    u = plt.load(u_ref.at[pl.ds(b, 1), pl.ds(0, dp)], mask=(cols < d)[None, :], other=0.0).astype(f32)
     scale = jax.lax.rsqrt(jnp.sum(u * u) / d + norm_eps)
     # The conv window is a ring of K = taps + 1 inputs indexed by position mod K: the new input goes to
     # `slot` (which held the input K steps back, no longer read) and tap t reads slot + 1 + t. Every
@@ -265,11 +293,15 @@ def ssm_step_unsupported(p: int, s: int) -> str | None:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("heads", "dt_limit", "norm_eps", "g_dtype", "block_p", "warps", "prefetch_elems")
-)
+    jax.jit,
+    static_argnames=(
+        "heads", "dt_limit", "norm_eps", "g_dtype", "block_p", "warps", "prefetch_elems", "g_rows", "trigger"
+    ),
+)  # fmt: skip
 def ssm_step(
     zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H, dt_bias_H, pos, norm_in_BD=None, *,
     heads, dt_limit, norm_eps=0.0, g_dtype=jnp.float32, block_p=None, warps=4, prefetch=None, prefetch_elems=0,
+    g_rows=None, trigger=False,
 ):  # fmt: skip
     """One decode step of a Mamba2 mixer after in_proj, for the token at position `pos` (int scalar).
 
@@ -285,7 +317,12 @@ def ssm_step(
 
     `prefetch` (any array, read flat) with `prefetch_elems` > 0: one more row of programs reads its first
     `prefetch_elems` elements into L2 meanwhile (the next GEMV's weight: at small batch this kernel is
-    latency-bound and leaves the memory bus idle)."""
+    latency-bound and leaves the memory bus idle).
+
+    `g_rows` ≥ B: g gets that many rows (those past B are not written: the padded input of
+    `kernels.gemv.gemv_t`, whose output columns each depend on their own row only, with no XLA pad kernel
+    between the two). `trigger`: the programs signal `griddepcontrol.launch_dependents` first thing, so a
+    GEMV launched behind with `pdl=True` starts streaming its weight while this kernel runs."""
     bsz, k, g, _ = conv_BKGF.shape
     _, _, p, s = ssm_BHPS.shape
     reason = ssm_step_unsupported(p, s)
@@ -305,12 +342,13 @@ def ssm_step(
     kernel = functools.partial(
         _step_kernel, r_heads=heads // g, p=p, bp=bp, s=s, taps=k - 1, dt_limit=tuple(dt_limit),
         norm_eps=norm_eps, cdtype=jnp.dtype(zx_BGW.dtype), has_prefetch=bool(pf_elems), pf_chunk=pf_chunk,
-        pf_total=pf_elems, nj=nj, bsz=bsz,
+        pf_total=pf_elems, nj=nj, bsz=bsz, trigger=trigger,
     )  # fmt: skip
+    g_rows = max(g_rows or bsz, bsz)
     slot = jnp.reshape(jnp.asarray(pos, jnp.int32) % k, (1,))
     args = [zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H, dt_bias_H, norm_in_BD, slot]
     out_shape = [
-        jax.ShapeDtypeStruct((bsz, heads * p), g_dtype),
+        jax.ShapeDtypeStruct((g_rows, heads * p), g_dtype),
         jax.ShapeDtypeStruct((bsz, heads, nj), jnp.float32),
         jax.ShapeDtypeStruct(conv_BKGF.shape, conv_BKGF.dtype),
         jax.ShapeDtypeStruct(ssm_BHPS.shape, ssm_BHPS.dtype),
@@ -339,7 +377,7 @@ def conv_ring(window_BCGF, pos: int):
 
 
 # --- the residual add behind out_proj ---------------------------------------------------------------------
-def _residual_kernel(h_ref, o_ref, ss_ref, out_ref, *, d, bd, nss, norm_dim, eps, cdtype):
+def _residual_kernel(h_ref, o_ref, ss_ref, out_ref, *, d, bd, nss, norm_dim, eps, cdtype, layout):
     b = pl.program_id(0)
     d0 = pl.program_id(1) * bd
     f32 = jnp.float32
@@ -347,22 +385,45 @@ def _residual_kernel(h_ref, o_ref, ss_ref, out_ref, *, d, bd, nss, norm_dim, eps
     cols = (d0 + jnp.arange(bd) < d)[None, :]
     ss = plt.load(ss_ref.at[pl.ds(b, 1), pl.ds(0, sp)], mask=(jnp.arange(sp) < nss)[None, :], other=0.0)
     inv = jax.lax.rsqrt(jnp.sum(ss) / norm_dim + eps)
-    o = plt.load(o_ref.at[pl.ds(b, 1), pl.ds(d0, bd)], mask=cols, other=0.0).astype(f32)
+    # Float32 split-K partials of out_proj: summed here and rounded as a GEMV's output rounds.
+    if layout == "SDB":  # (S, D, Bp) of `gemv_t`: whole (bd, Bp) blocks (contiguous) and a select of row b
+        bpad = o_ref.shape[2]
+        bq = pl.next_power_of_2(bpad)
+        lane = jnp.arange(bq)[None, :]
+        o = jnp.zeros((bd, bq), f32)
+        for si in range(o_ref.shape[0]):
+            blk = o_ref.at[jnp.int32(si), pl.ds(d0, bd), pl.ds(0, bq)]
+            o = o + plt.load(blk, mask=cols.T & (lane < bpad), other=0.0)
+        o = jnp.sum(jnp.where(lane == b, o, 0.0), axis=1)
+        o = o.astype(cdtype).astype(f32)[None, :]
+    else:
+        o = plt.load(o_ref.at[pl.ds(b, 1), pl.ds(d0, bd)], mask=cols, other=0.0).astype(f32)
     h = plt.load(h_ref.at[pl.ds(b, 1), pl.ds(d0, bd)], mask=cols, other=0.0).astype(f32)
     y = h + (o * inv).astype(cdtype).astype(f32)  # out_proj's output rounds as the unfused path rounds it
     plt.store(out_ref.at[pl.ds(b, 1), pl.ds(d0, bd)], y.astype(out_ref.dtype), mask=cols)
 
 
-@functools.partial(jax.jit, static_argnames=("norm_dim", "eps"))
-def gated_norm_residual(h_BD, out_BD, ss_BX, *, norm_dim, eps):
+@functools.partial(jax.jit, static_argnames=("norm_dim", "eps", "out_dtype", "layout"))
+def gated_norm_residual(h_BD, out_BD, ss_BX, *, norm_dim, eps, out_dtype=None, layout=None):
     """h + (out · rsqrt(Σ ss / norm_dim + eps)) rounded to out's dtype: the gated RMSNorm's 1/rms (one norm
     group; its weight folded into out_proj) applied to out_proj's output, and the residual add, in one
-    launch. ss: the step kernel's sums of squares of the norm's input, (B, any number of partial sums)."""
+    launch. ss: the step kernel's sums of squares of the norm's input, (B, any number of partial sums).
+
+    `out` is out_proj's output (B, D), or with layout="SDB" its float32 split-K partials (S, D, Bp ≥ B)
+    from `kernels.gemv.gemv_t`, summed here and rounded to `out_dtype` (the model's compute dtype) as a
+    GEMV rounds its output."""
     bsz, d = h_BD.shape
     ss_BX = ss_BX.reshape(bsz, -1)
+    want = {None: (bsz, d), "SDB": (out_BD.shape[0], d, max(out_BD.shape[-1], bsz))}
+    if layout not in want or out_BD.shape != want[layout] or (layout and out_dtype is None):
+        raise ValueError(
+            f"gated_norm_residual: out {out_BD.shape} with layout={layout!r} for a ({bsz}, {d}) residual "
+            "(layout None or 'SDB'; partials need out_dtype)"
+        )
     bd = min(pl.next_power_of_2(d), 512)  # a few programs per row: at batch 1 one would work alone
+    cdtype = jnp.dtype(out_dtype or out_BD.dtype)
     kernel = functools.partial(
-        _residual_kernel, d=d, bd=bd, nss=ss_BX.shape[1], norm_dim=norm_dim, eps=eps, cdtype=jnp.dtype(out_BD.dtype)
+        _residual_kernel, d=d, bd=bd, nss=ss_BX.shape[1], norm_dim=norm_dim, eps=eps, cdtype=cdtype, layout=layout
     )
     return pl.pallas_call(
         kernel,

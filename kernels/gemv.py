@@ -17,10 +17,18 @@ what the accumulator holds; the consumers index it directly.
 This follows the structure of jax's `hopper_matmul_mgpu.py` (warp-specialised TMA pipeline feeding wgmma)
 reduced to a GEMV. Off the GPU it runs in Mosaic GPU's interpret mode (tests).
 
-Status: measured (benchmarks/gemv_probe.py --mosaic, inside a compiled loop) on par with XLA's GEMV for the
-2.7B in_proj (23.6 µs against 23.3 at batch 1) and behind it for out_proj (15.1 against 13.0), so no decode
-path uses it yet; it is the Mosaic GPU baseline (the Pallas Triton backend is deprecated in jax 0.11) for a
-decode whose consumers read the partials directly (no split-K reduce, no output cast).
+With `pdl=True` the kernel is launched with programmatic dependent launch: the memory warpgroup issues
+the ring's first `stages` weight tiles, then `griddepcontrol.wait`s for the kernel before it (which may
+signal `griddepcontrol.launch_dependents` early: `ssm_step(trigger=True)`) before it loads the input.
+`Mamba2Mixer._decode_fused` runs out_proj this way when MAMBA_JAX_DECODE_GEMV=mosaic (opt-in).
+
+Status (H100, benchmarks/README.md): in the 2.7B decode loop the GEMV itself takes 11.6 µs for out_proj
+against XLA's 11.2 + 1.3 (its split-K reduce), but it starts ≈ 0.1 µs after the step kernel ends: inside
+XLA's command buffer (CUDA graph) the custom call's PDL launch does not overlap its predecessor, while
+XLA's own kernels do overlap theirs slightly. With the residual kernel reading the partials (+0.5 µs) the
+path runs 361–368 tokens/s against 383–387 for XLA's GEMV with the L2 prefetch, so it is not the default.
+Without command buffers the loop is launch-bound (297–326 tokens/s). For the in_proj it is on par with XLA
+(23.6 against 23.3 µs, timed in a compiled loop).
 
 Dimension key: B batch (Bp padded to 8), K reduction, N out features, S K-splits.
 """
@@ -28,6 +36,7 @@ Dimension key: B batch (Bp padded to 8), K reduction, N out features, S K-splits
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.experimental.pallas as pl
@@ -37,6 +46,9 @@ from jax import lax
 
 ROW_PAD = 8  # wgmma's N granularity: the batch is padded to it
 COL_ALIGN = 64  # the weight's columns: one 128-byte swizzle row of bf16 (TMA reads the weight as such tiles)
+# out_proj at decode (`Mamba2Mixer._decode_fused`): (bn, bk, splits, stages). benchmarks/prefetch_sweep.py
+# --gemv-tiles compares others; MAMBA_JAX_DECODE_GEMV_TILES="bn,bk,splits,stages" overrides at trace time.
+DECODE_TILES = (64, 128, 4, 6)
 
 
 def _swizzle(cols: int, dtype):
@@ -58,7 +70,7 @@ def gemv_unsupported(b: int, k: int, n: int, *, bn: int, bk: int, splits: int) -
 
 
 @functools.cache
-def _build(b, k, n, dtype, bn, bk, splits, stages, interpret):
+def _build(b, k, n, dtype, bn, bk, splits, stages, pdl, interpret):
     steps = k // (bk * splits)
     stages = min(stages, steps)
     f32 = jnp.float32
@@ -71,6 +83,16 @@ def _build(b, k, n, dtype, bn, bk, splits, stages, interpret):
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
 
+            def k_slice(i):
+                return pl.ds((si * steps + i) * bk, bk)
+
+            # The ring's first `stages` weight tiles depend on nothing the previous kernel writes: with PDL
+            # they stream while that kernel still runs, and only the input waits for it.
+            for i in range(stages):
+                plgpu.copy_gmem_to_smem(w_ref.at[k_slice(i), cols], w_s.at[i], loaded.at[2 * i])
+            if pdl:
+                plgpu.griddepcontrol_wait()
+
             @pl.loop(0, steps)
             def _load(i):
                 slot = lax.rem(i, jnp.asarray(stages, i.dtype))
@@ -78,10 +100,9 @@ def _build(b, k, n, dtype, bn, bk, splits, stages, interpret):
                 @pl.when(i >= stages)
                 def _():
                     plgpu.barrier_wait(consumed.at[slot])
+                    plgpu.copy_gmem_to_smem(w_ref.at[k_slice(i), cols], w_s.at[slot], loaded.at[2 * slot])
 
-                ks = pl.ds((si * steps + i) * bk, bk)
-                plgpu.copy_gmem_to_smem(w_ref.at[ks, cols], w_s.at[slot], loaded.at[2 * slot])
-                plgpu.copy_gmem_to_smem(x_ref.at[:, ks], x_s.at[slot], loaded.at[2 * slot + 1])
+                plgpu.copy_gmem_to_smem(x_ref.at[:, k_slice(i)], x_s.at[slot], loaded.at[2 * slot + 1])
 
             for i in range(max(steps - stages, 0), steps):  # every release must be awaited
                 plgpu.barrier_wait(consumed.at[i % stages])
@@ -125,12 +146,17 @@ def _build(b, k, n, dtype, bn, bk, splits, stages, interpret):
     )
 
 
-@functools.partial(jax.jit, static_argnames=("bn", "bk", "splits", "stages"))
-def gemv_t(x_BK, w_KN, *, bn: int = 64, bk: int = 128, splits: int = 1, stages: int = 4):
+@functools.partial(jax.jit, static_argnames=("bn", "bk", "splits", "stages", "pdl"))
+def gemv_t(x_BK, w_KN, *, bn: int = 64, bk: int = 128, splits: int = 1, stages: int = 4, pdl: bool = False):
     """(splits, N, Bp) float32 partial sums of (x @ w)ᵀ over K slices; Σ over axis 0 gives x @ w transposed.
 
     x_BK (Bp, K) with Bp a multiple of 8 (rows past the real batch may hold anything: each output column
     depends on its own row only), w_KN (K, N) in x's dtype (bf16 / f16 on the GPU).
+
+    `pdl`: launch with programmatic dependent launch (Hopper): the kernel may start while the kernel before
+    it in the stream still runs (once that one's programs have all signalled `griddepcontrol.launch_dependents`
+    or exited), fills its weight ring, and waits (`griddepcontrol.wait`: the previous kernel complete, its
+    writes visible) before it reads x or writes anything. Ignored off the GPU.
     """
     b, k = x_BK.shape
     n = w_KN.shape[1]
@@ -140,9 +166,40 @@ def gemv_t(x_BK, w_KN, *, bn: int = 64, bk: int = 128, splits: int = 1, stages: 
         raise ValueError(f"gemv_t: weight {w_KN.shape} {w_KN.dtype} does not match input {x_BK.shape} {x_BK.dtype}")
     if jax.default_backend() == "gpu":
         # A last tile past N is fine on the GPU: TMA fills its loads with zeros and skips its stores.
-        return _build(b, k, n, jnp.dtype(x_BK.dtype), bn, bk, splits, stages, None)(x_BK, w_KN)
+        return _build(b, k, n, jnp.dtype(x_BK.dtype), bn, bk, splits, stages, pdl, None)(x_BK, w_KN)
     # The interpreter clamps a slice past the edge instead: pad the columns there.
     npad = -(-n // bn) * bn
     w_KN = jnp.pad(w_KN, ((0, 0), (0, npad - n)))
-    out = _build(b, k, npad, jnp.dtype(x_BK.dtype), bn, bk, splits, stages, plgpu.InterpretGPUParams())(x_BK, w_KN)
+    interpret = plgpu.InterpretGPUParams()
+    out = _build(b, k, npad, jnp.dtype(x_BK.dtype), bn, bk, splits, stages, False, interpret)(x_BK, w_KN)
     return out[:, :n]
+
+
+def _hopper() -> bool:
+    """sm_90: the kernel's wgmma and PDL are Hopper's (Blackwell's tensor cores take other instructions)."""
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
+
+
+def decode_gemv_tiles(b: int, k: int, n: int, dtype) -> dict | None:
+    """Tiles for a decode projection (b rows, (k, n) weight) as `gemv_t(pdl=True)`, or None for XLA's GEMV.
+
+    MAMBA_JAX_DECODE_GEMV (read at trace time): "xla" (default: XLA's GEMV), "mosaic" (this kernel: on a
+    Hopper GPU in bf16 / f16; off the GPU in interpret mode, float32 included, for tests). Measured slower
+    than XLA's GEMV with the L2 prefetch in the decode loop (2.7B batch 1: 361–368 against 387 tokens/s;
+    inside XLA's command buffers the PDL launch does not overlap the step kernel: benchmarks/README.md),
+    so it is opt-in."""
+    mode = os.environ.get("MAMBA_JAX_DECODE_GEMV", "xla")
+    if mode not in ("mosaic", "xla"):
+        raise ValueError(f"MAMBA_JAX_DECODE_GEMV={mode!r}: use xla or mosaic")
+    if mode == "xla" or (jax.default_backend() == "gpu" and not _hopper()):
+        return None
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "gpu":
+        return None  # float32 would run as tf32 on the tensor cores
+    env = os.environ.get("MAMBA_JAX_DECODE_GEMV_TILES")
+    bn, bk, splits, stages = (int(v) for v in env.split(",")) if env else DECODE_TILES
+    while splits > 1 and k % (bk * splits):  # smaller models: fewer K splits
+        splits //= 2
+    if gemv_unsupported(-(-b // ROW_PAD) * ROW_PAD, k, n, bn=bn, bk=bk, splits=splits):
+        return None
+    return dict(bn=bn, bk=bk, splits=splits, stages=stages)

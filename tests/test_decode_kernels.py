@@ -111,6 +111,24 @@ def test_gated_norm_residual_matches_formula(h_dtype):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-6, atol=1e-6)
 
 
+def test_gated_norm_residual_sums_split_k_partials():
+    """out_proj's output as `gemv_t`'s float32 split-K partials (S, D, Bp ≥ B), summed in the kernel and
+    rounded to the compute dtype as a GEMV's output is."""
+    layout = "SDB"
+    ks = jax.random.split(jax.random.key(4), 3)
+    h = jax.random.normal(ks[0], (3, 1100), jnp.float32)
+    parts = jax.random.normal(ks[1], (2, 1100, 8), jnp.float32)  # two splits; rows 3..7 are padding
+    ss = jax.random.uniform(ks[2], (3, 5, 2), jnp.float32, 1.0, 50.0)
+    got = kd.gated_norm_residual(h, parts, ss, norm_dim=160, eps=1e-5, out_dtype=jnp.bfloat16, layout=layout)
+    out = parts.sum(0).T[:3].astype(jnp.bfloat16)
+    want = kd.gated_norm_residual(h, out, ss, norm_dim=160, eps=1e-5)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="out_dtype"):
+        kd.gated_norm_residual(h, parts, ss, norm_dim=160, eps=1e-5, layout=layout)
+    with pytest.raises(ValueError, match="layout"):
+        kd.gated_norm_residual(h, parts, ss, norm_dim=160, eps=1e-5, out_dtype=jnp.bfloat16)
+
+
 def _kernel_model(pattern, **changes):
     # head_dim 16: the step kernel needs powers of two ≥ 16 (the shared helpers' 8 falls back to XLA).
     return small_hybrid(pattern=pattern, mamba_head_dim=16, **changes)
@@ -155,6 +173,27 @@ def test_kernel_decoding_equals_full_forward(pattern, batch, fold, groups):
         assert rel_err(inc[b], full) <= 1e-4, b
 
 
+@pytest.mark.parametrize("tiles", ["64,64,2,2", "64,128,1,4"])
+def test_kernel_decoding_with_the_mosaic_out_proj_equals_full_forward(monkeypatch, tiles):
+    """out_proj as the Mosaic GPU GEMV (interpret mode here; PDL on the GPU), its split-K partials summed by
+    the residual kernel; the step kernel writes g padded to 8 rows for it."""
+    monkeypatch.setenv("MAMBA_JAX_DECODE_GEMV", "mosaic")
+    monkeypatch.setenv("MAMBA_JAX_DECODE_GEMV_TILES", tiles)
+    cfg = _kernel_model("MM", decode_impl="pallas", residual_in_fp32=True, mamba_num_groups=1)
+    reference = _random_norm_weights(init_model(cfg, seed=6), seed=2)
+    model = fold_norm_weights(nnx.clone(reference))
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(1, 250, n).tolist() for n in (5, 11)]
+    cont = [rng.integers(1, 250, 3).tolist() for _ in prompts]
+    _, cache, l, start = _prefill(model, prompts, 3)
+    decode = jax.jit(lambda t, c, pos: model.decode(t, c, pos=pos, start=jnp.asarray(start)))
+    assert "InterpretGPUParams" in str(jax.make_jaxpr(decode)(jnp.zeros(2, jnp.int32), cache, l))  # the GEMV ran
+    inc = _teacher_forced_logits(model, prompts, cont, 3)
+    for b, (p, c) in enumerate(zip(prompts, cont, strict=True)):
+        full = reference(jnp.asarray([p + c]))[0, len(p) :]
+        assert rel_err(inc[b], full) <= 1e-4, b
+
+
 def test_engine_with_kernels_generates_as_without():
     model = _random_norm_weights(init_model(_kernel_model("M*-M", mamba_num_groups=1), seed=2), seed=1)
     rng = np.random.default_rng(0)
@@ -181,11 +220,16 @@ def test_unsupported_shapes_fall_back_to_xla():
     assert out.tokens == ref.tokens
 
 
-def _teacher_forced_logits(model, prompts, cont, steps):
+def _prefill(model, prompts, steps):
     ids, start = pad_prompts(prompts, multiple=8)
     l = ids.shape[1]
     seq_idx = (np.arange(l)[None] >= start[:, None]).astype(np.int32)
     logits, cache = jax.jit(lambda i, s: model.prefill(i, seq_idx=s, cache_len=l + steps))(ids, seq_idx)
+    return logits, cache, l, start
+
+
+def _teacher_forced_logits(model, prompts, cont, steps):
+    _, cache, l, start = _prefill(model, prompts, steps)
     decode = jax.jit(lambda t, c, pos: model.decode(t, c, pos=pos, start=jnp.asarray(start)))
     out = []
     for t in range(steps):
@@ -195,10 +239,11 @@ def _teacher_forced_logits(model, prompts, cont, steps):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("groups,batch", [(1, 1), (8, 3)])
-def test_kernels_at_real_widths_on_gpu(groups, batch):
+@pytest.mark.parametrize("groups,batch,gemv", [(1, 1, "xla"), (8, 3, "xla"), (1, 1, "mosaic"), (1, 3, "mosaic")])
+def test_kernels_at_real_widths_on_gpu(monkeypatch, groups, batch, gemv):
     """bf16 at Mamba2 widths (head dim 64, state 128), compiled: the fused path is as close to the float32
-    model as XLA's bf16 decode path is."""
+    model as XLA's bf16 decode path is (with out_proj as XLA's GEMV, or the opt-in Mosaic PDL GEMV)."""
+    monkeypatch.setenv("MAMBA_JAX_DECODE_GEMV", gemv)
     from flax import nnx
 
     from mamba_jax.inference.engine import _cast_state, _with_decode_impl

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from mamba_jax.layers.base import linear, normal, param, uniform
+from mamba_jax.layers.base import linear, lora_names, normal, param, uniform
 from mamba_jax.layers.norms import gated_rms_norm, grouped_rms_norm
 from mamba_jax.models.config import ModelConfig
 from mamba_jax.ops.ssd import note_once, ssd
@@ -224,14 +224,23 @@ class Mamba2Mixer(nnx.Module):
         norm group, its 1/rms (from the kernel's sums of squares) scales out_proj's output, applied with the
         residual add in one more launch: no norm kernel runs between the weight streams."""
         from mamba_jax.kernels.decode import gated_norm_residual, prefetch_elems, ssm_step
+        from mamba_jax.kernels.gemv import ROW_PAD, decode_gemv_tiles, gemv_t
 
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         b = x_BD.shape[0]
         h, p = cfg.mamba_heads, cfg.mamba_head_dim
         post_norm = self.norm_folded and not (cfg.mamba_norm_per_group and cfg.mamba_num_groups > 1)
+        w_out = self.out_proj[...]
+        # Opt-in (MAMBA_JAX_DECODE_GEMV=mosaic, Hopper): out_proj as the Mosaic PDL GEMV behind the step
+        # kernel, its split-K partials summed by the residual kernel. Measured slower than XLA's GEMV with
+        # the L2 prefetch (kernels/gemv.py says why), so XLA's is the default.
+        tiles = None
+        plain = w_out.dtype == dtype and not hasattr(self, lora_names("out_proj")[0])  # no cast, no LoRA
+        if post_norm and residual_BD is not None and plain:
+            tiles = decode_gemv_tiles(b, h * p, w_out.shape[-1], dtype)
         # While the step kernel runs (latency-bound at small batch) it pulls out_proj's weight into L2.
-        pf = prefetch_elems(b, self.out_proj[...].size) if post_norm else 0
+        pf = prefetch_elems(b, w_out.size) if post_norm else 0
         g_BF, ss_BHJ, conv, ssm = ssm_step(
             linear(self, "in_proj", x_BD, 1, dtype),
             cache["conv"].astype(dtype),
@@ -247,10 +256,18 @@ class Mamba2Mixer(nnx.Module):
             dt_limit=tuple(cfg.mamba_dt_limit),
             norm_eps=cfg.norm_eps,
             g_dtype=dtype if post_norm else jnp.float32,
-            prefetch=self.out_proj[...] if pf else None,
+            prefetch=w_out if pf else None,
             prefetch_elems=pf,
+            g_rows=-(-b // ROW_PAD) * ROW_PAD if tiles else None,
+            trigger=tiles is not None,
         )
         cache = {"conv": conv, "ssm": ssm}
+        if tiles:
+            partials_SDB = gemv_t(g_BF, w_out.reshape(h * p, -1), pdl=True, **tiles)
+            out_BD = gated_norm_residual(
+                residual_BD, partials_SDB, ss_BHJ, norm_dim=h * p, eps=cfg.norm_eps, out_dtype=dtype, layout="SDB"
+            )
+            return out_BD, cache
         if not post_norm:
             out_BD = self._out(g_BF.reshape(b, 1, h, p))[:, 0]
             return (out_BD if residual_BD is None else residual_BD + out_BD.astype(residual_BD.dtype)), cache
