@@ -46,9 +46,10 @@ from jax import lax
 
 ROW_PAD = 8  # wgmma's N granularity: the batch is padded to it
 COL_ALIGN = 64  # the weight's columns: one 128-byte swizzle row of bf16 (TMA reads the weight as such tiles)
-# out_proj at decode (`Mamba2Mixer._decode_fused`): (bn, bk, splits, stages). benchmarks/prefetch_sweep.py
-# --gemv-tiles compares others; MAMBA_JAX_DECODE_GEMV_TILES="bn,bk,splits,stages" overrides at trace time.
-DECODE_TILES = (64, 128, 4, 6)
+# out_proj at decode (`Mamba2Mixer._decode_fused`, opt-in): (bn, bk, splits, stages), the best of those
+# benchmarks/decode_variants.py compared at the 2.7B (H100: 2,8 > 4,6 > 8,4 splits, stages);
+# MAMBA_JAX_DECODE_GEMV_TILES="bn,bk,splits,stages" overrides it at trace time.
+DECODE_TILES = (64, 128, 2, 8)
 
 
 def _swizzle(cols: int, dtype):
