@@ -6,12 +6,13 @@ norm, conv, dt, state update, y, gated norm, residual), ≈ 16 µs per layer, a 
 (benchmarks/results/decode_profile_mamba2_2_7b_b1_h100.json). What `Mamba2Mixer._decode_fused` runs
 instead, with the norms' weights folded into the projections (`mamba_jax.inference.fold`):
 
-  XLA: the bf16 cast of the residual → in_proj GEMV on the raw residual →
+  XLA: in_proj GEMV on the raw residual, rounded to bf16 by the block before (`gated_norm_residual`'s copy) →
   `ssm_step`   1/rms of the input norm + conv (a ring of K inputs, updated in place) + SiLU + dt (bias,
                softplus, limit) + state update (in place) + y + D skip + SiLU(z) gate + Σ g² for the gated
                norm; one program per (row, head, block of state rows) →
   XLA: out_proj GEMV on the gated, unnormalised y →
-  `gated_norm_residual`  the gated norm's 1/rms on out_proj's output + the residual add.
+  `gated_norm_residual`  the gated norm's 1/rms on out_proj's output + the residual add, and the new
+               residual rounded to bf16 for the next block's in_proj (no XLA cast kernel between blocks).
 
 At batch ≤ PREFETCH_MAX_BATCH the step kernel is latency-bound and the memory bus sits idle while it runs,
 so one more row of its programs reads the first PREFETCH_FRACTION of out_proj's weight into L2 (evict_last
@@ -377,7 +378,7 @@ def conv_ring(window_BCGF, pos: int):
 
 
 # --- the residual add behind out_proj ---------------------------------------------------------------------
-def _residual_kernel(h_ref, o_ref, ss_ref, out_ref, *, d, bd, nss, norm_dim, eps, cdtype, layout):
+def _residual_kernel(h_ref, o_ref, ss_ref, out_ref, *copy_ref, d, bd, nss, norm_dim, eps, cdtype, layout):
     b = pl.program_id(0)
     d0 = pl.program_id(1) * bd
     f32 = jnp.float32
@@ -401,13 +402,18 @@ def _residual_kernel(h_ref, o_ref, ss_ref, out_ref, *, d, bd, nss, norm_dim, eps
     h = plt.load(h_ref.at[pl.ds(b, 1), pl.ds(d0, bd)], mask=cols, other=0.0).astype(f32)
     y = h + (o * inv).astype(cdtype).astype(f32)  # out_proj's output rounds as the unfused path rounds it
     plt.store(out_ref.at[pl.ds(b, 1), pl.ds(d0, bd)], y.astype(out_ref.dtype), mask=cols)
+    for c in copy_ref:  # the next block's in_proj input, rounded here rather than by one more XLA kernel
+        plt.store(c.at[pl.ds(b, 1), pl.ds(d0, bd)], y.astype(c.dtype), mask=cols)
 
 
-@functools.partial(jax.jit, static_argnames=("norm_dim", "eps", "out_dtype", "layout"))
-def gated_norm_residual(h_BD, out_BD, ss_BX, *, norm_dim, eps, out_dtype=None, layout=None):
+@functools.partial(jax.jit, static_argnames=("norm_dim", "eps", "out_dtype", "layout", "copy_dtype"))
+def gated_norm_residual(h_BD, out_BD, ss_BX, *, norm_dim, eps, out_dtype=None, layout=None, copy_dtype=None):
     """h + (out · rsqrt(Σ ss / norm_dim + eps)) rounded to out's dtype: the gated RMSNorm's 1/rms (one norm
     group; its weight folded into out_proj) applied to out_proj's output, and the residual add, in one
     launch. ss: the step kernel's sums of squares of the norm's input, (B, any number of partial sums).
+
+    With `copy_dtype`, returns (the new residual, the new residual in copy_dtype): the next block's in_proj
+    input (the model's compute dtype where the residual stream is float32), written by the same launch.
 
     `out` is out_proj's output (B, D), or with layout="SDB" its float32 split-K partials (S, D, Bp ≥ B)
     from `kernels.gemv.gemv_t`, summed here and rounded to `out_dtype` (the model's compute dtype) as a
@@ -425,12 +431,19 @@ def gated_norm_residual(h_BD, out_BD, ss_BX, *, norm_dim, eps, out_dtype=None, l
     kernel = functools.partial(
         _residual_kernel, d=d, bd=bd, nss=ss_BX.shape[1], norm_dim=norm_dim, eps=eps, cdtype=cdtype, layout=layout
     )
-    return pl.pallas_call(
+    copy = copy_dtype is not None and jnp.dtype(copy_dtype) != h_BD.dtype
+    out_shape = [jax.ShapeDtypeStruct(h_BD.shape, h_BD.dtype)]
+    if copy:
+        out_shape.append(jax.ShapeDtypeStruct(h_BD.shape, copy_dtype))
+    outs = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(h_BD.shape, h_BD.dtype),
+        out_shape=tuple(out_shape),
         grid=(bsz, pl.cdiv(d, bd)),
         input_output_aliases={0: 0},
         compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
         interpret=_interpret(),
         name="gated_norm_residual",
     )(h_BD, out_BD, ss_BX)
+    if copy_dtype is None:
+        return outs[0]
+    return (outs[0], outs[1]) if copy else (outs[0], outs[0])

@@ -109,6 +109,11 @@ def test_gated_norm_residual_matches_formula(h_dtype):
     want = h + (out.astype(jnp.float32) * inv).astype(jnp.bfloat16).astype(h_dtype)
     assert got.dtype == h_dtype
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-6, atol=1e-6)
+    # With copy_dtype: the same residual, and its bf16 rounding (the next in_proj's input) from one launch.
+    got2, copy = kd.gated_norm_residual(h, out, ss, norm_dim=160, eps=1e-5, copy_dtype=jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(got2, np.float32), np.asarray(got, np.float32))
+    assert copy.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(copy, np.float32), np.asarray(got.astype(jnp.bfloat16), np.float32))
 
 
 def test_gated_norm_residual_sums_split_k_partials():

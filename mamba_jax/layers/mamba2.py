@@ -214,15 +214,17 @@ class Mamba2Mixer(nnx.Module):
             note_once(f"decode_impl='pallas': the fused decode kernel does not support {reason}; using XLA.")
         return not reason and (impl == "pallas" or jax.default_backend() == "gpu")
 
-    def _decode_fused(self, x_BD, cache, pos, residual_BD=None):
+    def _decode_fused(self, x_BD, cache, pos, residual_BD=None, compute_BD=None):
         """`decode` with the fused SSM step of `mamba_jax.kernels.decode` (conv + dt + state update + y + gate
         in one launch) between XLA's in_proj and out_proj.
 
         With `residual_BD` (from `Block.decode`, which folded its input norm's weight into in_proj), `x_BD`
         is that raw residual, the step kernel applies the norm's 1/rms to in_proj's output, and the result
-        is the residual stream after this block. With the gated norm's weight folded into out_proj and one
-        norm group, its 1/rms (from the kernel's sums of squares) scales out_proj's output, applied with the
-        residual add in one more launch: no norm kernel runs between the weight streams."""
+        is the residual stream after this block as (residual, residual in the compute dtype): in_proj reads
+        `compute_BD`, the residual already rounded by the block before, so no XLA kernel casts it. With the
+        gated norm's weight folded into out_proj and one norm group, its 1/rms (from the kernel's sums of
+        squares) scales out_proj's output, applied with the residual add in one more launch: no norm kernel
+        runs between the weight streams."""
         from mamba_jax.kernels.decode import gated_norm_residual, prefetch_elems, ssm_step
         from mamba_jax.kernels.gemv import ROW_PAD, decode_gemv_tiles, gemv_t
 
@@ -242,7 +244,7 @@ class Mamba2Mixer(nnx.Module):
         # While the step kernel runs (latency-bound at small batch) it pulls out_proj's weight into L2.
         pf = prefetch_elems(b, w_out.size) if post_norm else 0
         g_BF, ss_BHJ, conv, ssm = ssm_step(
-            linear(self, "in_proj", x_BD, 1, dtype),
+            linear(self, "in_proj", x_BD if compute_BD is None else compute_BD, 1, dtype),
             cache["conv"].astype(dtype),
             self.conv_weight[...],
             self.conv_bias[...],
@@ -264,16 +266,23 @@ class Mamba2Mixer(nnx.Module):
         cache = {"conv": conv, "ssm": ssm}
         if tiles:
             partials_SDB = gemv_t(g_BF, w_out.reshape(h * p, -1), pdl=True, **tiles)
-            out_BD = gated_norm_residual(
-                residual_BD, partials_SDB, ss_BHJ, norm_dim=h * p, eps=cfg.norm_eps, out_dtype=dtype, layout="SDB"
-            )
-            return out_BD, cache
+            stream = gated_norm_residual(
+                residual_BD, partials_SDB, ss_BHJ, norm_dim=h * p, eps=cfg.norm_eps, out_dtype=dtype, layout="SDB",
+                copy_dtype=dtype,
+            )  # fmt: skip
+            return stream, cache
         if not post_norm:
             out_BD = self._out(g_BF.reshape(b, 1, h, p))[:, 0]
-            return (out_BD if residual_BD is None else residual_BD + out_BD.astype(residual_BD.dtype)), cache
+            if residual_BD is None:
+                return out_BD, cache
+            new_BD = residual_BD + out_BD.astype(residual_BD.dtype)
+            return (new_BD, new_BD.astype(dtype)), cache
         # rmsnorm(g) @ W = (g @ W) / rms(g): with its weight folded into W, the norm is one scalar per row.
         out_BD = linear(self, "out_proj", g_BF.reshape(b, h, p), 2, dtype)
         if residual_BD is not None:
-            return gated_norm_residual(residual_BD, out_BD, ss_BHJ, norm_dim=h * p, eps=cfg.norm_eps), cache
+            norm_res = gated_norm_residual(
+                residual_BD, out_BD, ss_BHJ, norm_dim=h * p, eps=cfg.norm_eps, copy_dtype=dtype
+            )  # fmt: skip
+            return norm_res, cache
         inv_B1 = jax.lax.rsqrt(jnp.sum(ss_BHJ, axis=(1, 2))[:, None] / (h * p) + cfg.norm_eps)
         return (out_BD.astype(jnp.float32) * inv_B1).astype(dtype), cache

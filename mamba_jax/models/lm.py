@@ -125,7 +125,8 @@ class LanguageModel(nnx.Module):
         h_BD = self._embed(ids_B)
         if getattr(self, "prompt", None) is not None:  # positions count the virtual tokens
             pos = pos + self.prompt.embed.shape[0]
-        h_BD, cache = self.layers.decode(h_BD, cache, pos=pos, start=start)
+        stream = (h_BD, h_BD.astype(self.cfg.dtype))  # (residual, its compute-dtype copy): `Block.decode`
+        (h_BD, _), cache = self.layers.decode(stream, cache, pos=pos, start=start)
         return self._logits(self.norm_f(h_BD)), cache
 
     def _logits(self, h_xD):

@@ -73,11 +73,15 @@ class Block(nnx.Module):
         out, cache = self.mixer.prefill(self.norm(h_BLD), seq_idx=seq_idx, positions=positions, cache_len=cache_len)
         return h_BLD + out.astype(h_BLD.dtype), cache
 
-    def decode(self, h_BD, cache, *, pos, start):
+    def decode(self, stream, cache, *, pos, start):
+        """One token: `stream` is (the residual stream (B, D), the same rounded to the compute dtype, which
+        the next block's fused in_proj reads); returns the stream after this block and the cache."""
+        h_BD, hc_BD = stream
         if self.norm_folded and self.mixer._decode_kernel():  # the mixer normalises and adds the residual
-            return self.mixer._decode_fused(h_BD, cache, pos, residual_BD=h_BD)
+            return self.mixer._decode_fused(h_BD, cache, pos, residual_BD=h_BD, compute_BD=hc_BD)
         out, cache = self.mixer.decode(self.norm(h_BD), cache, pos=pos, start=start)
-        return h_BD + out.astype(h_BD.dtype), cache
+        h_BD = h_BD + out.astype(h_BD.dtype)
+        return (h_BD, h_BD.astype(hc_BD.dtype)), cache  # (XLA fuses the cast into the add; unused: dropped)
 
 
 def _remat_block(block, h_BLD, seq_idx, positions, key, remat: str):
@@ -114,12 +118,12 @@ class Unit(nnx.Module):
             caches.append(cache)
         return h_BLD, tuple(caches)
 
-    def decode(self, h_BD, caches, pos, start):
+    def decode(self, stream, caches, pos, start):
         new = []
         for block, cache in zip(self.blocks, caches, strict=True):
-            h_BD, cache = block.decode(h_BD, cache, pos=pos, start=start)
+            stream, cache = block.decode(stream, cache, pos=pos, start=start)
             new.append(cache)
-        return h_BD, tuple(new)
+        return stream, tuple(new)
 
 
 class Segment(nnx.Module):
@@ -182,22 +186,22 @@ class Segment(nnx.Module):
 
         return jax.lax.scan(body, h_BLD, state)
 
-    def decode(self, h_BD, caches, pos, start):
+    def decode(self, stream, caches, pos, start):
         if self.reps == 1:
-            return self.layers.decode(h_BD, caches, pos, start)
+            return self.layers.decode(stream, caches, pos, start)
         if self.unrolled:
             new = []
             for unit, cache in zip(self.layers, caches, strict=True):
-                h_BD, cache = unit.decode(h_BD, cache, pos, start)
+                stream, cache = unit.decode(stream, cache, pos, start)
                 new.append(cache)
-            return h_BD, tuple(new)
+            return stream, tuple(new)
         graphdef, state = nnx.split(self.layers)
 
         def body(h, xs):
             unit_state, unit_caches = xs
             return nnx.merge(graphdef, unit_state).decode(h, unit_caches, pos, start)
 
-        return jax.lax.scan(body, h_BD, (state, caches))
+        return jax.lax.scan(body, stream, (state, caches))
 
 
 def unstack_layers(model):
@@ -240,12 +244,13 @@ class LayerStack(nnx.Module):
             caches.append(cache)
         return h_BLD, tuple(caches)
 
-    def decode(self, h_BD, caches, *, pos, start):
+    def decode(self, stream, caches, *, pos, start):
+        """One token through every layer; `stream` as `Block.decode` takes it."""
         new = []
         for segment, cache in zip(self.segments, caches, strict=True):
-            h_BD, cache = segment.decode(h_BD, cache, pos, start)
+            stream, cache = segment.decode(stream, cache, pos, start)
             new.append(cache)
-        return h_BD, tuple(new)
+        return stream, tuple(new)
 
     def locate(self, layer: int) -> tuple[int, int | None, int]:
         """Where layer `layer` lives: (segment, repetition or None when unstacked, position in the unit)."""
