@@ -1,0 +1,79 @@
+"""The Pallas-Triton decode kernels lower to Triton IR for an H100 on a machine without a GPU.
+
+Interpret mode (tests/test_decode_kernels.py) checks their arithmetic but not that Triton's lowering accepts
+them: an unsupported op, a type mismatch in an index computation or a bad cache modifier shows up only on the
+GPU. jax lowers a Pallas-Triton call to Triton IR in Python (compilation to PTX happens later, in XLA), so
+exporting for "cuda" here runs that lowering; the only GPU query on the way, the compute capability, is
+answered with sm_90. Relies on jax internals (`jax._src.pallas.triton.gpu_info`): skipped where they moved.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from mamba_jax.kernels import decode as kd
+
+gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
+
+
+@pytest.fixture
+def as_h100(monkeypatch):
+    if not hasattr(gpu_info, "get_gpu_info") or not hasattr(gpu_info, "GpuInfo"):
+        pytest.skip("jax moved the Pallas-Triton GPU query")
+    h100 = gpu_info.GpuInfo(gpu_version=None, arch_name="sm_90", compute_capability=90)
+    monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: h100)
+    monkeypatch.setattr(kd, "_interpret", lambda: False)  # the compiled path, not the interpreter
+
+
+def _lower(fn, *args):
+    """The StableHLO module of `fn` exported for CUDA (its Triton custom calls carry the lowered IR)."""
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
+    text = exported.mlir_module()
+    assert "__gpu$xla.gpu.triton" in text
+    return text
+
+
+def _s(shape, dtype=jnp.float32):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+@pytest.mark.parametrize("batch,state_dtype,prefetch,trigger", [
+    (1, jnp.bfloat16, 4096, False),  # batch 1: the prefetch row of programs
+    (1, jnp.bfloat16, 4096, True),  # the PDL trigger of the opt-in Mosaic out_proj
+    (32, jnp.float32, 0, False),
+])  # fmt: skip
+def test_ssm_step_lowers(as_h100, batch, state_dtype, prefetch, trigger):
+    g, h, p, s, k, d = 1, 8, 64, 128, 4, 512  # Mamba2-2.7B's head dim and state size, fewer heads
+    w = 2 * h * p + 2 * s + h
+    f = h * p + 2 * s
+    bf16 = jnp.bfloat16
+    step = functools.partial(
+        kd.ssm_step, heads=h, dt_limit=(0.0, float("inf")), norm_eps=1e-5, g_dtype=bf16,
+        prefetch_elems=prefetch, g_rows=8 if trigger else None, trigger=trigger,
+    )  # fmt: skip
+
+    def fn(zx, conv, cw, cb, ssm, a_log, dvec, dtb, u, pf):
+        return step(zx, conv, cw, cb, ssm, a_log, dvec, dtb, 5, u, prefetch=pf if prefetch else None)
+
+    _lower(fn, _s((batch, g, w), bf16), _s((batch, k, g, f), bf16), _s((k, g, f), bf16), _s((g, f), bf16),
+           _s((batch, h, p, s), state_dtype), _s((h,)), _s((h,)), _s((h,)), _s((batch, d)),
+           _s((d, 2 * d), bf16))  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", [None, "SDB"])
+def test_gated_norm_residual_lowers(as_h100, layout):
+    b, d = 3, 2560
+    out = _s((b, d), jnp.bfloat16) if layout is None else _s((2, d, 8))
+    fn = functools.partial(
+        kd.gated_norm_residual, norm_dim=5120, eps=1e-5, layout=layout, copy_dtype=jnp.bfloat16,
+        out_dtype=jnp.bfloat16 if layout else None,
+    )  # fmt: skip
+    _lower(fn, _s((b, d)), out, _s((b, 80, 4)))
+
+
+def test_norm_gemv_lowers(as_h100):
+    fn = functools.partial(kd.norm_gemv, eps=1e-5, groups=1)
+    _lower(fn, _s((1, 2560)), _s((2560,)), _s((2560, 1024), jnp.bfloat16), _s((1, 1024)))
