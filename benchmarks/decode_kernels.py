@@ -71,7 +71,9 @@ def gemv_chain(cfg, layers: int, batch: int):
     return fused, jax.jit(xla), (h0, ws), bytes_
 
 
-def step_bench(cfg, layers: int, batch: int, state_dtype, **conf):
+def step_bench(cfg, layers: int, batch: int, state_dtype, norm_in: bool = False, **conf):
+    """Seconds per layer and state bytes / s of `ssm_step` over a chain of `layers` layers; `norm_in`: with
+    the folded input norm's 1/rms computed from a d_model row (as the decode loop runs it)."""
     h, p, g, n = cfg.mamba_heads, cfg.mamba_head_dim, cfg.mamba_num_groups, cfg.mamba_d_state
     f = h // g * p + 2 * n
     k = cfg.mamba_d_conv
@@ -82,12 +84,13 @@ def step_bench(cfg, layers: int, batch: int, state_dtype, **conf):
     cw = jax.random.normal(key[6], (k, g, f), jnp.bfloat16)
     cb = jnp.zeros((g, f), jnp.bfloat16)
     a_log, dvec, dtb = jnp.zeros((h,)), jnp.ones((h,)), jnp.zeros((h,))
+    u = jax.random.normal(key[7], (batch, cfg.d_model), jnp.float32) if norm_in else None
 
     def run(zx, conv, ssm):
         outs, rings, states = [], [], []
         for i in range(layers):
-            y, _, c, s = kd.ssm_step(zx[i], conv[i], cw, cb, ssm[i], a_log, dvec, dtb, 0, heads=h,
-                                     dt_limit=(0, math.inf), g_dtype=jnp.bfloat16, **conf)  # fmt: skip
+            y, _, c, s = kd.ssm_step(zx[i], conv[i], cw, cb, ssm[i], a_log, dvec, dtb, 0, u, heads=h,
+                                     dt_limit=(0, math.inf), norm_eps=1e-5, g_dtype=jnp.bfloat16, **conf)  # fmt: skip
             outs.append(y)
             rings.append(c)
             states.append(s)

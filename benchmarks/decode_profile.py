@@ -75,7 +75,7 @@ def main() -> int:
     args = p.parse_args()
     model = model_for(args.model)
     options = dict(_option(o) for o in args.xla_option)
-    engine = Engine(model, state_dtype="bfloat16", decode_impl=args.decode_impl, compiler_options=options)
+    engine = Engine(model, state_dtype="bfloat16", decode_impl=args.decode_impl, compiler_options=options or None)
     prompts = [[1 + (7 * i + j) % 1000 for j in range(128)] for i in range(args.batch)]
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0)
     engine.generate(prompts, params)  # compile

@@ -43,7 +43,7 @@ def run_variant(model, prompts, settings: dict[str, str], new_tokens: int, reps:
     try:
         engine_mod._generate_fn.cache_clear()  # a fresh trace reads the variables again
         jax.clear_caches()
-        eng = engine_mod.Engine(model, state_dtype="bfloat16", decode_impl="auto", compiler_options=options)
+        eng = engine_mod.Engine(model, state_dtype="bfloat16", decode_impl="auto", compiler_options=options or None)
         t_one, _ = time_generate(eng, prompts, 1, reps=reps)
         t_full, _ = time_generate(eng, prompts, new_tokens, reps=reps)
     finally:

@@ -35,7 +35,7 @@ from bench_util import bandwidth_bytes_per_s, write_result
 from flax import nnx
 
 from mamba_jax import config as mjc
-from mamba_jax.inference.engine import Engine, SamplingParams
+from mamba_jax.inference.engine import Engine, SamplingParams, default_options
 from mamba_jax.parallel import init_model
 
 NOMINAL_BANDWIDTH = 2.8e12  # bytes/s: PERFORMANCE.md's floor for an H100 (reads of the weights)
@@ -160,7 +160,7 @@ def main() -> int:
         for batch in [int(b) for b in args.batch.split(",")]:
             peer = peer_generate(name, batch, args.prompt_len, args.new_tokens) if args.peer else None
             for state_dtype, impl in itertools.product(args.state_dtype.split(","), args.decode_impl.split(",")):
-                engine = Engine(model, state_dtype=state_dtype, decode_impl=impl, compiler_options=options)
+                engine = Engine(model, state_dtype=state_dtype, decode_impl=impl, compiler_options=options or None)
                 rng = np.random.default_rng(0)
                 prompts = [rng.integers(1, model.cfg.vocab_size, args.prompt_len).tolist() for _ in range(batch)]
                 t_one, _ = time_generate(engine, prompts, 1)
@@ -177,7 +177,7 @@ def main() -> int:
                     "batch": batch,
                     "state_dtype": state_dtype,
                     "decode_impl": impl,
-                    "xla_options": options,
+                    "xla_options": options or dict(default_options(batch)),  # what the loop compiled with
                     "prompt_len": args.prompt_len,
                     "new_tokens": args.new_tokens,
                     "weight_gib_read_per_step": weight_bytes / 2**30,

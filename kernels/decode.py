@@ -54,6 +54,9 @@ BM = 16  # rows of the GEMV's tensor-core tile (tl.dot needs 16); the batch is m
 MAX_GEMV_ROWS = BM  # larger batches use XLA's GEMM (there the weights no longer dominate a step)
 PREFETCH_FRACTION = 0.3  # of out_proj's weight: 0.15–0.3 best at batch 1 (2.7B, H100); ≥ 0.45 slower
 PREFETCH_MAX_BATCH = 4  # above it the step kernel moves enough state to keep the bus busy itself
+# From this batch on the step runs as two launches (`ssm_step(split=True)`, 32 state rows per program):
+# 2.7B, H100: +5.8 % tokens/s at batch 8, +7.6 % at 32 (+1.3 % more with 32 rows); below 8 not measured.
+SPLIT_MIN_BATCH = 8
 PREFETCH_BLOCK = 8192  # elements per load of the L2 prefetch (16 KB of bf16 per program and load)
 
 
@@ -201,9 +204,23 @@ def prefetch_elems(batch: int, weight_elems: int) -> int:
     return int(frac * weight_elems) if batch <= PREFETCH_MAX_BATCH else 0
 
 
+def step_config(batch: int, heads_per_group: int) -> dict:
+    """The step kernel's launch shape for `Mamba2Mixer._decode_fused` at this batch: heads_per_program,
+    block_p (None: `ssm_step`'s default), warps and split. MAMBA_JAX_DECODE_STEP="hp,bp,warps,split"
+    (0 = default) overrides it at trace time, for tuning (benchmarks/decode_variants.py)."""
+    split = batch >= SPLIT_MIN_BATCH
+    conf = {"heads_per_program": 1, "block_p": 32 if split else None, "warps": 4, "split": split}
+    if env := os.environ.get("MAMBA_JAX_DECODE_STEP"):  # the split flag is explicit (0: one launch)
+        hp, bp, warps, split = (int(v) for v in env.split(","))
+        conf = {"heads_per_program": hp or 1, "block_p": bp or None, "warps": warps or 4, "split": bool(split)}
+    if heads_per_group % conf["heads_per_program"]:
+        conf["heads_per_program"] = 1
+    return conf
+
+
 def _step_kernel(*refs, has_prefetch, pf_chunk, pf_total, nj, bsz, trigger, **kw):
     # Program ids are read here, outside the branches (the interpreter cannot lower them inside a cond).
-    # j: which `bp` rows of the head's state (more, smaller programs at large batch).
+    # h: which block of `hp` heads; j: which `bp` rows of their state (more, smaller programs at small batch).
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     kw["trigger"] = trigger
     if not has_prefetch:
@@ -221,70 +238,168 @@ def _step_kernel(*refs, has_prefetch, pf_chunk, pf_total, nj, bsz, trigger, **kw
         _step_body(b, h, j, *refs, **kw)
 
 
-def _step_body(
-    b, h, j, zx_ref, conv_ref, cw_ref, cb_ref, ssm_ref, alog_ref, d_ref, dtb_ref, u_ref, slot_ref,
-    g_ref, ss_ref, conv_out_ref, ssm_out_ref, *, r_heads, p, bp, s, taps, dt_limit, norm_eps, cdtype, trigger,
-):  # fmt: skip
-    p0 = j * bp
-    grp = h // r_heads
-    r = h % r_heads
-    rp = r_heads * p
-    f32 = jnp.float32
-    # in_proj columns of a group: [z (R·P) | x (R·P) | B (S) | C (S) | dt (R)]; conv channels: [x | B | C].
-    col_x, col_b, col_c, col_dt = rp + r * p + p0, 2 * rp, 2 * rp + s, 2 * rp + 2 * s + r
-    ch_x, ch_b, ch_c = r * p + p0, rp, rp + s
-
-    # The input RMSNorm's 1/rms when its weight was folded into in_proj (`fold_norm_weights`): in_proj ran
-    # on the raw residual, so every column is scaled here and rounded as the unfolded path rounds it.
-    # Each program sums the row's squares itself (a few KB from L2) rather than waiting on an XLA reduce.
+def _inv_rms(u_ref, b, norm_eps, trigger):
+    """The input RMSNorm's 1/rms of row b when its weight was folded into in_proj (`fold_norm_weights`):
+    in_proj ran on the raw residual, so every column is scaled by it and rounded as the unfolded path
+    rounds it. Each program sums the row's squares itself (a few KB from L2) rather than waiting on an XLA
+    reduce. With `trigger` this is the first load, after `launch_dependents`: the out_proj GEMV behind the
+    kernel starts filling its weight ring now."""
     d = u_ref.shape[1]
     dp = pl.next_power_of_2(d)
-    # The first load: with `trigger`, the out_proj GEMV behind this kernel starts filling its weight ring now.
     cols = _launch_dependents(jnp.arange(dp)) if trigger else jnp.arange(dp)
-    u = plt.load(u_ref.at[pl.ds(b, 1), pl.ds(0, dp)], mask=(cols < d)[None, :], other=0.0).astype(f32)
-    scale = jax.lax.rsqrt(jnp.sum(u * u) / d + norm_eps)
-    # The conv window is a ring of K = taps + 1 inputs indexed by position mod K: the new input goes to
-    # `slot` (which held the input K steps back, no longer read) and tap t reads slot + 1 + t. Every
-    # program then reads only slots no program writes, so the ring is updated in place (aliased).
-    slot = jnp.sum(slot_ref[...])
+    u = plt.load(u_ref.at[pl.ds(b, 1), pl.ds(0, dp)], mask=(cols < d)[None, :], other=0.0).astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.sum(u * u) / d + norm_eps)
 
-    def zx(col, width):
-        return (zx_ref[b, grp, pl.ds(col, width)].astype(f32) * scale).astype(cdtype)
 
-    def conv(col, ch, width):
-        """Causal conv of `width` channels over the cached window and the new input, + bias, SiLU."""
-        new = zx(col, width)
-        tap = lambda t: cw_ref[t, grp, pl.ds(ch, width)].astype(f32)  # noqa: E731
-        acc = cb_ref[grp, pl.ds(ch, width)].astype(f32) + new.astype(f32) * tap(taps)
-        for t in range(taps):
-            acc = acc + conv_ref[b, (slot + 1 + t) % (taps + 1), grp, pl.ds(ch, width)].astype(f32) * tap(t)
-        out = _silu(acc.astype(cdtype).astype(f32)).astype(cdtype).astype(f32)
-        return out, new
+def _conv(zx_ref, conv_ref, cw_ref, cb_ref, b, grp, slot, scale, col, ch, width, *, taps, cdtype):
+    """Causal conv of `width` channels (from `ch`; in_proj column `col`) over the cached window and the new
+    input, + bias, SiLU; returns (the output, the new input for the ring). The conv window is a ring of
+    K = taps + 1 inputs indexed by position mod K: the new input goes to `slot` (which held the input K
+    steps back, no longer read) and tap t reads slot + 1 + t. Every program then reads only slots no
+    program writes, so the ring is updated in place (aliased)."""
+    f32 = jnp.float32
+    new = (zx_ref[b, grp, pl.ds(col, width)].astype(f32) * scale).astype(cdtype)
+    tap = lambda t: cw_ref[t, grp, pl.ds(ch, width)].astype(f32)  # noqa: E731
+    acc = cb_ref[grp, pl.ds(ch, width)].astype(f32) + new.astype(f32) * tap(taps)
+    for t in range(taps):
+        acc = acc + conv_ref[b, (slot + 1 + t) % (taps + 1), grp, pl.ds(ch, width)].astype(f32) * tap(t)
+    return _silu(acc.astype(cdtype).astype(f32)).astype(cdtype).astype(f32), new
 
-    x, x_win = conv(col_x, ch_x, bp)
-    bv, b_win = conv(col_b, ch_b, s)
-    cv, c_win = conv(col_c, ch_c, s)
 
-    dt = jnp.sum(zx(col_dt, 1).astype(f32)) + jnp.sum(dtb_ref[pl.ds(h, 1)].astype(f32))
+def _head(b, h, j, state, x, bv, cv, zx, alog_ref, d_ref, dtb_ref, g_ref, ss_ref, ssm_out_ref, *, r_heads, p, bp,
+          s, dt_limit, cdtype):  # fmt: skip
+    """The state update, y, D skip and SiLU(z) gate of `bp` rows (block j) of head h, from its state rows
+    (float32), conv output x and the group's B, C; `zx(col, width)` reads scaled in_proj columns."""
+    f32 = jnp.float32
+    r = h % r_heads
+    p0 = j * bp
+    dt = jnp.sum(zx(2 * r_heads * p + 2 * s + r, 1).astype(f32)) + jnp.sum(dtb_ref[pl.ds(h, 1)].astype(f32))
     dt = _softplus(dt)
     lo, hi = dt_limit
     if lo > 0.0 or hi != float("inf"):
         dt = jnp.clip(dt, lo, hi)
     a = -jnp.exp(jnp.sum(alog_ref[pl.ds(h, 1)].astype(f32)))
-    rows = pl.ds(p0, bp)
-    state = ssm_ref[b, h, rows].astype(f32) * jnp.exp(dt * a) + (dt * x)[:, None] * bv[None, :]
-    ssm_out_ref[b, h, rows] = state.astype(ssm_out_ref.dtype)  # aliased with ssm_ref: updated in place
+    state = state * jnp.exp(dt * a) + (dt * x)[:, None] * bv[None, :]
+    ssm_out_ref[b, h, pl.ds(p0, bp)] = state.astype(ssm_out_ref.dtype)  # aliased with ssm_ref: in place
     y = jnp.sum(state * cv[None, :], axis=1) + x * jnp.sum(d_ref[pl.ds(h, 1)].astype(f32))
     gated = y.astype(cdtype).astype(f32) * _silu(zx(r * p + p0, bp).astype(f32))
     g_ref[b, pl.ds(h * p + p0, bp)] = gated.astype(g_ref.dtype)
     ss_ref[b, h, pl.ds(j, 1)] = jnp.sum(gated * gated, keepdims=True)  # the gated norm's statistics
 
-    conv_out_ref[b, slot, grp, pl.ds(ch_x, bp)] = x_win.astype(conv_out_ref.dtype)
 
-    @pl.when((r == 0) & (j == 0))  # B and C are shared by a group's heads: its first program writes them
+def _step_body(
+    b, hb, j, zx_ref, conv_ref, cw_ref, cb_ref, ssm_ref, alog_ref, d_ref, dtb_ref, u_ref, slot_ref,
+    g_ref, ss_ref, conv_out_ref, ssm_out_ref, *, r_heads, hp, p, bp, s, taps, dt_limit, norm_eps, cdtype, trigger,
+):  # fmt: skip
+    # `hp` heads of one group per program (`hb`-th block of them): the input norm's 1/rms and the group's
+    # B and C convs are computed once for all of them.
+    h0 = hb * hp
+    grp = h0 // r_heads
+    rp = r_heads * p
+    # in_proj columns of a group: [z (R·P) | x (R·P) | B (S) | C (S) | dt (R)]; conv channels: [x | B | C].
+    scale = _inv_rms(u_ref, b, norm_eps, trigger)
+    slot = jnp.sum(slot_ref[...])
+    conv = functools.partial(_conv, zx_ref, conv_ref, cw_ref, cb_ref, b, grp, slot, scale, taps=taps, cdtype=cdtype)
+    zx = lambda col, width: (zx_ref[b, grp, pl.ds(col, width)].astype(jnp.float32) * scale).astype(cdtype)  # noqa: E731
+    for i in range(hp):  # unrolled
+        h = h0 + i
+        ch_x = (h % r_heads) * p + j * bp
+        x, x_win = conv(rp + ch_x, ch_x, bp)
+        if i == 0:
+            bv, b_win = conv(2 * rp, rp, s)
+            cv, c_win = conv(2 * rp + s, rp + s, s)
+        state = ssm_ref[b, h, pl.ds(j * bp, bp)].astype(jnp.float32)
+        _head(b, h, j, state, x, bv, cv, zx, alog_ref, d_ref, dtb_ref, g_ref, ss_ref, ssm_out_ref, r_heads=r_heads,
+              p=p, bp=bp, s=s, dt_limit=dt_limit, cdtype=cdtype)  # fmt: skip
+        conv_out_ref[b, slot, grp, pl.ds(ch_x, bp)] = x_win.astype(conv_out_ref.dtype)
+
+    @pl.when((h0 % r_heads == 0) & (j == 0))  # B and C are shared by a group's heads: its first program writes them
     def _():
-        conv_out_ref[b, slot, grp, pl.ds(ch_b, s)] = b_win.astype(conv_out_ref.dtype)
-        conv_out_ref[b, slot, grp, pl.ds(ch_c, s)] = c_win.astype(conv_out_ref.dtype)
+        conv_out_ref[b, slot, grp, pl.ds(rp, s)] = b_win.astype(conv_out_ref.dtype)
+        conv_out_ref[b, slot, grp, pl.ds(rp + s, s)] = c_win.astype(conv_out_ref.dtype)
+
+
+# The step in two launches (`ssm_step(split=True)`, for large batches): `_prep_kernel` runs the conv once
+# per channel (and the 1/rms once per row), `_update_kernel` only the state update of `_head`. In one
+# launch every program also does that small, latency-bound work in front of its state read, and the state
+# traffic runs at ≈ 2.0 TB/s against ≈ 2.6 for the update alone (benchmarks/state_probe.py).
+def _prep_kernel(zx_ref, conv_ref, cw_ref, cb_ref, u_ref, slot_ref, xbc_ref, scale_ref, conv_out_ref, *, rp, bc,
+                 taps, norm_eps, cdtype):  # fmt: skip
+    b, grp, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    scale = _inv_rms(u_ref, b, norm_eps, False)
+    slot = jnp.sum(slot_ref[...])
+    ch = c * bc
+    out, new = _conv(zx_ref, conv_ref, cw_ref, cb_ref, b, grp, slot, scale, rp + ch, ch, bc, taps=taps, cdtype=cdtype)
+    xbc_ref[b, grp, pl.ds(ch, bc)] = out.astype(xbc_ref.dtype)
+    conv_out_ref[b, slot, grp, pl.ds(ch, bc)] = new.astype(conv_out_ref.dtype)
+
+    @pl.when((grp == 0) & (c == 0))
+    def _():
+        scale_ref[pl.ds(b, 1)] = jnp.full((1,), scale)
+
+
+def _update_kernel(zx_ref, xbc_ref, scale_ref, ssm_ref, alog_ref, d_ref, dtb_ref, g_ref, ss_ref, ssm_out_ref, *,
+                   r_heads, hp, p, bp, s, dt_limit, cdtype, trigger):  # fmt: skip
+    b, hb, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    h0 = hb * hp
+    grp = h0 // r_heads
+    rp = r_heads * p
+    f32 = jnp.float32
+    rows = pl.ds(j * bp, bp)
+    states = [ssm_ref[b, h0 + i, rows] for i in range(hp)]  # the state reads first: nothing they wait on
+    lanes = _launch_dependents(jnp.arange(bp)) if trigger else jnp.arange(bp)
+    scale = jnp.sum(scale_ref[pl.ds(b, 1)])
+    zx = lambda col, width: (zx_ref[b, grp, pl.ds(col, width)].astype(f32) * scale).astype(cdtype)  # noqa: E731
+    bv = xbc_ref[b, grp, pl.ds(rp, s)].astype(f32)
+    cv = xbc_ref[b, grp, pl.ds(rp + s, s)].astype(f32)
+    for i in range(hp):
+        h = h0 + i
+        x_ref = xbc_ref.at[b, grp, pl.ds((h % r_heads) * p + j * bp, bp)]
+        x = plt.load(x_ref, mask=lanes < bp, other=0.0).astype(f32)
+        _head(b, h, j, states[i].astype(f32), x, bv, cv, zx, alog_ref, d_ref, dtb_ref, g_ref, ss_ref, ssm_out_ref,
+              r_heads=r_heads, p=p, bp=bp, s=s, dt_limit=dt_limit, cdtype=cdtype)  # fmt: skip
+
+
+def _split_step(zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H, dt_bias_H, norm_in_BD, slot, *,
+                heads, hp, bp, warps, dt_limit, norm_eps, g_dtype, g_rows, trigger):  # fmt: skip
+    bsz, k, g, f = conv_BKGF.shape
+    _, _, p, s = ssm_BHPS.shape
+    cdtype = jnp.dtype(zx_BGW.dtype)
+    bc = 1024
+    while f % bc:  # f = R·P + 2S: a multiple of 16 (ssm_step_unsupported)
+        bc //= 2
+    prep = functools.partial(_prep_kernel, rp=heads // g * p, bc=bc, taps=k - 1, norm_eps=norm_eps, cdtype=cdtype)
+    xbc_BGF, scale_B, conv = pl.pallas_call(
+        prep,
+        out_shape=(
+            jax.ShapeDtypeStruct((bsz, g, f), cdtype),
+            jax.ShapeDtypeStruct((bsz,), jnp.float32),
+            jax.ShapeDtypeStruct(conv_BKGF.shape, conv_BKGF.dtype),
+        ),
+        grid=(bsz, g, f // bc),
+        input_output_aliases={1: 2},
+        compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
+        interpret=_interpret(),
+        name="ssm_step_prep",
+    )(zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, norm_in_BD, slot)
+    update = functools.partial(
+        _update_kernel, r_heads=heads // g, hp=hp, p=p, bp=bp, s=s, dt_limit=tuple(dt_limit), cdtype=cdtype,
+        trigger=trigger,
+    )  # fmt: skip
+    g_BF, ss_BHJ, ssm = pl.pallas_call(
+        update,
+        out_shape=(
+            jax.ShapeDtypeStruct((g_rows, heads * p), g_dtype),
+            jax.ShapeDtypeStruct((bsz, heads, p // bp), jnp.float32),
+            jax.ShapeDtypeStruct(ssm_BHPS.shape, ssm_BHPS.dtype),
+        ),
+        grid=(bsz, heads // hp, p // bp),
+        input_output_aliases={3: 2},
+        compiler_params=plt.CompilerParams(num_warps=warps, num_stages=1),
+        interpret=_interpret(),
+        name="ssm_step_update",
+    )(zx_BGW, xbc_BGF, scale_B, ssm_BHPS, A_log_H, D_H, dt_bias_H)
+    return g_BF, ss_BHJ, conv, ssm
 
 
 def ssm_step_unsupported(p: int, s: int) -> str | None:
@@ -296,13 +411,14 @@ def ssm_step_unsupported(p: int, s: int) -> str | None:
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "heads", "dt_limit", "norm_eps", "g_dtype", "block_p", "warps", "prefetch_elems", "g_rows", "trigger"
+        "heads", "dt_limit", "norm_eps", "g_dtype", "block_p", "heads_per_program", "warps", "prefetch_elems",
+        "g_rows", "trigger", "split",
     ),
 )  # fmt: skip
 def ssm_step(
     zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H, dt_bias_H, pos, norm_in_BD=None, *,
-    heads, dt_limit, norm_eps=0.0, g_dtype=jnp.float32, block_p=None, warps=4, prefetch=None, prefetch_elems=0,
-    g_rows=None, trigger=False,
+    heads, dt_limit, norm_eps=0.0, g_dtype=jnp.float32, block_p=None, heads_per_program=1, warps=4, prefetch=None,
+    prefetch_elems=0, g_rows=None, trigger=False, split=False,
 ):  # fmt: skip
     """One decode step of a Mamba2 mixer after in_proj, for the token at position `pos` (int scalar).
 
@@ -311,10 +427,12 @@ def ssm_step(
     norm's weight folded into in_proj: `mamba_jax.inference.fold`). conv: the conv inputs as a ring of K slots
     (B, K, G, F), the input at position t in slot t mod K (`conv_ring` builds it from the last K − 1);
     updated in place. ssm: the state (B, H, P, S), updated in place. Donate both under jit (aliased).
-    One program per (row, head, `block_p` rows of the head's state); by default the largest `block_p`
-    that gives ≈ 512 programs (≥ 16 rows). Returns (g = y · SiLU(z) (B, H·P) in `g_dtype`, the gated
-    norm's input; Σ g² (B, H, P / block_p) float32 per head and block of rows, from g before rounding;
-    the conv ring; the state).
+    One program per (row, `heads_per_program` heads of a group, `block_p` rows of their state); by default
+    the largest `block_p` that gives ≈ 512 programs (≥ 16 rows). Several heads per program share the input
+    norm's 1/rms and the group's B and C convs, which every program otherwise recomputes (measured no faster
+    on the 2.7B: benchmarks/README.md). Returns (g = y · SiLU(z) (B, H·P) in `g_dtype`, the gated norm's
+    input; Σ g² (B, H, P / block_p) float32 per head and block of rows, from g before rounding; the conv
+    ring; the state).
 
     `prefetch` (any array, read flat) with `prefetch_elems` > 0: one more row of programs reads its first
     `prefetch_elems` elements into L2 meanwhile (the next GEMV's weight: at small batch this kernel is
@@ -323,7 +441,11 @@ def ssm_step(
     `g_rows` ≥ B: g gets that many rows (those past B are not written: the padded input of
     `kernels.gemv.gemv_t`, whose output columns each depend on their own row only, with no XLA pad kernel
     between the two). `trigger`: the programs signal `griddepcontrol.launch_dependents` first thing, so a
-    GEMV launched behind with `pdl=True` starts streaming its weight while this kernel runs."""
+    GEMV launched behind with `pdl=True` starts streaming its weight while this kernel runs.
+
+    `split`: two launches, the conv of every channel (and the input norm's 1/rms) once per row first, then
+    the state update; for large batches, where the state traffic dominates (faster there: benchmarks/README.md).
+    Same results."""
     bsz, k, g, _ = conv_BKGF.shape
     _, _, p, s = ssm_BHPS.shape
     reason = ssm_step_unsupported(p, s)
@@ -334,19 +456,30 @@ def ssm_step(
     if norm_in_BD is None:  # no input norm: rsqrt(1² / 1 + 0) = 1
         norm_in_BD, norm_eps = jnp.ones((bsz, 1), jnp.float32), 0.0
     # Enough programs to fill the GPU a few times over (at batch 1 a 2.7B layer has only 80 heads).
-    bp = block_p or p // min(max(p // 16, 1), pl.next_power_of_2(-(-512 // (bsz * heads))))
+    hp = heads_per_program
+    if hp < 1 or (heads // g) % hp:
+        raise ValueError(f"heads_per_program={hp} must divide the {heads // g} heads of a group.")
+    bp = block_p or p // min(max(p // 16, 1), pl.next_power_of_2(-(-512 // (bsz * heads // hp))))
     if p % bp or not _pow2(bp) or bp < 16:
         raise ValueError(f"block_p={bp} must be a power of two ≥ 16 dividing the head dim {p}.")
     nj = p // bp
+    g_rows = max(g_rows or bsz, bsz)
+    slot = jnp.reshape(jnp.asarray(pos, jnp.int32) % k, (1,))
+    if split and prefetch_elems:
+        raise ValueError("ssm_step(split=True) does not prefetch (its launches are bandwidth-bound already).")
+    if split:
+        return _split_step(
+            zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H, dt_bias_H, norm_in_BD, slot,
+            heads=heads, hp=hp, bp=bp, warps=warps, dt_limit=dt_limit, norm_eps=norm_eps, g_dtype=g_dtype,
+            g_rows=g_rows, trigger=trigger,
+        )  # fmt: skip
     pf_elems = min(prefetch_elems, prefetch.size) if prefetch is not None else 0
-    pf_chunk = pl.next_power_of_2(-(-pf_elems // (heads * nj))) if pf_elems else 0
+    pf_chunk = pl.next_power_of_2(-(-pf_elems // (heads // hp * nj))) if pf_elems else 0
     kernel = functools.partial(
-        _step_kernel, r_heads=heads // g, p=p, bp=bp, s=s, taps=k - 1, dt_limit=tuple(dt_limit),
+        _step_kernel, r_heads=heads // g, hp=hp, p=p, bp=bp, s=s, taps=k - 1, dt_limit=tuple(dt_limit),
         norm_eps=norm_eps, cdtype=jnp.dtype(zx_BGW.dtype), has_prefetch=bool(pf_elems), pf_chunk=pf_chunk,
         pf_total=pf_elems, nj=nj, bsz=bsz, trigger=trigger,
     )  # fmt: skip
-    g_rows = max(g_rows or bsz, bsz)
-    slot = jnp.reshape(jnp.asarray(pos, jnp.int32) % k, (1,))
     args = [zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H, dt_bias_H, norm_in_BD, slot]
     out_shape = [
         jax.ShapeDtypeStruct((g_rows, heads * p), g_dtype),
@@ -356,11 +489,11 @@ def ssm_step(
     ]
     if pf_elems:
         args.append(prefetch.reshape(-1))
-        out_shape.append(jax.ShapeDtypeStruct((heads * nj,), jnp.float32))
+        out_shape.append(jax.ShapeDtypeStruct((heads // hp * nj,), jnp.float32))
     g_BF, ss_BHJ, conv, ssm, *_ = pl.pallas_call(
         kernel,
         out_shape=tuple(out_shape),
-        grid=(bsz + bool(pf_elems), heads, nj),
+        grid=(bsz + bool(pf_elems), heads // hp, nj),
         input_output_aliases={1: 2, 4: 3},
         compiler_params=plt.CompilerParams(num_warps=warps, num_stages=1),
         interpret=_interpret(),

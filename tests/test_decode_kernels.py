@@ -53,12 +53,18 @@ def test_norm_gemv_rejects_what_it_cannot_take():
         kd.norm_gemv(jnp.ones((1, 120)), jnp.ones(120), jnp.ones((120, 32)), eps=1e-5, groups=3)
 
 
-@pytest.mark.parametrize("groups,dt_limit,state_dtype,p,block_p,prefetch", [
-    (1, (0.0, float("inf")), jnp.float32, 16, None, 0),
+@pytest.mark.parametrize("groups,dt_limit,state_dtype,p,block_p,prefetch,hp,split", [
+    (1, (0.0, float("inf")), jnp.float32, 16, None, 0, 1, False),
     # two programs per head, each half of its state rows; a row of programs prefetching 1000 elements
-    (2, (0.01, 0.1), jnp.bfloat16, 32, 16, 1000),
+    (2, (0.01, 0.1), jnp.bfloat16, 32, 16, 1000, 1, False),
+    # two heads per program (they share the norm's 1/rms and the group's B / C conv), with the prefetch
+    (1, (0.0, float("inf")), jnp.bfloat16, 16, None, 1000, 2, False),
+    (2, (0.01, 0.1), jnp.float32, 32, 16, 0, 2, False),
+    # two launches: the conv per channel, then the state update
+    (1, (0.0, float("inf")), jnp.float32, 16, None, 0, 1, True),
+    (2, (0.01, 0.1), jnp.bfloat16, 32, 16, 0, 2, True),
 ])  # fmt: skip
-def test_ssm_step_matches_conv_and_recurrence(groups, dt_limit, state_dtype, p, block_p, prefetch):
+def test_ssm_step_matches_conv_and_recurrence(groups, dt_limit, state_dtype, p, block_p, prefetch, hp, split):
     b, h, s, taps = 2, 4, 32, 3
     r = h // groups
     f = r * p + 2 * s
@@ -77,8 +83,8 @@ def test_ssm_step_matches_conv_and_recurrence(groups, dt_limit, state_dtype, p, 
     pos = 7 + groups  # the ring's slots rotate with the position
     g_BF, ss_BH, ring_new, ssm_new = kd.ssm_step(
         zx, kd.conv_ring(conv, pos), cw, cb, ssm, a_log, dvec, dtb, pos, u,
-        heads=h, dt_limit=dt_limit, norm_eps=1e-5, block_p=block_p,
-        prefetch=jnp.ones((40, 40), jnp.bfloat16) if prefetch else None, prefetch_elems=prefetch,
+        heads=h, dt_limit=dt_limit, norm_eps=1e-5, block_p=block_p, heads_per_program=hp,
+        split=split, prefetch=jnp.ones((40, 40), jnp.bfloat16) if prefetch else None, prefetch_elems=prefetch,
     )  # fmt: skip
 
     # Plain formula: the depthwise conv over [window | new], SiLU, the recurrence of ssd_step, the z gate.
@@ -150,11 +156,14 @@ def _random_norm_weights(model, seed):
     return model
 
 
-@pytest.mark.parametrize("pattern,batch,fold,groups", [
-    ("MMM", 3, False, 4), ("M*-M", 3, False, 4), ("MM", 6, False, 4),
-    ("MMM", 3, True, 1), ("M*-M", 2, True, 2),  # folded norms: one gated-norm group, and per-group norms
+@pytest.mark.parametrize("pattern,batch,fold,groups,step", [
+    ("MMM", 3, False, 4, None), ("M*-M", 3, False, 4, None), ("MM", 6, False, 4, None),
+    ("MMM", 3, True, 1, None), ("M*-M", 2, True, 2, None),  # folded norms: one gated-norm group, per-group norms
+    ("MMM", 3, True, 1, "1,0,4,1"), ("M*-M", 3, False, 4, "1,0,4,1"),  # the step in two launches (large batch)
 ])  # fmt: skip
-def test_kernel_decoding_equals_full_forward(pattern, batch, fold, groups):
+def test_kernel_decoding_equals_full_forward(monkeypatch, pattern, batch, fold, groups, step):
+    if step:
+        monkeypatch.setenv("MAMBA_JAX_DECODE_STEP", step)
     cfg = _kernel_model(pattern, decode_impl="pallas", residual_in_fp32=True, mamba_num_groups=groups,
                         mamba_norm_per_group=groups > 1)  # fmt: skip
     reference = _random_norm_weights(init_model(cfg, seed=5), seed=batch)
@@ -244,7 +253,10 @@ def _teacher_forced_logits(model, prompts, cont, steps):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("groups,batch,gemv", [(1, 1, "xla"), (8, 3, "xla"), (1, 1, "mosaic"), (1, 3, "mosaic")])
+@pytest.mark.parametrize("groups,batch,gemv", [
+    (1, 1, "xla"), (8, 3, "xla"), (1, 1, "mosaic"), (1, 3, "mosaic"),
+    (1, 8, "xla"), (1, 8, "mosaic"),  # batch ≥ SPLIT_MIN_BATCH: the step in two launches
+])  # fmt: skip
 def test_kernels_at_real_widths_on_gpu(monkeypatch, groups, batch, gemv):
     """bf16 at Mamba2 widths (head dim 64, state 128), compiled: the fused path is as close to the float32
     model as XLA's bf16 decode path is (with out_proj as XLA's GEMV, or the opt-in Mosaic PDL GEMV)."""

@@ -38,19 +38,22 @@ def _s(shape, dtype=jnp.float32):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-@pytest.mark.parametrize("batch,state_dtype,prefetch,trigger", [
-    (1, jnp.bfloat16, 4096, False),  # batch 1: the prefetch row of programs
-    (1, jnp.bfloat16, 4096, True),  # the PDL trigger of the opt-in Mosaic out_proj
-    (32, jnp.float32, 0, False),
+@pytest.mark.parametrize("batch,state_dtype,prefetch,trigger,hp,split", [
+    (1, jnp.bfloat16, 4096, False, 1, False),  # batch 1: the prefetch row of programs
+    (1, jnp.bfloat16, 4096, True, 1, False),  # the PDL trigger of the opt-in Mosaic out_proj
+    (32, jnp.float32, 0, False, 1, False),
+    (32, jnp.bfloat16, 0, False, 2, False),  # two heads per program
+    (32, jnp.bfloat16, 0, False, 1, True),  # two launches (conv, then the state update)
+    (32, jnp.bfloat16, 0, True, 2, True),
 ])  # fmt: skip
-def test_ssm_step_lowers(as_h100, batch, state_dtype, prefetch, trigger):
+def test_ssm_step_lowers(as_h100, batch, state_dtype, prefetch, trigger, hp, split):
     g, h, p, s, k, d = 1, 8, 64, 128, 4, 512  # Mamba2-2.7B's head dim and state size, fewer heads
     w = 2 * h * p + 2 * s + h
     f = h * p + 2 * s
     bf16 = jnp.bfloat16
     step = functools.partial(
         kd.ssm_step, heads=h, dt_limit=(0.0, float("inf")), norm_eps=1e-5, g_dtype=bf16,
-        prefetch_elems=prefetch, g_rows=8 if trigger else None, trigger=trigger,
+        prefetch_elems=prefetch, g_rows=8 if trigger else None, trigger=trigger, heads_per_program=hp, split=split,
     )  # fmt: skip
 
     def fn(zx, conv, cw, cb, ssm, a_log, dvec, dtb, u, pf):

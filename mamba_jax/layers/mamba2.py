@@ -225,7 +225,7 @@ class Mamba2Mixer(nnx.Module):
         gated norm's weight folded into out_proj and one norm group, its 1/rms (from the kernel's sums of
         squares) scales out_proj's output, applied with the residual add in one more launch: no norm kernel
         runs between the weight streams."""
-        from mamba_jax.kernels.decode import gated_norm_residual, prefetch_elems, ssm_step
+        from mamba_jax.kernels.decode import gated_norm_residual, prefetch_elems, ssm_step, step_config
         from mamba_jax.kernels.gemv import ROW_PAD, decode_gemv_tiles, gemv_t
 
         cfg = self.cfg
@@ -241,8 +241,9 @@ class Mamba2Mixer(nnx.Module):
         plain = w_out.dtype == dtype and not hasattr(self, lora_names("out_proj")[0])  # no cast, no LoRA
         if post_norm and residual_BD is not None and plain:
             tiles = decode_gemv_tiles(b, h * p, w_out.shape[-1], dtype)
+        step = step_config(b, h // cfg.mamba_num_groups)
         # While the step kernel runs (latency-bound at small batch) it pulls out_proj's weight into L2.
-        pf = prefetch_elems(b, w_out.size) if post_norm else 0
+        pf = prefetch_elems(b, w_out.size) if post_norm and not step["split"] else 0
         g_BF, ss_BHJ, conv, ssm = ssm_step(
             linear(self, "in_proj", x_BD if compute_BD is None else compute_BD, 1, dtype),
             cache["conv"].astype(dtype),
@@ -262,6 +263,7 @@ class Mamba2Mixer(nnx.Module):
             prefetch_elems=pf,
             g_rows=-(-b // ROW_PAD) * ROW_PAD if tiles else None,
             trigger=tiles is not None,
+            **step,
         )
         cache = {"conv": conv, "ssm": ssm}
         if tiles:
