@@ -14,6 +14,12 @@ instead, with the norms' weights folded into the projections (`mamba_jax.inferen
   `gated_norm_residual`  the gated norm's 1/rms on out_proj's output + the residual add, and the new
                residual rounded to bf16 for the next block's in_proj (no XLA cast kernel between blocks).
 
+From batch SPLIT_MIN_BATCH on, `ssm_step(split=True)` runs the step as two launches: the conv of every
+channel and the 1/rms once per row (`ssm_step_prep`), then the state update alone (`ssm_step_update`). At
+large batch the step is the state's read and write (84 MB per 2.7B layer at batch 32), and in one launch
+the conv work in front of every program's state read held it to ≈ 2.0 TB/s (+7.6 % tokens/s at batch 32
+split, benchmarks/README.md).
+
 At batch ≤ PREFETCH_MAX_BATCH the step kernel is latency-bound and the memory bus sits idle while it runs,
 so one more row of its programs reads the first PREFETCH_FRACTION of out_proj's weight into L2 (evict_last
 loads, summed into a dummy output); out_proj then finds that part in L2. Measured +1.5–2 % tokens/s at
