@@ -213,10 +213,11 @@ def prefetch_elems(batch: int, weight_elems: int) -> int:
 def step_config(batch: int, heads_per_group: int) -> dict:
     """The step kernel's launch shape for `Mamba2Mixer._decode_fused` at this batch: heads_per_program,
     block_p (None: `ssm_step`'s default), warps and split. MAMBA_JAX_DECODE_STEP="hp,bp,warps,split"
-    (0 = default) overrides it at trace time, for tuning (benchmarks/decode_variants.py)."""
+    overrides it at trace time, for tuning (benchmarks/decode_variants.py): 0 for hp, bp or warps means the
+    default; split is 0 (one launch) or 1 (two)."""
     split = batch >= SPLIT_MIN_BATCH
     conf = {"heads_per_program": 1, "block_p": 32 if split else None, "warps": 4, "split": split}
-    if env := os.environ.get("MAMBA_JAX_DECODE_STEP"):  # the split flag is explicit (0: one launch)
+    if env := os.environ.get("MAMBA_JAX_DECODE_STEP"):
         hp, bp, warps, split = (int(v) for v in env.split(","))
         conf = {"heads_per_program": hp or 1, "block_p": bp or None, "warps": warps or 4, "split": bool(split)}
     if heads_per_group % conf["heads_per_program"]:
