@@ -258,14 +258,20 @@ def _inv_rms(u_ref, b, norm_eps, trigger):
     return jax.lax.rsqrt(jnp.sum(u * u) / d + norm_eps)
 
 
-def _conv(zx_ref, conv_ref, cw_ref, cb_ref, b, grp, slot, scale, col, ch, width, *, taps, cdtype):
-    """Causal conv of `width` channels (from `ch`; in_proj column `col`) over the cached window and the new
-    input, + bias, SiLU; returns (the output, the new input for the ring). The conv window is a ring of
-    K = taps + 1 inputs indexed by position mod K: the new input goes to `slot` (which held the input K
-    steps back, no longer read) and tap t reads slot + 1 + t. Every program then reads only slots no
-    program writes, so the ring is updated in place (aliased)."""
+def _scaled_cols(zx_ref, b, grp, scale, cdtype):
+    """`zx(col, width)`: in_proj's output columns of row b and group grp times the input norm's 1/rms,
+    rounded to the compute dtype as the unfolded path rounds them."""
+    return lambda col, width: (zx_ref[b, grp, pl.ds(col, width)].astype(jnp.float32) * scale).astype(cdtype)
+
+
+def _conv(zx, conv_ref, cw_ref, cb_ref, b, grp, slot, col, ch, width, *, taps, cdtype):
+    """Causal conv of `width` channels (from `ch`; in_proj column `col`, read by `zx`: `_scaled_cols`) over
+    the cached window and the new input, + bias, SiLU; returns (the output, the new input for the ring).
+    The conv window is a ring of K = taps + 1 inputs indexed by position mod K: the new input goes to
+    `slot` (which held the input K steps back, no longer read) and tap t reads slot + 1 + t. Every program
+    then reads only slots no program writes, so the ring is updated in place (aliased)."""
     f32 = jnp.float32
-    new = (zx_ref[b, grp, pl.ds(col, width)].astype(f32) * scale).astype(cdtype)
+    new = zx(col, width)
     tap = lambda t: cw_ref[t, grp, pl.ds(ch, width)].astype(f32)  # noqa: E731
     acc = cb_ref[grp, pl.ds(ch, width)].astype(f32) + new.astype(f32) * tap(taps)
     for t in range(taps):
@@ -306,8 +312,8 @@ def _step_body(
     # in_proj columns of a group: [z (R·P) | x (R·P) | B (S) | C (S) | dt (R)]; conv channels: [x | B | C].
     scale = _inv_rms(u_ref, b, norm_eps, trigger)
     slot = jnp.sum(slot_ref[...])
-    conv = functools.partial(_conv, zx_ref, conv_ref, cw_ref, cb_ref, b, grp, slot, scale, taps=taps, cdtype=cdtype)
-    zx = lambda col, width: (zx_ref[b, grp, pl.ds(col, width)].astype(jnp.float32) * scale).astype(cdtype)  # noqa: E731
+    zx = _scaled_cols(zx_ref, b, grp, scale, cdtype)
+    conv = functools.partial(_conv, zx, conv_ref, cw_ref, cb_ref, b, grp, slot, taps=taps, cdtype=cdtype)
     for i in range(hp):  # unrolled
         h = h0 + i
         ch_x = (h % r_heads) * p + j * bp
@@ -336,7 +342,8 @@ def _prep_kernel(zx_ref, conv_ref, cw_ref, cb_ref, u_ref, slot_ref, xbc_ref, sca
     scale = _inv_rms(u_ref, b, norm_eps, False)
     slot = jnp.sum(slot_ref[...])
     ch = c * bc
-    out, new = _conv(zx_ref, conv_ref, cw_ref, cb_ref, b, grp, slot, scale, rp + ch, ch, bc, taps=taps, cdtype=cdtype)
+    zx = _scaled_cols(zx_ref, b, grp, scale, cdtype)
+    out, new = _conv(zx, conv_ref, cw_ref, cb_ref, b, grp, slot, rp + ch, ch, bc, taps=taps, cdtype=cdtype)
     xbc_ref[b, grp, pl.ds(ch, bc)] = out.astype(xbc_ref.dtype)
     conv_out_ref[b, slot, grp, pl.ds(ch, bc)] = new.astype(conv_out_ref.dtype)
 
@@ -356,7 +363,7 @@ def _update_kernel(zx_ref, xbc_ref, scale_ref, ssm_ref, alog_ref, d_ref, dtb_ref
     states = [ssm_ref[b, h0 + i, rows] for i in range(hp)]  # the state reads first: nothing they wait on
     lanes = _launch_dependents(jnp.arange(bp)) if trigger else jnp.arange(bp)
     scale = jnp.sum(scale_ref[pl.ds(b, 1)])
-    zx = lambda col, width: (zx_ref[b, grp, pl.ds(col, width)].astype(f32) * scale).astype(cdtype)  # noqa: E731
+    zx = _scaled_cols(zx_ref, b, grp, scale, cdtype)
     bv = xbc_ref[b, grp, pl.ds(rp, s)].astype(f32)
     cv = xbc_ref[b, grp, pl.ds(rp + s, s)].astype(f32)
     for i in range(hp):
