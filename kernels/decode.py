@@ -63,6 +63,10 @@ PREFETCH_MAX_BATCH = 4  # above it the step kernel moves enough state to keep th
 # From this batch on the step runs as two launches (`ssm_step(split=True)`, 32 state rows per program):
 # 2.7B, H100: +5.8 % tokens/s at batch 8, +7.6 % at 32 (+1.3 % more with 32 rows); below 8 not measured.
 SPLIT_MIN_BATCH = 8
+# From this batch on in_proj / out_proj run as IN_SPLITS / OUT_SPLITS float32 split-K partials (1: XLA's GEMM).
+SPLIT_K_MIN_BATCH = 16
+IN_SPLITS = 1
+OUT_SPLITS = 1
 PREFETCH_BLOCK = 8192  # elements per load of the L2 prefetch (16 KB of bf16 per program and load)
 
 
@@ -260,8 +264,19 @@ def _inv_rms(u_ref, b, norm_eps, trigger):
 
 def _scaled_cols(zx_ref, b, grp, scale, cdtype):
     """`zx(col, width)`: in_proj's output columns of row b and group grp times the input norm's 1/rms,
-    rounded to the compute dtype as the unfolded path rounds them."""
-    return lambda col, width: (zx_ref[b, grp, pl.ds(col, width)].astype(jnp.float32) * scale).astype(cdtype)
+    rounded to the compute dtype as the unfolded path rounds them. With zx as float32 split-K partials
+    (S, B, G, W) the columns are their sum, first rounded to the compute dtype as a GEMM's output rounds."""
+    if len(zx_ref.shape) == 4:
+
+        def raw(col, width):
+            acc = zx_ref[0, b, grp, pl.ds(col, width)]
+            for si in range(1, zx_ref.shape[0]):
+                acc = acc + zx_ref[si, b, grp, pl.ds(col, width)]
+            return acc.astype(cdtype)
+
+    else:
+        raw = lambda col, width: zx_ref[b, grp, pl.ds(col, width)]  # noqa: E731
+    return lambda col, width: (raw(col, width).astype(jnp.float32) * scale).astype(cdtype)
 
 
 def _conv(zx, conv_ref, cw_ref, cb_ref, b, grp, slot, col, ch, width, *, taps, cdtype):
@@ -375,10 +390,9 @@ def _update_kernel(zx_ref, xbc_ref, scale_ref, ssm_ref, alog_ref, d_ref, dtb_ref
 
 
 def _split_step(zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H, dt_bias_H, norm_in_BD, slot, *,
-                heads, hp, bp, warps, dt_limit, norm_eps, g_dtype, g_rows, trigger):  # fmt: skip
+                heads, hp, bp, warps, dt_limit, norm_eps, g_dtype, g_rows, trigger, cdtype):  # fmt: skip
     bsz, k, g, f = conv_BKGF.shape
     _, _, p, s = ssm_BHPS.shape
-    cdtype = jnp.dtype(zx_BGW.dtype)
     bc = 1024
     while f % bc:  # f = R·P + 2S: a multiple of 16 (ssm_step_unsupported)
         bc //= 2
@@ -426,13 +440,13 @@ def ssm_step_unsupported(p: int, s: int) -> str | None:
     jax.jit,
     static_argnames=(
         "heads", "dt_limit", "norm_eps", "g_dtype", "block_p", "heads_per_program", "warps", "prefetch_elems",
-        "g_rows", "trigger", "split",
+        "g_rows", "trigger", "split", "zx_dtype",
     ),
 )  # fmt: skip
 def ssm_step(
     zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H, dt_bias_H, pos, norm_in_BD=None, *,
     heads, dt_limit, norm_eps=0.0, g_dtype=jnp.float32, block_p=None, heads_per_program=1, warps=4, prefetch=None,
-    prefetch_elems=0, g_rows=None, trigger=False, split=False,
+    prefetch_elems=0, g_rows=None, trigger=False, split=False, zx_dtype=None,
 ):  # fmt: skip
     """One decode step of a Mamba2 mixer after in_proj, for the token at position `pos` (int scalar).
 
@@ -459,7 +473,11 @@ def ssm_step(
 
     `split`: two launches, the conv of every channel (and the input norm's 1/rms) once per row first, then
     the state update; for large batches, where the state traffic dominates (faster there: benchmarks/README.md).
-    Same results."""
+    Same results.
+
+    zx may also be in_proj's output as float32 split-K partials (S, B, G, W) (`split_k_partials`; from
+    batch SPLIT_K_MIN_BATCH the decode runs in_proj that way): the kernels sum them and round the sum to
+    `zx_dtype`, the compute dtype, as the GEMM's own output would be rounded."""
     bsz, k, g, _ = conv_BKGF.shape
     _, _, p, s = ssm_BHPS.shape
     reason = ssm_step_unsupported(p, s)
@@ -467,6 +485,9 @@ def ssm_step(
         raise ValueError(f"ssm_step does not support {reason}.")
     if k != conv_w_KGF.shape[0]:
         raise ValueError(f"the conv ring has {k} slots for a {conv_w_KGF.shape[0]}-tap conv (see conv_ring).")
+    if zx_BGW.ndim == 4 and zx_dtype is None:
+        raise ValueError("ssm_step: zx given as split-K partials (S, B, G, W) needs zx_dtype (the compute dtype).")
+    cdtype = jnp.dtype(zx_dtype or zx_BGW.dtype)
     if norm_in_BD is None:  # no input norm: rsqrt(1² / 1 + 0) = 1
         norm_in_BD, norm_eps = jnp.ones((bsz, 1), jnp.float32), 0.0
     # Enough programs to fill the GPU a few times over (at batch 1 a 2.7B layer has only 80 heads).
@@ -485,13 +506,13 @@ def ssm_step(
         return _split_step(
             zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H, dt_bias_H, norm_in_BD, slot,
             heads=heads, hp=hp, bp=bp, warps=warps, dt_limit=dt_limit, norm_eps=norm_eps, g_dtype=g_dtype,
-            g_rows=g_rows, trigger=trigger,
+            g_rows=g_rows, trigger=trigger, cdtype=cdtype,
         )  # fmt: skip
     pf_elems = min(prefetch_elems, prefetch.size) if prefetch is not None else 0
     pf_chunk = pl.next_power_of_2(-(-pf_elems // (heads // hp * nj))) if pf_elems else 0
     kernel = functools.partial(
         _step_kernel, r_heads=heads // g, hp=hp, p=p, bp=bp, s=s, taps=k - 1, dt_limit=tuple(dt_limit),
-        norm_eps=norm_eps, cdtype=jnp.dtype(zx_BGW.dtype), has_prefetch=bool(pf_elems), pf_chunk=pf_chunk,
+        norm_eps=norm_eps, cdtype=cdtype, has_prefetch=bool(pf_elems), pf_chunk=pf_chunk,
         pf_total=pf_elems, nj=nj, bsz=bsz, trigger=trigger,
     )  # fmt: skip
     args = [zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H, dt_bias_H, norm_in_BD, slot]
@@ -524,6 +545,32 @@ def conv_ring(window_BCGF, pos: int):
     return jnp.roll(ring, (pos - (k - 1)) % k, axis=1)
 
 
+# --- the projections as split-K partials -------------------------------------------------------------------
+def proj_splits(batch: int) -> tuple[int, int]:
+    """(in_proj, out_proj) K splits for `Mamba2Mixer._decode_fused` at this batch: 1 is XLA's own GEMM;
+    S > 1 runs the projection as `split_k_partials` (its consumer kernel sums them). From
+    SPLIT_K_MIN_BATCH on, defaults IN_SPLITS / OUT_SPLITS. MAMBA_JAX_DECODE_SPLITS="in,out" overrides it at
+    trace time, for tuning (benchmarks/decode_variants.py)."""
+    splits = (IN_SPLITS, OUT_SPLITS) if batch >= SPLIT_K_MIN_BATCH else (1, 1)
+    if env := os.environ.get("MAMBA_JAX_DECODE_SPLITS"):
+        splits = tuple(max(int(v), 1) for v in env.split(","))
+    return splits
+
+
+def split_k_partials(x_BK, w_KX, splits: int):
+    """x @ w (w's leading axis the reduction, any output axes X) as `splits` float32 partial products over
+    equal slices of K, (S, B, X…), one batched GEMM: with few rows and few output columns (out_proj of a
+    2.7B layer at batch 32: 20 column tiles of 128) a plain GEMM keeps too few SMs busy, and XLA's split-K
+    then adds a reduce kernel; here the consumer (`ssm_step`, `gated_norm_residual`) sums the partials as
+    it reads them."""
+    b, k = x_BK.shape
+    if k % splits:
+        raise ValueError(f"split_k_partials: {splits} splits do not divide K = {k}.")
+    w_SKN = w_KX.reshape(splits, k // splits, -1)
+    out = jnp.einsum("bsk,skn->sbn", x_BK.reshape(b, splits, k // splits), w_SKN, preferred_element_type=jnp.float32)
+    return out.reshape(splits, b, *w_KX.shape[1:])
+
+
 # --- the residual add behind out_proj ---------------------------------------------------------------------
 def _residual_kernel(h_ref, o_ref, ss_ref, out_ref, *copy_ref, d, bd, nss, norm_dim, eps, cdtype, layout):
     b = pl.program_id(0)
@@ -544,6 +591,11 @@ def _residual_kernel(h_ref, o_ref, ss_ref, out_ref, *copy_ref, d, bd, nss, norm_
             o = o + plt.load(blk, mask=cols.T & (lane < bpad), other=0.0)
         o = jnp.sum(jnp.where(lane == b, o, 0.0), axis=1)
         o = o.astype(cdtype).astype(f32)[None, :]
+    elif layout == "SBD":  # (S, B, D) of `split_k_partials`
+        o = jnp.zeros((1, bd), f32)
+        for si in range(o_ref.shape[0]):
+            o = o + plt.load(o_ref.at[jnp.int32(si), pl.ds(b, 1), pl.ds(d0, bd)], mask=cols, other=0.0)
+        o = o.astype(cdtype).astype(f32)
     else:
         o = plt.load(o_ref.at[pl.ds(b, 1), pl.ds(d0, bd)], mask=cols, other=0.0).astype(f32)
     h = plt.load(h_ref.at[pl.ds(b, 1), pl.ds(d0, bd)], mask=cols, other=0.0).astype(f32)
@@ -563,15 +615,19 @@ def gated_norm_residual(h_BD, out_BD, ss_BX, *, norm_dim, eps, out_dtype=None, l
     input (the model's compute dtype where the residual stream is float32), written by the same launch.
 
     `out` is out_proj's output (B, D), or with layout="SDB" its float32 split-K partials (S, D, Bp ≥ B)
-    from `kernels.gemv.gemv_t`, summed here and rounded to `out_dtype` (the model's compute dtype) as a
-    GEMV rounds its output."""
+    from `kernels.gemv.gemv_t`, or with layout="SBD" float32 partials (S, B, D) from `split_k_partials`,
+    summed here and rounded to `out_dtype` (the model's compute dtype) as a GEMV rounds its output."""
     bsz, d = h_BD.shape
     ss_BX = ss_BX.reshape(bsz, -1)
-    want = {None: (bsz, d), "SDB": (out_BD.shape[0], d, max(out_BD.shape[-1], bsz))}
+    want = {
+        None: (bsz, d),
+        "SDB": (out_BD.shape[0], d, max(out_BD.shape[-1], bsz)),
+        "SBD": (out_BD.shape[0], bsz, d),
+    }
     if layout not in want or out_BD.shape != want[layout] or (layout and out_dtype is None):
         raise ValueError(
             f"gated_norm_residual: out {out_BD.shape} with layout={layout!r} for a ({bsz}, {d}) residual "
-            "(layout None or 'SDB'; partials need out_dtype)"
+            "(layout None, 'SDB' or 'SBD'; partials need out_dtype)"
         )
     bd = min(pl.next_power_of_2(d), 512)  # a few programs per row: at batch 1 one would work alone
     cdtype = jnp.dtype(out_dtype or out_BD.dtype)

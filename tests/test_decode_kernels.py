@@ -122,22 +122,63 @@ def test_gated_norm_residual_matches_formula(h_dtype):
     np.testing.assert_array_equal(np.asarray(copy, np.float32), np.asarray(got.astype(jnp.bfloat16), np.float32))
 
 
-def test_gated_norm_residual_sums_split_k_partials():
-    """out_proj's output as `gemv_t`'s float32 split-K partials (S, D, Bp ≥ B), summed in the kernel and
-    rounded to the compute dtype as a GEMV's output is."""
-    layout = "SDB"
+@pytest.mark.parametrize("layout", ["SDB", "SBD"])
+def test_gated_norm_residual_sums_split_k_partials(layout):
+    """out_proj's output as float32 split-K partials, `gemv_t`'s (S, D, Bp ≥ B) or `split_k_partials`'s
+    (S, B, D), summed in the kernel and rounded to the compute dtype as a GEMV's output is."""
     ks = jax.random.split(jax.random.key(4), 3)
     h = jax.random.normal(ks[0], (3, 1100), jnp.float32)
-    parts = jax.random.normal(ks[1], (2, 1100, 8), jnp.float32)  # two splits; rows 3..7 are padding
+    if layout == "SDB":
+        parts = jax.random.normal(ks[1], (2, 1100, 8), jnp.float32)  # two splits; rows 3..7 are padding
+        out = (parts[0] + parts[1]).T[:3].astype(jnp.bfloat16)
+    else:
+        parts = jax.random.normal(ks[1], (3, 3, 1100), jnp.float32)  # three splits
+        out = (parts[0] + parts[1] + parts[2]).astype(jnp.bfloat16)
     ss = jax.random.uniform(ks[2], (3, 5, 2), jnp.float32, 1.0, 50.0)
     got = kd.gated_norm_residual(h, parts, ss, norm_dim=160, eps=1e-5, out_dtype=jnp.bfloat16, layout=layout)
-    out = parts.sum(0).T[:3].astype(jnp.bfloat16)
     want = kd.gated_norm_residual(h, out, ss, norm_dim=160, eps=1e-5)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="out_dtype"):
         kd.gated_norm_residual(h, parts, ss, norm_dim=160, eps=1e-5, layout=layout)
     with pytest.raises(ValueError, match="layout"):
         kd.gated_norm_residual(h, parts, ss, norm_dim=160, eps=1e-5, out_dtype=jnp.bfloat16)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_ssm_step_sums_split_k_partials_of_in_proj(split):
+    """in_proj's output as float32 split-K partials (S, B, G, W): the step equals the step on their sum
+    rounded to the compute dtype (what a GEMM writes), in one launch and in two."""
+    b, groups, h, p, s, taps = 3, 2, 4, 16, 32, 3
+    f = h // groups * p + 2 * s
+    w = h // groups * (2 * p + 1) + 2 * s
+    ks = jax.random.split(jax.random.key(11), 7)
+    parts = jax.random.normal(ks[0], (3, b, groups, w), jnp.float32)
+    ring = kd.conv_ring(jax.random.normal(ks[1], (b, taps, groups, f), jnp.bfloat16), 5)
+    cw = (jax.random.normal(ks[2], (taps + 1, groups, f), jnp.float32) / 2).astype(jnp.bfloat16)
+    cb = jax.random.normal(ks[3], (groups, f), jnp.float32) / 4
+    ssm = jax.random.normal(ks[4], (b, h, p, s), jnp.bfloat16)
+    vec = jax.random.normal(ks[5], (3, h), jnp.float32)
+    u = jax.random.normal(ks[6], (b, 48), jnp.float32)
+    kw = dict(heads=h, dt_limit=(0.0, float("inf")), norm_eps=1e-5, split=split, g_dtype=jnp.bfloat16)
+    args = (ring, cw, cb, ssm, jnp.abs(vec[0]), vec[1], vec[2], 5, u)
+    got = kd.ssm_step(parts, *args, zx_dtype=jnp.bfloat16, **kw)
+    want = kd.ssm_step((parts[0] + parts[1] + parts[2]).astype(jnp.bfloat16), *args, **kw)
+    for g_, w_ in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g_, np.float32), np.asarray(w_, np.float32))
+    with pytest.raises(ValueError, match="zx_dtype"):
+        kd.ssm_step(parts, *args, **kw)
+
+
+def test_split_k_partials_sum_to_the_product():
+    ks = jax.random.split(jax.random.key(12), 2)
+    x = jax.random.normal(ks[0], (3, 96), jnp.float32)
+    w = jax.random.normal(ks[1], (96, 2, 5), jnp.float32)
+    parts = kd.split_k_partials(x, w, 4)
+    assert parts.shape == (4, 3, 2, 5) and parts.dtype == jnp.float32
+    want = jnp.tensordot(x, w, axes=1, precision="highest")
+    np.testing.assert_allclose(np.asarray(parts.sum(0)), np.asarray(want), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not divide"):
+        kd.split_k_partials(x, w, 5)
 
 
 def _kernel_model(pattern, **changes):
@@ -156,14 +197,20 @@ def _random_norm_weights(model, seed):
     return model
 
 
-@pytest.mark.parametrize("pattern,batch,fold,groups,step", [
-    ("MMM", 3, False, 4, None), ("M*-M", 3, False, 4, None), ("MM", 6, False, 4, None),
-    ("MMM", 3, True, 1, None), ("M*-M", 2, True, 2, None),  # folded norms: one gated-norm group, per-group norms
-    ("MMM", 3, True, 1, "1,0,4,1"), ("M*-M", 3, False, 4, "1,0,4,1"),  # the step in two launches (large batch)
+@pytest.mark.parametrize("pattern,batch,fold,groups,step,splits", [
+    ("MMM", 3, False, 4, None, None), ("M*-M", 3, False, 4, None, None), ("MM", 6, False, 4, None, None),
+    # folded norms: one gated-norm group, per-group norms
+    ("MMM", 3, True, 1, None, None), ("M*-M", 2, True, 2, None, None),
+    # the step in two launches (large batch)
+    ("MMM", 3, True, 1, "1,0,4,1", None), ("M*-M", 3, False, 4, "1,0,4,1", None),
+    # in_proj / out_proj as split-K partials that the kernels sum
+    ("MMM", 3, True, 1, "1,0,4,1", "2,4"), ("M*-M", 2, True, 2, None, "4,2"),
 ])  # fmt: skip
-def test_kernel_decoding_equals_full_forward(monkeypatch, pattern, batch, fold, groups, step):
+def test_kernel_decoding_equals_full_forward(monkeypatch, pattern, batch, fold, groups, step, splits):
     if step:
         monkeypatch.setenv("MAMBA_JAX_DECODE_STEP", step)
+    if splits:
+        monkeypatch.setenv("MAMBA_JAX_DECODE_SPLITS", splits)
     cfg = _kernel_model(pattern, decode_impl="pallas", residual_in_fp32=True, mamba_num_groups=groups,
                         mamba_norm_per_group=groups > 1)  # fmt: skip
     reference = _random_norm_weights(init_model(cfg, seed=5), seed=batch)

@@ -38,15 +38,17 @@ def _s(shape, dtype=jnp.float32):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-@pytest.mark.parametrize("batch,state_dtype,prefetch,trigger,hp,split", [
-    (1, jnp.bfloat16, 4096, False, 1, False),  # batch 1: the prefetch row of programs
-    (1, jnp.bfloat16, 4096, True, 1, False),  # the PDL trigger of the opt-in Mosaic out_proj
-    (32, jnp.float32, 0, False, 1, False),
-    (32, jnp.bfloat16, 0, False, 2, False),  # two heads per program
-    (32, jnp.bfloat16, 0, False, 1, True),  # two launches (conv, then the state update)
-    (32, jnp.bfloat16, 0, True, 2, True),
+@pytest.mark.parametrize("batch,state_dtype,prefetch,trigger,hp,split,zx_splits", [
+    (1, jnp.bfloat16, 4096, False, 1, False, 0),  # batch 1: the prefetch row of programs
+    (1, jnp.bfloat16, 4096, True, 1, False, 0),  # the PDL trigger of the opt-in Mosaic out_proj
+    (32, jnp.float32, 0, False, 1, False, 0),
+    (32, jnp.bfloat16, 0, False, 2, False, 0),  # two heads per program
+    (32, jnp.bfloat16, 0, False, 1, True, 0),  # two launches (conv, then the state update)
+    (32, jnp.bfloat16, 0, True, 2, True, 0),
+    (32, jnp.bfloat16, 0, False, 1, True, 2),  # in_proj's output as float32 split-K partials
+    (4, jnp.bfloat16, 4096, False, 1, False, 3),
 ])  # fmt: skip
-def test_ssm_step_lowers(as_h100, batch, state_dtype, prefetch, trigger, hp, split):
+def test_ssm_step_lowers(as_h100, batch, state_dtype, prefetch, trigger, hp, split, zx_splits):
     g, h, p, s, k, d = 1, 8, 64, 128, 4, 512  # Mamba2-2.7B's head dim and state size, fewer heads
     w = 2 * h * p + 2 * s + h
     f = h * p + 2 * s
@@ -54,20 +56,22 @@ def test_ssm_step_lowers(as_h100, batch, state_dtype, prefetch, trigger, hp, spl
     step = functools.partial(
         kd.ssm_step, heads=h, dt_limit=(0.0, float("inf")), norm_eps=1e-5, g_dtype=bf16,
         prefetch_elems=prefetch, g_rows=8 if trigger else None, trigger=trigger, heads_per_program=hp, split=split,
+        zx_dtype=bf16,
     )  # fmt: skip
 
     def fn(zx, conv, cw, cb, ssm, a_log, dvec, dtb, u, pf):
         return step(zx, conv, cw, cb, ssm, a_log, dvec, dtb, 5, u, prefetch=pf if prefetch else None)
 
-    _lower(fn, _s((batch, g, w), bf16), _s((batch, k, g, f), bf16), _s((k, g, f), bf16), _s((g, f), bf16),
+    zx = _s((zx_splits, batch, g, w)) if zx_splits else _s((batch, g, w), bf16)
+    _lower(fn, zx, _s((batch, k, g, f), bf16), _s((k, g, f), bf16), _s((g, f), bf16),
            _s((batch, h, p, s), state_dtype), _s((h,)), _s((h,)), _s((h,)), _s((batch, d)),
            _s((d, 2 * d), bf16))  # fmt: skip
 
 
-@pytest.mark.parametrize("layout", [None, "SDB"])
+@pytest.mark.parametrize("layout", [None, "SDB", "SBD"])
 def test_gated_norm_residual_lowers(as_h100, layout):
     b, d = 3, 2560
-    out = _s((b, d), jnp.bfloat16) if layout is None else _s((2, d, 8))
+    out = {None: _s((b, d), jnp.bfloat16), "SDB": _s((2, d, 8)), "SBD": _s((4, b, d))}[layout]
     fn = functools.partial(
         kd.gated_norm_residual, norm_dim=5120, eps=1e-5, layout=layout, copy_dtype=jnp.bfloat16,
         out_dtype=jnp.bfloat16 if layout else None,

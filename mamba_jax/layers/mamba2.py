@@ -225,7 +225,7 @@ class Mamba2Mixer(nnx.Module):
         gated norm's weight folded into out_proj and one norm group, its 1/rms (from the kernel's sums of
         squares) scales out_proj's output, applied with the residual add in one more launch: no norm kernel
         runs between the weight streams."""
-        from mamba_jax.kernels.decode import gated_norm_residual, prefetch_elems, ssm_step, step_config
+        from mamba_jax.kernels import decode as kd
         from mamba_jax.kernels.gemv import ROW_PAD, decode_gemv_tiles, gemv_t
 
         cfg = self.cfg
@@ -241,11 +241,21 @@ class Mamba2Mixer(nnx.Module):
         plain = w_out.dtype == dtype and not hasattr(self, lora_names("out_proj")[0])  # no cast, no LoRA
         if post_norm and residual_BD is not None and plain:
             tiles = decode_gemv_tiles(b, h * p, w_out.shape[-1], dtype)
-        step = step_config(b, h // cfg.mamba_num_groups)
+        step = kd.step_config(b, h // cfg.mamba_num_groups)
+        # From SPLIT_K_MIN_BATCH rows the projections may run as float32 split-K partials that the kernels
+        # behind them sum (`proj_splits`): more SMs stream the weight than a GEMM of few output tiles keeps.
+        in_splits, out_splits = kd.proj_splits(b)
+        x_in = x_BD if compute_BD is None else compute_BD
+        w_in = self.in_proj[...]
+        plain_in = w_in.dtype == dtype and not hasattr(self, lora_names("in_proj")[0])
+        if in_splits > 1 and plain_in and x_in.shape[-1] % in_splits == 0:
+            zx = kd.split_k_partials(x_in.astype(dtype), w_in, in_splits)
+        else:
+            zx = linear(self, "in_proj", x_in, 1, dtype)
         # While the step kernel runs (latency-bound at small batch) it pulls out_proj's weight into L2.
-        pf = prefetch_elems(b, w_out.size) if post_norm and not step["split"] else 0
-        g_BF, ss_BHJ, conv, ssm = ssm_step(
-            linear(self, "in_proj", x_BD if compute_BD is None else compute_BD, 1, dtype),
+        pf = kd.prefetch_elems(b, w_out.size) if post_norm and not step["split"] else 0
+        g_BF, ss_BHJ, conv, ssm = kd.ssm_step(
+            zx,
             cache["conv"].astype(dtype),
             self.conv_weight[...],
             self.conv_bias[...],
@@ -263,12 +273,13 @@ class Mamba2Mixer(nnx.Module):
             prefetch_elems=pf,
             g_rows=-(-b // ROW_PAD) * ROW_PAD if tiles else None,
             trigger=tiles is not None,
+            zx_dtype=dtype,
             **step,
         )
         cache = {"conv": conv, "ssm": ssm}
         if tiles:
             partials_SDB = gemv_t(g_BF, w_out.reshape(h * p, -1), pdl=True, **tiles)
-            stream = gated_norm_residual(
+            stream = kd.gated_norm_residual(
                 residual_BD, partials_SDB, ss_BHJ, norm_dim=h * p, eps=cfg.norm_eps, out_dtype=dtype, layout="SDB",
                 copy_dtype=dtype,
             )  # fmt: skip
@@ -280,9 +291,16 @@ class Mamba2Mixer(nnx.Module):
             new_BD = residual_BD + out_BD.astype(residual_BD.dtype)
             return (new_BD, new_BD.astype(dtype)), cache
         # rmsnorm(g) @ W = (g @ W) / rms(g): with its weight folded into W, the norm is one scalar per row.
+        if out_splits > 1 and plain and residual_BD is not None and (h * p) % out_splits == 0:
+            partials_SBD = kd.split_k_partials(g_BF, w_out.reshape(h * p, -1), out_splits)
+            stream = kd.gated_norm_residual(
+                residual_BD, partials_SBD, ss_BHJ, norm_dim=h * p, eps=cfg.norm_eps, out_dtype=dtype, layout="SBD",
+                copy_dtype=dtype,
+            )  # fmt: skip
+            return stream, cache
         out_BD = linear(self, "out_proj", g_BF.reshape(b, h, p), 2, dtype)
         if residual_BD is not None:
-            norm_res = gated_norm_residual(
+            norm_res = kd.gated_norm_residual(
                 residual_BD, out_BD, ss_BHJ, norm_dim=h * p, eps=cfg.norm_eps, copy_dtype=dtype
             )  # fmt: skip
             return norm_res, cache
