@@ -14,6 +14,10 @@ instead, with the norms' weights folded into the projections (`mamba_jax.inferen
   `gated_norm_residual`  the gated norm's 1/rms on out_proj's output + the residual add, and the new
                residual rounded to bf16 for the next block's in_proj (no XLA cast kernel between blocks).
 
+From batch SPLIT_K_MIN_BATCH on, out_proj runs as float32 split-K partials of one batched GEMM
+(`split_k_partials`) that `gated_norm_residual` sums: a 2.7B out_proj at batch 32 has only 20 column tiles
+of output, too few to keep the SMs streaming its weight (+3 % tokens/s at batch 32).
+
 From batch SPLIT_MIN_BATCH on, `ssm_step(split=True)` runs the step as two launches: the conv of every
 channel and the 1/rms once per row (`ssm_step_prep`), then the state update alone (`ssm_step_update`). At
 large batch the step is the state's read and write (84 MB per 2.7B layer at batch 32), and in one launch
@@ -63,10 +67,12 @@ PREFETCH_MAX_BATCH = 4  # above it the step kernel moves enough state to keep th
 # From this batch on the step runs as two launches (`ssm_step(split=True)`, 32 state rows per program):
 # 2.7B, H100: +5.8 % tokens/s at batch 8, +7.6 % at 32 (+1.3 % more with 32 rows); below 8 not measured.
 SPLIT_MIN_BATCH = 8
-# From this batch on in_proj / out_proj run as IN_SPLITS / OUT_SPLITS float32 split-K partials (1: XLA's GEMM).
+# From this batch on in_proj / out_proj run as IN_SPLITS / OUT_SPLITS float32 split-K partials (1: XLA's GEMM);
+# the same batch from which the Engine compiles the loop with cuBLAS GEMMs (engine.CUBLAS_MIN_BATCH).
+# 2.7B batch 32, H100: out_proj in 2 splits +3.0 % tokens/s (4: +2.2 %, 8: +1.9 %), in_proj in 2 −3.2 %.
 SPLIT_K_MIN_BATCH = 16
 IN_SPLITS = 1
-OUT_SPLITS = 1
+OUT_SPLITS = 2
 PREFETCH_BLOCK = 8192  # elements per load of the L2 prefetch (16 KB of bf16 per program and load)
 
 
