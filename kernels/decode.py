@@ -481,9 +481,9 @@ def ssm_step(
     the state update; for large batches, where the state traffic dominates (faster there: benchmarks/README.md).
     Same results.
 
-    zx may also be in_proj's output as float32 split-K partials (S, B, G, W) (`split_k_partials`; from
-    batch SPLIT_K_MIN_BATCH the decode runs in_proj that way): the kernels sum them and round the sum to
-    `zx_dtype`, the compute dtype, as the GEMM's own output would be rounded."""
+    zx may also be in_proj's output as float32 split-K partials (S, B, G, W) (`split_k_partials`; the decode
+    runs in_proj that way only when MAMBA_JAX_DECODE_SPLITS asks, measured slower): the kernels sum them and
+    round the sum to `zx_dtype`, the compute dtype, as the GEMM's own output would be rounded."""
     bsz, k, g, _ = conv_BKGF.shape
     _, _, p, s = ssm_BHPS.shape
     reason = ssm_step_unsupported(p, s)
@@ -559,7 +559,12 @@ def proj_splits(batch: int) -> tuple[int, int]:
     trace time, for tuning (benchmarks/decode_variants.py)."""
     splits = (IN_SPLITS, OUT_SPLITS) if batch >= SPLIT_K_MIN_BATCH else (1, 1)
     if env := os.environ.get("MAMBA_JAX_DECODE_SPLITS"):
-        splits = tuple(max(int(v), 1) for v in env.split(","))
+        try:
+            n_in, n_out = (int(v) for v in env.split(","))
+        except ValueError:
+            msg = f"MAMBA_JAX_DECODE_SPLITS={env!r}: give two integers, in_proj's and out_proj's splits (e.g. 1,2)"
+            raise ValueError(msg) from None
+        splits = (max(n_in, 1), max(n_out, 1))
     return splits
 
 

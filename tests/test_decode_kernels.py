@@ -169,6 +169,17 @@ def test_ssm_step_sums_split_k_partials_of_in_proj(split):
         kd.ssm_step(parts, *args, **kw)
 
 
+def test_proj_splits_defaults_and_override(monkeypatch):
+    monkeypatch.delenv("MAMBA_JAX_DECODE_SPLITS", raising=False)
+    assert kd.proj_splits(1) == (1, 1)
+    assert kd.proj_splits(kd.SPLIT_K_MIN_BATCH) == (kd.IN_SPLITS, kd.OUT_SPLITS)
+    monkeypatch.setenv("MAMBA_JAX_DECODE_SPLITS", "2,0")
+    assert kd.proj_splits(1) == (2, 1)
+    monkeypatch.setenv("MAMBA_JAX_DECODE_SPLITS", "4")
+    with pytest.raises(ValueError, match="two integers"):
+        kd.proj_splits(1)
+
+
 def test_split_k_partials_sum_to_the_product():
     ks = jax.random.split(jax.random.key(12), 2)
     x = jax.random.normal(ks[0], (3, 96), jnp.float32)
