@@ -220,6 +220,21 @@ def prefetch_elems(batch: int, weight_elems: int) -> int:
     return int(frac * weight_elems) if batch <= PREFETCH_MAX_BATCH else 0
 
 
+def _env_ints(name: str, count: int, what: str) -> tuple[int, ...] | None:
+    """The `count` comma-separated integers of the environment variable `name` (a tuning knob read at trace
+    time), or None where it is unset; anything else is an error that says what to give (`what`)."""
+    env = os.environ.get(name)
+    if not env:
+        return None
+    try:
+        values = tuple(int(v) for v in env.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != count:
+        raise ValueError(f"{name}={env!r}: give {what}")
+    return values
+
+
 def step_config(batch: int, heads_per_group: int) -> dict:
     """The step kernel's launch shape for `Mamba2Mixer._decode_fused` at this batch: heads_per_program,
     block_p (None: `ssm_step`'s default), warps and split. MAMBA_JAX_DECODE_STEP="hp,bp,warps,split"
@@ -227,8 +242,8 @@ def step_config(batch: int, heads_per_group: int) -> dict:
     default; split is 0 (one launch) or 1 (two)."""
     split = batch >= SPLIT_MIN_BATCH
     conf = {"heads_per_program": 1, "block_p": 32 if split else None, "warps": 4, "split": split}
-    if env := os.environ.get("MAMBA_JAX_DECODE_STEP"):
-        hp, bp, warps, split = (int(v) for v in env.split(","))
+    if env := _env_ints("MAMBA_JAX_DECODE_STEP", 4, "four integers hp,bp,warps,split (e.g. 1,0,4,1)"):
+        hp, bp, warps, split = env
         conf = {"heads_per_program": hp or 1, "block_p": bp or None, "warps": warps or 4, "split": bool(split)}
     if heads_per_group % conf["heads_per_program"]:
         conf["heads_per_program"] = 1
@@ -558,13 +573,8 @@ def proj_splits(batch: int) -> tuple[int, int]:
     SPLIT_K_MIN_BATCH on, defaults IN_SPLITS / OUT_SPLITS. MAMBA_JAX_DECODE_SPLITS="in,out" overrides it at
     trace time, for tuning (benchmarks/decode_variants.py)."""
     splits = (IN_SPLITS, OUT_SPLITS) if batch >= SPLIT_K_MIN_BATCH else (1, 1)
-    if env := os.environ.get("MAMBA_JAX_DECODE_SPLITS"):
-        try:
-            n_in, n_out = (int(v) for v in env.split(","))
-        except ValueError:
-            msg = f"MAMBA_JAX_DECODE_SPLITS={env!r}: give two integers, in_proj's and out_proj's splits (e.g. 1,2)"
-            raise ValueError(msg) from None
-        splits = (max(n_in, 1), max(n_out, 1))
+    if env := _env_ints("MAMBA_JAX_DECODE_SPLITS", 2, "two integers, in_proj's and out_proj's splits (e.g. 1,2)"):
+        splits = (max(env[0], 1), max(env[1], 1))
     return splits
 
 

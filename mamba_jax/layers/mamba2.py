@@ -277,13 +277,6 @@ class Mamba2Mixer(nnx.Module):
             **step,
         )
         cache = {"conv": conv, "ssm": ssm}
-        if tiles:
-            partials_SDB = gemv_t(g_BF, w_out.reshape(h * p, -1), pdl=True, **tiles)
-            stream = kd.gated_norm_residual(
-                residual_BD, partials_SDB, ss_BHJ, norm_dim=h * p, eps=cfg.norm_eps, out_dtype=dtype, layout="SDB",
-                copy_dtype=dtype,
-            )  # fmt: skip
-            return stream, cache
         if not post_norm:
             out_BD = self._out(g_BF.reshape(b, 1, h, p))[:, 0]
             if residual_BD is None:
@@ -291,17 +284,18 @@ class Mamba2Mixer(nnx.Module):
             new_BD = residual_BD + out_BD.astype(residual_BD.dtype)
             return (new_BD, new_BD.astype(dtype)), cache
         # rmsnorm(g) @ W = (g @ W) / rms(g): with its weight folded into W, the norm is one scalar per row.
-        if out_splits > 1 and plain and residual_BD is not None and (h * p) % out_splits == 0:
-            partials_SBD = kd.split_k_partials(g_BF, w_out.reshape(h * p, -1), out_splits)
-            stream = kd.gated_norm_residual(
-                residual_BD, partials_SBD, ss_BHJ, norm_dim=h * p, eps=cfg.norm_eps, out_dtype=dtype, layout="SBD",
-                copy_dtype=dtype,
-            )  # fmt: skip
-            return stream, cache
-        out_BD = linear(self, "out_proj", g_BF.reshape(b, h, p), 2, dtype)
+        # out_proj's output, or float32 split-K partials of it that the residual kernel sums (`layout`).
+        layout = None
+        if tiles:
+            out_BD, layout = gemv_t(g_BF, w_out.reshape(h * p, -1), pdl=True, **tiles), "SDB"
+        elif out_splits > 1 and plain and residual_BD is not None and (h * p) % out_splits == 0:
+            out_BD, layout = kd.split_k_partials(g_BF, w_out.reshape(h * p, -1), out_splits), "SBD"
+        else:
+            out_BD = linear(self, "out_proj", g_BF.reshape(b, h, p), 2, dtype)
         if residual_BD is not None:
             norm_res = kd.gated_norm_residual(
-                residual_BD, out_BD, ss_BHJ, norm_dim=h * p, eps=cfg.norm_eps, copy_dtype=dtype
+                residual_BD, out_BD, ss_BHJ, norm_dim=h * p, eps=cfg.norm_eps, out_dtype=dtype, layout=layout,
+                copy_dtype=dtype,
             )  # fmt: skip
             return norm_res, cache
         inv_B1 = jax.lax.rsqrt(jnp.sum(ss_BHJ, axis=(1, 2))[:, None] / (h * p) + cfg.norm_eps)
