@@ -235,13 +235,14 @@ def _env_ints(name: str, count: int, what: str) -> tuple[int, ...] | None:
     return values
 
 
-def step_config(batch: int, heads_per_group: int) -> dict:
+def step_config(batch: int, heads_per_group: int, head_dim: int) -> dict:
     """The step kernel's launch shape for `Mamba2Mixer._decode_fused` at this batch: heads_per_program,
-    block_p (None: `ssm_step`'s default), warps and split. MAMBA_JAX_DECODE_STEP="hp,bp,warps,split"
+    block_p (None: `ssm_step`'s default; 32 state rows, or the whole head below that, when split), warps and
+    split. MAMBA_JAX_DECODE_STEP="hp,bp,warps,split"
     overrides it at trace time, for tuning (benchmarks/decode_variants.py): 0 for hp, bp or warps means the
     default; split is 0 (one launch) or 1 (two)."""
     split = batch >= SPLIT_MIN_BATCH
-    conf = {"heads_per_program": 1, "block_p": 32 if split else None, "warps": 4, "split": split}
+    conf = {"heads_per_program": 1, "block_p": min(32, head_dim) if split else None, "warps": 4, "split": split}
     if env := _env_ints("MAMBA_JAX_DECODE_STEP", 4, "four integers hp,bp,warps,split (e.g. 1,0,4,1)"):
         hp, bp, warps, split = env
         conf = {"heads_per_program": hp or 1, "block_p": bp or None, "warps": warps or 4, "split": bool(split)}

@@ -212,8 +212,8 @@ def _random_norm_weights(model, seed):
     ("MMM", 3, False, 4, None, None), ("M*-M", 3, False, 4, None, None), ("MM", 6, False, 4, None, None),
     # folded norms: one gated-norm group, per-group norms
     ("MMM", 3, True, 1, None, None), ("M*-M", 2, True, 2, None, None),
-    # the step in two launches (large batch)
-    ("MMM", 3, True, 1, "1,0,4,1", None), ("M*-M", 3, False, 4, "1,0,4,1", None),
+    # the step in two launches (large batch), also chosen by batch (8: SPLIT_MIN_BATCH) for a head dim of 16
+    ("MMM", 3, True, 1, "1,0,4,1", None), ("M*-M", 3, False, 4, "1,0,4,1", None), ("MM", 8, True, 1, None, None),
     # in_proj / out_proj as split-K partials that the kernels sum
     ("MMM", 3, True, 1, "1,0,4,1", "2,4"), ("M*-M", 2, True, 2, None, "4,2"),
 ])  # fmt: skip

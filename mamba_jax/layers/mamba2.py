@@ -241,7 +241,7 @@ class Mamba2Mixer(nnx.Module):
         plain = w_out.dtype == dtype and not hasattr(self, lora_names("out_proj")[0])  # no cast, no LoRA
         if post_norm and residual_BD is not None and plain:
             tiles = decode_gemv_tiles(b, h * p, w_out.shape[-1], dtype)
-        step = kd.step_config(b, h // cfg.mamba_num_groups)
+        step = kd.step_config(b, h // cfg.mamba_num_groups, p)
         # From SPLIT_K_MIN_BATCH rows the projections may run as float32 split-K partials that the kernels
         # behind them sum (`proj_splits`): more SMs stream the weight than a GEMM of few output tiles keeps.
         in_splits, out_splits = kd.proj_splits(b)
