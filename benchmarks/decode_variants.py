@@ -9,7 +9,8 @@ drift of the machine shows as a difference between rounds rather than between va
     python benchmarks/decode_variants.py --model mamba2_2_7b --batch 1 \\
         --variant "xla:MAMBA_JAX_DECODE_GEMV=xla" --variant "pdl:MAMBA_JAX_DECODE_GEMV=mosaic" --out r.json
 
-Prints one JSON line per (round, variant) as it goes, then writes the means (tokens/s as generate.py counts
+Prints one JSON line per (round, variant) as it goes (a variant that fails to compile or run is kept under
+"errors" and the others go on), then writes the means (tokens/s as generate.py counts
 them: 255 decode steps, the one-token run subtracted, so prefill and launch overheads cancel).
 """
 
@@ -75,7 +76,12 @@ def main() -> None:
               "variants": {label: env for label, env in variants}, "tok_s": runs}  # fmt: skip
     for rnd in range(a.rounds):
         for label, env in variants if rnd % 2 == 0 else variants[::-1]:
-            tps = run_variant(model, prompts, env, a.new_tokens, a.reps)
+            try:
+                tps = run_variant(model, prompts, env, a.new_tokens, a.reps)
+            except Exception as e:  # a variant that does not compile or run: note it, go on with the others
+                result.setdefault("errors", {})[label] = f"{type(e).__name__}: {str(e)[:2000]}"
+                print(json.dumps({"round": rnd, "variant": label, "error": result["errors"][label][:300]}), flush=True)
+                continue
             runs.setdefault(label, []).append(tps)
             print(json.dumps({"round": rnd, "variant": label, "tok_s": round(tps, 1)}), flush=True)
             write_result(a.out, {**provenance(), **result})  # what ran so far survives a time limit
