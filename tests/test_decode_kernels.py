@@ -2,6 +2,8 @@
 decoding with them against the XLA decode path and the full forward. Pallas interpret mode on the CPU; the
 `gpu` test runs them compiled at real widths."""
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -291,6 +293,19 @@ def test_unsupported_shapes_fall_back_to_xla():
     ref = Engine(model, decode_impl="xla").generate([[1, 2, 3]], SamplingParams(max_new_tokens=3, temperature=0.0))
     assert out.tokens == ref.tokens
 
+
+
+def test_decode_falls_back_to_xla_when_the_kernels_do_not_import(monkeypatch):
+    """jax has announced the removal of Pallas's Triton backend (the decode kernels' imports would then fail):
+    decoding must then take the XLA path, not crash."""
+    model = init_model(_kernel_model("MM", decode_impl="pallas"), seed=0)
+    monkeypatch.setitem(sys.modules, "mamba_jax.kernels.decode", None)  # the next import raises ImportError
+    mixer = next(b.mixer for _, b in nnx.iter_graph(model) if isinstance(b, Block))
+    assert "do not import" in mixer._decode_kernel_unsupported()
+    params = SamplingParams(max_new_tokens=3, temperature=0.0)
+    out = Engine(model).generate([[1, 2, 3]], params)
+    monkeypatch.undo()
+    assert out.tokens == Engine(model, decode_impl="xla").generate([[1, 2, 3]], params).tokens
 
 def _prefill(model, prompts, steps):
     ids, start = pad_prompts(prompts, multiple=8)

@@ -198,8 +198,10 @@ class Mamba2Mixer(nnx.Module):
     # --- inference: the fused decode kernel ------------------------------------------------------------------
     def _decode_kernel_unsupported(self) -> str | None:
         cfg = self.cfg
-        from mamba_jax.kernels.decode import ssm_step_unsupported  # lazy: Pallas imports cost start-up time
-
+        try:  # lazy: Pallas imports cost start-up time
+            from mamba_jax.kernels.decode import ssm_step_unsupported
+        except ImportError as e:  # jax has announced the removal of Pallas's Triton backend, which they use
+            return f"this jax {jax.__version__} (the decode kernels do not import: {e})"
         if jax.sharding.get_abstract_mesh().size > 1:
             return "a sharded model (the kernel runs on one device)"
         return ssm_step_unsupported(cfg.mamba_head_dim, cfg.mamba_d_state)
