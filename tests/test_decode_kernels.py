@@ -294,7 +294,6 @@ def test_unsupported_shapes_fall_back_to_xla():
     assert out.tokens == ref.tokens
 
 
-
 def test_decode_falls_back_to_xla_when_the_kernels_do_not_import(monkeypatch):
     """jax has announced the removal of Pallas's Triton backend (the decode kernels' imports would then fail):
     decoding must then take the XLA path, not crash."""
@@ -306,6 +305,7 @@ def test_decode_falls_back_to_xla_when_the_kernels_do_not_import(monkeypatch):
     out = Engine(model).generate([[1, 2, 3]], params)
     monkeypatch.undo()
     assert out.tokens == Engine(model, decode_impl="xla").generate([[1, 2, 3]], params).tokens
+
 
 def _prefill(model, prompts, steps):
     ids, start = pad_prompts(prompts, multiple=8)
