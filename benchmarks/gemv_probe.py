@@ -5,7 +5,6 @@ of `mamba_jax.kernels.gemv`, each against XLA's own dot on the same chain.
     python benchmarks/gemv_probe.py --torch > torch.txt     # cuBLAS (run alone: jax preallocates memory)
     python benchmarks/gemv_probe.py > pallas.txt            # the Pallas Triton variants
     python benchmarks/gemv_probe.py --mosaic > mosaic.txt   # kernels/gemv.py, batch 1 and 32
-    python benchmarks/gemv_probe.py --tiled --out results/gemv_probe_tiled_h100.json  # weight layouts
 
 Every variant runs a chain of 16 GEMVs with distinct weights (more bytes than L2 holds), REPS times inside
 one compiled loop (`looped`), and prints one JSON line per configuration: µs per GEMV and weight bytes /
@@ -27,7 +26,7 @@ REPS = 10  # passes over the chain per timed call
 SHAPES = [(2560, 10576), (2560, 10240), (5120, 2560)]  # 2.7B in_proj, the same rounded to 256, out_proj
 
 
-def looped(gemv, compiler_options=None):
+def looped(gemv):
     """REPS passes over the chain inside one compiled loop: the kernels queue back to back on the GPU
     (timing a chain per host call measured the launches, ≈ 30 µs per GEMV whatever the kernel)."""
     import jax  # not at the top: the torch probe runs without jax's memory preallocation
@@ -43,7 +42,7 @@ def looped(gemv, compiler_options=None):
         init = [jnp.zeros(s.shape, s.dtype) for s in (jax.eval_shape(gemv, x, w) for w in ws)]
         return jax.lax.fori_loop(0, REPS, body, (x, init))
 
-    return jax.jit(run, compiler_options=compiler_options)
+    return jax.jit(run)
 
 
 def torch_probe() -> None:
@@ -217,81 +216,12 @@ def mosaic_probe() -> None:
                 best[k] = [c for _, c in sorted(results)[:6]]
 
 
-def tiled_probe(out_path: str) -> None:
-    """The weight's layout: `gemv_t` reading (bk, bn) tiles of the (K, N) weight (bk rows of bn elements, N
-    apart) against the same kernel on `tile_weight`'s layout (each tile one contiguous block), same tiles,
-    batch 1 (padded to 8) and 32, beside XLA's dot (its Triton GEMV / GEMM, and cuBLAS as the decode loop
-    compiles it from batch 16) and the device's read bandwidth."""
-    import jax
-    import jax.numpy as jnp
-    from bench_util import bandwidth_bytes_per_s, timed, write_result
-
-    from mamba_jax.kernels.gemv import gemv_t, gemv_unsupported, tile_weight
-
-    f32, key, rows_out = jnp.float32, jax.random.key(0), []
-
-    def emit(row):
-        rows_out.append(row)
-        print(json.dumps(row), flush=True)
-
-    copy, read = bandwidth_bytes_per_s()
-    emit({"copy_tb_per_s": copy / 1e12, "read_tb_per_s": read / 1e12})
-    tiles = [(64, 128, 8), (64, 256, 4), (128, 128, 4), (128, 64, 8), (64, 64, 8)]  # bn, bk, stages
-    for k, n, split_opts in [(2560, 10576, (1, 2)), (5120, 2560, (1, 2, 4))]:
-        ws = [jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.bfloat16) * 0.02 for i in range(L)]
-        nbytes = L * k * n * 2
-        for rows in (1, 32):
-            bp = -(-rows // 8) * 8
-            x = jax.random.normal(key, (bp, k), jnp.bfloat16)
-            for name, opts in [("xla", None), ("xla_cublas", {"xla_gpu_enable_triton_gemm": False})]:
-                t = timed(looped(lambda x, w, rows=rows: x[:rows] @ w, opts), x, ws, reps=10) / REPS
-                emit({"impl": name, "k": k, "n": n, "rows": rows, "us": t / L * 1e6, "tb_per_s": nbytes / t / 1e12})
-            # XLA on the tiled layout: a dot batched over the T column tiles, each (K, 64) block contiguous
-            wt = [tile_weight(w, 64).reshape(-1, k, 64) for w in ws]
-            for name, opts in [("xla_tiled", None), ("xla_cublas_tiled", {"xla_gpu_enable_triton_gemm": False})]:
-                fn = looped(lambda x, w, rows=rows: jnp.einsum("bk,tkn->btn", x[:rows], w), opts)
-                t = timed(fn, x, wt, reps=10) / REPS
-                emit({"impl": name, "k": k, "n": n, "rows": rows, "us": t / L * 1e6, "tb_per_s": nbytes / t / 1e12})
-            del wt
-            want = (x.astype(f32) @ ws[0].astype(f32)).T
-            for (bn, bk, stages), splits in itertools.product(tiles, split_opts):
-                npad = -(-n // bn) * bn
-                if gemv_unsupported(bp, k, npad, bn=bn, bk=bk, splits=splits):
-                    continue
-                conf = dict(bn=bn, bk=bk, splits=splits, stages=stages)
-                for tiled in (False, True):
-                    wl = [tile_weight(w, bn) if tiled else jnp.pad(w, ((0, 0), (0, npad - n))) for w in ws]
-                    try:
-                        err = float(jnp.max(jnp.abs(gemv_t(x, wl[0], tiled=tiled, **conf).sum(0)[:n] - want)))
-                        fn = looped(lambda x, w, conf=conf, tiled=tiled: gemv_t(x, w, tiled=tiled, **conf))
-                        t = timed(fn, x, wl, reps=10) / REPS
-                    except Exception as e:  # a configuration Mosaic cannot compile
-                        emit({"impl": "mosaic", "tiled": tiled, **conf, "failed": repr(e)[:300]})
-                        continue
-                    emit({"impl": "mosaic", "tiled": tiled, "k": k, "n": n, "rows": rows, **conf,
-                          "us": t / L * 1e6, "tb_per_s": nbytes / t / 1e12, "max_abs_err": err})  # fmt: skip
-                    del wl
-    write_result(
-        out_path,
-        {
-            "note": "µs per GEMV inside a compiled loop (16 GEMVs x 10 passes); tb_per_s "
-            "counts the unpadded weight; rows 1 runs the Mosaic kernel on 8 rows",
-            "rows": rows_out,
-        },
-    )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--torch", action="store_true", help="cuBLAS through torch instead of the Pallas GEMVs")
     ap.add_argument("--mosaic", action="store_true", help="the Mosaic GPU GEMV (kernels/gemv.py) against XLA")
-    ap.add_argument("--tiled", action="store_true", help="gemv_t on the (K, N) weight against tile_weight's layout")
-    ap.add_argument("--out", default="", help="with --tiled: write the rows here as JSON")
     args = ap.parse_args()
-    if args.tiled:
-        tiled_probe(args.out)
-    else:
-        torch_probe() if args.torch else mosaic_probe() if args.mosaic else pallas_probe()
+    torch_probe() if args.torch else mosaic_probe() if args.mosaic else pallas_probe()
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def gemv_unsupported(b: int, k: int, n: int, *, bn: int, bk: int, splits: int) -
 
 
 @functools.cache
-def _build(b, k, n, dtype, bn, bk, splits, stages, pdl, interpret, tiled=False):
+def _build(b, k, n, dtype, bn, bk, splits, stages, pdl, interpret):
     steps = k // (bk * splits)
     stages = min(stages, steps)
     f32 = jnp.float32
@@ -87,13 +87,10 @@ def _build(b, k, n, dtype, bn, bk, splits, stages, pdl, interpret, tiled=False):
             def k_slice(i):
                 return pl.ds((si * steps + i) * bk, bk)
 
-            def w_tile(i):  # tiled: column tile ni is rows [ni·K, (ni + 1)·K) of a (T·K, bn) weight
-                return w_ref.at[pl.ds(ni * k + (si * steps + i) * bk, bk), :] if tiled else w_ref.at[k_slice(i), cols]
-
             # The ring's first `stages` weight tiles depend on nothing the previous kernel writes: with PDL
             # they stream while that kernel still runs, and only the input waits for it.
             for i in range(stages):
-                plgpu.copy_gmem_to_smem(w_tile(i), w_s.at[i], loaded.at[2 * i])
+                plgpu.copy_gmem_to_smem(w_ref.at[k_slice(i), cols], w_s.at[i], loaded.at[2 * i])
             if pdl:
                 plgpu.griddepcontrol_wait()
 
@@ -104,7 +101,7 @@ def _build(b, k, n, dtype, bn, bk, splits, stages, pdl, interpret, tiled=False):
                 @pl.when(i >= stages)
                 def _():
                     plgpu.barrier_wait(consumed.at[slot])
-                    plgpu.copy_gmem_to_smem(w_tile(i), w_s.at[slot], loaded.at[2 * slot])
+                    plgpu.copy_gmem_to_smem(w_ref.at[k_slice(i), cols], w_s.at[slot], loaded.at[2 * slot])
 
                 plgpu.copy_gmem_to_smem(x_ref.at[:, k_slice(i)], x_s.at[slot], loaded.at[2 * slot + 1])
 
@@ -150,24 +147,12 @@ def _build(b, k, n, dtype, bn, bk, splits, stages, pdl, interpret, tiled=False):
     )
 
 
-def tile_weight(w_KN, bn: int):
-    """w (K, N) as the (T·K, bn) layout of `gemv_t(tiled=True)`: column tile t (N padded with zeros to T·bn)
-    becomes rows [t·K, (t + 1)·K), so every (bk, bn) tile the kernel loads is one contiguous block of memory
-    rather than bk rows of bn elements, N apart."""
-    k, n = w_KN.shape
-    t = -(-n // bn)
-    w_KN = jnp.pad(w_KN, ((0, 0), (0, t * bn - n)))
-    return w_KN.reshape(k, t, bn).transpose(1, 0, 2).reshape(t * k, bn)
-
-
-@functools.partial(jax.jit, static_argnames=("bn", "bk", "splits", "stages", "pdl", "tiled"))
-def gemv_t(x_BK, w_KN, *, bn: int = 64, bk: int = 128, splits: int = 1, stages: int = 4, pdl: bool = False,
-           tiled: bool = False):  # fmt: skip
+@functools.partial(jax.jit, static_argnames=("bn", "bk", "splits", "stages", "pdl"))
+def gemv_t(x_BK, w_KN, *, bn: int = 64, bk: int = 128, splits: int = 1, stages: int = 4, pdl: bool = False):
     """(splits, N, Bp) float32 partial sums of (x @ w)ᵀ over K slices; Σ over axis 0 gives x @ w transposed.
 
     x_BK (Bp, K) with Bp a multiple of 8 (rows past the real batch may hold anything: each output column
-    depends on its own row only), w_KN (K, N) in x's dtype (bf16 / f16 on the GPU), or with `tiled` the
-    (T·K, bn) layout of `tile_weight(w_KN, bn)` (then N = T·bn).
+    depends on its own row only), w_KN (K, N) in x's dtype (bf16 / f16 on the GPU).
 
     `pdl`: launch with programmatic dependent launch (Hopper): the kernel may start while the kernel before
     it in the stream still runs (once that one's programs have all signalled `griddepcontrol.launch_dependents`
@@ -175,27 +160,19 @@ def gemv_t(x_BK, w_KN, *, bn: int = 64, bk: int = 128, splits: int = 1, stages: 
     writes visible) before it reads x or writes anything. Ignored off the GPU.
     """
     b, k = x_BK.shape
-    if tiled:
-        if w_KN.shape[1] != bn or w_KN.shape[0] % k:
-            raise ValueError(f"gemv_t: a tiled weight is (T·{k}, {bn}) (tile_weight(w, bn)), got {w_KN.shape}")
-        n = w_KN.shape[0] // k * bn
-    else:
-        n = w_KN.shape[1]
-        if w_KN.shape[0] != k:
-            raise ValueError(f"gemv_t: weight {w_KN.shape} does not match input {x_BK.shape}")
+    n = w_KN.shape[1]
     if why := gemv_unsupported(b, k, n, bn=bn, bk=bk, splits=splits):
         raise ValueError(f"gemv_t: {why}")
-    if w_KN.dtype != x_BK.dtype:
-        raise ValueError(f"gemv_t: weight {w_KN.dtype} does not match input {x_BK.dtype}")
+    if w_KN.shape[0] != k or w_KN.dtype != x_BK.dtype:
+        raise ValueError(f"gemv_t: weight {w_KN.shape} {w_KN.dtype} does not match input {x_BK.shape} {x_BK.dtype}")
     if jax.default_backend() == "gpu":
         # A last tile past N is fine on the GPU: TMA fills its loads with zeros and skips its stores.
-        return _build(b, k, n, jnp.dtype(x_BK.dtype), bn, bk, splits, stages, pdl, None, tiled)(x_BK, w_KN)
+        return _build(b, k, n, jnp.dtype(x_BK.dtype), bn, bk, splits, stages, pdl, None)(x_BK, w_KN)
     # The interpreter clamps a slice past the edge instead: pad the columns there.
     npad = -(-n // bn) * bn
-    if not tiled:
-        w_KN = jnp.pad(w_KN, ((0, 0), (0, npad - n)))
+    w_KN = jnp.pad(w_KN, ((0, 0), (0, npad - n)))
     interpret = plgpu.InterpretGPUParams()
-    out = _build(b, k, npad, jnp.dtype(x_BK.dtype), bn, bk, splits, stages, False, interpret, tiled)(x_BK, w_KN)
+    out = _build(b, k, npad, jnp.dtype(x_BK.dtype), bn, bk, splits, stages, False, interpret)(x_BK, w_KN)
     return out[:, :n]
 
 
