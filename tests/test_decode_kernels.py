@@ -2,6 +2,8 @@
 decoding with them against the XLA decode path and the full forward. Pallas interpret mode on the CPU; the
 `gpu` test runs them compiled at real widths."""
 
+import dataclasses
+import logging
 import sys
 
 import jax
@@ -15,6 +17,7 @@ from mamba_jax.inference.engine import Engine, SamplingParams, pad_prompts
 from mamba_jax.inference.fold import fold_norm_weights
 from mamba_jax.kernels import decode as kd
 from mamba_jax.models.stack import Block
+from mamba_jax.ops.ssd import note_once
 from mamba_jax.ops.ssd_reference import ssd_step
 from mamba_jax.parallel import init_model
 
@@ -294,7 +297,7 @@ def test_unsupported_shapes_fall_back_to_xla():
     assert out.tokens == ref.tokens
 
 
-def test_decode_falls_back_to_xla_when_the_kernels_do_not_import(monkeypatch):
+def test_decode_falls_back_to_xla_when_the_kernels_do_not_import(monkeypatch, caplog):
     """jax has announced the removal of Pallas's Triton backend (the decode kernels' imports would then fail):
     decoding must then take the XLA path, not crash."""
     model = init_model(_kernel_model("MM", decode_impl="pallas"), seed=0)
@@ -303,6 +306,13 @@ def test_decode_falls_back_to_xla_when_the_kernels_do_not_import(monkeypatch):
     assert "do not import" in mixer._decode_kernel_unsupported()
     params = SamplingParams(max_new_tokens=3, temperature=0.0)
     out = Engine(model).generate([[1, 2, 3]], params)
+    # decode_impl "auto" on a GPU (the backend faked for this decision only) falls back with a note too
+    mixer.cfg = dataclasses.replace(mixer.cfg, decode_impl="auto")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    note_once.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        assert not mixer._decode_kernel()
+    assert "decode_impl='auto'" in caplog.text and "do not import" in caplog.text
     monkeypatch.undo()
     assert out.tokens == Engine(model, decode_impl="xla").generate([[1, 2, 3]], params).tokens
 

@@ -30,6 +30,8 @@ from mamba_jax.models.config import ModelConfig
 from mamba_jax.ops.ssd import note_once, ssd
 from mamba_jax.ops.ssd_reference import ssd_step
 
+NO_DECODE_KERNELS = "the decode kernels do not import"  # `_decode_kernel_unsupported`'s reason when so
+
 
 def causal_conv1d(x_BLGF, w_KGF, b_GF, *, seq_idx=None, state_BKGF=None):
     """Depthwise causal convolution along L: out[t] = Σ_k w[k] · x[t − (K−1) + k] + b.
@@ -201,7 +203,7 @@ class Mamba2Mixer(nnx.Module):
         try:  # lazy: Pallas imports cost start-up time
             from mamba_jax.kernels.decode import ssm_step_unsupported
         except ImportError as e:  # jax has announced the removal of Pallas's Triton backend, which they use
-            return f"this jax {jax.__version__} (the decode kernels do not import: {e})"
+            return f"this jax {jax.__version__} ({NO_DECODE_KERNELS}: {e})"
         if jax.sharding.get_abstract_mesh().size > 1:
             return "a sharded model (the kernel runs on one device)"
         return ssm_step_unsupported(cfg.mamba_head_dim, cfg.mamba_d_state)
@@ -212,9 +214,17 @@ class Mamba2Mixer(nnx.Module):
         if impl == "xla":
             return False
         reason = self._decode_kernel_unsupported()
+        gpu = jax.default_backend() == "gpu"
         if reason and impl == "pallas":
             note_once(f"decode_impl='pallas': the fused decode kernel does not support {reason}; using XLA.")
-        return not reason and (impl == "pallas" or jax.default_backend() == "gpu")
+        elif reason and gpu and NO_DECODE_KERNELS in reason:
+            # "auto" on a GPU means the fused kernels; losing them to a jax without Pallas's Triton backend
+            # costs ≈ 1.2× at batch 1 (benchmarks/README.md), which a user should hear about.
+            note_once(
+                f"decode_impl='auto': the fused decode kernels are unavailable with {reason}; decoding with "
+                "XLA (≈ 1.2× slower at batch 1). jax 0.11.2 is the tested version; decode_impl='xla' silences this."
+            )
+        return not reason and (impl == "pallas" or gpu)
 
     def _decode_fused(self, x_BD, cache, pos, residual_BD=None, compute_BD=None):
         """`decode` with the fused SSM step of `mamba_jax.kernels.decode` (conv + dt + state update + y + gate
