@@ -33,13 +33,10 @@ import jax.numpy as jnp
 from bench_util import provenance, timed, write_result
 from jax import lax
 
+from mamba_jax.kernels.gemv import _swizzle  # the shared-memory tiling gemv_t's ring uses
+
 F32, BF16 = jnp.float32, jnp.bfloat16
 BN, ROWS = 64, 8  # a tile's output features (wgmma's M); the input's rows (batch 1 padded to wgmma's N)
-
-
-def _swizzle(cols: int):
-    sw = 128 if cols * 2 % 128 == 0 else 64
-    return (plgpu.TilingTransform((8, sw // 2)), plgpu.SwizzleTransform(sw))
 
 
 @functools.cache
@@ -146,8 +143,8 @@ def _build(layers, k1, n1, n2, programs, bk, stages, mma, tiled, interpret):
             plgpu.wait_smem_to_gmem(0)
 
     scratch = [
-        plgpu.SMEM((stages, bk, BN), BF16, transforms=_swizzle(BN)),
-        plgpu.SMEM((stages, ROWS, bk), BF16, transforms=_swizzle(bk)),
+        plgpu.SMEM((stages, bk, BN), BF16, transforms=_swizzle(BN, BF16)),
+        plgpu.SMEM((stages, ROWS, bk), BF16, transforms=_swizzle(bk, BF16)),
         plgpu.SMEM((BN, ROWS), F32),
         plgpu.Barrier(num_barriers=2 * stages),
         plgpu.Barrier(num_barriers=stages),
