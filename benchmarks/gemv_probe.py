@@ -5,7 +5,6 @@ of `mamba_jax.kernels.gemv`, each against XLA's own dot on the same chain.
     python benchmarks/gemv_probe.py --torch > torch.txt     # cuBLAS (run alone: jax preallocates memory)
     python benchmarks/gemv_probe.py > pallas.txt            # the Pallas Triton variants
     python benchmarks/gemv_probe.py --mosaic > mosaic.txt   # kernels/gemv.py, batch 1 and 32
-    python benchmarks/gemv_probe.py --stream --rows 1      # gemv_stream (stream-K) against XLA
 
 Every variant runs a chain of 16 GEMVs with distinct weights (more bytes than L2 holds), REPS times inside
 one compiled loop (`looped`), and prints one JSON line per configuration: µs per GEMV and weight bytes /
@@ -18,7 +17,6 @@ Dimension key: K reduction, N out features, BM the 16 rows of a tensor-core tile
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import statistics
@@ -218,71 +216,11 @@ def mosaic_probe() -> None:
                 best[k] = [c for _, c in sorted(results)[:6]]
 
 
-def _row(ctx, impl, fn, check=True, **conf):
-    """Time `fn` on the context's chain (and check it against float32 unless `check` is False); one JSON line."""
-    import jax.numpy as jnp
-    from bench_util import timed
-
-    x, ws = ctx["x"], ctx["ws"]
-    try:
-        err = float(jnp.max(jnp.abs(fn(x, ws[0]).sum(0) - ctx["want"]))) if check else None
-        t = timed(looped(fn), x, ws) / REPS
-    except Exception as e:  # a configuration Mosaic cannot compile
-        print(json.dumps({"impl": impl, **ctx["head"], **conf, "failed": repr(e)[:300]}), flush=True)
-        return
-    print(json.dumps({"impl": impl, **ctx["head"], **conf, "us": t / L * 1e6, "tb_per_s": ctx["nbytes"] / t / 1e12,
-                      "max_abs_err": err}), flush=True)  # fmt: skip
-
-
-def stream_probe(rows_list) -> None:
-    """`gemv_stream` (one range of boxes per program, stream-K) against XLA's dot, the decode loop's out_proj
-    form (2 float32 split-K partials, one batched GEMM) and `gemv_t` at its best earlier tiles, on the 2.7B
-    shapes (in_proj padded to 10,624 columns, as the Mosaic kernels need; XLA also at the model's 10,576).
-    Run with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false for batch 32 (the Engine's cuBLAS setting)."""
-    import jax
-    import jax.numpy as jnp
-
-    from mamba_jax.kernels.decode import split_k_partials
-    from mamba_jax.kernels.gemv import gemv_stream, gemv_t, sm_count, stream_slots
-
-    f32, key, sms = jnp.float32, jax.random.key(0), sm_count()
-    for k, n, t_conf in [(2560, 10576, None), (2560, 10624, (64, 256, 1, 4)), (5120, 2560, (128, 128, 4, 4))]:
-        ws = [jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.bfloat16) * 0.02 for i in range(L)]
-        nbytes = L * k * n * 2
-        for rows in rows_list:
-            bp = -(-rows // 8) * 8
-            x = jax.random.normal(key, (bp, k), jnp.bfloat16)
-            want = (x.astype(f32) @ ws[0].astype(f32)).T
-
-            ctx = dict(x=x, ws=ws, want=want, head={"k": k, "n": n, "rows": rows}, nbytes=nbytes)
-            row = functools.partial(_row, ctx)
-            row("xla", lambda x, w, r=rows: x[:r] @ w, check=False)
-            if n == 2560:
-                row("xla_split2", lambda x, w, r=rows: split_k_partials(x[:r], w, 2), check=False)
-            if n == 10576:  # XLA only: the Mosaic kernels take columns in multiples of 64
-                continue
-            if t_conf:
-                bn, bk, splits, stages = t_conf
-                conf = dict(bn=bn, bk=bk, splits=splits, stages=stages)
-                row("mosaic_t", lambda x, w, conf=conf: gemv_t(x, w, **conf), **conf)
-            for bn, bk, per_sm, stages in itertools.product((64, 128), (64, 128, 256), (1, 2), (4, 6, 8)):
-                smem = stages * bk * (bn + bp) * 2 + 2 * bn * bp * 4
-                if k % bk or per_sm * smem > 220 * 1024:
-                    continue
-                conf = dict(bn=bn, bk=bk, programs=per_sm * sms, stages=stages)
-                slots = stream_slots(-(-n // bn), k // bk, conf["programs"])
-                row("stream", lambda x, w, conf=conf: gemv_stream(x, w, **conf), slots=slots, **conf)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--torch", action="store_true", help="cuBLAS through torch instead of the Pallas GEMVs")
     ap.add_argument("--mosaic", action="store_true", help="the Mosaic GPU GEMV (kernels/gemv.py) against XLA")
-    ap.add_argument("--stream", action="store_true", help="the stream-K Mosaic GEMV (gemv_stream) against XLA")
-    ap.add_argument("--rows", default="1,32", help="batch sizes for --stream, comma separated")
     args = ap.parse_args()
-    if args.stream:
-        return stream_probe([int(r) for r in args.rows.split(",")])
     torch_probe() if args.torch else mosaic_probe() if args.mosaic else pallas_probe()
 
 

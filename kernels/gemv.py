@@ -50,8 +50,6 @@ COL_ALIGN = 64  # the weight's columns: one 128-byte swizzle row of bf16 (TMA re
 # benchmarks/decode_variants.py compared at the 2.7B (H100: 2,8 > 4,6 > 8,4 splits, stages);
 # MAMBA_JAX_DECODE_GEMV_TILES="bn,bk,splits,stages" overrides it at trace time.
 DECODE_TILES = (64, 128, 2, 8)
-# `gemv_stream` at decode (MAMBA_JAX_DECODE_GEMV=stream): (bn, bk, programs per SM, stages).
-STREAM_TILES = (64, 128, 1, 8)
 
 
 def _swizzle(cols: int, dtype):
@@ -178,151 +176,6 @@ def gemv_t(x_BK, w_KN, *, bn: int = 64, bk: int = 128, splits: int = 1, stages: 
     return out[:, :n]
 
 
-def stream_slots(tiles: int, nb: int, programs: int) -> int:
-    """Partial-sum slots `gemv_stream` writes: the most programs whose box ranges meet in one column tile."""
-    total = tiles * nb
-    owner = lambda g: ((g + 1) * programs + total - 1) // total - 1  # noqa: E731 (the kernel's formula)
-    return max(owner((j + 1) * nb - 1) - owner(j * nb) + 1 for j in range(tiles))
-
-
-@functools.cache
-def _build_stream(b, k, n, dtype, bn, bk, programs, stages, pdl, interpret):
-    nb = k // bk  # boxes per column tile
-    tiles = -(-n // bn)
-    total = tiles * nb
-    slots = stream_slots(tiles, nb, programs)
-    f32 = jnp.float32
-
-    def owner(g):  # the program whose box range holds box g (ranges: [p·total/P, (p+1)·total/P))
-        return ((g + 1) * programs + total - 1) // total - 1
-
-    def kernel(x_ref, w_ref, o_ref, w_s, x_s, o_s, z_s, loaded, consumed):
-        p, wg = lax.axis_index("p"), lax.axis_index("wg")
-        start, end = p * total // programs, (p + 1) * total // programs
-
-        def box(g):  # box g of the global (tile, K step) order → the weight's and the input's slices
-            tile, kb = g // nb, lax.rem(g, nb)
-            return w_ref.at[pl.ds(kb * bk, bk), pl.ds(tile * bn, bn)], x_ref.at[:, pl.ds(kb * bk, bk)]
-
-        @pl.when(wg == 1)
-        def _memory():
-            plgpu.set_max_registers(40, action="decrease")
-            for i in range(stages):  # the ring's first weight boxes need nothing the kernel before writes
-
-                @pl.when(start + i < end)
-                def _(i=i):
-                    plgpu.copy_gmem_to_smem(box(start + i)[0], w_s.at[i], loaded.at[2 * i])
-
-            if pdl:
-                plgpu.griddepcontrol_wait()
-
-            @pl.loop(0, end - start)
-            def _load(i):
-                slot = lax.rem(i, jnp.asarray(stages, i.dtype))
-                w_src, x_src = box(start + i)
-
-                @pl.when(i >= stages)
-                def _():
-                    plgpu.barrier_wait(consumed.at[slot])
-                    plgpu.copy_gmem_to_smem(w_src, w_s.at[slot], loaded.at[2 * slot])
-
-                plgpu.copy_gmem_to_smem(x_src, x_s.at[slot], loaded.at[2 * slot + 1])
-
-            @pl.loop(jnp.maximum(end - start - stages, 0), end - start)
-            def _drain(i):  # every release must be awaited
-                plgpu.barrier_wait(consumed.at[lax.rem(i, jnp.asarray(stages, i.dtype))])
-
-        @pl.when(wg == 0)
-        def _compute():
-            z_s[...] = jnp.zeros((bn, b), f32)
-
-            @pl.loop(start // nb, (end - 1) // nb + 1)
-            def _tile(j):
-                lo, hi = jnp.maximum(start, j * nb), jnp.minimum(end, (j + 1) * nb)
-
-                def run(acc):
-                    @pl.loop(lo, hi)
-                    def _box(g):
-                        slot = lax.rem(g - start, jnp.asarray(stages, g.dtype))
-                        plgpu.barrier_wait(loaded.at[2 * slot])
-                        plgpu.barrier_wait(loaded.at[2 * slot + 1])
-                        plgpu.wgmma(acc, w_s.at[slot].transpose((1, 0)), x_s.at[slot].transpose((1, 0)))
-                        plgpu.wgmma_wait(0)
-                        plgpu.barrier_arrive(consumed.at[slot])
-
-                    return acc[...]
-
-                out = pl.run_scoped(run, plgpu.ACC((bn, b), f32))
-                plgpu.wait_smem_to_gmem(0)  # the previous tile's store out of o_s
-                o_s[...] = out
-                plgpu.commit_smem()
-                cols, first, last = pl.ds(j * bn, bn), owner(j * nb), owner((j + 1) * nb - 1)
-                plgpu.copy_smem_to_gmem(o_s, o_ref.at[p - first, cols])
-                for s in range(1, slots):  # the tile's last owner zeroes the slots no program of it filled
-
-                    @pl.when((p == last) & (s > last - first))
-                    def _(s=s):
-                        plgpu.copy_smem_to_gmem(z_s, o_ref.at[s, cols])
-
-            plgpu.wait_smem_to_gmem(0)
-
-    scratch = [
-        plgpu.SMEM((stages, bk, bn), dtype, transforms=_swizzle(bn, dtype)),
-        plgpu.SMEM((stages, b, bk), dtype, transforms=_swizzle(bk, dtype)),
-        plgpu.SMEM((bn, b), f32),
-        plgpu.SMEM((bn, b), f32),
-        plgpu.Barrier(num_barriers=2 * stages),
-        plgpu.Barrier(num_barriers=stages),
-    ]
-    return plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct((slots, n, b), f32),
-        grid=(programs,),
-        grid_names=("p",),
-        num_threads=2,
-        thread_name="wg",
-        scratch_types=scratch,
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-        interpret=interpret,
-    )
-
-
-def sm_count() -> int:
-    """Streaming multiprocessors of the first device (132 on an H100 SXM; 132 off the GPU, for tests)."""
-    return getattr(jax.devices()[0], "core_count", None) or 132
-
-
-@functools.partial(jax.jit, static_argnames=("bn", "bk", "programs", "stages", "pdl"))
-def gemv_stream(x_BK, w_KN, *, bn: int = 64, bk: int = 128, programs: int = 132, stages: int = 8, pdl: bool = False):
-    """`gemv_t` with its work split evenly over `programs` (stream-K): (S, N, Bp) float32 partials, Σ over
-    axis 0 = (x @ w)ᵀ.
-
-    `gemv_t` gives each program one (column tile, K slice); on 132 SMs its tile count rarely divides
-    evenly (2.7B in_proj: 166 tiles of 64 → a second wave of 34), and a memory-bound launch lasts as long
-    as its busiest SM. Here the (column tile, K step) boxes, in that order, are cut into `programs` equal
-    ranges (one program per SM): a program's range crosses one or two tile boundaries, and each program
-    writes the partial sum of every tile it touches into its own slot of that tile (slot = program − the
-    tile's first program); the tile's last program zeroes the slots beyond. S, the most programs sharing a
-    tile, is `stream_slots(...)`: with at least one tile's boxes per program, 2.
-    """
-    b, k = x_BK.shape
-    n = w_KN.shape[1]
-    if why := gemv_unsupported(b, k, n, bn=bn, bk=bk, splits=1):
-        raise ValueError(f"gemv_stream: {why}")
-    if w_KN.shape[0] != k or w_KN.dtype != x_BK.dtype:
-        raise ValueError(
-            f"gemv_stream: weight {w_KN.shape} {w_KN.dtype} does not match input {x_BK.shape} {x_BK.dtype}"
-        )
-    programs = min(programs, -(-n // bn) * (k // bk))  # every program at least one box
-    if jax.default_backend() == "gpu":
-        return _build_stream(b, k, n, jnp.dtype(x_BK.dtype), bn, bk, programs, stages, pdl, None)(x_BK, w_KN)
-    npad = -(-n // bn) * bn  # the interpreter clamps a slice past the edge: pad the columns (as gemv_t)
-    w_KN = jnp.pad(w_KN, ((0, 0), (0, npad - n)))
-    interpret = plgpu.InterpretGPUParams()
-    out = _build_stream(b, k, npad, jnp.dtype(x_BK.dtype), bn, bk, programs, stages, False, interpret)(x_BK, w_KN)
-    return out[:, :n]
-
-
 def _hopper() -> bool:
     """sm_90: the kernel's wgmma and PDL are Hopper's (Blackwell's tensor cores take other instructions)."""
     dev = jax.devices()[0]
@@ -330,38 +183,24 @@ def _hopper() -> bool:
 
 
 def decode_gemv_tiles(b: int, k: int, n: int, dtype) -> dict | None:
-    """Tiles for a decode projection (b rows, (k, n) weight) for `decode_gemv`, or None for XLA's GEMV.
+    """Tiles for a decode projection (b rows, (k, n) weight) as `gemv_t(pdl=True)`, or None for XLA's GEMV.
 
-    MAMBA_JAX_DECODE_GEMV (read at trace time): "xla" (default: XLA's GEMV), "mosaic" (`gemv_t`),
-    "stream" (`gemv_stream`, one program per SM): on a Hopper GPU in bf16 / f16; off the GPU in interpret
-    mode, float32 included, for tests. `gemv_t` measured slower than XLA's GEMV with the L2 prefetch in the
-    decode loop (2.7B batch 1: 361–368 against 387 tokens/s; inside XLA's command buffers the PDL launch
-    does not overlap the step kernel: benchmarks/README.md), so it is opt-in.
-    MAMBA_JAX_DECODE_GEMV_TILES: "bn,bk,splits,stages" (mosaic) or "bn,bk,programs per SM,stages" (stream)."""
+    MAMBA_JAX_DECODE_GEMV (read at trace time): "xla" (default: XLA's GEMV), "mosaic" (this kernel: on a
+    Hopper GPU in bf16 / f16; off the GPU in interpret mode, float32 included, for tests). Measured slower
+    than XLA's GEMV with the L2 prefetch in the decode loop (2.7B batch 1: 361–368 against 387 tokens/s;
+    inside XLA's command buffers the PDL launch does not overlap the step kernel: benchmarks/README.md),
+    so it is opt-in."""
     mode = os.environ.get("MAMBA_JAX_DECODE_GEMV", "xla")
-    if mode not in ("mosaic", "stream", "xla"):
-        raise ValueError(f"MAMBA_JAX_DECODE_GEMV={mode!r}: use xla, mosaic or stream")
+    if mode not in ("mosaic", "xla"):
+        raise ValueError(f"MAMBA_JAX_DECODE_GEMV={mode!r}: use xla or mosaic")
     if mode == "xla" or (jax.default_backend() == "gpu" and not _hopper()):
         return None
     if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "gpu":
         return None  # float32 would run as tf32 on the tensor cores
     env = os.environ.get("MAMBA_JAX_DECODE_GEMV_TILES")
-    bp = -(-b // ROW_PAD) * ROW_PAD
-    if mode == "stream":
-        bn, bk, per_sm, stages = (int(v) for v in env.split(",")) if env else STREAM_TILES
-        if gemv_unsupported(bp, k, n, bn=bn, bk=bk, splits=1):
-            return None
-        return dict(stream=True, bn=bn, bk=bk, programs=per_sm * sm_count(), stages=stages)
     bn, bk, splits, stages = (int(v) for v in env.split(",")) if env else DECODE_TILES
     while splits > 1 and k % (bk * splits):  # smaller models: fewer K splits
         splits //= 2
-    if gemv_unsupported(bp, k, n, bn=bn, bk=bk, splits=splits):
+    if gemv_unsupported(-(-b // ROW_PAD) * ROW_PAD, k, n, bn=bn, bk=bk, splits=splits):
         return None
     return dict(bn=bn, bk=bk, splits=splits, stages=stages)
-
-
-def decode_gemv(x_BK, w_KN, tiles: dict, *, pdl: bool = True):
-    """(S, N, Bp) float32 partials of (x @ w)ᵀ with the kernel and tiles `decode_gemv_tiles` chose."""
-    tiles = dict(tiles)
-    fn = gemv_stream if tiles.pop("stream", False) else gemv_t
-    return fn(x_BK, w_KN, pdl=pdl, **tiles)

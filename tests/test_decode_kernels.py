@@ -250,11 +250,11 @@ def test_kernel_decoding_equals_full_forward(monkeypatch, pattern, batch, fold, 
         assert rel_err(inc[b], full) <= 1e-4, b
 
 
-@pytest.mark.parametrize("gemv,tiles", [("mosaic", "64,64,2,2"), ("mosaic", "64,128,1,4"), ("stream", "64,64,1,2")])
-def test_kernel_decoding_with_the_mosaic_out_proj_equals_full_forward(monkeypatch, gemv, tiles):
-    """out_proj as a Mosaic GPU GEMV (`gemv_t`, or `gemv_stream` with one program per SM; interpret mode here;
-    PDL on the GPU), its partials summed by the residual kernel; the step kernel writes g padded to 8 rows."""
-    monkeypatch.setenv("MAMBA_JAX_DECODE_GEMV", gemv)
+@pytest.mark.parametrize("tiles", ["64,64,2,2", "64,128,1,4"])
+def test_kernel_decoding_with_the_mosaic_out_proj_equals_full_forward(monkeypatch, tiles):
+    """out_proj as the Mosaic GPU GEMV (interpret mode here; PDL on the GPU), its split-K partials summed by
+    the residual kernel; the step kernel writes g padded to 8 rows for it."""
+    monkeypatch.setenv("MAMBA_JAX_DECODE_GEMV", "mosaic")
     monkeypatch.setenv("MAMBA_JAX_DECODE_GEMV_TILES", tiles)
     cfg = _kernel_model("MM", decode_impl="pallas", residual_in_fp32=True, mamba_num_groups=1)
     reference = _random_norm_weights(init_model(cfg, seed=6), seed=2)

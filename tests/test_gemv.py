@@ -1,21 +1,20 @@
-"""The Mosaic GPU decode GEMVs (mamba_jax.kernels.gemv: `gemv_t`'s split-K partials, `gemv_stream`'s stream-K
-partials) against a float32 product. Mosaic's interpret mode on the CPU; the `gpu` tests compile them at the
-2.7B projection shapes."""
+"""The Mosaic GPU decode GEMV (mamba_jax.kernels.gemv): split-K partials against a float32 product. Mosaic's
+interpret mode on the CPU; the `gpu` test compiles it at the 2.7B projection shapes."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 from helpers import rel_err
 
-from mamba_jax.kernels.gemv import gemv_stream, gemv_t, stream_slots
+from mamba_jax.kernels.gemv import gemv_t
 
 
-def _check(b, k, n, fn=gemv_t, slots=None, **conf):
+def _check(b, k, n, **conf):
     kx, kw = jax.random.split(jax.random.key(b * 1000 + n))
     x = jax.random.normal(kx, (b, k), jnp.float32).astype(jnp.bfloat16)
     w = jax.random.normal(kw, (k, n), jnp.float32).astype(jnp.bfloat16)
-    out = fn(x, w, **conf)
-    assert out.shape == (slots or conf.get("splits", 1), n, b) and out.dtype == jnp.float32
+    out = gemv_t(x, w, **conf)
+    assert out.shape == (conf.get("splits", 1), n, b) and out.dtype == jnp.float32
     want = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest").T
     assert rel_err(out.sum(0), want) <= 1e-5
 
@@ -26,19 +25,6 @@ def _check(b, k, n, fn=gemv_t, slots=None, **conf):
 ])  # fmt: skip
 def test_gemv_partials_sum_to_the_product(b, k, n, conf):
     _check(b, k, n, **conf)
-
-
-@pytest.mark.parametrize("b,k,n,conf,slots", [
-    (8, 256, 192, dict(bn=64, bk=64, programs=5, stages=2), 2),  # 12 boxes over 5 programs: tiles shared by 2
-    (16, 512, 320, dict(bn=64, bk=128, programs=3, stages=3), 2),  # 20 boxes over 3: a program spans 3 tiles
-    (32, 1024, 128, dict(bn=64, bk=64, programs=12, stages=3), 6),  # 32 boxes over 12: a tile split 6 ways
-    (8, 256, 192, dict(bn=128, bk=64, programs=3, stages=2), 2),  # the last tile half past N
-    (8, 256, 128, dict(bn=64, bk=128, programs=16, stages=2), 2),  # more programs than boxes: one box each
-])  # fmt: skip
-def test_stream_gemv_partials_sum_to_the_product(b, k, n, conf, slots):
-    """Each program's range of (column tile, K step) boxes crosses tile boundaries at different places; every
-    slot a tile's programs do not fill must come back zero, or the sum would take garbage."""
-    _check(b, k, n, fn=gemv_stream, slots=slots, **conf)
 
 
 def test_gemv_names_what_it_cannot_take():
@@ -58,14 +44,3 @@ def test_gemv_names_what_it_cannot_take():
 ])  # fmt: skip
 def test_gemv_compiled_at_real_shapes_on_gpu(b, k, n, conf):
     _check(b, k, n, **conf)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("b,k,n,conf", [
-    (8, 2560, 10624, dict(bn=64, bk=128, programs=132, stages=8)),  # 2.7B in_proj (columns padded to 64)
-    (32, 2560, 10624, dict(bn=128, bk=128, programs=132, stages=4)),  # last tile half past N
-    (32, 5120, 2560, dict(bn=64, bk=128, programs=132, stages=8)),  # 2.7B out_proj: tiles split 5 ways
-])  # fmt: skip
-def test_stream_gemv_compiled_at_real_shapes_on_gpu(b, k, n, conf):
-    slots = stream_slots(-(-n // conf["bn"]), k // conf["bk"], conf["programs"])
-    _check(b, k, n, fn=gemv_stream, slots=slots, **conf)

@@ -238,7 +238,7 @@ class Mamba2Mixer(nnx.Module):
         squares) scales out_proj's output, applied with the residual add in one more launch: no norm kernel
         runs between the weight streams."""
         from mamba_jax.kernels import decode as kd
-        from mamba_jax.kernels.gemv import ROW_PAD, decode_gemv, decode_gemv_tiles
+        from mamba_jax.kernels.gemv import ROW_PAD, decode_gemv_tiles, gemv_t
 
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
@@ -299,7 +299,7 @@ class Mamba2Mixer(nnx.Module):
         # out_proj's output, or float32 split-K partials of it that the residual kernel sums (`layout`).
         layout = None
         if tiles:
-            out_BD, layout = decode_gemv(g_BF, w_out.reshape(h * p, -1), tiles), "SDB"
+            out_BD, layout = gemv_t(g_BF, w_out.reshape(h * p, -1), pdl=True, **tiles), "SDB"
         elif out_splits > 1 and plain and residual_BD is not None and (h * p) % out_splits == 0:
             out_BD, layout = kd.split_k_partials(g_BF, w_out.reshape(h * p, -1), out_splits), "SBD"
         else:
