@@ -1,0 +1,294 @@
+"""Probe: does a persistent kernel's weight stream survive grid barriers between dependent phases?
+
+The second gate before a decode megakernel (the first, `stream_probe.py`: one launch streams 64 2.7B layers'
+projection weights at ≈ 2.4–2.6 TB/s, ≈ 31 µs per layer at batch 1). A megakernel's phases depend on each
+other (in_proj → SSM step → out_proj → next in_proj), so every program must wait at a grid barrier before it
+reads a phase's input; what it need not wait for is the next phase's *weights*. Here one launch of one
+program per SM runs 2·L phases (per layer in_proj, then out_proj, 2.7B shapes, batch 1 padded to 8 rows),
+each phase's (column tile, K step) boxes cut into equal ranges per program (stream-K: a program writes the
+partial of every tile it touches into its own slot; the slots sum to the product). Three warpgroups: one
+streams weight boxes through the TMA ring without ever waiting at a barrier, one loads each box's input slab
+and waits at the grid barrier before a phase's first, one runs the transposed wgmma per box and, after a
+phase's results are stored, arrives at the barrier. The barrier: one global semaphore counting arrivals
+(program 0 waits for all of them, decrementing) and one release counter the others poll.
+
+    python benchmarks/barrier_probe.py [--layers 64] [--configs 128:6,128:8] --out results/barrier_probe_h100.json
+
+Prints the read ceiling (torch), then one JSON line per variant: XLA's GEMVs, `stream_probe.stream` (no
+phases), and per config (bk : stages) this kernel per barrier kind — "none", "arrive" (the arrivals alone,
+nobody waits), "sys" / "gpu" (the full barrier with the semaphores' atomics at system or GPU scope) — µs
+per layer and weight bytes / time. The inputs stay fixed (the barrier orders nothing the products read), so
+this measures what the barriers cost the stream, not a dependent chain's numerics; results are checked
+against XLA. The barrier kinds need the GPU (Mosaic's interpreter cannot run the semaphores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from bench_util import provenance, timed, write_result
+from jax import lax
+from stream_probe import BN, ROWS, read_ceiling, stream, xla_gemvs
+
+from mamba_jax.kernels.gemv import _swizzle
+
+F32, BF16 = jnp.float32, jnp.bfloat16
+
+
+def stream_slots(tiles: int, nb: int, programs: int) -> int:
+    """Partial slots of a phase: the most programs whose equal box ranges meet in one column tile."""
+    total = tiles * nb
+    owner = lambda g: ((g + 1) * programs + total - 1) // total - 1  # noqa: E731 (the kernel's formula)
+    return max(owner((j + 1) * nb - 1) - owner(j * nb) + 1 for j in range(tiles))
+
+
+@functools.cache
+def _build(layers, k1, n1, n2, programs, bk, stages, barrier, interpret):
+    nbs = (k1 // bk, 2 * k1 // bk)  # boxes per column tile: in_proj (K1 deep), out_proj (K2 = 2·K1)
+    tiles = (n1 // BN, n2 // BN)
+    totals = (tiles[0] * nbs[0], tiles[1] * nbs[1])
+    slots = tuple(stream_slots(tiles[ph], nbs[ph], programs) for ph in (0, 1))
+    phases = 2 * layers
+    if barrier not in ("none", "arrive", "sys", "gpu"):
+        raise ValueError(f"barrier={barrier!r}: none, arrive, sys or gpu")
+    waits = barrier in ("sys", "gpu")  # "arrive": the arrivals alone, nobody waits
+    scope = "sys" if barrier == "sys" else "gpu"  # the semaphores' memory scope (Pallas's default is sys)
+
+    def owner(g, ph):  # the program whose box range of phase ph holds box g
+        return ((g + 1) * programs + totals[ph] - 1) // totals[ph] - 1
+
+    def kernel(x1_ref, x2_ref, w1_ref, w2_ref, y1_ref, y2_ref, w_s, x_s, o_s, z_s, loaded, consumed):
+        p, wg = lax.axis_index("p"), lax.axis_index("wg")
+        ranges = [(p * totals[ph] // programs, (p + 1) * totals[ph] // programs) for ph in (0, 1)]
+        counts = [e - s for s, e in ranges]
+        per_layer = counts[0] + counts[1]
+        sem = pl.get_global(plgpu.SemaphoreType.REGULAR((2,)))  # [arrivals, releases]
+
+        def boxes(l, ph, body):
+            """body(i, g, kb, tile): the program's boxes of phase ph of layer l; i counts the ring's boxes."""
+            (s, e), nb = ranges[ph], nbs[ph]
+            base = l * per_layer + (counts[0] if ph else 0)
+
+            @pl.loop(s, e)
+            def _(g):
+                body(base + g - s, g, lax.rem(g, nb), g // nb)
+
+        def slot_of(i):
+            return lax.rem(i, jnp.asarray(stages, i.dtype))
+
+        @pl.when(wg == 1)
+        def _weights():  # never waits at a grid barrier: the next phase's weights stream while others finish
+            plgpu.set_max_registers(40, action="decrease")
+
+            @pl.loop(0, layers)
+            def _(l):
+                for ph, w_ref in ((0, w1_ref), (1, w2_ref)):
+                    k = k1 * (ph + 1)
+
+                    def load(i, g, kb, tile, w_ref=w_ref, k=k):
+                        slot = slot_of(i)
+
+                        @pl.when(i >= stages)
+                        def _():
+                            plgpu.barrier_wait(consumed.at[slot])
+
+                        src = w_ref.at[pl.ds(l * k + kb * bk, bk), pl.ds(tile * BN, BN)]
+                        plgpu.copy_gmem_to_smem(src, w_s.at[slot], loaded.at[2 * slot])
+
+                    boxes(l, ph, load)
+
+            @pl.loop(jnp.maximum(layers * per_layer - stages, 0), layers * per_layer)
+            def _drain(i):  # every release must be awaited
+                plgpu.barrier_wait(consumed.at[slot_of(i)])
+
+        @pl.when(wg == 2)
+        def _inputs():  # a phase's input slabs only after every program stored the phase before
+            plgpu.set_max_registers(40, action="decrease")
+
+            @pl.loop(0, layers)
+            def _(l):
+                for ph, x_ref in ((0, x1_ref), (1, x2_ref)):
+                    epoch = 2 * l + ph
+                    if waits:
+
+                        @pl.when(epoch > 0)
+                        def _(epoch=epoch):
+                            @pl.when(p == 0)
+                            def _():
+                                plgpu.semaphore_wait(sem.at[0], programs, memory_scope=scope)
+                                plgpu.semaphore_signal(sem.at[1], 1, memory_scope=scope)
+
+                            plgpu.semaphore_wait(sem.at[1], epoch, decrement=False, memory_scope=scope)
+
+                    def load(i, g, kb, tile, x_ref=x_ref):
+                        slot = slot_of(i)
+
+                        @pl.when(i >= stages)
+                        def _():
+                            plgpu.barrier_wait(consumed.at[slot])
+
+                        plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(kb * bk, bk)], x_s.at[slot], loaded.at[2 * slot + 1])
+
+                    boxes(l, ph, load)
+
+            @pl.loop(jnp.maximum(layers * per_layer - stages, 0), layers * per_layer)
+            def _drain(i):  # this warpgroup waits on the releases too: it must see every one
+                plgpu.barrier_wait(consumed.at[slot_of(i)])
+
+            if waits:  # the last phase's arrivals; then the release counter goes back to 0 for the next launch
+
+                @pl.when(p == 0)
+                def _():
+                    plgpu.semaphore_wait(sem.at[0], programs, memory_scope=scope)
+                    plgpu.semaphore_signal(sem.at[1], -(phases - 1), memory_scope=scope)
+
+            elif barrier == "arrive":  # nobody waited: take all arrivals back at the end
+
+                @pl.when(p == 0)
+                def _():
+                    plgpu.semaphore_wait(sem.at[0], programs * phases, memory_scope=scope)
+
+        @pl.when(wg == 0)
+        def _compute():
+            z_s[...] = jnp.zeros((BN, ROWS), F32)
+
+            @pl.loop(0, layers)
+            def _(l):
+                for ph, y_ref in ((0, y1_ref), (1, y2_ref)):
+                    (s, e), nb = ranges[ph], nbs[ph]
+                    base = l * per_layer + (counts[0] if ph else 0)
+
+                    @pl.loop(s // nb, (e - 1) // nb + 1)
+                    def _tile(j, ph=ph, y_ref=y_ref, s=s, e=e, nb=nb, base=base):
+                        lo, hi = jnp.maximum(s, j * nb), jnp.minimum(e, (j + 1) * nb)
+
+                        def run(acc):
+                            @pl.loop(lo, hi)
+                            def _box(g):
+                                slot = slot_of(base + g - s)
+                                plgpu.barrier_wait(loaded.at[2 * slot])
+                                plgpu.barrier_wait(loaded.at[2 * slot + 1])
+                                plgpu.wgmma(acc, w_s.at[slot].transpose((1, 0)), x_s.at[slot].transpose((1, 0)))
+                                plgpu.wgmma_wait(0)
+                                plgpu.barrier_arrive(consumed.at[slot])
+
+                            return acc[...]
+
+                        out = pl.run_scoped(run, plgpu.ACC((BN, ROWS), F32))
+                        plgpu.wait_smem_to_gmem(0)  # the previous tile's store out of o_s
+                        o_s[...] = out
+                        plgpu.commit_smem()
+                        cols, first, last = pl.ds(j * BN, BN), owner(j * nb, ph), owner((j + 1) * nb - 1, ph)
+                        plgpu.copy_smem_to_gmem(o_s, y_ref.at[l, p - first, cols])
+                        for sl in range(1, slots[ph]):  # the tile's last program zeroes the slots left unfilled
+
+                            @pl.when((p == last) & (sl > last - first))
+                            def _(sl=sl):
+                                plgpu.copy_smem_to_gmem(z_s, y_ref.at[l, sl, cols])
+
+                    if barrier != "none":  # this phase's results stored (not just read out of SMEM): arrive
+                        plgpu.wait_smem_to_gmem(0)
+                        plgpu.semaphore_signal(sem.at[0], 1, memory_scope=scope)
+
+            plgpu.wait_smem_to_gmem(0)
+
+    scratch = [
+        plgpu.SMEM((stages, bk, BN), BF16, transforms=_swizzle(BN, BF16)),
+        plgpu.SMEM((stages, ROWS, bk), BF16, transforms=_swizzle(bk, BF16)),
+        plgpu.SMEM((BN, ROWS), F32),
+        plgpu.SMEM((BN, ROWS), F32),
+        plgpu.Barrier(num_barriers=2 * stages),
+        plgpu.Barrier(num_barriers=stages),
+    ]
+    out_type = (
+        jax.ShapeDtypeStruct((layers, slots[0], n1, ROWS), F32),
+        jax.ShapeDtypeStruct((layers, slots[1], n2, ROWS), F32),
+    )
+    return plgpu.kernel(
+        kernel,
+        out_type=out_type,
+        grid=(programs,),
+        grid_names=("p",),
+        num_threads=3,
+        thread_name="wg",
+        scratch_types=scratch,
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        interpret=interpret,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("programs", "bk", "stages", "barrier"))
+def phased(x1, x2, w1, w2, *, programs, bk, stages, barrier):
+    """Per layer x1 @ w1[l] then x2 @ w2[l], each a phase of stream-K partials; (L, S1, N1, 8), (L, S2, N2, 8).
+    `barrier`: "none", "arrive", "sys" or "gpu" (see the module docstring)."""
+    k1, n1, n2 = x1.shape[1], w1.shape[1], w2.shape[1]
+    layers = w1.shape[0] // k1
+    interpret = None if jax.default_backend() == "gpu" else plgpu.InterpretGPUParams()
+    return _build(layers, k1, n1, n2, programs, bk, stages, barrier, interpret)(x1, x2, w1, w2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=64)
+    p.add_argument("--d-model", type=int, default=2560)
+    p.add_argument("--n-in", type=int, default=10624, help="in_proj's columns (2.7B: 10,576 padded to 64)")
+    p.add_argument("--configs", default="128:6,128:8,64:8", help="bk : stages, comma separated")
+    p.add_argument("--barriers", default="none,arrive,sys,gpu", help="none | arrive | sys | gpu, comma separated")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    sms = getattr(jax.devices()[0], "core_count", None) or 132
+    L, k1, n1 = args.layers, args.d_model, args.n_in
+    k2, n2 = 2 * k1, k1
+    weight_bytes = 2 * L * (k1 * n1 + k2 * n2)
+    head = {"sms": sms, "layers": L, "weight_mb_per_layer": weight_bytes / L / 1e6}
+    rows = []
+    print(json.dumps(head), flush=True)
+
+    def report(name, seconds, **extra):
+        rows.append({"variant": name, "us_per_layer": seconds / L * 1e6, "tb_per_s": weight_bytes / seconds / 1e12,
+                     **extra})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+        write_result(args.out, {**provenance(), **head, "rows": rows})
+
+    if ceiling := read_ceiling():
+        head["torch_sum_1gib_tb_per_s"] = ceiling
+        print(json.dumps({"torch_sum_1gib_tb_per_s": ceiling}), flush=True)
+    key = jax.random.split(jax.random.key(0), 4)
+    w1 = (jax.random.normal(key[0], (L * k1, n1), F32) * 0.02).astype(BF16)
+    w2 = (jax.random.normal(key[1], (L * k2, n2), F32) * 0.02).astype(BF16)
+    x1 = jax.random.normal(key[2], (ROWS, k1), F32).astype(BF16)
+    x2 = jax.random.normal(key[3], (ROWS, k2), F32).astype(BF16)
+    w1s, w2s = list(w1.reshape(L, k1, n1)), list(w2.reshape(L, k2, n2))
+    report("xla", timed(jax.jit(xla_gemvs), x1, x2, w1s, w2s, reps=args.reps))
+    want1 = jnp.dot(x1.astype(F32), w1s[-1].astype(F32)).T
+    want2 = jnp.dot(x2.astype(F32), w2s[-1].astype(F32)).T
+    del w1s, w2s
+    conf = dict(programs=sms, bk=128, stages=8)
+    report("stream", timed(functools.partial(stream, **conf), x1, x2, w1, w2, reps=args.reps), config="1:128:8")
+    for cfg in args.configs.split(","):
+        bk, stages = (int(v) for v in cfg.split(":"))
+        for barrier in args.barriers.split(","):
+            conf = dict(programs=sms, bk=bk, stages=stages, barrier=barrier)
+            try:
+                y1, y2 = phased(x1, x2, w1, w2, **conf)
+                y1, y2 = phased(x1, x2, w1, w2, **conf)  # twice: the semaphores must be back at 0
+                err = max(
+                    float(jnp.max(jnp.abs(y1[-1].sum(0) - want1))), float(jnp.max(jnp.abs(y2[-1].sum(0) - want2)))
+                )
+                t = timed(functools.partial(phased, **conf), x1, x2, w1, w2, reps=args.reps)
+                report("phased", t, config=cfg, barrier=barrier, max_abs_err_last_layer=err)
+            except Exception as e:  # a config that does not compile is a result too
+                rows.append({"variant": "phased", "config": cfg, "barrier": barrier, "error": repr(e)[:400]})
+                print(json.dumps(rows[-1]), flush=True)
+    write_result(args.out, {**provenance(), **head, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
