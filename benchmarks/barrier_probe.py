@@ -16,10 +16,12 @@ phase's results are stored, arrives at the barrier. The barrier: one global sema
 
 Prints the read ceiling (torch), then one JSON line per variant: XLA's GEMVs, `stream_probe.stream` (no
 phases), and per config (bk : stages) this kernel per barrier kind — "none", "arrive" (the arrivals alone,
-nobody waits), "sys" / "gpu" (the full barrier with the semaphores' atomics at system or GPU scope) — µs
-per layer and weight bytes / time. The inputs stay fixed (the barrier orders nothing the products read), so
-this measures what the barriers cost the stream, not a dependent chain's numerics; results are checked
-against XLA. The barrier kinds need the GPU (Mosaic's interpreter cannot run the semaphores).
+nobody waits), "sys" / "gpu" (the full barrier with the semaphores' atomics at system or GPU scope),
+"res_none" / "res_sys" (both inputs resident in shared memory, loaded once, the barrier waited in the compute
+warpgroup: the barrier without the input loads behind it) — µs per layer and weight bytes / time. The
+inputs stay fixed (the barrier orders nothing the products read), so this measures what the barriers cost
+the stream, not a dependent chain's numerics; results are checked against XLA. The barrier kinds with
+semaphores need the GPU (Mosaic's interpreter cannot run them; "none" and "res_none" run there).
 """
 
 from __future__ import annotations
@@ -55,15 +57,19 @@ def _build(layers, k1, n1, n2, programs, bk, stages, barrier, interpret):
     totals = (tiles[0] * nbs[0], tiles[1] * nbs[1])
     slots = tuple(stream_slots(tiles[ph], nbs[ph], programs) for ph in (0, 1))
     phases = 2 * layers
-    if barrier not in ("none", "arrive", "sys", "gpu"):
-        raise ValueError(f"barrier={barrier!r}: none, arrive, sys or gpu")
+    if barrier not in ("none", "arrive", "sys", "gpu", "res_none", "res_sys"):
+        raise ValueError(f"barrier={barrier!r}: none, arrive, sys, gpu, res_none or res_sys")
+    # "res_*": both inputs resident in shared memory (loaded once), the barrier waited in the compute warpgroup:
+    # what the barrier costs without the loads behind it
+    resident = barrier.startswith("res_")
+    barrier = barrier.removeprefix("res_")
     waits = barrier in ("sys", "gpu")  # "arrive": the arrivals alone, nobody waits
     scope = "sys" if barrier == "sys" else "gpu"  # the semaphores' memory scope (Pallas's default is sys)
 
     def owner(g, ph):  # the program whose box range of phase ph holds box g
         return ((g + 1) * programs + totals[ph] - 1) // totals[ph] - 1
 
-    def kernel(x1_ref, x2_ref, w1_ref, w2_ref, y1_ref, y2_ref, w_s, x_s, o_s, z_s, loaded, consumed):
+    def kernel(x1_ref, x2_ref, w1_ref, w2_ref, y1_ref, y2_ref, w_s, x_s, o_s, z_s, loaded, consumed, *xready):
         p, wg = lax.axis_index("p"), lax.axis_index("wg")
         ranges = [(p * totals[ph] // programs, (p + 1) * totals[ph] // programs) for ph in (0, 1)]
         counts = [e - s for s, e in ranges]
@@ -81,6 +87,20 @@ def _build(layers, k1, n1, n2, programs, bk, stages, barrier, interpret):
 
         def slot_of(i):
             return lax.rem(i, jnp.asarray(stages, i.dtype))
+
+        def grid_barrier(epoch):  # program 0 takes the phase's arrivals and releases; all wait for the release
+            @pl.when(p == 0)
+            def _():
+                plgpu.semaphore_wait(sem.at[0], programs, memory_scope=scope)
+                plgpu.semaphore_signal(sem.at[1], 1, memory_scope=scope)
+
+            plgpu.semaphore_wait(sem.at[1], epoch, decrement=False, memory_scope=scope)
+
+        def release_reset():  # after the last phase's arrivals: the release counter back to 0 for the next launch
+            @pl.when(p == 0)
+            def _():
+                plgpu.semaphore_wait(sem.at[0], programs, memory_scope=scope)
+                plgpu.semaphore_signal(sem.at[1], -(phases - 1), memory_scope=scope)
 
         @pl.when(wg == 1)
         def _weights():  # never waits at a grid barrier: the next phase's weights stream while others finish
@@ -107,62 +127,73 @@ def _build(layers, k1, n1, n2, programs, bk, stages, barrier, interpret):
             def _drain(i):  # every release must be awaited
                 plgpu.barrier_wait(consumed.at[slot_of(i)])
 
-        @pl.when(wg == 2)
-        def _inputs():  # a phase's input slabs only after every program stored the phase before
-            plgpu.set_max_registers(40, action="decrease")
+        if resident:
 
-            @pl.loop(0, layers)
-            def _(l):
-                for ph, x_ref in ((0, x1_ref), (1, x2_ref)):
-                    epoch = 2 * l + ph
-                    if waits:
+            @pl.when(wg == 2)
+            def _resident_inputs():
+                plgpu.set_max_registers(40, action="decrease")
+                for kb in range(nbs[0] + nbs[1]):
+                    src = x1_ref if kb < nbs[0] else x2_ref
+                    cols = pl.ds((kb if kb < nbs[0] else kb - nbs[0]) * bk, bk)
+                    plgpu.copy_gmem_to_smem(src.at[:, cols], x_s.at[kb], xready[0].at[0])
 
-                        @pl.when(epoch > 0)
-                        def _(epoch=epoch):
-                            @pl.when(p == 0)
+        else:
+
+            @pl.when(wg == 2)
+            def _inputs():  # a phase's input slabs only after every program stored the phase before
+                plgpu.set_max_registers(40, action="decrease")
+
+                @pl.loop(0, layers)
+                def _(l):
+                    for ph, x_ref in ((0, x1_ref), (1, x2_ref)):
+                        epoch = 2 * l + ph
+                        if waits:
+
+                            @pl.when(epoch > 0)
+                            def _(epoch=epoch):
+                                grid_barrier(epoch)
+
+                        def load(i, g, kb, tile, x_ref=x_ref):
+                            slot = slot_of(i)
+
+                            @pl.when(i >= stages)
                             def _():
-                                plgpu.semaphore_wait(sem.at[0], programs, memory_scope=scope)
-                                plgpu.semaphore_signal(sem.at[1], 1, memory_scope=scope)
+                                plgpu.barrier_wait(consumed.at[slot])
 
-                            plgpu.semaphore_wait(sem.at[1], epoch, decrement=False, memory_scope=scope)
+                            plgpu.copy_gmem_to_smem(
+                                x_ref.at[:, pl.ds(kb * bk, bk)], x_s.at[slot], loaded.at[2 * slot + 1]
+                            )
 
-                    def load(i, g, kb, tile, x_ref=x_ref):
-                        slot = slot_of(i)
+                        boxes(l, ph, load)
 
-                        @pl.when(i >= stages)
-                        def _():
-                            plgpu.barrier_wait(consumed.at[slot])
+                @pl.loop(jnp.maximum(layers * per_layer - stages, 0), layers * per_layer)
+                def _drain(i):  # this warpgroup waits on the releases too: it must see every one
+                    plgpu.barrier_wait(consumed.at[slot_of(i)])
 
-                        plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(kb * bk, bk)], x_s.at[slot], loaded.at[2 * slot + 1])
+                if waits:
+                    release_reset()
+                elif barrier == "arrive":  # nobody waited: take all arrivals back at the end
 
-                    boxes(l, ph, load)
-
-            @pl.loop(jnp.maximum(layers * per_layer - stages, 0), layers * per_layer)
-            def _drain(i):  # this warpgroup waits on the releases too: it must see every one
-                plgpu.barrier_wait(consumed.at[slot_of(i)])
-
-            if waits:  # the last phase's arrivals; then the release counter goes back to 0 for the next launch
-
-                @pl.when(p == 0)
-                def _():
-                    plgpu.semaphore_wait(sem.at[0], programs, memory_scope=scope)
-                    plgpu.semaphore_signal(sem.at[1], -(phases - 1), memory_scope=scope)
-
-            elif barrier == "arrive":  # nobody waited: take all arrivals back at the end
-
-                @pl.when(p == 0)
-                def _():
-                    plgpu.semaphore_wait(sem.at[0], programs * phases, memory_scope=scope)
+                    @pl.when(p == 0)
+                    def _():
+                        plgpu.semaphore_wait(sem.at[0], programs * phases, memory_scope=scope)
 
         @pl.when(wg == 0)
         def _compute():
             z_s[...] = jnp.zeros((BN, ROWS), F32)
+            if resident:
+                plgpu.barrier_wait(xready[0].at[0])  # one arrival per slab
 
             @pl.loop(0, layers)
             def _(l):
                 for ph, y_ref in ((0, y1_ref), (1, y2_ref)):
                     (s, e), nb = ranges[ph], nbs[ph]
                     base = l * per_layer + (counts[0] if ph else 0)
+                    if resident and waits:
+
+                        @pl.when(2 * l + ph > 0)
+                        def _(ph=ph):
+                            grid_barrier(2 * l + ph)
 
                     @pl.loop(s // nb, (e - 1) // nb + 1)
                     def _tile(j, ph=ph, y_ref=y_ref, s=s, e=e, nb=nb, base=base):
@@ -173,8 +204,12 @@ def _build(layers, k1, n1, n2, programs, bk, stages, barrier, interpret):
                             def _box(g):
                                 slot = slot_of(base + g - s)
                                 plgpu.barrier_wait(loaded.at[2 * slot])
-                                plgpu.barrier_wait(loaded.at[2 * slot + 1])
-                                plgpu.wgmma(acc, w_s.at[slot].transpose((1, 0)), x_s.at[slot].transpose((1, 0)))
+                                if resident:  # the slab of this box's K step, resident since the start
+                                    x_tile = x_s.at[lax.rem(g, nb) + (nbs[0] if ph else 0)]
+                                else:
+                                    plgpu.barrier_wait(loaded.at[2 * slot + 1])
+                                    x_tile = x_s.at[slot]
+                                plgpu.wgmma(acc, w_s.at[slot].transpose((1, 0)), x_tile.transpose((1, 0)))
                                 plgpu.wgmma_wait(0)
                                 plgpu.barrier_arrive(consumed.at[slot])
 
@@ -197,15 +232,20 @@ def _build(layers, k1, n1, n2, programs, bk, stages, barrier, interpret):
                         plgpu.semaphore_signal(sem.at[0], 1, memory_scope=scope)
 
             plgpu.wait_smem_to_gmem(0)
+            if resident and waits:
+                release_reset()
 
+    x_slabs = nbs[0] + nbs[1] if resident else stages  # resident: every K step's slab of both inputs
     scratch = [
         plgpu.SMEM((stages, bk, BN), BF16, transforms=_swizzle(BN, BF16)),
-        plgpu.SMEM((stages, ROWS, bk), BF16, transforms=_swizzle(bk, BF16)),
+        plgpu.SMEM((x_slabs, ROWS, bk), BF16, transforms=_swizzle(bk, BF16)),
         plgpu.SMEM((BN, ROWS), F32),
         plgpu.SMEM((BN, ROWS), F32),
         plgpu.Barrier(num_barriers=2 * stages),
         plgpu.Barrier(num_barriers=stages),
     ]
+    if resident:
+        scratch.append(plgpu.Barrier(num_arrivals=x_slabs, num_barriers=1))  # (at most 32 barriers per group)
     out_type = (
         jax.ShapeDtypeStruct((layers, slots[0], n1, ROWS), F32),
         jax.ShapeDtypeStruct((layers, slots[1], n2, ROWS), F32),
@@ -239,7 +279,7 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=2560)
     p.add_argument("--n-in", type=int, default=10624, help="in_proj's columns (2.7B: 10,576 padded to 64)")
     p.add_argument("--configs", default="128:6,128:8,64:8", help="bk : stages, comma separated")
-    p.add_argument("--barriers", default="none,arrive,sys,gpu", help="none | arrive | sys | gpu, comma separated")
+    p.add_argument("--barriers", default="none,arrive,sys,gpu,res_none,res_sys", help="barrier kinds, comma separated")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default="")
     args = p.parse_args()
