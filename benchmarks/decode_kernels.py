@@ -26,6 +26,7 @@ from generate import MODELS, ROOT
 
 from mamba_jax import config as mjc
 from mamba_jax.kernels import decode as kd
+from mamba_jax.kernels.norm_gemv import norm_gemv
 from mamba_jax.layers.norms import grouped_rms_norm, rms_norm
 
 
@@ -53,8 +54,8 @@ def gemv_chain(cfg, layers: int, batch: int):
     def fused(conf):
         def run(h_BD, ws):
             for nw_in, wi, nw_out, wo in ws:
-                zx = kd.norm_gemv(h_BD, nw_in, wi, eps=eps, **conf["in"])
-                h_BD = kd.norm_gemv(zx[:, : h * p].astype(jnp.float32), nw_out, wo, h_BD, eps=eps, groups=groups,
+                zx = norm_gemv(h_BD, nw_in, wi, eps=eps, **conf["in"])
+                h_BD = norm_gemv(zx[:, : h * p].astype(jnp.float32), nw_out, wo, h_BD, eps=eps, groups=groups,
                                     **conf["out"])  # fmt: skip
             return h_BD
 

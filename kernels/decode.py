@@ -35,11 +35,8 @@ launch; the step kernel then writes g padded to 8 rows (`g_rows`) and signals la
 (`trigger`), and `gated_norm_residual` sums the GEMV's split-K partials (layout "SDB"). Slower than XLA's
 GEMV in the decode loop (kernels/gemv.py says why).
 
-  `norm_gemv`  (rmsnorm(x) · w_norm) @ W [+ residual]: a norm fused in front of a GEMV, the residual add
-               behind it. Measured slower than XLA's own GEMV (the 2.7B in_proj 31.6 µs against 21.3,
-               out_proj 50 µs against 11: benchmarks/decode_kernels.py; split-K and transposed-weight
-               variants, timed in a compiled loop, came within 0–10 % of XLA's GEMV but not ahead of it:
-               benchmarks/gemv_probe.py), so no decode path uses it; it stays, tested, as a baseline.
+The normed GEMV tried first (the norm fused in front of a GEMV) is `kernels/norm_gemv.py`: slower than XLA's
+GEMV, kept as a benchmark baseline.
 
 Rounding follows the XLA decode path (`Mamba2Mixer.decode`): the in_proj output, conv output, x / B / C, y
 and out_proj's output are rounded to the compute dtype where that path rounds them, so both paths agree to
@@ -60,8 +57,6 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.triton as plt
 import jax.numpy as jnp
 
-BM = 16  # rows of the GEMV's tensor-core tile (tl.dot needs 16); the batch is masked into it
-MAX_GEMV_ROWS = BM  # larger batches use XLA's GEMM (there the weights no longer dominate a step)
 PREFETCH_FRACTION = 0.3  # of out_proj's weight: 0.15–0.3 best at batch 1 (2.7B, H100); ≥ 0.45 slower
 PREFETCH_MAX_BATCH = 4  # above it the step kernel moves enough state to keep the bus busy itself
 # From this batch on the step runs as two launches (`ssm_step(split=True)`, 32 state rows per program):
@@ -100,95 +95,6 @@ def _launch_dependents(v):
         result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.int32)],
     )
     return out
-
-
-# --- the normed GEMV --------------------------------------------------------------------------------------
-def _gemv_kernel(*refs, rows, k, groups, bk, bn, eps, has_res, round_dtype):
-    x_ref, nw_ref, w_ref = refs[:3]
-    res_ref = refs[3] if has_res else None
-    o_ref = refs[-1]
-    n_total = w_ref.shape[1]
-    n0 = pl.program_id(0) * bn
-    cmask = n0 + jnp.arange(bn) < n_total
-    rmask = jnp.arange(BM) < rows  # the rows are padded to one tensor-core tile; masked lanes read nothing
-    gsize = k // groups
-    gp = max(pl.next_power_of_2(groups), 1)
-    gid = jnp.arange(gp)
-    nk = k // bk
-    f32 = jnp.float32
-
-    def x_tile(k0):
-        return plt.load(x_ref.at[pl.ds(0, BM), pl.ds(k0, bk)], mask=rmask[:, None], other=0.0).astype(f32)
-
-    # Pass 1: the mean square of each norm group of each row (the rows are a few KB, read from L2).
-    def sumsq(i, ss):
-        xk = x_tile(pl.multiple_of(i * bk, bk))
-        return ss + jnp.where(gid[None, :] == (i * bk) // gsize, jnp.sum(xk * xk, axis=1)[:, None], 0.0)
-
-    inv_MG = jax.lax.rsqrt(jax.lax.fori_loop(0, nk, sumsq, jnp.zeros((BM, gp), f32)) / gsize + eps)
-
-    # Pass 2: stream the weight column block once (Triton pipelines the loads that feed the dot).
-    def step(i, acc):
-        k0 = pl.multiple_of(i * bk, bk)
-        inv = jnp.sum(jnp.where(gid[None, :] == k0 // gsize, inv_MG, 0.0), axis=1)
-        u = (x_tile(k0) * inv[:, None] * nw_ref[pl.ds(k0, bk)].astype(f32)[None, :]).astype(round_dtype)
-        w = plt.load(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], mask=cmask[None, :], other=0.0)
-        precision = jax.lax.Precision.HIGHEST if round_dtype == jnp.float32 else None
-        return acc + jnp.dot(u, w.astype(round_dtype), preferred_element_type=f32, precision=precision)
-
-    y = jax.lax.fori_loop(0, nk, step, jnp.zeros((BM, bn), f32)).astype(round_dtype).astype(f32)
-    mask = rmask[:, None] & cmask[None, :]
-    if has_res:
-        y = y + plt.load(res_ref.at[pl.ds(0, BM), pl.ds(n0, bn)], mask=mask, other=0.0).astype(f32)
-    plt.store(o_ref.at[pl.ds(0, BM), pl.ds(n0, bn)], y.astype(o_ref.dtype), mask=mask)
-
-
-def _pick_bk(k: int, groups: int, bk: int = 128) -> int:
-    """The largest power of two ≤ bk (≥ 16) dividing a norm group: a K step never straddles two groups."""
-    gsize = k // groups
-    while bk > 16 and gsize % bk:
-        bk //= 2
-    return bk
-
-
-def norm_gemv_unsupported(x_shape, w_shape, groups: int) -> str | None:
-    rows, k = x_shape
-    if rows > MAX_GEMV_ROWS:
-        return f"batch {rows} (the fused GEMV takes at most {MAX_GEMV_ROWS} rows)"
-    if k % groups or (k // groups) % _pick_bk(k, groups):
-        return f"{k} features in {groups} norm groups (each group must be a multiple of 16)"
-    if w_shape[0] != k:
-        return f"weight of {w_shape[0]} rows for {k} features"
-    return None
-
-
-@functools.partial(jax.jit, static_argnames=("eps", "groups", "out_dtype", "bk", "bn", "warps", "stages"))
-def norm_gemv(x_BK, norm_K, w_KN, residual_BN=None, *, eps, groups=1, out_dtype=None, bk=128, bn=64, warps=4, stages=3):
-    """(rmsnorm over `groups` equal groups of x · norm).astype(W's dtype) @ W, in float32, then rounded to W's
-    dtype; plus `residual` (in its dtype) when given. x (B ≤ MAX_GEMV_ROWS, K), W (K, N)."""
-    rows, k = x_BK.shape
-    n = w_KN.shape[1]
-    reason = norm_gemv_unsupported(x_BK.shape, w_KN.shape, groups)
-    if reason:
-        raise ValueError(f"norm_gemv does not support {reason}.")
-    bk = _pick_bk(k, groups, bk)
-    round_dtype = jnp.dtype(w_KN.dtype)
-    if residual_BN is not None:
-        out_dtype = residual_BN.dtype
-    out_dtype = jnp.dtype(out_dtype or round_dtype)
-    kernel = functools.partial(
-        _gemv_kernel, rows=rows, k=k, groups=groups, bk=bk, bn=bn, eps=eps,
-        has_res=residual_BN is not None, round_dtype=round_dtype,
-    )  # fmt: skip
-    args = (x_BK, norm_K, w_KN) + (() if residual_BN is None else (residual_BN,))
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((rows, n), out_dtype),
-        grid=(pl.cdiv(n, bn),),
-        compiler_params=plt.CompilerParams(num_warps=warps, num_stages=stages),
-        interpret=_interpret(),
-        name=f"norm_gemv_{k}x{n}",
-    )(*args)
 
 
 # --- the SSM step -----------------------------------------------------------------------------------------

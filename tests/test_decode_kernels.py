@@ -16,6 +16,7 @@ from helpers import rel_err, small_hybrid
 from mamba_jax.inference.engine import Engine, SamplingParams, pad_prompts
 from mamba_jax.inference.fold import fold_norm_weights
 from mamba_jax.kernels import decode as kd
+from mamba_jax.kernels.norm_gemv import MAX_GEMV_ROWS, norm_gemv
 from mamba_jax.models.stack import Block
 from mamba_jax.ops.ssd import note_once
 from mamba_jax.ops.ssd_reference import ssd_step
@@ -42,7 +43,7 @@ def test_norm_gemv_matches_formula(rows, k, n, groups, dtype, residual):
     nw = 1 + 0.1 * jax.random.normal(ks[1], (k,), jnp.float32)
     w = (jax.random.normal(ks[2], (k, n), jnp.float32) / 16).astype(dtype)
     res = jax.random.normal(ks[3], (rows, n), jnp.float32) if residual else None
-    got = kd.norm_gemv(x, nw, w, res, eps=1e-5, groups=groups, bn=32)
+    got = norm_gemv(x, nw, w, res, eps=1e-5, groups=groups, bn=32)
     want = _norm_gemv_ref(x, nw, w, res, groups, 1e-5)
     assert got.dtype == want.dtype and got.shape == (rows, n)
     # Same roundings; only the float32 summation order differs (one bf16 ulp where a sum sits on a tie).
@@ -51,11 +52,11 @@ def test_norm_gemv_matches_formula(rows, k, n, groups, dtype, residual):
 
 
 def test_norm_gemv_rejects_what_it_cannot_take():
-    x = jnp.ones((kd.MAX_GEMV_ROWS + 1, 128))
+    x = jnp.ones((MAX_GEMV_ROWS + 1, 128))
     with pytest.raises(ValueError, match="batch"):
-        kd.norm_gemv(x, jnp.ones(128), jnp.ones((128, 32)), eps=1e-5)
+        norm_gemv(x, jnp.ones(128), jnp.ones((128, 32)), eps=1e-5)
     with pytest.raises(ValueError, match="norm groups"):
-        kd.norm_gemv(jnp.ones((1, 120)), jnp.ones(120), jnp.ones((120, 32)), eps=1e-5, groups=3)
+        norm_gemv(jnp.ones((1, 120)), jnp.ones(120), jnp.ones((120, 32)), eps=1e-5, groups=3)
 
 
 @pytest.mark.parametrize("groups,dt_limit,state_dtype,p,block_p,prefetch,hp,split", [

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import pytest
 
 from mamba_jax.kernels import decode as kd
+from mamba_jax.kernels import norm_gemv as ng
+from mamba_jax.kernels.norm_gemv import norm_gemv
 
 gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
 
@@ -24,7 +26,8 @@ def as_h100(monkeypatch):
         pytest.skip("jax moved the Pallas-Triton GPU query")
     h100 = gpu_info.GpuInfo(gpu_version=None, arch_name="sm_90", compute_capability=90)
     monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: h100)
-    monkeypatch.setattr(kd, "_interpret", lambda: False)  # the compiled path, not the interpreter
+    for module in (kd, ng):  # the compiled path, not the interpreter
+        monkeypatch.setattr(module, "_interpret", lambda: False)
 
 
 def _lower(fn, *args):
@@ -80,5 +83,5 @@ def test_gated_norm_residual_lowers(as_h100, layout):
 
 
 def test_norm_gemv_lowers(as_h100):
-    fn = functools.partial(kd.norm_gemv, eps=1e-5, groups=1)
+    fn = functools.partial(norm_gemv, eps=1e-5, groups=1)
     _lower(fn, _s((1, 2560)), _s((2560,)), _s((2560, 1024), jnp.bfloat16), _s((1, 1024)))
