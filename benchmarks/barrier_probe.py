@@ -17,7 +17,8 @@ phase's results are stored, arrives at the barrier. The barrier: one global sema
 Prints the read ceiling (torch), then one JSON line per variant: XLA's GEMVs, `stream_probe.stream` (no
 phases), and per config (bk : stages) this kernel per barrier kind — "none", "arrive" (the arrivals alone,
 nobody waits), "sys" / "gpu" (the full barrier with the semaphores' atomics at system or GPU scope),
-"res_none" / "res_sys" (both inputs resident in shared memory, loaded once, the barrier waited in the compute
+"flat" (no release counter: every program polls the arrivals counter itself, one round trip), "res_none" /
+"res_sys" / "res_flat" (both inputs resident in shared memory, loaded once, the barrier waited in the compute
 warpgroup: the barrier without the input loads behind it) — µs per layer and weight bytes / time. The
 inputs stay fixed (the barrier orders nothing the products read), so this measures what the barriers cost
 the stream, not a dependent chain's numerics; results are checked against XLA. The barrier kinds with
@@ -57,14 +58,16 @@ def _build(layers, k1, n1, n2, programs, bk, stages, barrier, interpret):
     totals = (tiles[0] * nbs[0], tiles[1] * nbs[1])
     slots = tuple(stream_slots(tiles[ph], nbs[ph], programs) for ph in (0, 1))
     phases = 2 * layers
-    if barrier not in ("none", "arrive", "sys", "gpu", "res_none", "res_sys"):
-        raise ValueError(f"barrier={barrier!r}: none, arrive, sys, gpu, res_none or res_sys")
+    kinds = ("none", "arrive", "sys", "gpu", "flat", "res_none", "res_sys", "res_flat")
+    if barrier not in kinds:
+        raise ValueError(f"barrier={barrier!r}: one of {kinds}")
     # "res_*": both inputs resident in shared memory (loaded once), the barrier waited in the compute warpgroup:
     # what the barrier costs without the loads behind it
     resident = barrier.startswith("res_")
     barrier = barrier.removeprefix("res_")
-    waits = barrier in ("sys", "gpu")  # "arrive": the arrivals alone, nobody waits
-    scope = "sys" if barrier == "sys" else "gpu"  # the semaphores' memory scope (Pallas's default is sys)
+    waits = barrier in ("sys", "gpu", "flat")  # "arrive": the arrivals alone, nobody waits
+    scope = "gpu" if barrier == "gpu" else "sys"  # the semaphores' memory scope (Pallas's default is sys)
+    flat = barrier == "flat"  # every program polls the arrivals itself: one round trip, no release counter
 
     def owner(g, ph):  # the program whose box range of phase ph holds box g
         return ((g + 1) * programs + totals[ph] - 1) // totals[ph] - 1
@@ -89,6 +92,10 @@ def _build(layers, k1, n1, n2, programs, bk, stages, barrier, interpret):
             return lax.rem(i, jnp.asarray(stages, i.dtype))
 
         def grid_barrier(epoch):  # program 0 takes the phase's arrivals and releases; all wait for the release
+            if flat:  # the arrivals only grow during the launch: phase `epoch` begins at programs × epoch
+                plgpu.semaphore_wait(sem.at[0], programs * epoch, decrement=False, memory_scope=scope)
+                return
+
             @pl.when(p == 0)
             def _():
                 plgpu.semaphore_wait(sem.at[0], programs, memory_scope=scope)
@@ -97,6 +104,14 @@ def _build(layers, k1, n1, n2, programs, bk, stages, barrier, interpret):
             plgpu.semaphore_wait(sem.at[1], epoch, decrement=False, memory_scope=scope)
 
         def release_reset():  # after the last phase's arrivals: the release counter back to 0 for the next launch
+            if flat:  # all arrivals in (so every wait passed): take them all back at once
+
+                @pl.when(p == 0)
+                def _():
+                    plgpu.semaphore_wait(sem.at[0], programs * phases, memory_scope=scope)
+
+                return
+
             @pl.when(p == 0)
             def _():
                 plgpu.semaphore_wait(sem.at[0], programs, memory_scope=scope)
