@@ -42,6 +42,7 @@ from stream_probe import BN, ROWS, read_ceiling, stream, xla_gemvs
 from mamba_jax.kernels.gemv import _swizzle
 
 F32, BF16 = jnp.float32, jnp.bfloat16
+STEP_P, STEP_N = 64, 128  # the state phase's block per head: Mamba2-2.7B's head dim and state size
 
 
 def stream_slots(tiles: int, nb: int, programs: int) -> int:
@@ -52,12 +53,14 @@ def stream_slots(tiles: int, nb: int, programs: int) -> int:
 
 
 @functools.cache
-def _build(layers, k1, n1, n2, programs, bk, stages, barrier, interpret):
+def _build(layers, k1, n1, n2, programs, bk, stages, barrier, step, interpret):
     nbs = (k1 // bk, 2 * k1 // bk)  # boxes per column tile: in_proj (K1 deep), out_proj (K2 = 2·K1)
     tiles = (n1 // BN, n2 // BN)
     totals = (tiles[0] * nbs[0], tiles[1] * nbs[1])
     slots = tuple(stream_slots(tiles[ph], nbs[ph], programs) for ph in (0, 1))
-    phases = 2 * layers
+    per = 3 if step else 2  # phases per layer: in_proj, [the state phase,] out_proj
+    phases = per * layers
+    heads = 2 * k1 // STEP_P  # the state phase: one (P, N) state block per head (Mamba2: d_inner / head dim)
     kinds = ("none", "arrive", "sys", "gpu", "flat", "res_none", "res_sys", "res_flat")
     if barrier not in kinds:
         raise ValueError(f"barrier={barrier!r}: one of {kinds}")
@@ -68,11 +71,24 @@ def _build(layers, k1, n1, n2, programs, bk, stages, barrier, interpret):
     waits = barrier in ("sys", "gpu", "flat")  # "arrive": the arrivals alone, nobody waits
     scope = "gpu" if barrier == "gpu" else "sys"  # the semaphores' memory scope (Pallas's default is sys)
     flat = barrier == "flat"  # every program polls the arrivals itself: one round trip, no release counter
+    if step and (resident or barrier not in ("none", "flat")):
+        # the centralised barrier would have two warpgroups of program 0 taking arrivals (they could steal them)
+        raise ValueError(f"the state phase runs with barrier none or flat, not {barrier!r}")
 
     def owner(g, ph):  # the program whose box range of phase ph holds box g
         return ((g + 1) * programs + totals[ph] - 1) // totals[ph] - 1
 
-    def kernel(x1_ref, x2_ref, w1_ref, w2_ref, y1_ref, y2_ref, w_s, x_s, o_s, z_s, loaded, consumed, *xready):
+    def epoch_of(l, ph):  # the phase number of in_proj (ph 0) / out_proj (ph 1) of layer l
+        return per * l + (per - 1) * ph
+
+    def kernel(*refs):
+        x1_ref, x2_ref, w1_ref, w2_ref = refs[:4]
+        st_ref, refs = (refs[4], refs[5:]) if step else (None, refs[4:])
+        y1_ref, y2_ref = refs[:2]
+        st_out, refs = (refs[2], refs[3:]) if step else (None, refs[2:])
+        w_s, x_s, o_s, z_s, loaded, consumed, *extra = refs
+        xready = extra[:1] if resident else ()
+        st_s, yt_s, st_ready = extra[-3:] if step else (None, None, None)
         p, wg = lax.axis_index("p"), lax.axis_index("wg")
         ranges = [(p * totals[ph] // programs, (p + 1) * totals[ph] // programs) for ph in (0, 1)]
         counts = [e - s for s, e in ranges]
@@ -161,7 +177,7 @@ def _build(layers, k1, n1, n2, programs, bk, stages, barrier, interpret):
                 @pl.loop(0, layers)
                 def _(l):
                     for ph, x_ref in ((0, x1_ref), (1, x2_ref)):
-                        epoch = 2 * l + ph
+                        epoch = epoch_of(l, ph)
                         if waits:
 
                             @pl.when(epoch > 0)
@@ -193,6 +209,26 @@ def _build(layers, k1, n1, n2, programs, bk, stages, barrier, interpret):
                     def _():
                         plgpu.semaphore_wait(sem.at[0], programs * phases, memory_scope=scope)
 
+        def state_phase(l):
+            """A stand-in for the SSM step between the projections: after in_proj's barrier, program h < heads
+            loads head h's (P, N) bf16 state and in_proj's tile of its columns, scales the state, stores it
+            (no weights: the weight warpgroup streams out_proj's meanwhile), and arrives."""
+            if waits:
+                grid_barrier(epoch_of(l, 0) + 1)
+
+            @pl.when(p < heads)
+            def _():
+                plgpu.copy_gmem_to_smem(st_ref.at[l, p], st_s, st_ready.at[0])
+                plgpu.copy_gmem_to_smem(y1_ref.at[l, 0, pl.ds(p * BN, BN)], yt_s, st_ready.at[0])
+                plgpu.barrier_wait(st_ready.at[0])
+                st_s[...] = (st_s[...].astype(F32) * 0.99).astype(BF16)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(st_s, st_out.at[l, p])
+
+            if barrier != "none":
+                plgpu.wait_smem_to_gmem(0)
+                plgpu.semaphore_signal(sem.at[0], 1, memory_scope=scope)
+
         @pl.when(wg == 0)
         def _compute():
             z_s[...] = jnp.zeros((BN, ROWS), F32)
@@ -206,9 +242,9 @@ def _build(layers, k1, n1, n2, programs, bk, stages, barrier, interpret):
                     base = l * per_layer + (counts[0] if ph else 0)
                     if resident and waits:
 
-                        @pl.when(2 * l + ph > 0)
+                        @pl.when(epoch_of(l, ph) > 0)
                         def _(ph=ph):
-                            grid_barrier(2 * l + ph)
+                            grid_barrier(epoch_of(l, ph))
 
                     @pl.loop(s // nb, (e - 1) // nb + 1)
                     def _tile(j, ph=ph, y_ref=y_ref, s=s, e=e, nb=nb, base=base):
@@ -245,6 +281,8 @@ def _build(layers, k1, n1, n2, programs, bk, stages, barrier, interpret):
                     if barrier != "none":  # this phase's results stored (not just read out of SMEM): arrive
                         plgpu.wait_smem_to_gmem(0)
                         plgpu.semaphore_signal(sem.at[0], 1, memory_scope=scope)
+                    if step and ph == 0:
+                        state_phase(l)
 
             plgpu.wait_smem_to_gmem(0)
             if resident and waits:
@@ -261,10 +299,18 @@ def _build(layers, k1, n1, n2, programs, bk, stages, barrier, interpret):
     ]
     if resident:
         scratch.append(plgpu.Barrier(num_arrivals=x_slabs, num_barriers=1))  # (at most 32 barriers per group)
+    if step:
+        scratch += [
+            plgpu.SMEM((STEP_P, STEP_N), BF16, transforms=_swizzle(STEP_N, BF16)),
+            plgpu.SMEM((BN, ROWS), F32),
+            plgpu.Barrier(num_arrivals=2, num_barriers=1),
+        ]
     out_type = (
         jax.ShapeDtypeStruct((layers, slots[0], n1, ROWS), F32),
         jax.ShapeDtypeStruct((layers, slots[1], n2, ROWS), F32),
     )
+    if step:
+        out_type += (jax.ShapeDtypeStruct((layers, heads, STEP_P, STEP_N), BF16),)
     return plgpu.kernel(
         kernel,
         out_type=out_type,
@@ -279,13 +325,15 @@ def _build(layers, k1, n1, n2, programs, bk, stages, barrier, interpret):
 
 
 @functools.partial(jax.jit, static_argnames=("programs", "bk", "stages", "barrier"))
-def phased(x1, x2, w1, w2, *, programs, bk, stages, barrier):
+def phased(x1, x2, w1, w2, state=None, *, programs, bk, stages, barrier):
     """Per layer x1 @ w1[l] then x2 @ w2[l], each a phase of stream-K partials; (L, S1, N1, 8), (L, S2, N2, 8).
     `barrier`: "none", "arrive", "sys" or "gpu" (see the module docstring)."""
     k1, n1, n2 = x1.shape[1], w1.shape[1], w2.shape[1]
     layers = w1.shape[0] // k1
     interpret = None if jax.default_backend() == "gpu" else plgpu.InterpretGPUParams()
-    return _build(layers, k1, n1, n2, programs, bk, stages, barrier, interpret)(x1, x2, w1, w2)
+    step = state is not None
+    args = (x1, x2, w1, w2) + ((state,) if step else ())
+    return _build(layers, k1, n1, n2, programs, bk, stages, barrier, step, interpret)(*args)
 
 
 def main() -> None:
@@ -295,6 +343,7 @@ def main() -> None:
     p.add_argument("--n-in", type=int, default=10624, help="in_proj's columns (2.7B: 10,576 padded to 64)")
     p.add_argument("--configs", default="128:6,128:8,64:8", help="bk : stages, comma separated")
     p.add_argument("--barriers", default="none,arrive,sys,gpu,res_none,res_sys", help="barrier kinds, comma separated")
+    p.add_argument("--step", default="", help="barrier kinds (none, flat) to run again with a state phase between")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default="")
     args = p.parse_args()
@@ -322,6 +371,7 @@ def main() -> None:
     x2 = jax.random.normal(key[3], (ROWS, k2), F32).astype(BF16)
     w1s, w2s = list(w1.reshape(L, k1, n1)), list(w2.reshape(L, k2, n2))
     report("xla", timed(jax.jit(xla_gemvs), x1, x2, w1s, w2s, reps=args.reps))
+    state = jax.random.normal(key[0], (L, 2 * k1 // STEP_P, STEP_P, STEP_N), F32).astype(BF16) if args.step else None
     want1 = jnp.dot(x1.astype(F32), w1s[-1].astype(F32)).T
     want2 = jnp.dot(x2.astype(F32), w2s[-1].astype(F32)).T
     del w1s, w2s
@@ -341,6 +391,18 @@ def main() -> None:
                 report("phased", t, config=cfg, barrier=barrier, max_abs_err_last_layer=err)
             except Exception as e:  # a config that does not compile is a result too
                 rows.append({"variant": "phased", "config": cfg, "barrier": barrier, "error": repr(e)[:400]})
+                print(json.dumps(rows[-1]), flush=True)
+        for barrier in filter(None, args.step.split(",")):  # with the state phase between the projections
+            conf = dict(programs=sms, bk=bk, stages=stages, barrier=barrier)
+            try:
+                y1, y2, st = phased(x1, x2, w1, w2, state, **conf)
+                y1, y2, st = phased(x1, x2, w1, w2, state, **conf)
+                err = max(float(jnp.max(jnp.abs(y[-1].sum(0) - want))) for y, want in ((y1, want1), (y2, want2)))
+                st_err = float(jnp.max(jnp.abs(st[-1].astype(F32) - (state[-1].astype(F32) * 0.99))))
+                t = timed(functools.partial(phased, **conf), x1, x2, w1, w2, state, reps=args.reps)
+                report("phased+state", t, config=cfg, barrier=barrier, max_abs_err_last_layer=err, state_err=st_err)
+            except Exception as e:
+                rows.append({"variant": "phased+state", "config": cfg, "barrier": barrier, "error": repr(e)[:400]})
                 print(json.dumps(rows[-1]), flush=True)
     write_result(args.out, {**provenance(), **head, "rows": rows})
 
