@@ -13,6 +13,7 @@ phase's results are stored, arrives at the barrier. The barrier: one global sema
 (program 0 waits for all of them, decrementing) and one release counter the others poll.
 
     python benchmarks/barrier_probe.py [--layers 64] [--configs 128:6,128:8] --out results/barrier_probe_h100.json
+    python benchmarks/barrier_probe.py --barriers none,flat --step none,flat   # + a state phase between them
 
 Prints the read ceiling (torch), then one JSON line per variant: XLA's GEMVs, `stream_probe.stream` (no
 phases), and per config (bk : stages) this kernel per barrier kind — "none", "arrive" (the arrivals alone,
@@ -22,7 +23,10 @@ nobody waits), "sys" / "gpu" (the full barrier with the semaphores' atomics at s
 warpgroup: the barrier without the input loads behind it) — µs per layer and weight bytes / time. The
 inputs stay fixed (the barrier orders nothing the products read), so this measures what the barriers cost
 the stream, not a dependent chain's numerics; results are checked against XLA. The barrier kinds with
-semaphores need the GPU (Mosaic's interpreter cannot run them; "none" and "res_none" run there).
+semaphores need the GPU (Mosaic's interpreter cannot run them; "none" and "res_none" run there). `--step`
+repeats the given kinds (none, flat) with a third phase per layer between the projections, a stand-in for the
+SSM step: program h < 80 loads head h's (64, 128) bf16 state and in_proj's tile of its columns, scales the
+state and stores it (no weights; the weight warpgroup streams out_proj's meanwhile).
 """
 
 from __future__ import annotations
