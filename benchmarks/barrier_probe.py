@@ -33,15 +33,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 
 import jax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
-from bench_util import provenance, timed, write_result
+from bench_util import timed
 from jax import lax
-from stream_probe import BN, ROWS, read_ceiling, stream, xla_gemvs
+from stream_probe import BN, ROWS, Probe, probe_args, stream
 
 from mamba_jax.kernels.gemv import _swizzle
 
@@ -331,7 +330,8 @@ def _build(layers, k1, n1, n2, programs, bk, stages, barrier, step, interpret):
 @functools.partial(jax.jit, static_argnames=("programs", "bk", "stages", "barrier"))
 def phased(x1, x2, w1, w2, state=None, *, programs, bk, stages, barrier):
     """Per layer x1 @ w1[l] then x2 @ w2[l], each a phase of stream-K partials; (L, S1, N1, 8), (L, S2, N2, 8).
-    `barrier`: "none", "arrive", "sys" or "gpu" (see the module docstring)."""
+    `barrier`: one of `_build`'s kinds (see the module docstring); with `state` (L, H, P, N) the state phase
+    runs between the projections and its output comes third."""
     k1, n1, n2 = x1.shape[1], w1.shape[1], w2.shape[1]
     layers = w1.shape[0] // k1
     interpret = None if jax.default_backend() == "gpu" else plgpu.InterpretGPUParams()
@@ -341,74 +341,37 @@ def phased(x1, x2, w1, w2, state=None, *, programs, bk, stages, barrier):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--layers", type=int, default=64)
-    p.add_argument("--d-model", type=int, default=2560)
-    p.add_argument("--n-in", type=int, default=10624, help="in_proj's columns (2.7B: 10,576 padded to 64)")
+    p = probe_args(argparse.ArgumentParser())
     p.add_argument("--configs", default="128:6,128:8,64:8", help="bk : stages, comma separated")
     p.add_argument("--barriers", default="none,arrive,sys,gpu,res_none,res_sys", help="barrier kinds, comma separated")
     p.add_argument("--step", default="", help="barrier kinds (none, flat) to run again with a state phase between")
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--out", default="")
     args = p.parse_args()
-    sms = getattr(jax.devices()[0], "core_count", None) or 132
-    L, k1, n1 = args.layers, args.d_model, args.n_in
-    k2, n2 = 2 * k1, k1
-    weight_bytes = 2 * L * (k1 * n1 + k2 * n2)
-    head = {"sms": sms, "layers": L, "weight_mb_per_layer": weight_bytes / L / 1e6}
-    rows = []
-    print(json.dumps(head), flush=True)
-
-    def report(name, seconds, **extra):
-        rows.append({"variant": name, "us_per_layer": seconds / L * 1e6, "tb_per_s": weight_bytes / seconds / 1e12,
-                     **extra})  # fmt: skip
-        print(json.dumps(rows[-1]), flush=True)
-        write_result(args.out, {**provenance(), **head, "rows": rows})
-
-    if ceiling := read_ceiling():
-        head["torch_sum_1gib_tb_per_s"] = ceiling
-        print(json.dumps({"torch_sum_1gib_tb_per_s": ceiling}), flush=True)
-    key = jax.random.split(jax.random.key(0), 4)
-    w1 = (jax.random.normal(key[0], (L * k1, n1), F32) * 0.02).astype(BF16)
-    w2 = (jax.random.normal(key[1], (L * k2, n2), F32) * 0.02).astype(BF16)
-    x1 = jax.random.normal(key[2], (ROWS, k1), F32).astype(BF16)
-    x2 = jax.random.normal(key[3], (ROWS, k2), F32).astype(BF16)
-    w1s, w2s = list(w1.reshape(L, k1, n1)), list(w2.reshape(L, k2, n2))
-    report("xla", timed(jax.jit(xla_gemvs), x1, x2, w1s, w2s, reps=args.reps))
-    state = jax.random.normal(key[0], (L, 2 * k1 // STEP_P, STEP_P, STEP_N), F32).astype(BF16) if args.step else None
-    want1 = jnp.dot(x1.astype(F32), w1s[-1].astype(F32)).T
-    want2 = jnp.dot(x2.astype(F32), w2s[-1].astype(F32)).T
-    del w1s, w2s
-    conf = dict(programs=sms, bk=128, stages=8)
-    report("stream", timed(functools.partial(stream, **conf), x1, x2, w1, w2, reps=args.reps), config="1:128:8")
+    run = Probe(args)
+    x1, x2, w1, w2, k1 = run.x1, run.x2, run.w1, run.w2, run.k1
+    shape = (run.layers, 2 * k1 // STEP_P, STEP_P, STEP_N)
+    state = jax.random.normal(jax.random.key(1), shape, F32).astype(BF16) if args.step else None
+    conf = dict(programs=run.sms, bk=128, stages=8)
+    run.report("stream", timed(functools.partial(stream, **conf), x1, x2, w1, w2, reps=args.reps), config="1:128:8")
     for cfg in args.configs.split(","):
         bk, stages = (int(v) for v in cfg.split(":"))
-        for barrier in args.barriers.split(","):
-            conf = dict(programs=sms, bk=bk, stages=stages, barrier=barrier)
+        # each barrier kind, then those of --step again with the state phase between the projections
+        runs = [(b, ()) for b in args.barriers.split(",")] + [(b, (state,)) for b in filter(None, args.step.split(","))]
+        for barrier, extra in runs:
+            name = "phased+state" if extra else "phased"
+            conf = dict(programs=run.sms, bk=bk, stages=stages, barrier=barrier)
             try:
-                y1, y2 = phased(x1, x2, w1, w2, **conf)
-                y1, y2 = phased(x1, x2, w1, w2, **conf)  # twice: the semaphores must be back at 0
-                err = max(
-                    float(jnp.max(jnp.abs(y1[-1].sum(0) - want1))), float(jnp.max(jnp.abs(y2[-1].sum(0) - want2)))
-                )
-                t = timed(functools.partial(phased, **conf), x1, x2, w1, w2, reps=args.reps)
-                report("phased", t, config=cfg, barrier=barrier, max_abs_err_last_layer=err)
-            except Exception as e:  # a config that does not compile is a result too
-                rows.append({"variant": "phased", "config": cfg, "barrier": barrier, "error": repr(e)[:400]})
-                print(json.dumps(rows[-1]), flush=True)
-        for barrier in filter(None, args.step.split(",")):  # with the state phase between the projections
-            conf = dict(programs=sms, bk=bk, stages=stages, barrier=barrier)
-            try:
-                y1, y2, st = phased(x1, x2, w1, w2, state, **conf)
-                y1, y2, st = phased(x1, x2, w1, w2, state, **conf)
-                err = max(float(jnp.max(jnp.abs(y[-1].sum(0) - want))) for y, want in ((y1, want1), (y2, want2)))
-                st_err = float(jnp.max(jnp.abs(st[-1].astype(F32) - (state[-1].astype(F32) * 0.99))))
-                t = timed(functools.partial(phased, **conf), x1, x2, w1, w2, state, reps=args.reps)
-                report("phased+state", t, config=cfg, barrier=barrier, max_abs_err_last_layer=err, state_err=st_err)
+                phased(x1, x2, w1, w2, *extra, **conf)
+                y1, y2, *st = phased(x1, x2, w1, w2, *extra, **conf)  # twice: the semaphores must be back at 0
+                pairs = ((y1, run.want1), (y2, run.want2))
+                err = max(float(jnp.max(jnp.abs(y[-1].sum(0) - want.T))) for y, want in pairs)
+                checks = {"max_abs_err_last_layer": err}
+                if st:  # the state phase scales each state by 0.99
+                    checks["state_err"] = float(jnp.max(jnp.abs(st[0][-1].astype(F32) - state[-1].astype(F32) * 0.99)))
+                t = timed(functools.partial(phased, **conf), x1, x2, w1, w2, *extra, reps=args.reps)
+                run.report(name, t, config=cfg, barrier=barrier, **checks)
             except Exception as e:
-                rows.append({"variant": "phased+state", "config": cfg, "barrier": barrier, "error": repr(e)[:400]})
-                print(json.dumps(rows[-1]), flush=True)
-    write_result(args.out, {**provenance(), **head, "rows": rows})
+                run.failed(name, e, config=cfg, barrier=barrier)
+    run.finish()
 
 
 if __name__ == "__main__":

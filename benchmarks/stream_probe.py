@@ -217,61 +217,83 @@ def read_ceiling() -> float | None:
     return (1 << 30) / sorted(times)[len(times) // 2] / 1e12
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
+def probe_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments every weight-stream probe takes (this one and `barrier_probe.py`)."""
     p.add_argument("--layers", type=int, default=64)
     p.add_argument("--d-model", type=int, default=2560)
     p.add_argument("--n-in", type=int, default=10624, help="in_proj's columns (2.7B: 10,576 padded to 64)")
-    p.add_argument("--configs", default="1:128:6,1:128:8,2:128:4,1:256:3,2:64:8",
-                   help="per SM : bk : stages [: wait0 | wait1 | none] [: tiled], comma separated")  # fmt: skip
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default="")
+    return p
+
+
+class Probe:
+    """What the weight-stream probes share: L layers of random 2.7B-shaped bf16 weights (w1 (L·K1, N1) for
+    in_proj, w2 (L·K2, N2) for out_proj, K2 = 2·K1) and inputs x1, x2 of ROWS rows; the machine's read ceiling;
+    XLA's GEMVs timed on them; and rows reported as JSON lines, --out rewritten after each (what ran so far
+    survives a time limit)."""
+
+    def __init__(self, args):
+        self.args = args
+        self.sms = getattr(jax.devices()[0], "core_count", None) or 132
+        L, k1, n1 = self.layers, self.k1, self.n1 = args.layers, args.d_model, args.n_in
+        k2, n2 = 2 * k1, k1
+        self.weight_bytes = 2 * L * (k1 * n1 + k2 * n2)
+        self.head = {"sms": self.sms, "layers": L, "weight_mb_per_layer": self.weight_bytes / L / 1e6}
+        self.rows = []
+        print(json.dumps(self.head), flush=True)
+        if ceiling := read_ceiling():
+            self.head["torch_sum_1gib_tb_per_s"] = ceiling
+            print(json.dumps({"torch_sum_1gib_tb_per_s": ceiling}), flush=True)
+        key = jax.random.split(jax.random.key(0), 4)
+        self.w1 = (jax.random.normal(key[0], (L * k1, n1), F32) * 0.02).astype(BF16)
+        self.w2 = (jax.random.normal(key[1], (L * k2, n2), F32) * 0.02).astype(BF16)
+        self.x1 = jax.random.normal(key[2], (ROWS, k1), F32).astype(BF16)
+        self.x2 = jax.random.normal(key[3], (ROWS, k2), F32).astype(BF16)
+        w1s, w2s = list(self.w1.reshape(L, k1, n1)), list(self.w2.reshape(L, k2, n2))
+        self.report("xla", timed(jax.jit(xla_gemvs), self.x1, self.x2, w1s, w2s, reps=args.reps))
+        # the last layer's products in float32, (ROWS, N) each: what the kernels are checked against
+        self.want1 = jnp.dot(self.x1.astype(F32), w1s[-1].astype(F32))
+        self.want2 = jnp.dot(self.x2.astype(F32), w2s[-1].astype(F32))
+
+    def report(self, name, seconds, **extra):
+        self.rows.append({"variant": name, "us_per_layer": seconds / self.layers * 1e6,
+                          "tb_per_s": self.weight_bytes / seconds / 1e12, **extra})  # fmt: skip
+        print(json.dumps(self.rows[-1]), flush=True)
+        self.finish()
+
+    def failed(self, name, error, **extra):
+        """A variant that did not compile or run is a result too."""
+        self.rows.append({"variant": name, **extra, "error": repr(error)[:400]})
+        print(json.dumps(self.rows[-1]), flush=True)
+
+    def finish(self):
+        write_result(self.args.out, {**provenance(), **self.head, "rows": self.rows})
+
+
+def main() -> None:
+    p = probe_args(argparse.ArgumentParser())
+    p.add_argument("--configs", default="1:128:6,1:128:8,2:128:4,1:256:3,2:64:8",
+                   help="per SM : bk : stages [: wait0 | wait1 | none] [: tiled], comma separated")  # fmt: skip
     args = p.parse_args()
-    sms = getattr(jax.devices()[0], "core_count", None) or 132
-    L, k1, n1 = args.layers, args.d_model, args.n_in
-    k2, n2 = 2 * k1, k1
-    weight_bytes = 2 * L * (k1 * n1 + k2 * n2)
-    head = {"sms": sms, "layers": L, "weight_mb_per_layer": weight_bytes / L / 1e6}
-    rows = []
-    print(json.dumps(head), flush=True)
-
-    def report(name, seconds, **extra):
-        rows.append({"variant": name, "us_per_layer": seconds / L * 1e6, "tb_per_s": weight_bytes / seconds / 1e12,
-                     **extra})  # fmt: skip
-        print(json.dumps(rows[-1]), flush=True)
-        write_result(args.out, {**provenance(), **head, "rows": rows})  # what ran so far survives a time limit
-
-    ceiling = read_ceiling()
-    if ceiling:
-        head["torch_sum_1gib_tb_per_s"] = ceiling
-        print(json.dumps({"torch_sum_1gib_tb_per_s": ceiling}), flush=True)
-    key = jax.random.split(jax.random.key(0), 4)
-    w1 = (jax.random.normal(key[0], (L * k1, n1), F32) * 0.02).astype(BF16)
-    w2 = (jax.random.normal(key[1], (L * k2, n2), F32) * 0.02).astype(BF16)
-    x1 = jax.random.normal(key[2], (ROWS, k1), F32).astype(BF16)
-    x2 = jax.random.normal(key[3], (ROWS, k2), F32).astype(BF16)
-    w1s, w2s = list(w1.reshape(L, k1, n1)), list(w2.reshape(L, k2, n2))
-    report("xla", timed(jax.jit(xla_gemvs), x1, x2, w1s, w2s, reps=args.reps))
-    want1 = jnp.dot(x1[:1].astype(F32), w1s[-1].astype(F32))[0]
-    want2 = jnp.dot(x2[:1].astype(F32), w2s[-1].astype(F32))[0]
-    del w1s, w2s
+    run = Probe(args)
+    L, x1, x2, w1, w2 = run.layers, run.x1, run.x2, run.w1, run.w2
     if any(c.endswith(":tiled") for c in args.configs.split(",")):
         w1t, w2t = jax.jit(tile_columns, static_argnums=1)(w1, L), jax.jit(tile_columns, static_argnums=1)(w2, L)
     for cfg in args.configs.split(","):
         per_sm, bk, stages, *more = cfg.split(":")
         mma = next((m for m in more if m != "tiled"), "wait0")
-        conf = dict(programs=int(per_sm) * sms, bk=int(bk), stages=int(stages), mma=mma, tiled="tiled" in more)
+        conf = dict(programs=int(per_sm) * run.sms, bk=int(bk), stages=int(stages), mma=mma, tiled="tiled" in more)
         ws = (w1t, w2t) if conf["tiled"] else (w1, w2)
         try:
             y1, y2 = stream(x1, x2, *ws, **conf)
-            err1 = float(jnp.max(jnp.abs(y1[-1, :, 0] - want1)))
-            err = max(err1, float(jnp.max(jnp.abs(y2[-1, :, :, 0].sum(0) - want2))))
-            report("stream", timed(functools.partial(stream, **conf), x1, x2, *ws, reps=args.reps),
-                   config=cfg, max_abs_err_last_layer=err)  # fmt: skip
-        except Exception as e:  # a config that does not compile is a result too
-            rows.append({"variant": "stream", "config": cfg, "error": repr(e)[:400]})
-            print(json.dumps(rows[-1]), flush=True)
-    write_result(args.out, {**provenance(), **head, "rows": rows})
+            err1 = float(jnp.max(jnp.abs(y1[-1, :, 0] - run.want1[0])))
+            err = max(err1, float(jnp.max(jnp.abs(y2[-1, :, :, 0].sum(0) - run.want2[0]))))
+            run.report("stream", timed(functools.partial(stream, **conf), x1, x2, *ws, reps=args.reps),
+                       config=cfg, max_abs_err_last_layer=err)  # fmt: skip
+        except Exception as e:
+            run.failed("stream", e, config=cfg)
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import pytest
 
 from mamba_jax.kernels import decode as kd
 from mamba_jax.kernels import norm_gemv as ng
-from mamba_jax.kernels.norm_gemv import norm_gemv
 
 gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
 
@@ -83,5 +82,5 @@ def test_gated_norm_residual_lowers(as_h100, layout):
 
 
 def test_norm_gemv_lowers(as_h100):
-    fn = functools.partial(norm_gemv, eps=1e-5, groups=1)
+    fn = functools.partial(ng.norm_gemv, eps=1e-5, groups=1)
     _lower(fn, _s((1, 2560)), _s((2560,)), _s((2560, 1024), jnp.bfloat16), _s((1, 1024)))
