@@ -68,7 +68,6 @@ SPLIT_MIN_BATCH = 8
 SPLIT_K_MIN_BATCH = 16
 IN_SPLITS = 1
 OUT_SPLITS = 2
-MAX_UNROLLED_PARTIALS = 8  # the residual kernel sums more split-K partials as one (S, 1, bd) block
 PREFETCH_BLOCK = 8192  # elements per load of the L2 prefetch (16 KB of bf16 per program and load)
 
 
@@ -223,10 +222,10 @@ def _conv(zx, conv_ref, cw_ref, cb_ref, b, grp, slot, col, ch, width, *, taps, c
     return _silu(acc.astype(cdtype).astype(f32)).astype(cdtype).astype(f32), new
 
 
-def _head_math(h, j, state, x, bv, cv, zx, alog_ref, d_ref, dtb_ref, *, r_heads, p, bp, s, dt_limit, cdtype):
+def _head(b, h, j, state, x, bv, cv, zx, alog_ref, d_ref, dtb_ref, g_ref, ss_ref, ssm_out_ref, *, r_heads, p, bp,
+          s, dt_limit, cdtype):  # fmt: skip
     """The state update, y, D skip and SiLU(z) gate of `bp` rows (block j) of head h, from its state rows
-    (float32), conv output x and the group's B, C; `zx(col, width)` reads scaled in_proj columns. Returns
-    (the new state rows, float32; g = y · SiLU(z), float32, y rounded to the compute dtype first)."""
+    (float32), conv output x and the group's B, C; `zx(col, width)` reads scaled in_proj columns."""
     f32 = jnp.float32
     r = h % r_heads
     p0 = j * bp
@@ -237,18 +236,9 @@ def _head_math(h, j, state, x, bv, cv, zx, alog_ref, d_ref, dtb_ref, *, r_heads,
         dt = jnp.clip(dt, lo, hi)
     a = -jnp.exp(jnp.sum(alog_ref[pl.ds(h, 1)].astype(f32)))
     state = state * jnp.exp(dt * a) + (dt * x)[:, None] * bv[None, :]
+    ssm_out_ref[b, h, pl.ds(p0, bp)] = state.astype(ssm_out_ref.dtype)  # aliased with ssm_ref: in place
     y = jnp.sum(state * cv[None, :], axis=1) + x * jnp.sum(d_ref[pl.ds(h, 1)].astype(f32))
     gated = y.astype(cdtype).astype(f32) * _silu(zx(r * p + p0, bp).astype(f32))
-    return state, gated
-
-
-def _head(b, h, j, state, x, bv, cv, zx, alog_ref, d_ref, dtb_ref, g_ref, ss_ref, ssm_out_ref, *, r_heads, p, bp,
-          s, dt_limit, cdtype):  # fmt: skip
-    """`_head_math`, its results stored: the state in place, g and its sum of squares."""
-    state, gated = _head_math(h, j, state, x, bv, cv, zx, alog_ref, d_ref, dtb_ref, r_heads=r_heads, p=p, bp=bp,
-                              s=s, dt_limit=dt_limit, cdtype=cdtype)  # fmt: skip
-    p0 = j * bp
-    ssm_out_ref[b, h, pl.ds(p0, bp)] = state.astype(ssm_out_ref.dtype)  # aliased with ssm_ref: in place
     g_ref[b, pl.ds(h * p + p0, bp)] = gated.astype(g_ref.dtype)
     ss_ref[b, h, pl.ds(j, 1)] = jnp.sum(gated * gated, keepdims=True)  # the gated norm's statistics
 
@@ -529,12 +519,6 @@ def _residual_kernel(h_ref, o_ref, ss_ref, out_ref, *copy_ref, d, bd, nss, norm_
             o = o + plt.load(blk, mask=cols.T & (lane < bpad), other=0.0)
         o = jnp.sum(jnp.where(lane == b, o, 0.0), axis=1)
         o = o.astype(cdtype).astype(f32)[None, :]
-    elif layout == "SBD" and o_ref.shape[0] > MAX_UNROLLED_PARTIALS:  # (S, B, D) of `ssm_step_out`: one block
-        ns = o_ref.shape[0]
-        sq = pl.next_power_of_2(ns)
-        blk = o_ref.at[pl.ds(0, sq), pl.ds(b, 1), pl.ds(d0, bd)]
-        o = plt.load(blk, mask=(jnp.arange(sq) < ns)[:, None, None] & cols[None], other=0.0)
-        o = jnp.sum(o, axis=0).astype(cdtype).astype(f32)
     elif layout == "SBD":  # (S, B, D) of `split_k_partials`
         o = jnp.zeros((1, bd), f32)
         for si in range(o_ref.shape[0]):
@@ -573,9 +557,7 @@ def gated_norm_residual(h_BD, out_BD, ss_BX, *, norm_dim, eps, out_dtype=None, l
             f"gated_norm_residual: out {out_BD.shape} with layout={layout!r} for a ({bsz}, {d}) residual "
             "(layout None, 'SDB' or 'SBD'; partials need out_dtype)"
         )
-    # A few programs per row (at batch 1 one would work alone); narrower where each sums many partials.
-    many = layout == "SBD" and out_BD.shape[0] > MAX_UNROLLED_PARTIALS
-    bd = min(pl.next_power_of_2(d), 64 if many else 512)
+    bd = min(pl.next_power_of_2(d), 512)  # a few programs per row: at batch 1 one would work alone
     cdtype = jnp.dtype(out_dtype or out_BD.dtype)
     kernel = functools.partial(
         _residual_kernel, d=d, bd=bd, nss=ss_BX.shape[1], norm_dim=norm_dim, eps=eps, cdtype=cdtype, layout=layout

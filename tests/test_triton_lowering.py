@@ -15,7 +15,6 @@ import pytest
 
 from mamba_jax.kernels import decode as kd
 from mamba_jax.kernels import norm_gemv as ng
-from mamba_jax.kernels import step_out as so
 
 gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
 
@@ -71,31 +70,10 @@ def test_ssm_step_lowers(as_h100, batch, state_dtype, prefetch, trigger, hp, spl
            _s((d, 2 * d), bf16))  # fmt: skip
 
 
-@pytest.mark.parametrize("batch,state_dtype,block_n,block_c,hp,warps", [
-    (1, jnp.bfloat16, 512, 128, 1, 8), (4, jnp.float32, 256, 256, 2, 4),
-])  # fmt: skip
-def test_ssm_step_out_lowers(as_h100, batch, state_dtype, block_n, block_c, hp, warps):
-    g, h, p, s, k, d = 1, 8, 64, 128, 4, 2560  # Mamba2-2.7B's head dim, state size and width, fewer heads
-    w, f = 2 * h * p + 2 * s + h, h * p + 2 * s
-    bf16 = jnp.bfloat16
-    step = functools.partial(
-        so.ssm_step_out, heads=h, dt_limit=(0.0, float("inf")), norm_eps=1e-5, block_n=block_n, block_c=block_c,
-        heads_per_program=hp, warps=warps,
-    )  # fmt: skip
-
-    def fn(zx, conv, cw, cb, ssm, a_log, dvec, dtb, u, w_out):
-        return step(zx, conv, cw, cb, ssm, a_log, dvec, dtb, 5, u, w_out)
-
-    _lower(fn, _s((batch, g, w), bf16), _s((batch, k, g, f), bf16), _s((k, g, f), bf16), _s((g, f), bf16),
-           _s((2, batch, h, p, s), state_dtype), _s((h,)), _s((h,)), _s((h,)), _s((batch, d)),
-           _s((h * p, d), bf16))  # fmt: skip
-
-
-@pytest.mark.parametrize("layout", [None, "SDB", "SBD", "SBD80"])
+@pytest.mark.parametrize("layout", [None, "SDB", "SBD"])
 def test_gated_norm_residual_lowers(as_h100, layout):
     b, d = 3, 2560
-    out = {None: _s((b, d), jnp.bfloat16), "SDB": _s((2, d, 8)), "SBD": _s((4, b, d)), "SBD80": _s((80, b, d))}
-    out, layout = out[layout], layout and layout[:3]  # SBD80: one partial per head (`ssm_step_out`), one block
+    out = {None: _s((b, d), jnp.bfloat16), "SDB": _s((2, d, 8)), "SBD": _s((4, b, d))}[layout]
     fn = functools.partial(
         kd.gated_norm_residual, norm_dim=5120, eps=1e-5, layout=layout, copy_dtype=jnp.bfloat16,
         out_dtype=jnp.bfloat16 if layout else None,
