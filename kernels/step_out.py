@@ -101,73 +101,76 @@ def _build(bsz, g, r_heads, p, s, taps, n, d_rows, d, nr, bc, dt_cols, hpad, dty
         ch = r * p  # the head's x channels within its group's conv channels
         first = t == 0  # range 0's program writes the state, the conv ring and Σ g²
         # 1. The position's slots (the state copy needs them), every weight tile, the step's other inputs.
-        plgpu.copy_gmem_to_smem(slot_ref, slot_s, slot_bar.at[0])
-        for i in range(nt):
-            tile = w_ref.at[pl.ds(h * p, p), pl.ds((t * nt + i) * bc, bc)]
-            plgpu.copy_gmem_to_smem(tile, w_s.at[i], w_bar.at[i])
-        for b in range(bsz):
-            plgpu.copy_gmem_to_smem(zx_ref.at[b, grp, pl.ds(ch, p)], z_s.at[b], in_bar.at[0])
-            plgpu.copy_gmem_to_smem(zx_ref.at[b, grp, pl.ds(rp + ch, p)], x_s.at[b], in_bar.at[0])
-            plgpu.copy_gmem_to_smem(zx_ref.at[b, grp, pl.ds(2 * rp, 2 * s)], bc_s.at[b], in_bar.at[0])
-            plgpu.copy_gmem_to_smem(zx_ref.at[b, grp, pl.ds(w_cols - dt_cols, dt_cols)], dt_s.at[b], in_bar.at[0])
-            plgpu.copy_gmem_to_smem(ring_ref.at[b, :, grp, pl.ds(ch, p)], rx_s.at[b], in_bar.at[0])
-            plgpu.copy_gmem_to_smem(ring_ref.at[b, :, grp, pl.ds(rp, 2 * s)], rbc_s.at[b], in_bar.at[0])
-            plgpu.copy_gmem_to_smem(u_ref.at[b], u_s.at[b], in_bar.at[0])
-        plgpu.copy_gmem_to_smem(cw_ref.at[:, grp, pl.ds(ch, p)], cwx_s, in_bar.at[0])
-        plgpu.copy_gmem_to_smem(cw_ref.at[:, grp, pl.ds(rp, 2 * s)], cwbc_s, in_bar.at[0])
-        plgpu.copy_gmem_to_smem(cb_ref.at[grp, pl.ds(ch, p)], cbx_s, in_bar.at[0])
-        plgpu.copy_gmem_to_smem(cb_ref.at[grp, pl.ds(rp, 2 * s)], cbbc_s, in_bar.at[0])
-        plgpu.copy_gmem_to_smem(hp_ref, hp_s, in_bar.at[0])
-        plgpu.barrier_wait(slot_bar.at[0])
-        slot, cur = slot_s[0], slot_s[1]
-        for b in range(bsz):
-            plgpu.copy_gmem_to_smem(ssm_ref.at[cur, b, h], st_s.at[b], st_bar.at[0])
-        plgpu.barrier_wait(in_bar.at[0])
+        with jax.named_scope("issue"):
+            plgpu.copy_gmem_to_smem(slot_ref, slot_s, slot_bar.at[0])
+            for i in range(nt):
+                tile = w_ref.at[pl.ds(h * p, p), pl.ds((t * nt + i) * bc, bc)]
+                plgpu.copy_gmem_to_smem(tile, w_s.at[i], w_bar.at[i])
+            for b in range(bsz):
+                plgpu.copy_gmem_to_smem(zx_ref.at[b, grp, pl.ds(ch, p)], z_s.at[b], in_bar.at[0])
+                plgpu.copy_gmem_to_smem(zx_ref.at[b, grp, pl.ds(rp + ch, p)], x_s.at[b], in_bar.at[0])
+                plgpu.copy_gmem_to_smem(zx_ref.at[b, grp, pl.ds(2 * rp, 2 * s)], bc_s.at[b], in_bar.at[0])
+                plgpu.copy_gmem_to_smem(zx_ref.at[b, grp, pl.ds(w_cols - dt_cols, dt_cols)], dt_s.at[b], in_bar.at[0])
+                plgpu.copy_gmem_to_smem(ring_ref.at[b, :, grp, pl.ds(ch, p)], rx_s.at[b], in_bar.at[0])
+                plgpu.copy_gmem_to_smem(ring_ref.at[b, :, grp, pl.ds(rp, 2 * s)], rbc_s.at[b], in_bar.at[0])
+                plgpu.copy_gmem_to_smem(u_ref.at[b], u_s.at[b], in_bar.at[0])
+            plgpu.copy_gmem_to_smem(cw_ref.at[:, grp, pl.ds(ch, p)], cwx_s, in_bar.at[0])
+            plgpu.copy_gmem_to_smem(cw_ref.at[:, grp, pl.ds(rp, 2 * s)], cwbc_s, in_bar.at[0])
+            plgpu.copy_gmem_to_smem(cb_ref.at[grp, pl.ds(ch, p)], cbx_s, in_bar.at[0])
+            plgpu.copy_gmem_to_smem(cb_ref.at[grp, pl.ds(rp, 2 * s)], cbbc_s, in_bar.at[0])
+            plgpu.copy_gmem_to_smem(hp_ref, hp_s, in_bar.at[0])
+        with jax.named_scope("inputs"):
+            plgpu.barrier_wait(slot_bar.at[0])
+            slot, cur = slot_s[0], slot_s[1]
+            for b in range(bsz):
+                plgpu.copy_gmem_to_smem(ssm_ref.at[cur, b, h], st_s.at[b], st_bar.at[0])
+            plgpu.barrier_wait(in_bar.at[0])
 
         # 2. The step of head h, row by row.
-        a = -jnp.exp(hp_s[0, h])
-        dskip, dt_bias = hp_s[1, h], hp_s[2, h]
-        cw_x = [plgpu.load(cwx_s.at[i], layout=ROW).astype(f32) for i in range(k)]
-        cw_b = [plgpu.load(cwbc_s.at[i, pl.ds(0, s)], layout=COL).astype(f32) for i in range(k)]
-        cw_c = [plgpu.load(cwbc_s.at[i, pl.ds(s, s)], layout=COL).astype(f32) for i in range(k)]
-        cb_x = plgpu.load(cbx_s, layout=ROW).astype(f32)
-        cb_b = plgpu.load(cbbc_s.at[pl.ds(0, s)], layout=COL).astype(f32)
-        cb_c = plgpu.load(cbbc_s.at[pl.ds(s, s)], layout=COL).astype(f32)
-        plgpu.barrier_wait(st_bar.at[0])
-        gs = []
-        for b in range(bsz):
-            u = u_s[b]
-            inv = jax.lax.rsqrt(jnp.sum(u * u) / d + norm_eps)  # the input norm's 1/rms (folded into in_proj)
-            scaled = lambda v, inv=inv: (v.astype(f32) * inv).astype(cdt).astype(f32)  # noqa: E731  (`_scaled_cols`)
+        with jax.named_scope("step"):
+            a = -jnp.exp(hp_s[0, h])
+            dskip, dt_bias = hp_s[1, h], hp_s[2, h]
+            cw_x = [plgpu.load(cwx_s.at[i], layout=ROW).astype(f32) for i in range(k)]
+            cw_b = [plgpu.load(cwbc_s.at[i, pl.ds(0, s)], layout=COL).astype(f32) for i in range(k)]
+            cw_c = [plgpu.load(cwbc_s.at[i, pl.ds(s, s)], layout=COL).astype(f32) for i in range(k)]
+            cb_x = plgpu.load(cbx_s, layout=ROW).astype(f32)
+            cb_b = plgpu.load(cbbc_s.at[pl.ds(0, s)], layout=COL).astype(f32)
+            cb_c = plgpu.load(cbbc_s.at[pl.ds(s, s)], layout=COL).astype(f32)
+            plgpu.barrier_wait(st_bar.at[0])
+            gs = []
+            for b in range(bsz):
+                u = u_s[b]
+                inv = jax.lax.rsqrt(jnp.sum(u * u) / d + norm_eps)  # the input norm's 1/rms (folded into in_proj)
+                scaled = lambda v, inv=inv: (v.astype(f32) * inv).astype(cdt).astype(f32)  # noqa: E731  (`_scaled_cols`)
 
-            def conv(new, ring, weights, bias, layout):
-                acc = bias + new * weights[taps]
-                for i in range(taps):  # tap i reads the input i + 1 slots after the one written now
-                    acc = acc + plgpu.load(ring.at[(slot + 1 + i) % k], layout=layout).astype(f32) * weights[i]
-                return _silu(acc.astype(cdt).astype(f32)).astype(cdt).astype(f32)
+                def conv(new, ring, weights, bias, layout):
+                    acc = bias + new * weights[taps]
+                    for i in range(taps):  # tap i reads the input i + 1 slots after the one written now
+                        acc = acc + plgpu.load(ring.at[(slot + 1 + i) % k], layout=layout).astype(f32) * weights[i]
+                    return _silu(acc.astype(cdt).astype(f32)).astype(cdt).astype(f32)
 
-            x_new = scaled(plgpu.load(x_s.at[b], layout=ROW))
-            b_new = scaled(plgpu.load(bc_s.at[b, pl.ds(0, s)], layout=COL))
-            c_new = scaled(plgpu.load(bc_s.at[b, pl.ds(s, s)], layout=COL))
-            x = conv(x_new, rx_s.at[b], cw_x, cb_x, ROW)
-            bv = conv(b_new, rbc_s.at[b, :, pl.ds(0, s)], cw_b, cb_b, COL)
-            cv = conv(c_new, rbc_s.at[b, :, pl.ds(s, s)], cw_c, cb_c, COL)
-            dt = _softplus((dt_s[b, dt_cols - r_heads + r].astype(f32) * inv).astype(cdt).astype(f32) + dt_bias)
-            lo, hi = dt_limit
-            if lo > 0.0 or hi != float("inf"):
-                dt = jnp.clip(dt, lo, hi)
-            state = plgpu.load(st_s.at[b], layout=plgpu.Layout.WGMMA).astype(f32)
-            state = state * jnp.exp(dt * a) + row_p(dt * x) * col_s(bv)
-            y = jnp.sum(state * col_s(cv), axis=1) + x * dskip
-            z = scaled(plgpu.load(z_s.at[b], layout=ROW))
-            gated = y.astype(cdt).astype(f32) * _silu(z)
-            gs.append(gated.astype(cdt).astype(f32))  # out_proj's input, as the GEMV path rounds it
-            st_s.at[b][...] = state.astype(sdt)  # the new state, over the old (read above)
-            ss_s.at[b][...] = gated * gated
-            newx_s.at[b][...] = x_new.astype(rdt)
-            newbc_s.at[b, pl.ds(0, s)][...] = b_new.astype(rdt)
-            newbc_s.at[b, pl.ds(s, s)][...] = c_new.astype(rdt)
-        plgpu.commit_smem()
+                x_new = scaled(plgpu.load(x_s.at[b], layout=ROW))
+                b_new = scaled(plgpu.load(bc_s.at[b, pl.ds(0, s)], layout=COL))
+                c_new = scaled(plgpu.load(bc_s.at[b, pl.ds(s, s)], layout=COL))
+                x = conv(x_new, rx_s.at[b], cw_x, cb_x, ROW)
+                bv = conv(b_new, rbc_s.at[b, :, pl.ds(0, s)], cw_b, cb_b, COL)
+                cv = conv(c_new, rbc_s.at[b, :, pl.ds(s, s)], cw_c, cb_c, COL)
+                dt = _softplus((dt_s[b, dt_cols - r_heads + r].astype(f32) * inv).astype(cdt).astype(f32) + dt_bias)
+                lo, hi = dt_limit
+                if lo > 0.0 or hi != float("inf"):
+                    dt = jnp.clip(dt, lo, hi)
+                state = plgpu.load(st_s.at[b], layout=plgpu.Layout.WGMMA).astype(f32)
+                state = state * jnp.exp(dt * a) + row_p(dt * x) * col_s(bv)
+                y = jnp.sum(state * col_s(cv), axis=1) + x * dskip
+                z = scaled(plgpu.load(z_s.at[b], layout=ROW))
+                gated = y.astype(cdt).astype(f32) * _silu(z)
+                gs.append(gated.astype(cdt).astype(f32))  # out_proj's input, as the GEMV path rounds it
+                st_s.at[b][...] = state.astype(sdt)  # the new state, over the old (read above)
+                ss_s.at[b][...] = gated * gated
+                newx_s.at[b][...] = x_new.astype(rdt)
+                newbc_s.at[b, pl.ds(0, s)][...] = b_new.astype(rdt)
+                newbc_s.at[b, pl.ds(s, s)][...] = c_new.astype(rdt)
+            plgpu.commit_smem()
 
         @pl.when(first)
         def _():
@@ -182,14 +185,15 @@ def _build(bsz, g, r_heads, p, s, taps, n, d_rows, d, nr, bc, dt_cols, hpad, dty
                 plgpu.copy_smem_to_gmem(newbc_s.at[b], ring_ref.at[b, slot, grp, pl.ds(rp, 2 * s)])
 
         # 3. g into every weight tile as it lands: Σ over the tile's P rows, one float32 partial per column.
-        for i in range(nt):
-            plgpu.barrier_wait(w_bar.at[i])
-            w = plgpu.load(w_s.at[i], layout=plgpu.Layout.WGMMA).astype(f32)
-            for b in range(bsz):
-                out_s.at[i, b][...] = jnp.sum(w * jax.lax.broadcast_in_dim(gs[b], (p, bc), (0,)), axis=0)
-            plgpu.commit_smem()
-            for b in range(bsz):
-                plgpu.copy_smem_to_gmem(out_s.at[i, b], part_ref.at[h, b, pl.ds((t * nt + i) * bc, bc)])
+        with jax.named_scope("gemv"):
+            for i in range(nt):
+                plgpu.barrier_wait(w_bar.at[i])
+                w = plgpu.load(w_s.at[i], layout=plgpu.Layout.WGMMA).astype(f32)
+                for b in range(bsz):
+                    out_s.at[i, b][...] = jnp.sum(w * jax.lax.broadcast_in_dim(gs[b], (p, bc), (0,)), axis=0)
+                plgpu.commit_smem()
+                for b in range(bsz):
+                    plgpu.copy_smem_to_gmem(out_s.at[i, b], part_ref.at[h, b, pl.ds((t * nt + i) * bc, bc)])
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [
