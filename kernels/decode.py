@@ -68,7 +68,6 @@ SPLIT_MIN_BATCH = 8
 SPLIT_K_MIN_BATCH = 16
 IN_SPLITS = 1
 OUT_SPLITS = 2
-MAX_UNROLLED_PARTIALS = 8  # the residual kernel sums more split-K partials as one (S, 1, bd) block
 PREFETCH_BLOCK = 8192  # elements per load of the L2 prefetch (16 KB of bf16 per program and load)
 
 
@@ -520,12 +519,6 @@ def _residual_kernel(h_ref, o_ref, ss_ref, out_ref, *copy_ref, d, bd, nss, norm_
             o = o + plt.load(blk, mask=cols.T & (lane < bpad), other=0.0)
         o = jnp.sum(jnp.where(lane == b, o, 0.0), axis=1)
         o = o.astype(cdtype).astype(f32)[None, :]
-    elif layout == "SBD" and o_ref.shape[0] > MAX_UNROLLED_PARTIALS:  # (S, B, D) of `ssm_step_out`: one block
-        ns = o_ref.shape[0]
-        sq = pl.next_power_of_2(ns)
-        blk = o_ref.at[pl.ds(0, sq), pl.ds(b, 1), pl.ds(d0, bd)]
-        o = plt.load(blk, mask=(jnp.arange(sq) < ns)[:, None, None] & cols[None], other=0.0)
-        o = jnp.sum(o, axis=0).astype(cdtype).astype(f32)
     elif layout == "SBD":  # (S, B, D) of `split_k_partials`
         o = jnp.zeros((1, bd), f32)
         for si in range(o_ref.shape[0]):
@@ -564,9 +557,7 @@ def gated_norm_residual(h_BD, out_BD, ss_BX, *, norm_dim, eps, out_dtype=None, l
             f"gated_norm_residual: out {out_BD.shape} with layout={layout!r} for a ({bsz}, {d}) residual "
             "(layout None, 'SDB' or 'SBD'; partials need out_dtype)"
         )
-    # A few programs per row (at batch 1 one would work alone); narrower where each sums many partials.
-    many = layout == "SBD" and out_BD.shape[0] > MAX_UNROLLED_PARTIALS
-    bd = min(pl.next_power_of_2(d), 64 if many else 512)
+    bd = min(pl.next_power_of_2(d), 512)  # a few programs per row: at batch 1 one would work alone
     cdtype = jnp.dtype(out_dtype or out_BD.dtype)
     kernel = functools.partial(
         _residual_kernel, d=d, bd=bd, nss=ss_BX.shape[1], norm_dim=norm_dim, eps=eps, cdtype=cdtype, layout=layout

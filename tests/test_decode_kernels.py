@@ -341,16 +341,12 @@ def _teacher_forced_logits(model, prompts, cont, steps):
     (1, 1, "xla"), (8, 3, "xla"), (1, 1, "mosaic"), (1, 3, "mosaic"),
     (1, 8, "xla"), (1, 8, "mosaic"),  # batch ≥ SPLIT_MIN_BATCH: the step in two launches
     (1, 16, "xla"),  # batch ≥ SPLIT_K_MIN_BATCH: out_proj as split-K partials summed by the residual kernel
-    (1, 1, "step_out"), (1, 3, "step_out"),  # the step and out_proj in one launch (kernels/step_out.py)
 ])  # fmt: skip
 def test_kernels_at_real_widths_on_gpu(monkeypatch, groups, batch, gemv):
     """bf16 at Mamba2 widths (head dim 64, state 128), compiled: the fused path (norms folded, as the Engine
     runs it) is as close to the float32 model as XLA's bf16 decode path is (with out_proj as XLA's GEMV,
-    the opt-in Mosaic PDL GEMV, split-K partials, or the step and out_proj in one launch)."""
-    if gemv == "step_out":
-        monkeypatch.setenv("MAMBA_JAX_DECODE_STEP_OUT", "4,256")
-    else:
-        monkeypatch.setenv("MAMBA_JAX_DECODE_GEMV", gemv)
+    the opt-in Mosaic PDL GEMV, or split-K partials)."""
+    monkeypatch.setenv("MAMBA_JAX_DECODE_GEMV", gemv)
     from flax import nnx
 
     from mamba_jax.inference.engine import _cast_state, _with_decode_impl

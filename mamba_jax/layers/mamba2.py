@@ -171,11 +171,8 @@ class Mamba2Mixer(nnx.Module):
             tail_BKGF = jnp.where((sid == seq_idx[:, -1:])[..., None, None], tail_BKGF, 0)
         if self._decode_kernel():
             from mamba_jax.kernels.decode import conv_ring
-            from mamba_jax.kernels.step_out import state_slots
 
             tail_BKGF = conv_ring(tail_BKGF, x_BLD.shape[1])  # the next token decoded is at position L
-            if self._step_out_config(x_BLD.shape[0]):
-                ssm_BHPN = state_slots(ssm_BHPN)  # double-buffered: (2, B, H, P, N)
         return y_BLD, {"conv": tail_BKGF, "ssm": ssm_BHPN}
 
     def decode(self, x_BD, cache, *, pos, start):
@@ -229,50 +226,6 @@ class Mamba2Mixer(nnx.Module):
             )
         return not reason and (impl == "pallas" or gpu)
 
-    def _step_out_config(self, batch: int) -> dict | None:
-        """`kernels.step_out`'s launch shape where the decode runs the step and out_proj in one launch (opt-in:
-        MAMBA_JAX_DECODE_STEP_OUT), else None. It needs the gated norm folded into out_proj as one group and
-        out_proj's weight in the compute dtype without LoRA; its state cache is then double-buffered."""
-        from mamba_jax.kernels.step_out import step_out_config, step_out_unsupported
-
-        cfg = self.cfg
-        conf = step_out_config(batch)
-        if conf is None or not self._decode_kernel():
-            return None
-        post_norm = self.norm_folded and not (cfg.mamba_norm_per_group and cfg.mamba_num_groups > 1)
-        plain = self.out_proj[...].dtype == jnp.dtype(cfg.dtype) and not hasattr(self, lora_names("out_proj")[0])
-        why = step_out_unsupported(
-            batch, cfg.mamba_head_dim, cfg.mamba_d_state, cfg.d_model, conf["ranges"], conf["block_c"]
-        )
-        return conf if post_norm and plain and not why else None
-
-    def _decode_step_out(self, x_BD, cache, pos, residual_BD, compute_BD):
-        """`_decode_fused` with the step and out_proj in one launch (`kernels.step_out.ssm_step_out`), its float32
-        partial products summed by the residual kernel; the state cache is (2, B, H, P, N)."""
-        from mamba_jax.kernels import decode as kd
-        from mamba_jax.kernels.step_out import ssm_step_out
-
-        cfg = self.cfg
-        dtype = jnp.dtype(cfg.dtype)
-        b = x_BD.shape[0]
-        h, p = cfg.mamba_heads, cfg.mamba_head_dim
-        zx = linear(self, "in_proj", x_BD if compute_BD is None else compute_BD, 1, dtype)
-        parts, ss_BHP, conv, ssm = ssm_step_out(
-            zx, cache["conv"].astype(dtype), self.conv_weight[...], self.conv_bias[...], cache["ssm"],
-            self.A_log[...], self.D[...], self.dt_bias[...], pos, residual_BD, self.out_proj[...].reshape(h * p, -1),
-            heads=h, dt_limit=tuple(cfg.mamba_dt_limit), norm_eps=cfg.norm_eps, **self._step_out_config(b),
-        )  # fmt: skip
-        cache = {"conv": conv, "ssm": ssm}
-        if residual_BD is not None:
-            norm_res = kd.gated_norm_residual(
-                residual_BD, parts, ss_BHP, norm_dim=h * p, eps=cfg.norm_eps, out_dtype=dtype, layout="SBD",
-                copy_dtype=dtype,
-            )  # fmt: skip
-            return norm_res, cache
-        inv_B1 = jax.lax.rsqrt(jnp.sum(ss_BHP, axis=(1, 2))[:, None] / (h * p) + cfg.norm_eps)
-        out_BD = jnp.sum(parts, axis=0).astype(dtype).astype(jnp.float32)  # rounded as a GEMV's output
-        return (out_BD * inv_B1).astype(dtype), cache
-
     def _decode_fused(self, x_BD, cache, pos, residual_BD=None, compute_BD=None):
         """`decode` with the fused SSM step of `mamba_jax.kernels.decode` (conv + dt + state update + y + gate
         in one launch) between XLA's in_proj and out_proj.
@@ -287,8 +240,6 @@ class Mamba2Mixer(nnx.Module):
         from mamba_jax.kernels import decode as kd
         from mamba_jax.kernels.gemv import ROW_PAD, decode_gemv_tiles, gemv_t
 
-        if cache["ssm"].ndim == 5:  # double-buffered by prefill: the step and out_proj in one launch
-            return self._decode_step_out(x_BD, cache, pos, residual_BD, compute_BD)
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         b = x_BD.shape[0]
