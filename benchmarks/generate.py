@@ -65,16 +65,28 @@ def model_for(name: str):
 
 
 def cache_bytes_per_step(model, batch: int, prompt_len: int, new_tokens: int, state_dtype: str) -> int:
-    """Bytes of decoding cache one decode step touches: SSM states read + written, the rest read."""
+    """Bytes of decoding cache one decode step touches: SSM states read + written (written once per window
+    where the layer decodes with a state write-back window: `kernels.decode.window_size`), the rest read."""
     ids = jnp.zeros((batch, prompt_len), jnp.int32)
     _, cache = jax.eval_shape(lambda i: model.prefill(i, cache_len=prompt_len + new_tokens), ids)
     total = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]:
-        if getattr(path[-1], "key", None) == "ssm":
-            total += 2 * leaf.size * jnp.dtype(state_dtype).itemsize
+        name = getattr(path[-1], "key", None)
+        if name == "ssm":
+            win = cache_entry(cache, path[:-1], "win_x")
+            writes = 1 / win.shape[1] if win is not None else 1
+            total += (1 + writes) * leaf.size * jnp.dtype(state_dtype).itemsize
         else:
             total += leaf.size * leaf.dtype.itemsize
-    return total
+    return int(total)
+
+
+def cache_entry(cache, path, name):
+    """The entry `name` beside the leaf at `path` of a cache tree (None where there is none)."""
+    node = cache
+    for key in path:
+        node = node[getattr(key, "key", getattr(key, "idx", None))]
+    return node.get(name) if isinstance(node, dict) else None
 
 
 def time_generate(engine, prompts, new_tokens, reps=3) -> tuple[float, float]:

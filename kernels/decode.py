@@ -24,6 +24,15 @@ large batch the step is the state's read and write (84 MB per 2.7B layer at batc
 the conv work in front of every program's state read held it to ≈ 2.0 TB/s (+7.6 % tokens/s at batch 32
 split, benchmarks/README.md).
 
+With the split step the state may also be written back only every STATE_WINDOW (W) tokens (`window`):
+the state h₀ stays as it was at the window's start, and each step keeps its token's x, B and dt in a
+W-slot buffer, so the state after j + 1 tokens of the window is
+    h = exp(A Σᵢ dtᵢ) h₀ + Σᵢ exp(A Σ_{m>i} dtₘ) dtᵢ xᵢ Bᵢᵀ   (i, m ≤ j),
+and y = C h needs only C·h₀ (one read of the state) plus W small terms (Bᵢ·C) xᵢ; the last step of a
+window writes h. At large batch the state dominates a step's bytes (a 2.7B layer at batch 32: 42 MB of
+bf16 state against 80 MB of weights), and this halves its traffic, less the buffer (W/N of it) and the
+write-back (1/W). Same function: the state is rounded to its dtype every W tokens instead of every token.
+
 At batch ≤ PREFETCH_MAX_BATCH the step kernel is latency-bound and the memory bus sits idle while it runs,
 so one more row of its programs reads the first PREFETCH_FRACTION of out_proj's weight into L2 (evict_last
 loads, summed into a dummy output); out_proj then finds that part in L2. Measured +1.5–2 % tokens/s at
@@ -68,6 +77,11 @@ SPLIT_MIN_BATCH = 8
 SPLIT_K_MIN_BATCH = 16
 IN_SPLITS = 1
 OUT_SPLITS = 2
+# With the step in two launches, the state is written back every STATE_WINDOW tokens rather than every token
+# (`ssm_step(window=…)`): between write-backs each step reads the state once and adds the window's tokens
+# from a small buffer. 2.7B at batch 32: 84 → ≈ 48 MB of state traffic per layer and step (bf16 states).
+# MAMBA_JAX_DECODE_WINDOW overrides it at trace time (0: write every token), for A/B runs.
+STATE_WINDOW = 8
 PREFETCH_BLOCK = 8192  # elements per load of the L2 prefetch (16 KB of bf16 per program and load)
 
 
@@ -229,11 +243,7 @@ def _head(b, h, j, state, x, bv, cv, zx, alog_ref, d_ref, dtb_ref, g_ref, ss_ref
     f32 = jnp.float32
     r = h % r_heads
     p0 = j * bp
-    dt = jnp.sum(zx(2 * r_heads * p + 2 * s + r, 1).astype(f32)) + jnp.sum(dtb_ref[pl.ds(h, 1)].astype(f32))
-    dt = _softplus(dt)
-    lo, hi = dt_limit
-    if lo > 0.0 or hi != float("inf"):
-        dt = jnp.clip(dt, lo, hi)
+    dt = _dt(zx, dtb_ref, h, r, r_heads, p, s, dt_limit)
     a = -jnp.exp(jnp.sum(alog_ref[pl.ds(h, 1)].astype(f32)))
     state = state * jnp.exp(dt * a) + (dt * x)[:, None] * bv[None, :]
     ssm_out_ref[b, h, pl.ds(p0, bp)] = state.astype(ssm_out_ref.dtype)  # aliased with ssm_ref: in place
@@ -295,9 +305,13 @@ def _prep_kernel(zx_ref, conv_ref, cw_ref, cb_ref, u_ref, slot_ref, xbc_ref, sca
         scale_ref[pl.ds(b, 1)] = jnp.full((1,), scale)
 
 
-def _update_kernel(zx_ref, xbc_ref, scale_ref, ssm_ref, alog_ref, d_ref, dtb_ref, g_ref, ss_ref, ssm_out_ref, *,
-                   r_heads, hp, p, bp, s, dt_limit, cdtype, trigger):  # fmt: skip
+def _update_kernel(*refs, r_heads, hp, p, bp, s, nwin, dt_limit, cdtype, trigger):
     b, hb, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    if nwin:  # inputs: 7 + (slot, x, B, dt); outputs: g, ss, state + (x, B, dt)
+        zx_ref, xbc_ref, scale_ref, ssm_ref, alog_ref, d_ref, dtb_ref, wslot_ref, *win_in = refs[:11]
+        g_ref, ss_ref, ssm_out_ref, *win_out = refs[11:]
+    else:
+        zx_ref, xbc_ref, scale_ref, ssm_ref, alog_ref, d_ref, dtb_ref, g_ref, ss_ref, ssm_out_ref = refs
     h0 = hb * hp
     grp = h0 // r_heads
     rp = r_heads * p
@@ -309,16 +323,92 @@ def _update_kernel(zx_ref, xbc_ref, scale_ref, ssm_ref, alog_ref, d_ref, dtb_ref
     zx = _scaled_cols(zx_ref, b, grp, scale, cdtype)
     bv = xbc_ref[b, grp, pl.ds(rp, s)].astype(f32)
     cv = xbc_ref[b, grp, pl.ds(rp + s, s)].astype(f32)
+    if nwin:
+        wj = jnp.sum(wslot_ref[...])  # this token's slot in the window
+
+        @pl.when((h0 % r_heads == 0) & (j == 0))  # B is the group's: its first program keeps it
+        def _():
+            win_out[1][b, wj, grp, :] = bv.astype(win_out[1].dtype)
+
     for i in range(hp):
         h = h0 + i
         x_ref = xbc_ref.at[b, grp, pl.ds((h % r_heads) * p + j * bp, bp)]
         x = plt.load(x_ref, mask=lanes < bp, other=0.0).astype(f32)
-        _head(b, h, j, states[i].astype(f32), x, bv, cv, zx, alog_ref, d_ref, dtb_ref, g_ref, ss_ref, ssm_out_ref,
-              r_heads=r_heads, p=p, bp=bp, s=s, dt_limit=dt_limit, cdtype=cdtype)  # fmt: skip
+        if nwin:
+            _head_windowed(b, h, j, states[i].astype(f32), x, bv, cv, zx, alog_ref, d_ref, dtb_ref, g_ref, ss_ref,
+                           ssm_out_ref, wj, win_in, win_out, r_heads=r_heads, p=p, bp=bp, nwin=nwin,
+                           dt_limit=dt_limit, cdtype=cdtype)  # fmt: skip
+        else:
+            _head(b, h, j, states[i].astype(f32), x, bv, cv, zx, alog_ref, d_ref, dtb_ref, g_ref, ss_ref,
+                  ssm_out_ref, r_heads=r_heads, p=p, bp=bp, s=s, dt_limit=dt_limit, cdtype=cdtype)  # fmt: skip
 
 
-def _split_step(zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H, dt_bias_H, norm_in_BD, slot, *,
-                heads, hp, bp, warps, dt_limit, norm_eps, g_dtype, g_rows, trigger, cdtype):  # fmt: skip
+def _dt(zx, dtb_ref, h, r, r_heads, p, s, dt_limit):
+    """dt of head h (r-th of its group) from in_proj's column: softplus(dt + bias), clamped to dt_limit."""
+    f32 = jnp.float32
+    dt = jnp.sum(zx(2 * r_heads * p + 2 * s + r, 1).astype(f32)) + jnp.sum(dtb_ref[pl.ds(h, 1)].astype(f32))
+    dt = _softplus(dt)
+    lo, hi = dt_limit
+    if lo > 0.0 or hi != float("inf"):
+        dt = jnp.clip(dt, lo, hi)
+    return dt
+
+
+def _head_windowed(b, h, j, state, x, bv, cv, zx, alog_ref, d_ref, dtb_ref, g_ref, ss_ref, ssm_out_ref, wj, win_in,
+                   win_out, *, r_heads, p, bp, nwin, dt_limit, cdtype):  # fmt: skip
+    """`_head` with the state written back once per window (module docstring): h₀ = `state` (rows of block j)
+    as of the window's start, slots 0 … wj − 1 of the window buffers (x (B, W, H, P), B (B, W, G, S), dt
+    (B, W, H) float32) this window's earlier tokens, slot wj this token's (written here; read from
+    registers, as the write of another program may not have landed). The last slot writes h back."""
+    f32 = jnp.float32
+    wx_ref, wb_ref, wdt_ref = win_in
+    wx_out, _, wdt_out = win_out
+    r, grp = h % r_heads, h // r_heads
+    p0 = j * bp
+    s = bv.shape[0]
+    dt = _dt(zx, dtb_ref, h, r, r_heads, p, s, dt_limit)
+    a = -jnp.exp(jnp.sum(alog_ref[pl.ds(h, 1)].astype(f32)))
+    wx_out[b, wj, h, pl.ds(p0, bp)] = x.astype(wx_out.dtype)
+
+    @pl.when(j == 0)
+    def _():
+        wdt_out[b, wj, pl.ds(h, 1)] = jnp.full((1,), dt, wdt_out.dtype)
+
+    # Slot i's token: where i > wj, dt = 0 (a slot of a later token, or of the last window): it adds nothing
+    # and decays nothing.
+    xs, bs, dts = [], [], []
+    for i in range(nwin):  # unrolled: W small loads, all independent
+        now, later = i == wj, i > wj
+        xs.append(jnp.where(now, x, wx_ref[b, i, h, pl.ds(p0, bp)].astype(f32)))
+        bs.append(jnp.where(now, bv, wb_ref[b, i, grp, :].astype(f32)))
+        dt_i = jnp.where(now, dt, jnp.sum(wdt_ref[b, i, pl.ds(h, 1)]))
+        dts.append(jnp.where(later, 0.0, dt_i))
+    # decay from slot i's token to this one: exp(A Σ_{m > i} dtₘ); from the window's start: exp(A Σ dt)
+    decays, tail = [None] * nwin, jnp.zeros((), f32)
+    for i in reversed(range(nwin)):
+        decays[i] = jnp.exp(a * tail)
+        tail = tail + dts[i]
+    start_decay = jnp.exp(a * tail)
+    weights = [decays[i] * dts[i] for i in range(nwin)]  # the weight of xᵢ Bᵢᵀ in h
+    y = start_decay * jnp.sum(state * cv[None, :], axis=1) + x * jnp.sum(d_ref[pl.ds(h, 1)].astype(f32))
+    for i in range(nwin):
+        y = y + (weights[i] * jnp.sum(bs[i] * cv)) * xs[i]
+
+    @pl.when(wj == nwin - 1)  # the window is full: write the state back
+    def _():
+        new = start_decay * state
+        for i in range(nwin):
+            new = new + (weights[i] * xs[i])[:, None] * bs[i][None, :]
+        ssm_out_ref[b, h, pl.ds(p0, bp)] = new.astype(ssm_out_ref.dtype)
+
+    gated = y.astype(cdtype).astype(f32) * _silu(zx(r * p + p0, bp).astype(f32))
+    g_ref[b, pl.ds(h * p + p0, bp)] = gated.astype(g_ref.dtype)
+    ss_ref[b, h, pl.ds(j, 1)] = jnp.sum(gated * gated, keepdims=True)
+
+
+def _split_step(zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H, dt_bias_H, norm_in_BD, slot,
+                window, pos, *, heads, hp, bp, warps, dt_limit, norm_eps, g_dtype, g_rows, trigger,
+                cdtype):  # fmt: skip
     bsz, k, g, f = conv_BKGF.shape
     _, _, p, s = ssm_BHPS.shape
     bc = 1024
@@ -338,23 +428,33 @@ def _split_step(zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H
         interpret=_interpret(),
         name="ssm_step_prep",
     )(zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, norm_in_BD, slot)
+    nwin = 0 if window is None else window[0].shape[1]
     update = functools.partial(
-        _update_kernel, r_heads=heads // g, hp=hp, p=p, bp=bp, s=s, dt_limit=tuple(dt_limit), cdtype=cdtype,
-        trigger=trigger,
+        _update_kernel, r_heads=heads // g, hp=hp, p=p, bp=bp, s=s, nwin=nwin, dt_limit=tuple(dt_limit),
+        cdtype=cdtype, trigger=trigger,
     )  # fmt: skip
-    g_BF, ss_BHJ, ssm = pl.pallas_call(
+    args = [zx_BGW, xbc_BGF, scale_B, ssm_BHPS, A_log_H, D_H, dt_bias_H]
+    out_shape = [
+        jax.ShapeDtypeStruct((g_rows, heads * p), g_dtype),
+        jax.ShapeDtypeStruct((bsz, heads, p // bp), jnp.float32),
+        jax.ShapeDtypeStruct(ssm_BHPS.shape, ssm_BHPS.dtype),
+    ]
+    aliases = {3: 2}
+    if nwin:
+        args += [jnp.reshape(jnp.asarray(pos, jnp.int32) % nwin, (1,)), *window]
+        out_shape += [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in window]
+        aliases.update({8: 3, 9: 4, 10: 5})
+    g_BF, ss_BHJ, ssm, *win = pl.pallas_call(
         update,
-        out_shape=(
-            jax.ShapeDtypeStruct((g_rows, heads * p), g_dtype),
-            jax.ShapeDtypeStruct((bsz, heads, p // bp), jnp.float32),
-            jax.ShapeDtypeStruct(ssm_BHPS.shape, ssm_BHPS.dtype),
-        ),
+        out_shape=tuple(out_shape),
         grid=(bsz, heads // hp, p // bp),
-        input_output_aliases={3: 2},
+        input_output_aliases=aliases,
         compiler_params=plt.CompilerParams(num_warps=warps, num_stages=1),
         interpret=_interpret(),
         name="ssm_step_update",
-    )(zx_BGW, xbc_BGF, scale_B, ssm_BHPS, A_log_H, D_H, dt_bias_H)
+    )(*args)
+    if nwin:
+        return g_BF, ss_BHJ, conv, ssm, tuple(win)
     return g_BF, ss_BHJ, conv, ssm
 
 
@@ -374,7 +474,7 @@ def ssm_step_unsupported(p: int, s: int) -> str | None:
 def ssm_step(
     zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H, dt_bias_H, pos, norm_in_BD=None, *,
     heads, dt_limit, norm_eps=0.0, g_dtype=jnp.float32, block_p=None, heads_per_program=1, warps=4, prefetch=None,
-    prefetch_elems=0, g_rows=None, trigger=False, split=False, zx_dtype=None,
+    prefetch_elems=0, g_rows=None, trigger=False, split=False, zx_dtype=None, window=None,
 ):  # fmt: skip
     """One decode step of a Mamba2 mixer after in_proj, for the token at position `pos` (int scalar).
 
@@ -405,7 +505,13 @@ def ssm_step(
 
     zx may also be in_proj's output as float32 split-K partials (S, B, G, W) (`split_k_partials`; the decode
     runs in_proj that way only when MAMBA_JAX_DECODE_SPLITS asks, measured slower): the kernels sum them and
-    round the sum to `zx_dtype`, the compute dtype, as the GEMM's own output would be rounded."""
+    round the sum to `zx_dtype`, the compute dtype, as the GEMM's own output would be rounded.
+
+    `window` (with `split`): the buffers of the state's write-back window, (x (B, W, H, P), B (B, W, G, S),
+    dt (B, W, H) float32) as `state_window` makes them; `ssm` is then the state as of the window's start
+    (the last position p with p mod W = W − 1, or the prefill), written back by the step at a position
+    ≡ W − 1 mod W (module docstring; `window_state` computes the current state). Returns the buffers
+    updated (in place: donate them) as a fifth value."""
     bsz, k, g, _ = conv_BKGF.shape
     _, _, p, s = ssm_BHPS.shape
     reason = ssm_step_unsupported(p, s)
@@ -430,10 +536,17 @@ def ssm_step(
     slot = jnp.reshape(jnp.asarray(pos, jnp.int32) % k, (1,))
     if split and prefetch_elems:
         raise ValueError("ssm_step(split=True) does not prefetch (its launches are bandwidth-bound already).")
+    if window is not None:
+        want = state_window(bsz, heads, p, g, s, window[0].shape[1], window[0].dtype, window[1].dtype)
+        if not split or [(w.shape, w.dtype) for w in window] != [(w.shape, w.dtype) for w in want]:
+            raise ValueError(
+                f"ssm_step: window {[(w.shape, w.dtype.name) for w in window]} needs split=True and the "
+                "buffers of state_window(batch, heads, head_dim, groups, state_size, W)."
+            )
     if split:
         return _split_step(
             zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H, dt_bias_H, norm_in_BD, slot,
-            heads=heads, hp=hp, bp=bp, warps=warps, dt_limit=dt_limit, norm_eps=norm_eps, g_dtype=g_dtype,
+            window, pos, heads=heads, hp=hp, bp=bp, warps=warps, dt_limit=dt_limit, norm_eps=norm_eps, g_dtype=g_dtype,
             g_rows=g_rows, trigger=trigger, cdtype=cdtype,
         )  # fmt: skip
     pf_elems = min(prefetch_elems, prefetch.size) if prefetch is not None else 0
@@ -463,6 +576,46 @@ def ssm_step(
         name="ssm_step",
     )(*args)
     return g_BF, ss_BHJ, conv, ssm
+
+
+def state_window(batch, heads, head_dim, groups, state_size, size, x_dtype, b_dtype=None):
+    """Zeroed buffers of a state write-back window of `size` tokens for `ssm_step(window=…)`: x
+    (B, W, H, P) and B (B, W, G, S) in the compute dtype (as the step kernel reads them), dt (B, W, H)
+    float32. Zero dt in the slots before the first decoded position makes them add nothing."""
+    return (
+        jnp.zeros((batch, size, heads, head_dim), x_dtype),
+        jnp.zeros((batch, size, groups, state_size), b_dtype or x_dtype),
+        jnp.zeros((batch, size, heads), jnp.float32),
+    )
+
+
+def window_size(split: bool) -> int:
+    """The state write-back window `Mamba2Mixer` decodes with: STATE_WINDOW with the split step (large
+    batch, where the state's traffic counts), else 0 (the state written every token);
+    MAMBA_JAX_DECODE_WINDOW overrides it at trace time (0: off), for A/B runs."""
+    size = STATE_WINDOW
+    if env := _env_ints("MAMBA_JAX_DECODE_WINDOW", 1, "one integer, the window in tokens (0: off)"):
+        size = env[0]
+    return size if split and size > 1 else 0
+
+
+def window_state(ssm_BHPS, window, pos, A_log_H):
+    """The SSM state after the token at position `pos` − 1 from `ssm_step(window=…)`'s state (as of the
+    window's start) and buffers, in float32 (plain XLA: for tests and for handing the state on). Slots
+    (pos − 1) mod W + 1 … W − 1 belong to no token yet; at a window boundary (pos mod W = 0) the state is
+    `ssm_BHPS` itself."""
+    x_BWHP, b_BWGS, dt_BWH = window
+    w = x_BWHP.shape[1]
+    h, g = x_BWHP.shape[2], b_BWGS.shape[2]
+    pos = jnp.asarray(pos, jnp.int32)
+    live = (jnp.arange(w) <= (pos - 1) % w) & (pos % w != 0)  # a full window was written back already
+    dt_BWH = jnp.where(live[None, :, None], dt_BWH, 0.0)
+    dA_BWH = dt_BWH * -jnp.exp(A_log_H.astype(jnp.float32))
+    after_BWH = jnp.cumsum(dA_BWH[:, ::-1], axis=1)[:, ::-1] - dA_BWH  # Σ over the later slots
+    b_BWHS = jnp.repeat(b_BWGS.astype(jnp.float32), h // g, axis=2)
+    upd_BHPS = jnp.einsum("bwh,bwhp,bwhs->bhps", jnp.exp(after_BWH) * dt_BWH, x_BWHP.astype(jnp.float32), b_BWHS)
+    total_BH = jnp.sum(dA_BWH, axis=1)
+    return jnp.exp(total_BH)[..., None, None] * ssm_BHPS.astype(jnp.float32) + upd_BHPS
 
 
 def conv_ring(window_BCGF, pos: int):

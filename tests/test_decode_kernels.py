@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from helpers import rel_err, small_hybrid
 
-from mamba_jax.inference.engine import Engine, SamplingParams, pad_prompts
+from mamba_jax.inference.engine import Engine, SamplingParams, _with_decode_impl, pad_prompts
 from mamba_jax.inference.fold import fold_norm_weights
 from mamba_jax.kernels import decode as kd
 from mamba_jax.kernels.norm_gemv import MAX_GEMV_ROWS, norm_gemv
@@ -198,6 +198,59 @@ def test_split_k_partials_sum_to_the_product():
         kd.split_k_partials(x, w, 5)
 
 
+@pytest.mark.parametrize("groups,state_dtype,hp,window,pos0", [
+    (1, jnp.float32, 1, 4, 6),  # starts mid-window: slots before it are zero and add nothing
+    (2, jnp.float32, 2, 4, 8),  # two heads per program, two groups, starts on a window boundary
+    (2, jnp.bfloat16, 1, 8, 5),  # bf16 state: rounded every W tokens instead of every token
+])  # fmt: skip
+def test_windowed_state_write_back_equals_the_per_token_step(groups, state_dtype, hp, window, pos0):
+    """The split step with the state written back once per window: its outputs over 2½ windows equal those of
+    the step that writes the state every token, the state it writes at each window's end is that state, and
+    `window_state` recovers the current state in between."""
+    b, h, p, s, taps, steps = 3, 4, 32, 32, 3, 2 * window + window // 2 + 1
+    r = h // groups
+    f, w = r * p + 2 * s, 2 * r * p + 2 * s + r
+    ks = iter(jax.random.split(jax.random.key(pos0), 8 + steps))
+    ring = kd.conv_ring(jax.random.normal(next(ks), (b, taps, groups, f), jnp.float32), pos0)
+    cw = jax.random.normal(next(ks), (taps + 1, groups, f), jnp.float32) / 2
+    cb = jax.random.normal(next(ks), (groups, f), jnp.float32) / 4
+    ssm = jax.random.normal(next(ks), (b, h, p, s), jnp.float32).astype(state_dtype)
+    a_log = jnp.log(jax.random.uniform(next(ks), (h,), jnp.float32, 1, 16))
+    dvec, dtb = jax.random.normal(next(ks), (2, h), jnp.float32)
+    u = jax.random.normal(next(ks), (b, 48), jnp.float32) * 2
+    kw = dict(heads=h, dt_limit=(0.0, float("inf")), norm_eps=1e-5, split=True, heads_per_program=hp)
+    plain = (ring, ssm.astype(jnp.float32))
+    win = (ring, ssm, kd.state_window(b, h, p, groups, s, window, jnp.float32))
+    tol = 1e-5 if state_dtype == jnp.float32 else 2e-2
+    for t in range(steps):
+        pos = pos0 + t
+        zx = jax.random.normal(next(ks), (b, groups, w), jnp.float32)
+        g_ref, ss_ref, *plain = kd.ssm_step(zx, plain[0], cw, cb, plain[1], a_log, dvec, dtb, pos, u, **kw)
+        g, ss, conv, state, buffers = kd.ssm_step(zx, win[0], cw, cb, win[1], a_log, dvec, dtb, pos, u, window=win[2],
+                                                 **kw)  # fmt: skip
+        win = (conv, state, buffers)
+        assert rel_err(g, g_ref) <= tol, t
+        assert rel_err(ss.sum(-1), ss_ref.sum(-1)) <= 2 * tol, t
+        np.testing.assert_array_equal(conv, plain[0])
+        assert rel_err(kd.window_state(state, buffers, pos + 1, a_log), plain[1]) <= tol, t
+        if (pos + 1) % window == 0:  # written back: the state itself
+            assert state.dtype == state_dtype
+            assert rel_err(state.astype(jnp.float32), plain[1]) <= tol, t
+        else:
+            assert not np.allclose(np.asarray(state, np.float32), np.asarray(plain[1])), t  # not written back
+
+
+def test_windowed_step_rejects_mismatched_buffers():
+    ring = jnp.zeros((1, 4, 1, 48))
+    args = (jnp.zeros((1, 1, 81)), ring, jnp.zeros((4, 1, 48)), jnp.zeros((1, 48)), jnp.zeros((1, 1, 16, 16)),
+            jnp.zeros(1), jnp.zeros(1), jnp.zeros(1), 0)  # fmt: skip
+    buffers = kd.state_window(1, 1, 16, 1, 16, 4, jnp.float32)
+    with pytest.raises(ValueError, match="split=True"):
+        kd.ssm_step(*args, heads=1, dt_limit=(0.0, float("inf")), window=buffers)
+    with pytest.raises(ValueError, match="state_window"):
+        kd.ssm_step(*args, heads=1, dt_limit=(0.0, float("inf")), split=True, window=buffers[:2] + (buffers[0],))
+
+
 def _kernel_model(pattern, **changes):
     # head_dim 16: the step kernel needs powers of two ≥ 16 (the shared helpers' 8 falls back to XLA).
     return small_hybrid(pattern=pattern, mamba_head_dim=16, **changes)
@@ -270,6 +323,29 @@ def test_kernel_decoding_with_the_mosaic_out_proj_equals_full_forward(monkeypatc
     for b, (p, c) in enumerate(zip(prompts, cont, strict=True)):
         full = reference(jnp.asarray([p + c]))[0, len(p) :]
         assert rel_err(inc[b], full) <= 1e-4, b
+
+
+def test_windowed_decoding_equals_full_forward(monkeypatch):
+    """Batch 8 takes the split step and with it the state write-back window (here 5 tokens: the prompts pad
+    to 24, so decoding starts in a window's last slot, then crosses a full window): teacher-forced logits
+    equal the full forward's, and the Engine's greedy tokens equal those of XLA's decode path."""
+    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW", "5")
+    reference = _random_norm_weights(init_model(_kernel_model("M*-M", mamba_num_groups=1), seed=3), seed=4)
+    model = _with_decode_impl(fold_norm_weights(nnx.clone(reference)), "pallas")
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(1, 250, n).tolist() for n in rng.integers(2, 20, 8)]
+    cont = [rng.integers(1, 250, 9).tolist() for _ in prompts]
+    _, cache, l, _ = _prefill(model, prompts, 9)
+    assert l % 5 == 4 and cache[0][0]["win_x"].shape[1] == 5  # decoding starts in a window's last slot
+    inc = _teacher_forced_logits(model, prompts, cont, 9)
+    for b, (p, c) in enumerate(zip(prompts, cont, strict=True)):
+        full = reference(jnp.asarray([p + c]))[0, len(p) :]
+        assert rel_err(inc[b], full) <= 1e-4, b
+    params = SamplingParams(max_new_tokens=9, temperature=0.0)
+    fused = Engine(reference, decode_impl="pallas").generate(prompts, params)
+    xla = Engine(reference, decode_impl="xla").generate(prompts, params)
+    assert fused.tokens == xla.tokens
+    np.testing.assert_allclose(fused.logprobs, xla.logprobs, rtol=1e-4, atol=1e-5)
 
 
 def test_engine_with_kernels_generates_as_without():
@@ -356,13 +432,14 @@ def test_kernels_at_real_widths_on_gpu(monkeypatch, groups, batch, gemv):
     f32 = init_model(cfg, seed=1)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, 1000, n).tolist() for n in rng.integers(10, 60, batch)]
-    cont = [rng.integers(1, 1000, 6).tolist() for _ in range(batch)]
-    want = _teacher_forced_logits(f32, prompts, cont, 6)
+    # 12 steps: at batch ≥ 8 decoding crosses a state write-back (prompts pad to multiples of 8 = STATE_WINDOW)
+    cont = [rng.integers(1, 1000, 12).tolist() for _ in range(batch)]
+    want = _teacher_forced_logits(f32, prompts, cont, 12)
     bf16 = nnx.merge(*_cast_state(nnx.split(f32), "bfloat16"))
     err = {}
     for impl in ("pallas", "xla"):
         model = _with_decode_impl(nnx.clone(bf16), impl)
         if impl == "pallas":  # as the Engine does: the out_proj variants (Mosaic GEMV, split-K) need folded norms
             model = fold_norm_weights(model)
-        err[impl] = rel_err(_teacher_forced_logits(model, prompts, cont, 6), want)
+        err[impl] = rel_err(_teacher_forced_logits(model, prompts, cont, 12), want)
     assert err["pallas"] <= 1.5 * err["xla"] + 1e-3, err

@@ -70,6 +70,27 @@ def test_ssm_step_lowers(as_h100, batch, state_dtype, prefetch, trigger, hp, spl
            _s((d, 2 * d), bf16))  # fmt: skip
 
 
+@pytest.mark.parametrize("state_dtype,hp,groups", [(jnp.bfloat16, 1, 1), (jnp.float32, 2, 2)])
+def test_windowed_ssm_step_lowers(as_h100, state_dtype, hp, groups):
+    """The split step with the state written back once per window (`ssm_step(window=…)`)."""
+    batch, h, p, s, k, d, nwin = 32, 8, 64, 128, 4, 512, 8
+    w = 2 * h // groups * p + 2 * s + h // groups
+    f = h // groups * p + 2 * s
+    bf16 = jnp.bfloat16
+    step = functools.partial(
+        kd.ssm_step, heads=h, dt_limit=(0.0, float("inf")), norm_eps=1e-5, g_dtype=bf16, heads_per_program=hp,
+        split=True,
+    )  # fmt: skip
+
+    def fn(zx, conv, cw, cb, ssm, a_log, dvec, dtb, u, pos):
+        window = kd.state_window(batch, h, p, groups, s, nwin, bf16)
+        return step(zx, conv, cw, cb, ssm, a_log, dvec, dtb, pos, u, window=window)
+
+    _lower(fn, _s((batch, groups, w), bf16), _s((batch, k, groups, f), bf16), _s((k, groups, f), bf16),
+           _s((groups, f), bf16), _s((batch, h, p, s), state_dtype), _s((h,)), _s((h,)), _s((h,)), _s((batch, d)),
+           _s((), jnp.int32))  # fmt: skip
+
+
 @pytest.mark.parametrize("layout", [None, "SDB", "SBD"])
 def test_gated_norm_residual_lowers(as_h100, layout):
     b, d = 3, 2560

@@ -169,11 +169,13 @@ class Mamba2Mixer(nnx.Module):
         if seq_idx is not None:  # inputs of an earlier document must not reach the conv of the last one
             sid = jnp.pad(seq_idx, ((0, 0), (pad, 0)), constant_values=-1)[:, seq_idx.shape[1] + pad - (k - 1) :]
             tail_BKGF = jnp.where((sid == seq_idx[:, -1:])[..., None, None], tail_BKGF, 0)
+        cache = {"ssm": ssm_BHPN}
         if self._decode_kernel():
-            from mamba_jax.kernels.decode import conv_ring
+            from mamba_jax.kernels import decode as kd
 
-            tail_BKGF = conv_ring(tail_BKGF, x_BLD.shape[1])  # the next token decoded is at position L
-        return y_BLD, {"conv": tail_BKGF, "ssm": ssm_BHPN}
+            tail_BKGF = kd.conv_ring(tail_BKGF, x_BLD.shape[1])  # the next token decoded is at position L
+            cache.update(self._window_buffers(x_BLD.shape[0]))
+        return y_BLD, {"conv": tail_BKGF, **cache}
 
     def decode(self, x_BD, cache, *, pos, start):
         """One token per row: (B, D) → (B, D), with the cache advanced by that token."""
@@ -198,6 +200,20 @@ class Mamba2Mixer(nnx.Module):
         return out_B1D[:, 0], {"conv": window_BKGF[:, 1:], "ssm": ssm_BHPN.astype(cache["ssm"].dtype)}
 
     # --- inference: the fused decode kernel ------------------------------------------------------------------
+    def _window_buffers(self, batch: int) -> dict:
+        """The fused decode's state write-back window (`kernels.decode.window_size`: at the batches that run
+        the split step), as cache entries; none where the state is written every token."""
+        from mamba_jax.kernels import decode as kd
+
+        cfg = self.cfg
+        h, p, g = cfg.mamba_heads, cfg.mamba_head_dim, cfg.mamba_num_groups
+        size = kd.window_size(kd.step_config(batch, h // g, p)["split"])
+        if not size:
+            return {}
+        dtype = jnp.dtype(cfg.dtype)
+        x, b, dt = kd.state_window(batch, h, p, g, cfg.mamba_d_state, size, dtype)
+        return {"win_x": x, "win_B": b, "win_dt": dt}
+
     def _decode_kernel_unsupported(self) -> str | None:
         cfg = self.cfg
         try:  # lazy: Pallas imports cost start-up time
@@ -266,7 +282,13 @@ class Mamba2Mixer(nnx.Module):
             zx = linear(self, "in_proj", x_in, 1, dtype)
         # While the step kernel runs (latency-bound at small batch) it pulls out_proj's weight into L2.
         pf = kd.prefetch_elems(b, w_out.size) if post_norm and not step["split"] else 0
-        g_BF, ss_BHJ, conv, ssm = kd.ssm_step(
+        window = tuple(cache[k] for k in ("win_x", "win_B", "win_dt")) if "win_x" in cache else None
+        if window is not None and not step["split"]:
+            raise ValueError(
+                "this decoding cache holds a state write-back window, which needs the split step kernel "
+                "(MAMBA_JAX_DECODE_STEP / MAMBA_JAX_DECODE_WINDOW changed between prefill and decode?)"
+            )
+        g_BF, ss_BHJ, conv, ssm, *win = kd.ssm_step(
             zx,
             cache["conv"].astype(dtype),
             self.conv_weight[...],
@@ -286,9 +308,12 @@ class Mamba2Mixer(nnx.Module):
             g_rows=-(-b // ROW_PAD) * ROW_PAD if tiles else None,
             trigger=tiles is not None,
             zx_dtype=dtype,
+            window=window,
             **step,
         )
         cache = {"conv": conv, "ssm": ssm}
+        if window is not None:
+            cache.update(zip(("win_x", "win_B", "win_dt"), win[0], strict=True))
         if not post_norm:
             out_BD = self._out(g_BF.reshape(b, 1, h, p))[:, 0]
             if residual_BD is None:
