@@ -1,0 +1,753 @@
+// Probe: one CUDA launch per token for the decode step of Mamba2 2.7B at batch 1 (a "megakernel"), to
+// measure whether a dataflow design reaches the ≈ 33 µs per layer that 450 tokens/s needs
+// (benchmarks/README.md, "Generation": the separate XLA / Pallas kernels take 39.6 µs per layer, and the
+// Mosaic GPU probes with grid barriers 41–43).
+//
+// Design (after Hazy Research's "No Bubbles" megakernel): one CTA per SM, all resident (cooperative launch).
+// In every CTA a producer warp streams the CTA's share of every layer's weights — its rows of in_proj, then
+// its rows of out_proj, layer after layer — through a ring of shared-memory slots with bulk async copies
+// (cp.async.bulk + mbarrier), never waiting on data: weights do not depend on the token. Eight consumer
+// warps multiply each slot by the layer's input and synchronise with the other CTAs only through counters
+// in global memory, one per (phase, layer), waited for by polling:
+//   A  wait out_proj(l − 1) done by all CTAs; read the residual h (fp32, D), round it to bf16, its 1/rms;
+//   B  in_proj rows (weights stored transposed, a row = one output feature, K contiguous) · x → zx · 1/rms;
+//      arrive in_done[l];
+//   C  CTA c < H: the SSM step of head c once in_done[l] is complete — conv (ring of K slots, in place),
+//      softplus dt, the state update of its (P, N) bf16 state, y, D skip, SiLU(z) gate → g, Σ g²; arrive
+//      step_done[l];
+//   D  wait step_done[l]; g (bf16, DI) and the gated norm's 1/rms from the 80 Σ g²; out_proj rows · g;
+//      h[j] += bf16(o_j · 1/rms); arrive out_done[l].
+// The ring keeps the memory system busy while consumers wait at a counter, so a wait costs stream time only
+// when it outlasts the ring (slots · slot bytes at ≈ 20 GB/s per SM).
+//
+// Modes: 0 the full step; 1 no waits and no SSM step (the weight stream and its GEMVs alone: the ceiling);
+// 2 the waits without the SSM step (what the counters cost); 3 the ring alone (slots released unread). With
+// --trace, one more launch per config records %globaltimer at the phase boundaries of every (CTA, layer),
+// summarised as medians (`phases_us`) and as the layer's critical path (`path_us`). The norms' weights are taken as folded into the
+// projections (as mamba_jax.inference.fold does), so they do not appear.
+//
+// Correctness: a reference runs the same math as separate kernels (one per phase, the same device functions
+// and reduction orders, compiled with --fmad=false), so the megakernel's final residual, SSM states and conv
+// ring must equal it bit for bit after several tokens; that checks the cross-CTA synchronisation and the
+// ring protocol, not the Mamba2 math (which mamba_jax's own kernels and tests check against references).
+//
+//   nvcc -O3 -std=c++17 -arch=sm_90a --fmad=false -o /tmp/mk benchmarks/megakernel_probe.cu
+//   /tmp/mk [--layers 64] [--tokens 20] [--configs MODE:SLOT_BYTES:STAGES,...]
+// prints one JSON object per line (read ceiling, correctness, one per config); megakernel_probe.py runs it.
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#define CK(x)                                                                                   \
+  do {                                                                                          \
+    cudaError_t e_ = (x);                                                                       \
+    if (e_ != cudaSuccess) {                                                                    \
+      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));        \
+      exit(1);                                                                                  \
+    }                                                                                           \
+  } while (0)
+
+typedef __nv_bfloat16 bf16;
+
+// Mamba2 2.7B: d_model 2560, 80 heads of 64, d_state 128, one group, conv width 4.
+constexpr int D = 2560, H = 80, P = 64, NS = 128, DI = H * P, CX = DI + 2 * NS, NIN = 2 * DI + 2 * NS + H, KW = 4;
+constexpr float EPS = 1e-5f;
+constexpr int W = 8;                  // consumer warps
+constexpr int CT = 32 * W;            // consumer threads
+constexpr int THREADS = CT + 32;      // + the producer warp
+constexpr int MAX_PARTS = 2048;       // floats of per-(row, segment) partial sums in shared memory
+constexpr int NEV = 11;               // trace events per (CTA, layer), see `megakernel`
+
+struct Params {
+  const bf16* win;      // [L][NIN][D]  in_proj, transposed: row j = output feature j
+  const bf16* wout;     // [L][D][DI]   out_proj, transposed
+  const float* conv_w;  // [L][CX][KW]
+  const float* conv_b;  // [L][CX]
+  const float* a_log;   // [L][H]
+  const float* dskip;   // [L][H]
+  const float* dt_bias; // [L][H]
+  bf16* ring;           // [L][CX][KW]  conv inputs, slot = position mod KW
+  bf16* state;          // [L][H][P][NS]
+  float* h;             // [D]   the residual stream (in / out)
+  float* zx;            // [NIN] in_proj's output (scratch, reused by every layer)
+  bf16* g;              // [DI]  the gated SSM output (scratch)
+  float* gss;           // [H]   Σ g² per head (scratch)
+  bf16* xb;             // [D]   reference only: the bf16 residual
+  float* parts;         // reference only: partial sums
+  float* scal;          // reference only: 1/rms values
+  unsigned* cnt;        // [3][L] monotonic counters: in_done, step_done, out_done
+  unsigned long long* trace;  // [G][L][NEV] %globaltimer at the phase boundaries, or null
+  int layers, pos, epoch, mode, slot, stages;
+};
+
+// ---------------------------------------------------------------- PTX helpers
+__device__ __forceinline__ uint32_t sa(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(uint64_t* b, unsigned n) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(sa(b)), "r"(n) : "memory");
+}
+__device__ __forceinline__ bool mbar_try(uint64_t* b, unsigned parity) {
+  uint32_t ok;
+  asm volatile(
+      "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+      : "=r"(ok)
+      : "r"(sa(b)), "r"(parity)
+      : "memory");
+  return ok;
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* b, unsigned parity) {
+  while (!mbar_try(b, parity)) {
+  }
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* b) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(sa(b)) : "memory");
+}
+__device__ __forceinline__ void mbar_expect(uint64_t* b, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(sa(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned bytes, uint64_t* bar, uint64_t pol) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
+          sa(dst)),
+      "l"(src), "r"(bytes), "r"(sa(bar)), "l"(pol)
+      : "memory");
+}
+__device__ __forceinline__ unsigned long long globaltimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+// The consumer warps' own barrier (named barrier 1): the producer warp never joins it.
+__device__ __forceinline__ void cbar() { asm volatile("bar.sync 1, %0;" ::"r"(CT) : "memory"); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float dot8(uint4 a, uint4 b, float acc) {
+  const __nv_bfloat162* pa = reinterpret_cast<const __nv_bfloat162*>(&a);
+  const __nv_bfloat162* pb = reinterpret_cast<const __nv_bfloat162*>(&b);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 fa = __bfloat1622float2(pa[i]), fb = __bfloat1622float2(pb[i]);
+    acc = fmaf(fa.x, fb.x, acc);
+    acc = fmaf(fa.y, fb.y, acc);
+  }
+  return acc;
+}
+__device__ __forceinline__ float silu(float v) { return v / (1.f + expf(-v)); }
+__device__ __forceinline__ float rnd(float v) { return __bfloat162float(__float2bfloat16(v)); }
+
+// Rows [lo, hi) of a phase's n output features that CTA c of G owns.
+__host__ __device__ inline void rows_of(int n, int c, int G, int& lo, int& hi) {
+  lo = (int)((long long)c * n / G);
+  hi = (int)((long long)(c + 1) * n / G);
+}
+
+// --------------------------------------------------------- shared device functions (megakernel and reference)
+// Σ over the CT consumer threads of v, in a fixed order; red: W floats of shared memory.
+__device__ float block_sum(float v, float* red, int tid) {
+  v = warp_sum(v);
+  if ((tid & 31) == 0) red[tid >> 5] = v;
+  cbar();
+  float s = 0.f;
+  for (int i = 0; i < W; ++i) s += red[i];
+  cbar();
+  return s;
+}
+
+// x_s ← bf16(h); returns 1/rms(h).
+__device__ float load_residual(const float* h, bf16* x_s, float* red, int tid) {
+  static_assert(D % CT == 0, "D must be a multiple of the consumer threads");
+  float v[D / CT], ss = 0.f;
+#pragma unroll
+  for (int i = 0; i < D / CT; ++i) v[i] = __ldcg(h + tid + i * CT);  // all loads in flight at once
+#pragma unroll
+  for (int i = 0; i < D / CT; ++i) {
+    x_s[tid + i * CT] = __float2bfloat16(v[i]);
+    ss = fmaf(v[i], v[i], ss);
+  }
+  return rsqrtf(block_sum(ss, red, tid) / D + EPS);
+}
+
+// One warp's share of a GEMV row: segment sg of segs of the K-long dot product of w_row and x (both bf16,
+// shared or global memory), lane-strided over 16-byte vectors.
+__device__ __forceinline__ float row_dot(const bf16* w_row, const bf16* x, int K, int sg, int segs, int lane) {
+  const uint4* wv = reinterpret_cast<const uint4*>(w_row);
+  const uint4* xv = reinterpret_cast<const uint4*>(x);
+  int nv = K / 8, v0 = sg * nv / segs, v1 = (sg + 1) * nv / segs;
+  float acc = 0.f;
+  for (int v = v0 + lane; v < v1; v += 32) acc = dot8(wv[v], xv[v], acc);
+  return warp_sum(acc);
+}
+
+// The SSM step of head hd in layer l (CT threads); sx: P + 2·NS floats, sz: P floats, red: W floats.
+__device__ void ssm_step(const Params& p, int l, int hd, float* sx, float* sz, float* red, int tid, bool ring_bc) {
+  for (int i = tid; i < P + 2 * NS; i += CT) {
+    int ch = i < P ? hd * P + i : DI + (i - P);  // x channels of the head, then B, then C
+    float cur = __ldcg(p.zx + DI + ch);
+    const float* w = p.conv_w + ((size_t)l * CX + ch) * KW;
+    bf16* rg = p.ring + ((size_t)l * CX + ch) * KW;
+    float acc = fmaf(w[KW - 1], cur, p.conv_b[(size_t)l * CX + ch]);
+    for (int j = 0; j < KW - 1; ++j) acc = fmaf(w[j], __bfloat162float(rg[(p.pos + 1 + j) & (KW - 1)]), acc);
+    sx[i] = silu(acc);
+    // Slot pos mod KW holds the input of pos − KW, which no conv reads any more: writing it races with nobody.
+    // The B / C channels are shared by all heads: one CTA writes them.
+    if (i < P || ring_bc) rg[p.pos & (KW - 1)] = __float2bfloat16(cur);
+  }
+  for (int i = tid; i < P; i += CT) sz[i] = __ldcg(p.zx + hd * P + i);
+  float dt = __ldcg(p.zx + 2 * DI + 2 * NS + hd) + p.dt_bias[(size_t)l * H + hd];
+  dt = dt > 20.f ? dt : log1pf(expf(dt));
+  float da = expf(-dt * expf(p.a_log[(size_t)l * H + hd]));
+  cbar();
+  int row = tid >> 2, q = tid & 3;  // 4 threads per state row, 32 states each
+  uint4* st = reinterpret_cast<uint4*>(p.state + (((size_t)l * H + hd) * P + row) * NS + q * 32);
+  float xdt = sx[row] * dt, y = 0.f;
+  const float* bv = sx + P + q * 32;
+  const float* cv = sx + P + NS + q * 32;
+  uint4 u4[4];
+#pragma unroll
+  for (int v = 0; v < 4; ++v) u4[v] = st[v];
+#pragma unroll
+  for (int v = 0; v < 4; ++v) {
+    uint4& u = u4[v];
+    __nv_bfloat162* e = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float2 s = __bfloat1622float2(e[i]);
+      int n = v * 8 + 2 * i;
+      s.x = fmaf(s.x, da, xdt * bv[n]);
+      s.y = fmaf(s.y, da, xdt * bv[n + 1]);
+      e[i] = __floats2bfloat162_rn(s.x, s.y);
+      float2 r = __bfloat1622float2(e[i]);  // y reads the state as stored
+      y = fmaf(r.x, cv[n], y);
+      y = fmaf(r.y, cv[n + 1], y);
+    }
+  }
+#pragma unroll
+  for (int v = 0; v < 4; ++v) st[v] = u4[v];
+  y += __shfl_xor_sync(0xffffffffu, y, 1);
+  y += __shfl_xor_sync(0xffffffffu, y, 2);
+  float g2 = 0.f;
+  if (q == 0) {
+    float gv = rnd(fmaf(p.dskip[(size_t)l * H + hd], sx[row], y) * silu(sz[row]));
+    p.g[hd * P + row] = __float2bfloat16(gv);
+    g2 = gv * gv;
+  }
+  float s = block_sum(g2, red, tid);
+  if (tid == 0) p.gss[hd] = s;
+}
+
+// 1/rms of the gated norm's input from the heads' Σ g², by one warp (the loads in flight at once).
+__device__ float gated_inv(const Params& p, int lane) {
+  static_assert(H <= 96, "three loads per lane");
+  float a = lane < H ? __ldcg(p.gss + lane) : 0.f;
+  float b = lane + 32 < H ? __ldcg(p.gss + lane + 32) : 0.f;
+  float c = lane + 64 < H ? __ldcg(p.gss + lane + 64) : 0.f;
+  return rsqrtf(warp_sum(a + b + c) / DI + EPS);
+}
+__device__ __forceinline__ float residual_update(const Params& p, int j, float o, float inv) {
+  return __ldcg(p.h + j) + rnd(rnd(o) * inv);
+}
+
+// ----------------------------------------------------------------------------------------- the megakernel
+__device__ void wait_count(const unsigned* c, unsigned target, int tid) {
+  if (tid == 0)
+    while (ld_acquire(c) < target) {
+    }
+  cbar();
+}
+__device__ void arrive_count(unsigned* c, int tid) {  // bar.sync, then one release (as grid.sync does)
+  cbar();
+  if (tid == 0) {
+    __threadfence();
+    atomicAdd(c, 1u);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int G = gridDim.x, c = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  unsigned char* ring = smem;
+  bf16* x_s = reinterpret_cast<bf16*>(smem + (size_t)p.stages * p.slot);
+  float* parts = reinterpret_cast<float*>(x_s + DI);
+  float* sx = parts + MAX_PARTS;
+  float* sz = sx + P + 2 * NS;
+  float* red = sz + P;
+  float* misc = red + W;
+  uint64_t* full = reinterpret_cast<uint64_t*>(misc + 8);
+  uint64_t* empty = full + p.stages;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < p.stages; ++s) {
+      mbar_init(full + s, 1);
+      mbar_init(empty + s, W);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  const int K_[2] = {D, DI}, N_[2] = {NIN, D};
+  if (warp == W) {  // the producer: every layer's weight rows of this CTA, in the consumers' order
+    if (lane == 0) {
+      uint64_t pol;
+      asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+      int k = 0;
+      for (int l = 0; l < p.layers; ++l)
+        for (int ph = 0; ph < 2; ++ph) {
+          int rb = K_[ph] * 2, R = p.slot / rb, lo, hi;
+          rows_of(N_[ph], c, G, lo, hi);
+          const unsigned char* base = ph == 0 ? reinterpret_cast<const unsigned char*>(p.win + (size_t)l * NIN * D)
+                                              : reinterpret_cast<const unsigned char*>(p.wout + (size_t)l * D * DI);
+          for (int r0 = lo; r0 < hi; r0 += R, ++k) {
+            int s = k % p.stages;
+            unsigned bytes = (unsigned)(min(R, hi - r0) * rb);
+            mbar_wait(empty + s, ((k / p.stages) & 1) ^ 1);
+            mbar_expect(full + s, bytes);
+            bulk_load(ring + (size_t)s * p.slot, base + (size_t)r0 * rb, bytes, full + s, pol);
+          }
+        }
+    }
+    return;
+  }
+
+  const int tid = threadIdx.x;
+  const unsigned G_ = (unsigned)G * p.epoch, H_ = (unsigned)H * p.epoch;
+  unsigned* in_done = p.cnt;
+  unsigned* step_done = p.cnt + p.layers;
+  unsigned* out_done = p.cnt + 2 * p.layers;
+  const bool gemv = p.mode != 3, waits = p.mode == 0 || p.mode == 2, step = p.mode == 0;
+  // Trace events (thread 0, %globaltimer ns): 0 layer start, 1 residual ready, 2 x loaded, 3 in_proj rows done,
+  // 4 in_done arrived, 5 in_done complete (step CTAs), 6 step done, 7 g ready, 8 g loaded, 9 out_proj rows done,
+  // 10 out_done arrived.
+  auto ev = [&](int l, int e) {
+    if (p.trace && tid == 0) p.trace[((size_t)c * p.layers + l) * NEV + e] = globaltimer();
+  };
+  int k = 0;
+  for (int l = 0; l < p.layers; ++l) {
+    for (int ph = 0; ph < 2; ++ph) {
+      float scale = 1.f;
+      if (ph == 0) {  // A: the residual after layer l − 1
+        ev(l, 0);
+        if (l > 0 && waits) wait_count(out_done + l - 1, G_, tid);
+        ev(l, 1);
+        if (gemv) scale = load_residual(p.h, x_s, red, tid);
+        ev(l, 2);
+      } else {  // D: g after every head's step
+        if (step) wait_count(step_done + l, H_, tid);
+        if (p.mode == 2) wait_count(in_done + l, G_, tid);
+        ev(l, 7);
+        if (gemv) {
+          const uint4* gv = reinterpret_cast<const uint4*>(p.g);
+          uint4* xv = reinterpret_cast<uint4*>(x_s);
+          constexpr int NV = DI / 8, PER = (NV + CT - 1) / CT;
+          uint4 t[PER];
+#pragma unroll
+          for (int i = 0; i < PER; ++i)
+            if (tid + i * CT < NV) t[i] = __ldcg(gv + tid + i * CT);
+#pragma unroll
+          for (int i = 0; i < PER; ++i)
+            if (tid + i * CT < NV) xv[tid + i * CT] = t[i];
+          if (warp == 0) {
+            float v = gated_inv(p, lane);
+            if (lane == 0) misc[0] = v;
+          }
+          cbar();
+          scale = misc[0];
+        }
+        ev(l, 8);
+      }
+      // B / D: this CTA's rows of the projection, slot by slot as the producer fills them.
+      const int K = K_[ph], rb = K * 2, R = p.slot / rb, segs = W / R;
+      int lo, hi;
+      rows_of(N_[ph], c, G, lo, hi);
+      for (int r0 = lo; r0 < hi; r0 += R, ++k) {
+        int s = k % p.stages, rows = min(R, hi - r0), r = warp % R, sg = warp / R;
+        mbar_wait(full + s, (k / p.stages) & 1);
+        if (gemv && r < rows) {
+          float v = row_dot(reinterpret_cast<const bf16*>(ring + (size_t)s * p.slot + (size_t)r * rb), x_s, K, sg, segs,
+                            lane);
+          if (lane == 0) parts[(r0 - lo + r) * segs + sg] = v;
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty + s);
+      }
+      cbar();
+      ev(l, ph == 0 ? 3 : 9);
+      for (int i = tid; gemv && i < hi - lo; i += CT) {
+        float o = 0.f;
+        for (int s = 0; s < segs; ++s) o += parts[i * segs + s];
+        if (ph == 0)
+          p.zx[lo + i] = o * scale;
+        else
+          p.h[lo + i] = residual_update(p, lo + i, o, scale);
+      }
+      arrive_count((ph == 0 ? in_done : out_done) + l, tid);
+      ev(l, ph == 0 ? 4 : 10);
+      if (ph == 0 && step && c < H) {  // C: the SSM step of head c
+        wait_count(in_done + l, G_, tid);
+        ev(l, 5);
+        ssm_step(p, l, c, sx, sz, red, tid, c == 0);
+        arrive_count(step_done + l, tid);
+        ev(l, 6);
+      }
+    }
+  }
+}
+
+// --------------------------------------------------------------------- the reference: one launch per phase
+__global__ void ref_residual(Params p) {
+  __shared__ float red[W];
+  float inv = load_residual(p.h, p.xb, red, threadIdx.x);
+  if (threadIdx.x == 0) p.scal[0] = inv;
+}
+__global__ void ref_gemv(Params p, int ph, int l, int segs, const bf16* x) {  // block = one row, warp = segment
+  int j = blockIdx.x, sg = threadIdx.x >> 5, K = ph == 0 ? D : DI;
+  const bf16* w = ph == 0 ? p.win + ((size_t)l * NIN + j) * D : p.wout + ((size_t)l * D + j) * DI;
+  float v = row_dot(w, x, K, sg, segs, threadIdx.x & 31);
+  if ((threadIdx.x & 31) == 0) p.parts[(size_t)j * segs + sg] = v;
+}
+__global__ void ref_epilogue(Params p, int ph, int segs) {
+  int j = blockIdx.x * blockDim.x + threadIdx.x, n = ph == 0 ? NIN : D;
+  if (j >= n) return;
+  float o = 0.f;
+  for (int s = 0; s < segs; ++s) o += p.parts[(size_t)j * segs + s];
+  if (ph == 0)
+    p.zx[j] = o * p.scal[0];
+  else
+    p.h[j] = residual_update(p, j, o, p.scal[1]);
+}
+__global__ void ref_step(Params p, int l) {
+  __shared__ float sx[P + 2 * NS], sz[P], red[W];
+  ssm_step(p, l, blockIdx.x, sx, sz, red, threadIdx.x, blockIdx.x == 0);
+}
+__global__ void ref_gated_inv(Params p) {
+  float v = gated_inv(p, threadIdx.x);
+  if (threadIdx.x == 0) p.scal[1] = v;
+}
+
+// --------------------------------------------------------------------------------------------- the host
+__global__ void fill_bf16(bf16* x, size_t n, uint32_t seed, float scale) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    uint32_t v = (uint32_t)i * 2654435761u ^ seed;
+    v ^= v >> 15; v *= 2246822519u; v ^= v >> 13; v *= 3266489917u; v ^= v >> 16;
+    x[i] = __float2bfloat16(((v >> 8) * (1.f / 16777216.f) * 2.f - 1.f) * scale);
+  }
+}
+__global__ void read_sum(const uint4* x, size_t n, float* out) {
+  float acc = 0.f;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    uint4 v = __ldcs(x + i);
+    acc += __uint_as_float(v.x) + __uint_as_float(v.y) + __uint_as_float(v.z) + __uint_as_float(v.w);
+  }
+  acc = warp_sum(acc);
+  if ((threadIdx.x & 31) == 0) atomicAdd(out, acc);
+}
+
+static std::vector<float> host_rand(size_t n, uint32_t seed, float lo, float hi) {
+  std::vector<float> v(n);
+  uint64_t s = seed * 6364136223846793005ull + 1442695040888963407ull;
+  for (auto& x : v) {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    x = lo + (hi - lo) * (float)((s >> 40) * (1.0 / 16777216.0));
+  }
+  return v;
+}
+template <class T> static T* dev(size_t n) {
+  T* p;
+  CK(cudaMalloc(&p, n * sizeof(T)));
+  return p;
+}
+template <class T> static T* upload(const std::vector<T>& v) {
+  T* p = dev<T>(v.size());
+  CK(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return p;
+}
+template <class T> static std::vector<T> download(const T* p, size_t n) {
+  std::vector<T> v(n);
+  CK(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+  return v;
+}
+
+struct Config {
+  int mode, slot, stages;
+};
+
+static size_t smem_bytes(const Config& c) {
+  return (size_t)c.stages * c.slot + DI * 2 + (MAX_PARTS + P + 2 * NS + P + W + 8) * 4 + 2 * c.stages * 8;
+}
+
+static void launch(Params p, const Config& c, int G) {
+  p.mode = c.mode;
+  p.slot = c.slot;
+  p.stages = c.stages;
+  void* args[] = {&p};
+  CK(cudaLaunchCooperativeKernel((void*)megakernel, G, THREADS, args, smem_bytes(c), 0));
+}
+
+static double median(std::vector<double> v) {
+  if (v.empty()) return NAN;
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// One more launch with the trace on; medians over (CTA, layer ≥ 1) of each phase, and per layer the critical
+// path: the last CTA's residual ready → its in_proj done → the last step done → the last out_done arrival.
+static std::string trace_summary(Params p, const Config& c, int G, int& e, int L) {
+  size_t n = (size_t)G * L * NEV;
+  p.trace = dev<unsigned long long>(n);
+  CK(cudaMemset(p.trace, 0, n * 8));
+  p.pos = e, p.epoch = ++e;
+  launch(p, c, G);
+  CK(cudaDeviceSynchronize());
+  auto t = download(p.trace, n);
+  CK(cudaFree(p.trace));
+  auto T = [&](int cta, int l, int ev) { return (double)t[((size_t)cta * L + l) * NEV + ev]; };
+  const char* names[] = {"wait_prev", "residual", "in_rows", "in_arrive", "step_wait", "step", "out_wait", "g_load",
+                         "out_rows", "out_arrive"};
+  std::vector<double> ph[10], path[4];
+  for (int l = 1; l < L; ++l) {
+    double last_out_prev = 0, last_in = 0, last_step = 0, last_out = 0;
+    for (int cta = 0; cta < G; ++cta) {
+      bool st = c.mode == 0 && cta < H;
+      ph[0].push_back(T(cta, l, 1) - T(cta, l, 0));
+      ph[1].push_back(T(cta, l, 2) - T(cta, l, 1));
+      ph[2].push_back(T(cta, l, 3) - T(cta, l, 2));
+      ph[3].push_back(T(cta, l, 4) - T(cta, l, 3));
+      if (st) {
+        ph[4].push_back(T(cta, l, 5) - T(cta, l, 4));
+        ph[5].push_back(T(cta, l, 6) - T(cta, l, 5));
+        last_step = fmax(last_step, T(cta, l, 6));
+      }
+      ph[6].push_back(T(cta, l, 7) - T(cta, l, st ? 6 : 4));
+      ph[7].push_back(T(cta, l, 8) - T(cta, l, 7));
+      ph[8].push_back(T(cta, l, 9) - T(cta, l, 8));
+      ph[9].push_back(T(cta, l, 10) - T(cta, l, 9));
+      last_out_prev = fmax(last_out_prev, T(cta, l - 1, 10));
+      last_in = fmax(last_in, T(cta, l, 3));
+      last_out = fmax(last_out, T(cta, l, 10));
+    }
+    path[0].push_back(last_in - last_out_prev);
+    path[1].push_back(c.mode == 0 ? last_step - last_in : NAN);
+    path[2].push_back(last_out - (c.mode == 0 ? last_step : last_in));
+    path[3].push_back(last_out - last_out_prev);
+  }
+  std::string out = ", \"phases_us\": {";
+  char buf[96];
+  for (int i = 0; i < 10; ++i) {
+    double m = median(ph[i]);
+    snprintf(buf, sizeof buf, "%s\"%s\": %s", i ? ", " : "", names[i], std::isfinite(m) ? std::to_string(m / 1e3).c_str() : "null");
+    out += buf;
+  }
+  const char* pn[] = {"to_last_in_proj", "to_last_step", "to_last_out", "layer"};
+  out += "}, \"path_us\": {";
+  for (int i = 0; i < 4; ++i) {
+    double m = median(path[i]);
+    snprintf(buf, sizeof buf, "%s\"%s\": %s", i ? ", " : "", pn[i], std::isfinite(m) ? std::to_string(m / 1e3).c_str() : "null");
+    out += buf;
+  }
+  return out + "}";
+}
+
+int main(int argc, char** argv) {
+  int L = 64, tokens = 20, check_tokens = 3;
+  bool trace = false;
+  std::string configs = "0:40960:5,1:40960:5,2:40960:5,3:40960:5,0:20480:10";
+  for (int i = 1; i + 1 < argc; i += 2) {
+    if (!strcmp(argv[i], "--layers")) L = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--tokens")) tokens = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--configs")) configs = argv[i + 1];
+    else if (!strcmp(argv[i], "--trace")) trace = atoi(argv[i + 1]);
+  }
+  std::vector<Config> cfgs;
+  for (size_t a = 0; a < configs.size();) {
+    size_t b = configs.find(',', a);
+    std::string t = configs.substr(a, b == std::string::npos ? std::string::npos : b - a);
+    Config c;
+    if (sscanf(t.c_str(), "%d:%d:%d", &c.mode, &c.slot, &c.stages) != 3) {
+      fprintf(stderr, "bad config %s (want MODE:SLOT_BYTES:STAGES)\n", t.c_str());
+      return 2;
+    }
+    cfgs.push_back(c);
+    if (b == std::string::npos) break;
+    a = b + 1;
+  }
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  const int G = prop.multiProcessorCount;
+  CK(cudaFuncSetAttribute(megakernel, cudaFuncAttributeMaxDynamicSharedMemorySize, prop.sharedMemPerBlockOptin));
+  for (auto& c : cfgs) {
+    int rb[2] = {D * 2, DI * 2};
+    for (int ph = 0; ph < 2; ++ph) {
+      int R = c.slot / rb[ph];
+      int n = ph == 0 ? NIN : D;
+      if (R < 1 || W % R || c.slot % rb[ph] || (n / G + 1) * (W / R) > MAX_PARTS) {
+        fprintf(stderr, "slot %d: need a multiple of %d bytes holding 1..%d rows that divide %d\n", c.slot, rb[1], W, W);
+        return 2;
+      }
+    }
+    if (smem_bytes(c) > prop.sharedMemPerBlockOptin) {
+      fprintf(stderr, "config %d:%d:%d needs %zu bytes of shared memory (max %zu)\n", c.mode, c.slot, c.stages,
+              smem_bytes(c), (size_t)prop.sharedMemPerBlockOptin);
+      return 2;
+    }
+  }
+  if (G < H) {
+    fprintf(stderr, "needs at least %d SMs\n", H);
+    return 2;
+  }
+
+  // Weights: uniform with the variance of a fan-in init, so 64 layers keep the residual finite.
+  Params p{};
+  size_t nwin = (size_t)L * NIN * D, nwout = (size_t)L * D * DI;
+  bf16* win = dev<bf16>(nwin);
+  bf16* wout = dev<bf16>(nwout);
+  fill_bf16<<<1024, 256>>>(win, nwin, 1, sqrtf(3.f / D));
+  fill_bf16<<<1024, 256>>>(wout, nwout, 2, 0.5f * sqrtf(3.f / DI));
+  p.win = win;
+  p.wout = wout;
+  p.conv_w = upload(host_rand((size_t)L * CX * KW, 3, -0.5f, 0.5f));
+  p.conv_b = upload(host_rand((size_t)L * CX, 4, -0.1f, 0.1f));
+  p.a_log = upload(host_rand((size_t)L * H, 5, 0.f, 2.7f));
+  p.dskip = upload(host_rand((size_t)L * H, 6, 0.5f, 1.5f));
+  p.dt_bias = upload(host_rand((size_t)L * H, 7, -4.f, -1.f));
+  size_t nring = (size_t)L * CX * KW, nstate = (size_t)L * H * P * NS;
+  std::vector<bf16> ring0(nring), state0(nstate);
+  {
+    auto r = host_rand(nring, 8, -1.f, 1.f), s = host_rand(nstate, 9, -1.f, 1.f);
+    for (size_t i = 0; i < nring; ++i) ring0[i] = __float2bfloat16(r[i]);
+    for (size_t i = 0; i < nstate; ++i) state0[i] = __float2bfloat16(s[i]);
+  }
+  std::vector<float> h0 = host_rand(D, 10, -1.f, 1.f);
+  p.ring = upload(ring0);
+  p.state = upload(state0);
+  p.h = upload(h0);
+  p.zx = dev<float>(NIN);
+  p.g = dev<bf16>(DI);
+  p.gss = dev<float>(H);
+  p.xb = dev<bf16>(D);
+  p.parts = dev<float>((size_t)NIN * W);
+  p.scal = dev<float>(2);
+  p.cnt = dev<unsigned>(3 * (size_t)L);
+  p.layers = L;
+  CK(cudaDeviceSynchronize());
+
+  // The read ceiling: a plain read of the in_proj weights (3.5 GB; a sum, streaming loads).
+  {
+    float* out = dev<float>(1);
+    size_t n = nwin * 2 / 16;
+    cudaEvent_t a, b;
+    CK(cudaEventCreate(&a));
+    CK(cudaEventCreate(&b));
+    read_sum<<<G * 4, 512>>>(reinterpret_cast<const uint4*>(win), n, out);
+    CK(cudaEventRecord(a));
+    for (int i = 0; i < 5; ++i) read_sum<<<G * 4, 512>>>(reinterpret_cast<const uint4*>(win), n, out);
+    CK(cudaEventRecord(b));
+    CK(cudaEventSynchronize(b));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    printf("{\"kind\": \"read_ceiling\", \"device\": \"%s\", \"sms\": %d, \"bytes\": %zu, \"tb_per_s\": %.3f}\n", prop.name,
+           G, n * 16, 5.0 * n * 16 / (ms * 1e-3) / 1e12);
+    fflush(stdout);
+  }
+
+  // Correctness: check_tokens tokens of the megakernel (first config in mode 0) against the reference.
+  Config c0{0, 40960, 5};
+  for (auto& c : cfgs)
+    if (c.mode == 0) {
+      c0 = c;
+      break;
+    }
+  {
+    Params q = p;
+    q.h = upload(h0);
+    q.ring = upload(ring0);
+    q.state = upload(state0);
+    CK(cudaMemset(q.cnt, 0, 3 * sizeof(unsigned) * L));
+    int segs[2] = {W / (c0.slot / (D * 2)), W / (c0.slot / (DI * 2))};
+    for (int t = 0; t < check_tokens; ++t) {
+      q.pos = t;
+      for (int l = 0; l < L; ++l) {
+        ref_residual<<<1, CT>>>(q);
+        ref_gemv<<<NIN, 32 * segs[0]>>>(q, 0, l, segs[0], q.xb);
+        ref_epilogue<<<(NIN + 255) / 256, 256>>>(q, 0, segs[0]);
+        ref_step<<<H, CT>>>(q, l);
+        ref_gated_inv<<<1, 32>>>(q);
+        ref_gemv<<<D, 32 * segs[1]>>>(q, 1, l, segs[1], q.g);
+        ref_epilogue<<<(D + 255) / 256, 256>>>(q, 1, segs[1]);
+      }
+    }
+    CK(cudaDeviceSynchronize());
+    Params m = p;
+    m.h = upload(h0);
+    m.ring = upload(ring0);
+    m.state = upload(state0);
+    CK(cudaMemset(m.cnt, 0, 3 * sizeof(unsigned) * L));
+    for (int t = 0; t < check_tokens; ++t) {
+      m.pos = t;
+      m.epoch = t + 1;
+      launch(m, c0, G);
+    }
+    CK(cudaDeviceSynchronize());
+    auto hr = download(q.h, D), hm = download(m.h, D);
+    auto sr = download(q.state, nstate), sm = download(m.state, nstate);
+    auto rr = download(q.ring, nring), rm = download(m.ring, nring);
+    size_t hdiff = 0, sdiff = 0, rdiff = 0;
+    double hmax = 0;
+    for (int i = 0; i < D; ++i) {
+      hdiff += memcmp(&hr[i], &hm[i], 4) != 0;
+      hmax = fmax(hmax, fabs(hr[i]));
+    }
+    for (size_t i = 0; i < nstate; ++i) sdiff += memcmp(&sr[i], &sm[i], 2) != 0;
+    for (size_t i = 0; i < nring; ++i) rdiff += memcmp(&rr[i], &rm[i], 2) != 0;
+    bool ok = !hdiff && !sdiff && !rdiff && std::isfinite(hmax);
+    printf("{\"kind\": \"check\", \"config\": \"%d:%d:%d\", \"tokens\": %d, \"layers\": %d, \"residual_max_abs\": %.4g, "
+           "\"residual_differing\": %zu, \"states_differing\": %zu, \"ring_differing\": %zu, \"ok\": %s}\n",
+           c0.mode, c0.slot, c0.stages, check_tokens, L, hmax, hdiff, sdiff, rdiff, ok ? "true" : "false");
+    fflush(stdout);
+    if (!ok) return 1;
+  }
+
+  // Timing: tokens launches back to back per config (pos and epoch advance as in decoding).
+  double wbytes = (double)(nwin + nwout) * 2 / L;
+  for (auto& c : cfgs) {
+    CK(cudaMemset(p.cnt, 0, 3 * sizeof(unsigned) * L));
+    int e = 0;
+    for (int t = 0; t < 3; ++t) {
+      p.pos = e, p.epoch = ++e;
+      launch(p, c, G);
+    }
+    cudaEvent_t a, b;
+    CK(cudaEventCreate(&a));
+    CK(cudaEventCreate(&b));
+    CK(cudaEventRecord(a));
+    for (int t = 0; t < tokens; ++t) {
+      p.pos = e, p.epoch = ++e;
+      launch(p, c, G);
+    }
+    CK(cudaEventRecord(b));
+    CK(cudaEventSynchronize(b));
+    CK(cudaGetLastError());
+    float ms;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    double us_token = ms * 1e3 / tokens, us_layer = us_token / L;
+    printf("{\"kind\": \"megakernel\", \"mode\": %d, \"slot_bytes\": %d, \"stages\": %d, \"us_per_token\": %.1f, "
+           "\"us_per_layer\": %.2f, \"weight_tb_per_s\": %.3f%s}\n",
+           c.mode, c.slot, c.stages, us_token, us_layer, wbytes / (us_layer * 1e-6) / 1e12,
+           trace ? trace_summary(p, c, G, e, L).c_str() : "");
+    fflush(stdout);
+  }
+  return 0;
+}
