@@ -24,7 +24,8 @@ large batch the step is the state's read and write (84 MB per 2.7B layer at batc
 the conv work in front of every program's state read held it to ≈ 2.0 TB/s (+7.6 % tokens/s at batch 32
 split, benchmarks/README.md).
 
-With the split step the state may also be written back only every STATE_WINDOW (W) tokens (`window`):
+With the split step the state may also be written back only every W tokens (`window`; opt-in for now,
+see STATE_WINDOW):
 the state h₀ stays as it was at the window's start, and each step keeps its token's x, B and dt in a
 W-slot buffer, so the state after j + 1 tokens of the window is
     h = exp(A Σᵢ dtᵢ) h₀ + Σᵢ exp(A Σ_{m>i} dtₘ) dtᵢ xᵢ Bᵢᵀ   (i, m ≤ j),
@@ -77,11 +78,13 @@ SPLIT_MIN_BATCH = 8
 SPLIT_K_MIN_BATCH = 16
 IN_SPLITS = 1
 OUT_SPLITS = 2
-# With the step in two launches, the state is written back every STATE_WINDOW tokens rather than every token
+# With the step in two launches, the state may be written back every W tokens rather than every token
 # (`ssm_step(window=…)`): between write-backs each step reads the state once and adds the window's tokens
-# from a small buffer. 2.7B at batch 32: 84 → ≈ 48 MB of state traffic per layer and step (bf16 states).
-# MAMBA_JAX_DECODE_WINDOW overrides it at trace time (0: write every token), for A/B runs.
-STATE_WINDOW = 8
+# from a small buffer. 2.7B at batch 32: 84 → ≈ 50 MB of state traffic per layer and step (bf16 states, W 8).
+# Off (0) by default until a GPU run has timed it against the per-token write (no GPU was lent to the
+# session that wrote it; tested in interpret mode and lowered to Triton only): MAMBA_JAX_DECODE_WINDOW=8
+# turns it on at trace time (benchmarks/README.md, "State write-back window").
+STATE_WINDOW = 0
 PREFETCH_BLOCK = 8192  # elements per load of the L2 prefetch (16 KB of bf16 per program and load)
 
 
@@ -590,9 +593,9 @@ def state_window(batch, heads, head_dim, groups, state_size, size, x_dtype, b_dt
 
 
 def window_size(split: bool) -> int:
-    """The state write-back window `Mamba2Mixer` decodes with: STATE_WINDOW with the split step (large
-    batch, where the state's traffic counts), else 0 (the state written every token);
-    MAMBA_JAX_DECODE_WINDOW overrides it at trace time (0: off), for A/B runs."""
+    """The state write-back window `Mamba2Mixer` decodes with: with the split step (large batch, where the
+    state's traffic counts) STATE_WINDOW or MAMBA_JAX_DECODE_WINDOW, read at trace time (0 or 1: off);
+    else 0 (the state written every token)."""
     size = STATE_WINDOW
     if env := _env_ints("MAMBA_JAX_DECODE_WINDOW", 1, "one integer, the window in tokens (0: off)"):
         size = env[0]

@@ -413,16 +413,18 @@ def _teacher_forced_logits(model, prompts, cont, steps):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("groups,batch,gemv", [
-    (1, 1, "xla"), (8, 3, "xla"), (1, 1, "mosaic"), (1, 3, "mosaic"),
-    (1, 8, "xla"), (1, 8, "mosaic"),  # batch ≥ SPLIT_MIN_BATCH: the step in two launches
-    (1, 16, "xla"),  # batch ≥ SPLIT_K_MIN_BATCH: out_proj as split-K partials summed by the residual kernel
+@pytest.mark.parametrize("groups,batch,gemv,window", [
+    (1, 1, "xla", 0), (8, 3, "xla", 0), (1, 1, "mosaic", 0), (1, 3, "mosaic", 0),
+    (1, 8, "xla", 0), (1, 8, "mosaic", 0),  # batch ≥ SPLIT_MIN_BATCH: the step in two launches
+    (1, 16, "xla", 0),  # batch ≥ SPLIT_K_MIN_BATCH: out_proj as split-K partials summed by the residual kernel
+    (1, 8, "xla", 8), (8, 16, "xla", 8),  # the state written back once per 8 tokens
 ])  # fmt: skip
-def test_kernels_at_real_widths_on_gpu(monkeypatch, groups, batch, gemv):
+def test_kernels_at_real_widths_on_gpu(monkeypatch, groups, batch, gemv, window):
     """bf16 at Mamba2 widths (head dim 64, state 128), compiled: the fused path (norms folded, as the Engine
     runs it) is as close to the float32 model as XLA's bf16 decode path is (with out_proj as XLA's GEMV,
-    the opt-in Mosaic PDL GEMV, or split-K partials)."""
+    the opt-in Mosaic PDL GEMV, or split-K partials; with the state write-back window)."""
     monkeypatch.setenv("MAMBA_JAX_DECODE_GEMV", gemv)
+    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW", str(window))
     from flax import nnx
 
     from mamba_jax.inference.engine import _cast_state, _with_decode_impl
@@ -432,7 +434,7 @@ def test_kernels_at_real_widths_on_gpu(monkeypatch, groups, batch, gemv):
     f32 = init_model(cfg, seed=1)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, 1000, n).tolist() for n in rng.integers(10, 60, batch)]
-    # 12 steps: at batch ≥ 8 decoding crosses a state write-back (prompts pad to multiples of 8 = STATE_WINDOW)
+    # 12 steps: with the window decoding crosses a state write-back (the prompts pad to multiples of 8)
     cont = [rng.integers(1, 1000, 12).tolist() for _ in range(batch)]
     want = _teacher_forced_logits(f32, prompts, cont, 12)
     bf16 = nnx.merge(*_cast_state(nnx.split(f32), "bfloat16"))
@@ -441,5 +443,8 @@ def test_kernels_at_real_widths_on_gpu(monkeypatch, groups, batch, gemv):
         model = _with_decode_impl(nnx.clone(bf16), impl)
         if impl == "pallas":  # as the Engine does: the out_proj variants (Mosaic GEMV, split-K) need folded norms
             model = fold_norm_weights(model)
+            cache = _prefill(model, prompts, 12)[1]
+            names = {getattr(path[-1], "key", None) for path, _ in jax.tree_util.tree_flatten_with_path(cache)[0]}
+            assert ("win_x" in names) == bool(window)
         err[impl] = rel_err(_teacher_forced_logits(model, prompts, cont, 12), want)
     assert err["pallas"] <= 1.5 * err["xla"] + 1e-3, err
