@@ -69,24 +69,16 @@ def cache_bytes_per_step(model, batch: int, prompt_len: int, new_tokens: int, st
     where the layer decodes with a state write-back window: `kernels.decode.window_size`), the rest read."""
     ids = jnp.zeros((batch, prompt_len), jnp.int32)
     _, cache = jax.eval_shape(lambda i: model.prefill(i, cache_len=prompt_len + new_tokens), ids)
+    state_bytes = jnp.dtype(state_dtype).itemsize
     total = 0
-    for path, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]:
-        name = getattr(path[-1], "key", None)
-        if name == "ssm":
-            win = cache_entry(cache, path[:-1], "win_x")
-            writes = 1 / win.shape[1] if win is not None else 1
-            total += (1 + writes) * leaf.size * jnp.dtype(state_dtype).itemsize
+    for node in jax.tree.leaves(cache, is_leaf=lambda x: isinstance(x, dict) and "ssm" in x):
+        if isinstance(node, dict):  # a Mamba layer's cache
+            writes = 1 / node["win_x"].shape[1] if "win_x" in node else 1
+            total += (1 + writes) * node["ssm"].size * state_bytes
+            total += sum(v.size * v.dtype.itemsize for k, v in node.items() if k != "ssm")
         else:
-            total += leaf.size * leaf.dtype.itemsize
+            total += node.size * node.dtype.itemsize
     return int(total)
-
-
-def cache_entry(cache, path, name):
-    """The entry `name` beside the leaf at `path` of a cache tree (None where there is none)."""
-    node = cache
-    for key in path:
-        node = node[getattr(key, "key", getattr(key, "idx", None))]
-    return node.get(name) if isinstance(node, dict) else None
 
 
 def time_generate(engine, prompts, new_tokens, reps=3) -> tuple[float, float]:

@@ -251,8 +251,14 @@ def _head(b, h, j, state, x, bv, cv, zx, alog_ref, d_ref, dtb_ref, g_ref, ss_ref
     state = state * jnp.exp(dt * a) + (dt * x)[:, None] * bv[None, :]
     ssm_out_ref[b, h, pl.ds(p0, bp)] = state.astype(ssm_out_ref.dtype)  # aliased with ssm_ref: in place
     y = jnp.sum(state * cv[None, :], axis=1) + x * jnp.sum(d_ref[pl.ds(h, 1)].astype(f32))
-    gated = y.astype(cdtype).astype(f32) * _silu(zx(r * p + p0, bp).astype(f32))
-    g_ref[b, pl.ds(h * p + p0, bp)] = gated.astype(g_ref.dtype)
+    _gate(b, h, j, y, zx, g_ref, ss_ref, r=r, p=p, bp=bp, cdtype=cdtype)
+
+
+def _gate(b, h, j, y, zx, g_ref, ss_ref, *, r, p, bp, cdtype):
+    """y · SiLU(z) of rows block j of head h (r-th of its group) into g, and Σ g² for the gated norm."""
+    f32 = jnp.float32
+    gated = y.astype(cdtype).astype(f32) * _silu(zx(r * p + j * bp, bp).astype(f32))
+    g_ref[b, pl.ds(h * p + j * bp, bp)] = gated.astype(g_ref.dtype)
     ss_ref[b, h, pl.ds(j, 1)] = jnp.sum(gated * gated, keepdims=True)  # the gated norm's statistics
 
 
@@ -404,9 +410,7 @@ def _head_windowed(b, h, j, state, x, bv, cv, zx, alog_ref, d_ref, dtb_ref, g_re
             new = new + (weights[i] * xs[i])[:, None] * bs[i][None, :]
         ssm_out_ref[b, h, pl.ds(p0, bp)] = new.astype(ssm_out_ref.dtype)
 
-    gated = y.astype(cdtype).astype(f32) * _silu(zx(r * p + p0, bp).astype(f32))
-    g_ref[b, pl.ds(h * p + p0, bp)] = gated.astype(g_ref.dtype)
-    ss_ref[b, h, pl.ds(j, 1)] = jnp.sum(gated * gated, keepdims=True)
+    _gate(b, h, j, y, zx, g_ref, ss_ref, r=r, p=p, bp=bp, cdtype=cdtype)
 
 
 def _split_step(zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H, dt_bias_H, norm_in_BD, slot,

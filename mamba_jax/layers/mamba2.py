@@ -31,6 +31,7 @@ from mamba_jax.ops.ssd import note_once, ssd
 from mamba_jax.ops.ssd_reference import ssd_step
 
 NO_DECODE_KERNELS = "the decode kernels do not import"  # `_decode_kernel_unsupported`'s reason when so
+WINDOW_KEYS = ("win_x", "win_B", "win_dt")  # cache entries of the state write-back window (`_window_buffers`)
 
 
 def causal_conv1d(x_BLGF, w_KGF, b_GF, *, seq_idx=None, state_BKGF=None):
@@ -211,8 +212,7 @@ class Mamba2Mixer(nnx.Module):
         if not size:
             return {}
         dtype = jnp.dtype(cfg.dtype)
-        x, b, dt = kd.state_window(batch, h, p, g, cfg.mamba_d_state, size, dtype)
-        return {"win_x": x, "win_B": b, "win_dt": dt}
+        return dict(zip(WINDOW_KEYS, kd.state_window(batch, h, p, g, cfg.mamba_d_state, size, dtype), strict=True))
 
     def _decode_kernel_unsupported(self) -> str | None:
         cfg = self.cfg
@@ -282,7 +282,7 @@ class Mamba2Mixer(nnx.Module):
             zx = linear(self, "in_proj", x_in, 1, dtype)
         # While the step kernel runs (latency-bound at small batch) it pulls out_proj's weight into L2.
         pf = kd.prefetch_elems(b, w_out.size) if post_norm and not step["split"] else 0
-        window = tuple(cache[k] for k in ("win_x", "win_B", "win_dt")) if "win_x" in cache else None
+        window = tuple(cache[k] for k in WINDOW_KEYS) if WINDOW_KEYS[0] in cache else None
         if window is not None and not step["split"]:
             raise ValueError(
                 "this decoding cache holds a state write-back window, which needs the split step kernel "
@@ -313,7 +313,7 @@ class Mamba2Mixer(nnx.Module):
         )
         cache = {"conv": conv, "ssm": ssm}
         if window is not None:
-            cache.update(zip(("win_x", "win_B", "win_dt"), win[0], strict=True))
+            cache.update(zip(WINDOW_KEYS, win[0], strict=True))
         if not post_norm:
             out_BD = self._out(g_BF.reshape(b, 1, h, p))[:, 0]
             if residual_BD is None:
