@@ -4,7 +4,8 @@ PATH is a mamba_jax training work directory (or one of its checkpoints) or a Hug
 directory. One prompt streams to the terminal as it is generated; `--prompts-file` (one prompt per line) runs
 them as one batch. Defaults are greedy decoding; `--temperature`, `--top-k`, `--top-p` and
 `--repetition-penalty` sample as Hugging Face's processors do; `--stop` strings and EOS end a continuation;
-`--logprobs` prints each token's log-probability; `--json` prints machine-readable results.
+`--logprobs` prints each token's log-probability; `--json` prints machine-readable results; `--quantize fp8`
+serves the projection weights in float8 (weight-only, a scale per output channel).
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ def _args(argv):
         choices=("float32", "bfloat16"),
         default="float32",
         help="SSM state kept between decode steps (bfloat16: fewer bytes per step, as mamba_ssm)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=("none", "fp8"),
+        default="none",
+        help="fp8: projection weights in float8 with a scale per output channel (half the bytes per token)",
     )
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel size over the local devices")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -101,6 +108,7 @@ def main(argv=None) -> int:
             stop_at_eos=not args.ignore_eos,
             dtype=dtype,
             state_dtype=args.state_dtype,
+            quantize=args.quantize,
             mesh=mesh,
             stream=print_stream if streaming else None,
         )

@@ -15,6 +15,7 @@ from helpers import rel_err, small_hybrid
 
 from mamba_jax.inference.engine import Engine, SamplingParams, _with_decode_impl, pad_prompts
 from mamba_jax.inference.fold import fold_norm_weights
+from mamba_jax.inference.quantize import quantize_weights
 from mamba_jax.kernels import decode as kd
 from mamba_jax.kernels.norm_gemv import MAX_GEMV_ROWS, norm_gemv
 from mamba_jax.models.stack import Block
@@ -413,16 +414,18 @@ def _teacher_forced_logits(model, prompts, cont, steps):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("groups,batch,gemv,window", [
-    (1, 1, "xla", 0), (8, 3, "xla", 0), (1, 1, "mosaic", 0), (1, 3, "mosaic", 0),
-    (1, 8, "xla", 0), (1, 8, "mosaic", 0),  # batch ≥ SPLIT_MIN_BATCH: the step in two launches
-    (1, 16, "xla", 0),  # batch ≥ SPLIT_K_MIN_BATCH: out_proj as split-K partials summed by the residual kernel
-    (1, 8, "xla", 8), (8, 16, "xla", 8),  # the state written back once per 8 tokens
+@pytest.mark.parametrize("groups,batch,gemv,window,fp8", [
+    (1, 1, "xla", 0, False), (8, 3, "xla", 0, False), (1, 1, "mosaic", 0, False), (1, 3, "mosaic", 0, False),
+    (1, 8, "xla", 0, False), (1, 8, "mosaic", 0, False),  # batch ≥ SPLIT_MIN_BATCH: the step in two launches
+    (1, 16, "xla", 0, False),  # batch ≥ SPLIT_K_MIN_BATCH: out_proj as split-K partials summed by the residual kernel
+    (1, 8, "xla", 8, False), (8, 16, "xla", 8, False),  # the state written back once per 8 tokens
+    (1, 1, "xla", 0, True), (1, 16, "xla", 0, True),  # float8 projection weights (inference.quantize)
 ])  # fmt: skip
-def test_kernels_at_real_widths_on_gpu(monkeypatch, groups, batch, gemv, window):
+def test_kernels_at_real_widths_on_gpu(monkeypatch, groups, batch, gemv, window, fp8):
     """bf16 at Mamba2 widths (head dim 64, state 128), compiled: the fused path (norms folded, as the Engine
     runs it) is as close to the float32 model as XLA's bf16 decode path is (with out_proj as XLA's GEMV,
-    the opt-in Mosaic PDL GEMV, or split-K partials; with the state write-back window)."""
+    the opt-in Mosaic PDL GEMV, or split-K partials; with the state write-back window; with float8
+    projection weights on both paths)."""
     monkeypatch.setenv("MAMBA_JAX_DECODE_GEMV", gemv)
     monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW", str(window))
     from flax import nnx
@@ -443,6 +446,9 @@ def test_kernels_at_real_widths_on_gpu(monkeypatch, groups, batch, gemv, window)
         model = _with_decode_impl(nnx.clone(bf16), impl)
         if impl == "pallas":  # as the Engine does: the out_proj variants (Mosaic GEMV, split-K) need folded norms
             model = fold_norm_weights(model)
+        if fp8:
+            quantize_weights(model)
+        if impl == "pallas":
             cache = _prefill(model, prompts, 12)[1]
             names = {getattr(path[-1], "key", None) for path, _ in jax.tree_util.tree_flatten_with_path(cache)[0]}
             assert ("win_x" in names) == bool(window)

@@ -46,7 +46,7 @@ def test_cli_streams_one_prompt_and_batches_a_file(workdir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("gamma\ndelta def\nreturn (\n")
     out = _cli("--checkpoint", workdir, "--prompts-file", str(prompts), "--max-new-tokens", "4", "--json",
-               "--temperature", "0.8", "--top-k", "5", "--seed", "3")  # fmt: skip
+               "--temperature", "0.8", "--top-k", "5", "--seed", "3", "--quantize", "fp8")  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["prompt"] for r in rows] == ["gamma", "delta def", "return ("]

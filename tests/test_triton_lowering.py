@@ -42,6 +42,7 @@ def _s(shape, dtype=jnp.float32):
 
 @pytest.mark.parametrize("batch,state_dtype,prefetch,trigger,hp,split,zx_splits", [
     (1, jnp.bfloat16, 4096, False, 1, False, 0),  # batch 1: the prefetch row of programs
+    (1, jnp.bfloat16, -4096, False, 1, False, 0),  # < 0: prefetching a float8 weight's bytes (uint8)
     (1, jnp.bfloat16, 4096, True, 1, False, 0),  # the PDL trigger of the opt-in Mosaic out_proj
     (32, jnp.float32, 0, False, 1, False, 0),
     (32, jnp.bfloat16, 0, False, 2, False, 0),  # two heads per program
@@ -57,7 +58,7 @@ def test_ssm_step_lowers(as_h100, batch, state_dtype, prefetch, trigger, hp, spl
     bf16 = jnp.bfloat16
     step = functools.partial(
         kd.ssm_step, heads=h, dt_limit=(0.0, float("inf")), norm_eps=1e-5, g_dtype=bf16,
-        prefetch_elems=prefetch, g_rows=8 if trigger else None, trigger=trigger, heads_per_program=hp, split=split,
+        prefetch_elems=abs(prefetch), g_rows=8 if trigger else None, trigger=trigger, heads_per_program=hp, split=split,
         zx_dtype=bf16,
     )  # fmt: skip
 
@@ -67,7 +68,7 @@ def test_ssm_step_lowers(as_h100, batch, state_dtype, prefetch, trigger, hp, spl
     zx = _s((zx_splits, batch, g, w)) if zx_splits else _s((batch, g, w), bf16)
     _lower(fn, zx, _s((batch, k, g, f), bf16), _s((k, g, f), bf16), _s((g, f), bf16),
            _s((batch, h, p, s), state_dtype), _s((h,)), _s((h,)), _s((h,)), _s((batch, d)),
-           _s((d, 2 * d), bf16))  # fmt: skip
+           _s((d, 2 * d), bf16 if prefetch >= 0 else jnp.uint8))  # fmt: skip
 
 
 @pytest.mark.parametrize("state_dtype,hp,groups", [(jnp.bfloat16, 1, 1), (jnp.float32, 2, 2)])

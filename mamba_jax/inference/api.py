@@ -106,11 +106,13 @@ def generate(
     stop_at_eos: bool = True,
     dtype=None,
     state_dtype="float32",
+    quantize: str | None = None,
     mesh=None,
     stream: Callable[[str], None] | None = None,
 ) -> list[Completion]:
     """Continue each prompt; see the module docstring. `stream(text_piece)` receives new text of a single
-    prompt as it is produced."""
+    prompt as it is produced. `dtype`, `state_dtype` and `quantize` ("fp8": float8 projection weights) are
+    the Engine's."""
     if isinstance(tokenizer, str | os.PathLike):
         from mamba_jax.data import load_tokenizer
 
@@ -132,7 +134,7 @@ def generate(
     if stream is not None:
         on_token = _Streamer(tokenizer, stream, eos_id, stop)
     vocab = tokenizer.vocab_size if tokenizer is not None else None
-    result = Engine(model, dtype=dtype, state_dtype=state_dtype, mesh=mesh).generate(
+    result = Engine(model, dtype=dtype, state_dtype=state_dtype, mesh=mesh, quantize=quantize).generate(
         ids, params, eos_id=eos_id, stream=on_token, vocab_size=vocab
     )
     out = []

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from mamba_jax.inference.fold import fold_norm_weights
+from mamba_jax.inference.quantize import quantize_weights
 from mamba_jax.inference.sampling import filter_logits
 from mamba_jax.models.stack import unstack_layers
 
@@ -90,6 +91,7 @@ class Engine:
         unstack: bool = True,
         decode_impl=None,
         compiler_options: dict | None = None,
+        quantize: str | None = None,
     ):
         """`dtype`: cast the weight matrices (e.g. bf16 for serving a float32-trained model). `state_dtype`:
         the SSM state kept between decode steps; float32 (default) is exact, bfloat16 halves the bytes every
@@ -102,7 +104,9 @@ class Engine:
         norm weights into their projections (`mamba_jax.inference.fold`; same function, fewer launches).
         `compiler_options`: XLA options for compiling the generation loop (e.g.
         {"xla_gpu_exhaustive_tiling_search": True}: a wider autotuning of the GEMVs); None: `default_options`
-        for the batch."""
+        for the batch. `quantize`: "fp8" stores the projection weights in float8 with a scale per output
+        channel (`mamba_jax.inference.quantize`: half the bytes of bf16 per decode step; logits within a few
+        per cent); None or "none" keeps them as they are."""
         if dtype is not None:
             model = nnx.merge(*_cast_state(nnx.split(model), dtype))
         if unstack:
@@ -111,6 +115,10 @@ class Engine:
             model = _with_decode_impl(model if unstack else nnx.clone(model), decode_impl)
         if unstack and _fused_decode_possible(model.cfg.decode_impl, mesh):
             model = fold_norm_weights(model)  # the unstacked view's own arrays (see mamba_jax.inference.fold)
+        self.quantize = None if quantize in (None, "none") else quantize
+        if self.quantize is not None:
+            model = model if (unstack or dtype is not None) else nnx.clone(model)  # never the caller's modules
+            quantize_weights(model, self.quantize)
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
         self.mesh = mesh
@@ -138,7 +146,7 @@ class Engine:
             bool(stream),
             vocab_size,
             self.state_dtype,
-            default_options(len(prompts)) if self.compiler_options is None else self.compiler_options,
+            default_options(len(prompts), self.quantize) if self.compiler_options is None else self.compiler_options,
         )
         args = (self.state, jnp.asarray(ids), jnp.asarray(start), jax.random.key(params.seed))
         if stream is not None:
@@ -205,12 +213,13 @@ def _cast_state(split, dtype):
 CUBLAS_MIN_BATCH = 16
 
 
-def default_options(batch: int) -> tuple:
+def default_options(batch: int, quantize: str | None = None) -> tuple:
     """XLA options for the generation loop at this batch, as `Engine.compiler_options` holds them. From
     CUBLAS_MIN_BATCH rows on, the projections run as cuBLAS GEMMs rather than XLA's Triton GEMMs: Mamba2-2.7B
     at batch 32 decodes 2.3–2.7 % faster (H100, benchmarks/README.md), while at batch 1 cuBLAS's GEMVs are
-    slower than XLA's."""
-    if batch >= CUBLAS_MIN_BATCH and jax.default_backend() == "gpu":
+    slower than XLA's. Quantized weights keep the Triton GEMMs: they read the float8 weight and cast it in
+    registers, where a cuBLAS GEMM would need it cast to bf16 in memory first."""
+    if batch >= CUBLAS_MIN_BATCH and quantize is None and jax.default_backend() == "gpu":
         return (("xla_gpu_enable_triton_gemm", False),)
     return ()
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from mamba_jax.layers.base import lora_names
+from mamba_jax.layers.base import lora_names, scale_name
 from mamba_jax.models.stack import Block
 
 
@@ -34,6 +34,8 @@ def fold_norm_weights(model):
         if not isinstance(block, Block) or block.symbol != "M":  # "M": a Mamba2 mixer (layers.registry)
             continue
         mixer = block.mixer
+        if hasattr(mixer, scale_name("in_proj")) or hasattr(mixer, scale_name("out_proj")):
+            raise ValueError("fold the norm weights before quantizing (inference.quantize), not after.")
         if not hasattr(mixer, lora_names("in_proj")[0]) and not block.norm_folded:
             w_D = block.norm.weight[...].astype(jnp.float32)  # (…, D); in_proj (…, D, G, W)
             mixer.in_proj[...] = _scaled(mixer.in_proj[...], w_D[..., :, None, None])

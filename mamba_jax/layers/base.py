@@ -8,7 +8,9 @@ Eager sharding is off: the model is sharded once, as a whole, when `init_model` 
 
 `linear` is every projection of the layers: x's last `n_in` axes contracted with the weight's first `n_in`,
 plus, where LoRA adapters were attached to that weight (mamba_jax/models/peft.py), the low-rank branch
-scale · (dropout(x) · A) · B (Hu et al. 2021).
+scale · (dropout(x) · A) · B (Hu et al. 2021). A weight quantized for serving (mamba_jax/inference/quantize.py)
+is stored in float8 with a `QuantScale` per output channel beside it: the product runs on the weight cast to
+the compute dtype and the scale multiplies its output.
 """
 
 from __future__ import annotations
@@ -38,6 +40,19 @@ def cast(w, dtype):
 
 
 LORA_SCALE, LORA_DROPOUT = "lora_scale", "lora_dropout"
+# The projections of the layers and their contracted (input) axes: a weight's first N axes.
+PROJ_IN_AXES = {
+    "in_proj": 1, "out_proj": 2, "q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2,
+    "up_proj": 1, "gate_proj": 1, "down_proj": 1,
+}  # fmt: skip
+
+
+class QuantScale(nnx.Variable):
+    """Per-output-channel scales of a quantized projection weight (its out axes; not trained)."""
+
+
+def scale_name(name: str) -> str:
+    return f"{name}_scale"
 
 
 def lora_names(name: str) -> tuple[str, str]:
@@ -47,6 +62,9 @@ def lora_names(name: str) -> tuple[str, str]:
 def linear(module, name: str, x, n_in: int, dtype, *, key=None):
     """x (…, in axes) · module.<name> (in axes, out axes) → (…, out axes) in `dtype`, with LoRA if attached."""
     y = jnp.tensordot(x.astype(dtype), cast(getattr(module, name)[...], dtype), axes=n_in)
+    scale = getattr(module, scale_name(name), None)
+    if scale is not None:  # a quantized weight: W = W_q · scale per output channel
+        y = (y.astype(jnp.float32) * scale[...]).astype(dtype)
     a_name, b_name = lora_names(name)
     if not hasattr(module, a_name):
         return y

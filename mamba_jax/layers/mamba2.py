@@ -303,7 +303,9 @@ class Mamba2Mixer(nnx.Module):
             dt_limit=tuple(cfg.mamba_dt_limit),
             norm_eps=cfg.norm_eps,
             g_dtype=dtype if post_norm else jnp.float32,
-            prefetch=w_out if pf else None,
+            prefetch=(w_out if w_out.dtype.itemsize > 1 else jax.lax.bitcast_convert_type(w_out, jnp.uint8))
+            if pf
+            else None,  # float8 weights (inference.quantize) are read as bytes
             prefetch_elems=pf,
             g_rows=-(-b // ROW_PAD) * ROW_PAD if tiles else None,
             trigger=tiles is not None,

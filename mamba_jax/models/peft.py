@@ -22,15 +22,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mamba_jax.layers.base import LORA_DROPOUT, LORA_SCALE, lora_names, normal
+from mamba_jax.layers.base import LORA_DROPOUT, LORA_SCALE, PROJ_IN_AXES, lora_names, normal
+from mamba_jax.models.stack import layer_mixers
 from mamba_jax.schema import from_mapping
 
 METHODS = ("none", "lora", "prompt", "ptuning")
-# Contracted (input) axes of each projection: W's first N axes.
-LORA_IN_AXES = {
-    "in_proj": 1, "out_proj": 2, "q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2,
-    "up_proj": 1, "gate_proj": 1, "down_proj": 1,
-}  # fmt: skip
+LORA_IN_AXES = PROJ_IN_AXES  # the targets: projection names, with their contracted axes
 DEFAULT_TARGETS = ("in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 
 
@@ -69,24 +66,16 @@ class PeftConfig:
         return {"lora": nnx.LoRAParam, "prompt": PromptParam, "ptuning": PromptParam}.get(self.method, nnx.Param)
 
 
-def _mixers(model):
-    """(mixer module, stacked?) of every layer."""
-    for segment in model.layers.segments:
-        for block in segment.layers.blocks:
-            yield block.mixer, segment.reps > 1
-
-
 def add_lora(model, cfg: PeftConfig, *, seed: int = 0) -> int:
     """Attach LoRA adapters to the targeted projections of every layer; returns how many were attached."""
     key = jax.random.key(seed)
     attached = 0
-    for mixer, stacked in _mixers(model):
+    for mixer, lead in layer_mixers(model):
         for name in cfg.lora_targets:
             if not hasattr(mixer, name) or getattr(mixer, name) is None:
                 continue
             w = getattr(mixer, name)
             axes = w.get_metadata()["out_sharding"]
-            lead = 1 if stacked else 0
             n_in = LORA_IN_AXES[name]
             in_shape, out_shape = w.shape[lead : lead + n_in], w.shape[lead + n_in :]
             in_axes, out_axes = axes[lead : lead + n_in], axes[lead + n_in :]
@@ -112,14 +101,13 @@ def add_lora(model, cfg: PeftConfig, *, seed: int = 0) -> int:
 
 def merge_lora(model) -> None:
     """Fold every adapter into its weight (W += scale · A·B) and remove the adapters, in place."""
-    for mixer, stacked in _mixers(model):
+    for mixer, lead in layer_mixers(model):
         for name in LORA_IN_AXES:
             a_name, b_name = lora_names(name)
             if not hasattr(mixer, a_name):
                 continue
             w = getattr(mixer, name)
             a, b = getattr(mixer, a_name)[...], getattr(mixer, b_name)[...]
-            lead = 1 if stacked else 0
             delta = jax.vmap(lambda x, y: jnp.tensordot(x, y, axes=1))(a, b) if lead else jnp.tensordot(a, b, axes=1)
             w.set_value(w[...] + (getattr(mixer, LORA_SCALE) * delta).astype(w[...].dtype))
             delattr(mixer, a_name)

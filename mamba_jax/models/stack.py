@@ -204,6 +204,16 @@ class Segment(nnx.Module):
         return jax.lax.scan(body, stream, (state, caches))
 
 
+def layer_mixers(model):
+    """(mixer, leading stacked axes of its weights: 1 in a scanned segment, else 0) of every layer, in order,
+    for a model as built or as `unstack_layers` made it."""
+    for segment in model.layers.segments:
+        lead = int(segment.reps > 1 and not segment.unrolled)
+        for unit in segment.layers if segment.unrolled else [segment.layers]:
+            for block in unit.blocks:
+                yield block.mixer, lead
+
+
 def unstack_layers(model):
     """A view of `model` for decoding whose scanned segments hold one Unit per repetition.
 
