@@ -2,12 +2,14 @@
 
 Each variant is a label and environment settings read when the decode loop is traced (the decode kernels'
 MAMBA_JAX_DECODE_* knobs: the out_proj GEMV, its tiles, the L2 prefetch fraction) or XLA options of the
-loop (names starting with xla_, as Engine compiler_options); the Engine's loop is
+loop (names starting with xla_, as Engine compiler_options) or `quantize` (the Engine's, e.g. quantize=fp8);
+the Engine's loop is
 compiled afresh for each (its lru cache and jax's caches are cleared). Rounds alternate the order, so a
 drift of the machine shows as a difference between rounds rather than between variants.
 
     python benchmarks/decode_variants.py --model mamba2_2_7b --batch 1 \\
         --variant "xla:MAMBA_JAX_DECODE_GEMV=xla" --variant "pdl:MAMBA_JAX_DECODE_GEMV=mosaic" --out r.json
+    python benchmarks/decode_variants.py --model mamba2_2_7b --batch 1 --variant "bf16:" --variant "fp8:quantize=fp8"
 
 Prints one JSON line per (round, variant) as it goes (a variant that fails to compile or run is kept under
 "errors" and the others go on), then writes the means (tokens/s as generate.py counts
@@ -38,13 +40,14 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 
 def run_variant(model, prompts, settings: dict[str, str], new_tokens: int, reps: int) -> float:
     options = dict(_option(f"{k}={v}") for k, v in settings.items() if k.startswith("xla_"))
-    env = {k: v for k, v in settings.items() if not k.startswith("xla_")}
+    env = {k: v for k, v in settings.items() if not k.startswith("xla_") and k != "quantize"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
         engine_mod._generate_fn.cache_clear()  # a fresh trace reads the variables again
         jax.clear_caches()
-        eng = engine_mod.Engine(model, state_dtype="bfloat16", decode_impl="auto", compiler_options=options or None)
+        eng = engine_mod.Engine(model, state_dtype="bfloat16", decode_impl="auto", compiler_options=options or None,
+                                quantize=settings.get("quantize"))  # fmt: skip
         t_one, _ = time_generate(eng, prompts, 1, reps=reps)
         t_full, _ = time_generate(eng, prompts, new_tokens, reps=reps)
     finally:

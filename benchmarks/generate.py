@@ -3,7 +3,7 @@
 
   python benchmarks/generate.py --model mamba2_130m,mamba2_2_7b,nemotronh_8b_13l --batch 1,32 \
       [--prompt-len 128 --new-tokens 256] [--state-dtype float32,bfloat16] [--peer]
-      [--decode-impl auto,xla] [--out benchmarks/results/generate_h100.json]
+      [--decode-impl auto,xla] [--quantize none,fp8] [--out benchmarks/results/generate_h100.json]
 
 Random weights (throughput does not depend on their values), bf16, greedy. Per (model, batch): time to first
 token (prefill of the prompt + first sampled token), decode tokens/s (from runs of 1 and N new tokens, so that
@@ -13,7 +13,10 @@ sum); at large batches the
 states count too (each step reads and writes every SSM state, reads the conv windows and the K / V cache), so
 a second roofline adds those bytes. XLA's copy / sum reach only 1.6–2.5 TB/s on the same H100 (varying by
 run) where a torch copy reaches 2.93 (benchmarks/gemv_probe.py --torch), so each row also carries the
-roofline at PERFORMANCE.md's floor bandwidth, 2.8 TB/s (`nominal`), the figure to compare across runs.
+roofline at a fixed bandwidth for the chip (`nominal`, NOMINAL_BANDWIDTH: PERFORMANCE.md's 2.8 TB/s floor on
+an H100, the 4.3 TB/s copy measured on this workplace's H200s), the figure to compare across runs.
+`--quantize fp8` serves float8 projection weights (`mamba_jax.inference.quantize`); its rooflines count the
+bytes the quantized engine holds.
 `--state-dtype` picks the dtype the SSM states are kept in between steps
 (mamba_ssm keeps bf16). `nemotronh_8b_13l` is Nemotron-H 8B cut to its first 13 layers.
 """
@@ -38,7 +41,9 @@ from mamba_jax import config as mjc
 from mamba_jax.inference.engine import Engine, SamplingParams, default_options
 from mamba_jax.parallel import init_model
 
-NOMINAL_BANDWIDTH = 2.8e12  # bytes/s: PERFORMANCE.md's floor for an H100 (reads of the weights)
+# Bytes/s a decode step's weight reads may reach, by chip (device_kind contains the key): PERFORMANCE.md's
+# floor for an H100; for an H200 the device-to-device copy measured on this workplace's machines (KINDS.md).
+NOMINAL_BANDWIDTH = {"H100": 2.8e12, "H200": 4.3e12}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {
     "mamba2_130m": ("mamba2_130m.py", None),
@@ -54,6 +59,15 @@ def weight_bytes_per_step(model) -> int:
     if model.lm_head is not None:
         total -= model.embed[...].nbytes
     return total
+
+
+def nominal_bandwidth(measured: float) -> tuple[float, str]:
+    """(bytes/s, where it comes from) for the `nominal` roofline of this device."""
+    kind = jax.devices()[0].device_kind
+    for chip, bw in NOMINAL_BANDWIDTH.items():
+        if chip in kind:
+            return bw, chip
+    return measured, "measured here (no nominal figure for this chip)"
 
 
 def model_for(name: str):
@@ -148,6 +162,7 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--state-dtype", default="float32,bfloat16")
     p.add_argument("--decode-impl", default="auto", help="comma-separated: auto, xla, pallas (Engine decode_impl)")
+    p.add_argument("--quantize", default="none", help="comma-separated: none, fp8 (Engine quantize)")
     p.add_argument("--peer", action="store_true")
     p.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
                    help="an XLA option for the generation loop (Engine compiler_options), e.g. "
@@ -157,14 +172,17 @@ def main() -> int:
     options = dict(_option(o) for o in args.xla_option)
     bw_copy, bw_read = bandwidth_bytes_per_s()
     bw = max(bw_copy, bw_read)  # the rate a decode step can reach
+    bw_nominal, nominal_source = nominal_bandwidth(bw)
     rows = []
     for name in args.model.split(","):
         model = model_for(name)
-        weight_bytes = weight_bytes_per_step(model)
         for batch in [int(b) for b in args.batch.split(",")]:
             peer = peer_generate(name, batch, args.prompt_len, args.new_tokens) if args.peer else None
-            for state_dtype, impl in itertools.product(args.state_dtype.split(","), args.decode_impl.split(",")):
-                engine = Engine(model, state_dtype=state_dtype, decode_impl=impl, compiler_options=options or None)
+            axes = (args.state_dtype.split(","), args.decode_impl.split(","), args.quantize.split(","))
+            for state_dtype, impl, quantize in itertools.product(*axes):
+                engine = Engine(model, state_dtype=state_dtype, decode_impl=impl, compiler_options=options or None,
+                                quantize=quantize)  # fmt: skip
+                weight_bytes = weight_bytes_per_step(nnx.merge(engine.graphdef, engine.state))
                 rng = np.random.default_rng(0)
                 prompts = [rng.integers(1, model.cfg.vocab_size, args.prompt_len).tolist() for _ in range(batch)]
                 t_one, _ = time_generate(engine, prompts, 1)
@@ -175,13 +193,14 @@ def main() -> int:
                 roofline = batch * bw / weight_bytes
                 cache = cache_bytes_per_step(model, batch, args.prompt_len, args.new_tokens, state_dtype)
                 roofline_all = batch * bw / (weight_bytes + cache)
-                nominal = batch * NOMINAL_BANDWIDTH / weight_bytes
+                nominal = batch * bw_nominal / weight_bytes
                 row = {
                     "model": name,
                     "batch": batch,
                     "state_dtype": state_dtype,
                     "decode_impl": impl,
-                    "xla_options": options or dict(default_options(batch)),  # what the loop compiled with
+                    "quantize": quantize,
+                    "xla_options": options or dict(default_options(batch, engine.quantize)),  # what it compiled with
                     "prompt_len": args.prompt_len,
                     "new_tokens": args.new_tokens,
                     "weight_gib_read_per_step": weight_bytes / 2**30,
@@ -201,15 +220,17 @@ def main() -> int:
                 print(json.dumps(row), flush=True)
     print(
         f"\n{jax.devices()[0].device_kind}, bandwidth: copy {bw_copy / 1e12:.2f} TB/s, read {bw_read / 1e12:.2f} TB/s"
+        f", nominal {bw_nominal / 1e12:.2f} TB/s ({nominal_source})"
     )
     print(
-        f"{'model':>18} {'batch':>5} {'state':>8} {'impl':>6} {'TTFT ms':>8} {'tok/s':>9} {'roofline':>9} {'frac':>5} "
-        f"{'+state':>9} {'frac':>5} {'nominal':>8} {'frac':>5} {'mamba_ssm':>10}"
+        f"{'model':>18} {'batch':>5} {'state':>8} {'impl':>6} {'quant':>5} {'TTFT ms':>8} {'tok/s':>9} "
+        f"{'roofline':>9} {'frac':>5} {'+state':>9} {'frac':>5} {'nominal':>8} {'frac':>5} {'mamba_ssm':>10}"
     )
     for r in rows:
         peer = (r.get("mamba_ssm") or {}).get("decode_tokens_per_s")
         print(
-            f"{r['model']:>18} {r['batch']:>5} {r['state_dtype']:>8} {r['decode_impl']:>6} {1000 * r['ttft_s']:>8.1f} "
+            f"{r['model']:>18} {r['batch']:>5} {r['state_dtype']:>8} {r['decode_impl']:>6} {r['quantize']:>5} "
+            f"{1000 * r['ttft_s']:>8.1f} "
             f"{r['decode_tokens_per_s']:>9,.0f} {r['roofline_tokens_per_s']:>9,.0f} {r['fraction_of_roofline']:>5.2f} "
             f"{r['roofline_with_state_tokens_per_s']:>9,.0f} {r['fraction_of_roofline_with_state']:>5.2f} "
             f"{r['nominal_roofline_tokens_per_s']:>8,.0f} {r['fraction_of_nominal_roofline']:>5.2f} "
@@ -221,6 +242,8 @@ def main() -> int:
             "bandwidth_bytes_per_s": bw,
             "copy_bandwidth_bytes_per_s": bw_copy,
             "read_bandwidth_bytes_per_s": bw_read,
+            "nominal_bandwidth_bytes_per_s": bw_nominal,
+            "nominal_bandwidth_source": nominal_source,
             "rows": rows,
         },
     )

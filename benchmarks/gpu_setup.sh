@@ -3,7 +3,7 @@
 # puts the repository on the path with kernels/ visible as mamba_jax.kernels, and prints the machine.
 S=$(mktemp -d)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$S" .whl/*.whl || return 1
-export PYTHONPATH="$S:$PWD:$PYTHONPATH" PYTHONUNBUFFERED=1
+export PYTHONPATH="$S:$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 [ -e mamba_jax/kernels ] || ln -s ../kernels mamba_jax/kernels
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import jax, jaxlib; print('jax', jax.__version__, jaxlib.__version__, jax.devices())"

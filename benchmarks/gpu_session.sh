@@ -1,0 +1,59 @@
+# The open GPU measurements of issue 5 as two device calls of under 10 minutes each, every step under its own
+# time limit (one that fails or hangs leaves the others their time), logs and JSON written to $OUT:
+#
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh a   # compiled correctness, then the A/Bs
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh b   # generate.py with mamba_ssm side by side
+#
+# (prefix stage b with MAMBA_JAX_DECODE_WINDOW=8 where stage a found the state write-back window faster)
+#
+# Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
+# decode kernels' gpu tests (real widths: the state write-back window, float8 weights) and the quantization
+# tests compiled; at batch 32 the window off / on × bf16 / float8 weights (without the window if its test
+# failed), at batch 1 bf16 against float8 weights, all 2.7B. Stage b: generate.py on 2.7B (batch 1 and 32,
+# bf16 states, bf16 and float8 weights) against mamba_ssm, the CUDA megakernel probe, then 130M and the
+# 13-layer Nemotron-H. Copy what comes back into benchmarks/results/ with the commands (each JSON holds its own).
+set -u
+stage=${1:?stage a or b}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+source benchmarks/gpu_setup.sh >"$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }  # not in a pipe: keeps its exports
+cat "$OUT/setup.log"
+step() {  # step NAME SECONDS COMMAND…: runs COMMAND under a time limit, its output in $OUT/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: rc $rc, $((SECONDS - t0)) s"
+    tail -n 25 "$OUT/$name.log"
+    return $rc
+}
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed 's/NVIDIA //; s/[ ,].*//' | tr 'A-Z' 'a-z')
+if [ "$stage" = a ]; then  # ≈ 9 minutes at most
+    step gpu_tests 150 python3 -m pytest -x -q -p no:cacheprovider -m gpu tests/test_decode_kernels.py \
+        -k real_widths || export MAMBA_JAX_DECODE_WINDOW=0
+    step quantize_tests 60 python3 -m pytest -x -q -p no:cacheprovider tests/test_quantize.py
+    cd benchmarks || exit 1
+    if [ "${MAMBA_JAX_DECODE_WINDOW:-}" = 0 ]; then  # the window failed its test: bf16 against fp8 only
+        v32=(--variant "bf16:" --variant "fp8:quantize=fp8")
+    else
+        v32=(--variant "w0:MAMBA_JAX_DECODE_WINDOW=0" --variant "w8:MAMBA_JAX_DECODE_WINDOW=8"
+             --variant "fp8:MAMBA_JAX_DECODE_WINDOW=0;quantize=fp8" --variant "fp8_w8:MAMBA_JAX_DECODE_WINDOW=8;quantize=fp8")
+    fi
+    step b32 200 python3 decode_variants.py --model mamba2_2_7b --batch 32 --rounds 1 --reps 3 "${v32[@]}" \
+        --out "$OUT/decode_variants_window_fp8_2_7b_b32_$gpu.json"
+    step b1 110 python3 decode_variants.py --model mamba2_2_7b --batch 1 --rounds 1 --reps 3 \
+        --variant "bf16:" --variant "fp8:quantize=fp8" --out "$OUT/decode_variants_fp8_2_7b_b1_$gpu.json"
+elif [ "$stage" = b ]; then  # ≈ 9 minutes at most
+    cd benchmarks || exit 1
+    step generate_2_7b 330 python3 generate.py --model mamba2_2_7b --batch 1,32 --state-dtype bfloat16 \
+        --quantize none,fp8 --peer --out "$OUT/generate_2_7b_$gpu.json"
+    step megakernel 60 python3 megakernel_probe.py --trace --configs 0:40960:5,0:20480:6,1:40960:5,2:40960:5 \
+        --out "$OUT/megakernel_probe_$gpu.json"
+    step generate_small 150 python3 generate.py --model mamba2_130m,nemotronh_8b_13l --batch 1,32 \
+        --state-dtype bfloat16 --quantize none,fp8 --peer --out "$OUT/generate_130m_8b13l_$gpu.json"
+else
+    echo "unknown stage $stage (a or b)" >&2
+    exit 2
+fi
