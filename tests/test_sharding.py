@@ -75,7 +75,7 @@ def test_model_that_cannot_split_raises_before_allocating():
         (dict(data=3), "positions but there are 8 devices"),
         (dict(data=-1, tensor=3), "multiple of 3 devices"),
         (dict(data=-1, fsdp=-1), "at most one mesh axis"),
-        (dict(data=-1, sequence=2), "not available in this version"),
+        (dict(data=-1, pipeline=2), "not available in this version"),
         (dict(data=-1, expert=2), "unknown MeshConfig key"),
     ],
 )

@@ -200,7 +200,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
 def test_eval_metrics_and_restore_onto_another_mesh(tmp_path):
     assert jax.device_count() == 8
     work = tmp_path / "w"
-    # Data parallel over 8 devices, then resumed on 2 (data) × 4 (tensor).
+    # Data parallel over 8 devices, then resumed on 2 (data) × 2 (sequence) × 2 (tensor).
     # The schedule depends on the planned length: fix it, so that runs of 6 and of 9 steps share it.
     sched = {"decay_steps": 9}
     last = train(
@@ -214,7 +214,7 @@ def test_eval_metrics_and_restore_onto_another_mesh(tmp_path):
     assert os.listdir(work / "tensorboard")
 
     train(_tiny(train={"steps": 9}, optim=sched, mesh={"data": 8}), str(tmp_path / "straight"))
-    resumed = train(_tiny(train={"steps": 9}, optim=sched, mesh={"data": 2, "tensor": 4}), str(work))
+    resumed = train(_tiny(train={"steps": 9}, optim=sched, mesh={"data": 2, "sequence": 2, "tensor": 2}), str(work))
     assert resumed["step"] == 9
     a, b = _losses(work), _losses(tmp_path / "straight")
     # Step 7 is computed from the restored weights alone: equal up to reduction order on the new mesh.

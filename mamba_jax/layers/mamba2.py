@@ -29,18 +29,20 @@ from mamba_jax.layers.norms import gated_rms_norm, grouped_rms_norm
 from mamba_jax.models.config import ModelConfig
 from mamba_jax.ops.ssd import note_once, ssd
 from mamba_jax.ops.ssd_reference import ssd_step
+from mamba_jax.parallel.sharding import sequence_parallel_size
 
 NO_DECODE_KERNELS = "the decode kernels do not import"  # `_decode_kernel_unsupported`'s reason when so
 WINDOW_KEYS = ("win_x", "win_B", "win_dt")  # cache entries of the state write-back window (`_window_buffers`)
 
 
-def causal_conv1d(x_BLGF, w_KGF, b_GF, *, seq_idx=None, state_BKGF=None):
+def causal_conv1d(x_BLGF, w_KGF, b_GF, *, seq_idx=None, state_BKGF=None, state_seq_idx=None):
     """Depthwise causal convolution along L: out[t] = Σ_k w[k] · x[t − (K−1) + k] + b.
 
     With `seq_idx`, taps that reach into another document read zero (the conv state resets at document
     boundaries, as in causal_conv1d with seq_idx). `state_BKGF` holds the K−1 inputs preceding the
-    sequence (decoding / chunked prefill); they belong to the document at position 0. Computed in
-    float32, returned in x's dtype.
+    sequence (decoding / chunked prefill; the previous slice under sequence parallelism); they belong to
+    the document at position 0 unless `state_seq_idx` (B, K−1) gives theirs. Computed in float32,
+    returned in x's dtype.
     """
     b, l = x_BLGF.shape[:2]
     k = w_KGF.shape[0]
@@ -48,7 +50,8 @@ def causal_conv1d(x_BLGF, w_KGF, b_GF, *, seq_idx=None, state_BKGF=None):
         state_BKGF = jnp.zeros((b, k - 1, *x_BLGF.shape[2:]), x_BLGF.dtype)
     xp = jnp.concatenate([state_BKGF.astype(x_BLGF.dtype), x_BLGF], axis=1).astype(jnp.float32)
     if seq_idx is not None:
-        sid = jnp.concatenate([jnp.repeat(seq_idx[:, :1], k - 1, axis=1), seq_idx], axis=1)
+        before = jnp.repeat(seq_idx[:, :1], k - 1, axis=1) if state_seq_idx is None else state_seq_idx
+        sid = jnp.concatenate([before.astype(seq_idx.dtype), seq_idx], axis=1)
     w = w_KGF.astype(jnp.float32)
     out = b_GF.astype(jnp.float32)
     for tap in range(k):
@@ -135,6 +138,21 @@ class Mamba2Mixer(nnx.Module):
         b, l, _ = x_BLD.shape
         h, p = cfg.mamba_heads, cfg.mamba_head_dim
         z_BLGF, xBC_BLGF, dt_BLGR = self._in_proj(x_BLD, key)
+        if sequence_parallel_size() > 1:  # the sequence split over devices (mamba_jax.parallel.context)
+            if return_state:
+                raise ValueError(
+                    "prefill (final states for decoding) is not available with sequence parallelism; generate "
+                    "on a mesh with sequence = 1."
+                )
+            from mamba_jax.parallel.context import conv_ssd
+
+            y_BLHP = conv_ssd(
+                xBC_BLGF, dt_BLGR.reshape(b, l, h), self.conv_weight[...], self.conv_bias[...], self._A(),
+                self.D[...], self.dt_bias[...], seq_idx, conv_fn=causal_conv1d, head_dim=p,
+                d_state=cfg.mamba_d_state, chunk_size=cfg.mamba_chunk_size, dt_softplus=True,
+                dt_limit=cfg.mamba_dt_limit, impl=cfg.ssd_impl,
+            )  # fmt: skip
+            return self._out(y_BLHP, z_BLGF.reshape(b, l, h, p), key), xBC_BLGF, None
         conv_BLGF = jax.nn.silu(causal_conv1d(xBC_BLGF, self.conv_weight[...], self.conv_bias[...], seq_idx=seq_idx))
         x_BLGF, B_BLGN, C_BLGN = self._split_xBC(conv_BLGF)
         out = ssd(

@@ -9,7 +9,9 @@ axes below, unused ones of size 1, so every rule resolves on every mesh:
 
 Tensor parallelism follows Megatron's layout: Mamba groups and heads, attention heads and the MLP hidden
 dimension split over `tensor` (column-parallel in, row-parallel out, with XLA inserting the collectives);
-`fsdp` shards the model width of every weight (ZeRO-3 style) and, with `data`, the batch.
+`fsdp` shards the model width of every weight (ZeRO-3 style) and, with `data`, the batch; `sequence` splits
+the length of the activations (context parallelism: the Mamba layers pass their state between the slices,
+`mamba_jax.parallel.context`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ MESH_AXES = ("pipeline", "data", "fsdp", "sequence", "tensor")
 # logical axis → mesh axis (or axes). Unlisted names are replicated.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...]], ...] = (
     ("batch", ("data", "fsdp")),
+    ("length", "sequence"),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("ssm_groups", "tensor"),
@@ -91,10 +94,10 @@ class MeshConfig:
                 f"the mesh {sizes} has {fixed} positions but there are {n_devices} devices; make the product "
                 f"of the axis sizes equal the device count, or set one axis (usually data) to -1."
             )
-        if sizes["sequence"] > 1 or sizes["pipeline"] > 1:
+        if sizes["pipeline"] > 1:
             raise ValueError(
-                "sequence / pipeline parallelism is not available in this version; set mesh.sequence = 1 and "
-                "mesh.pipeline = 1 and use data, fsdp and tensor."
+                "pipeline parallelism is not available in this version; set mesh.pipeline = 1 and use data, "
+                "fsdp, sequence and tensor."
             )
         return sizes
 
@@ -127,6 +130,17 @@ def use_mesh(mesh: Mesh | AbstractMesh, rules=DEFAULT_RULES):
     """Make `mesh` and `rules` current: activation constraints inside the model then take effect."""
     with jax.set_mesh(mesh), spmd.logical_axis_rules(complete_rules(rules)):
         yield mesh
+
+
+SEQUENCE_AXIS = "sequence"
+
+
+def sequence_parallel_size() -> int:
+    """Devices on the current mesh's `sequence` axis (1 outside a mesh): the slices of a sequence."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or SEQUENCE_AXIS not in mesh.axis_names:
+        return 1
+    return mesh.shape[SEQUENCE_AXIS]
 
 
 def constrain(x, axes: Sequence[str | None]):
