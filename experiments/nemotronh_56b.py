@@ -30,6 +30,7 @@ def get_config(arg=None):
         mlp_activation="relu2",
     )
     c.mesh.tensor = 8
+    c.mesh.tensor_sequence_parallel = True  # NeMo's "SP"
     mjc.nemo_recipe(c, seq_len=8192, global_batch_size=768)
     c.lock()
     return c

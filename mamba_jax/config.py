@@ -18,7 +18,7 @@ from ml_collections import ConfigDict, config_dict
 from mamba_jax.data.pipeline import DataConfig
 from mamba_jax.models.config import ModelConfig
 from mamba_jax.models.peft import PeftConfig
-from mamba_jax.parallel.sharding import DEFAULT_RULES, MeshConfig
+from mamba_jax.parallel.sharding import DEFAULT_RULES, MeshConfig, tensor_sequence_parallel
 from mamba_jax.train.config import CheckpointConfig, CorpusConfig, OptimConfig, TrainConfig
 
 # pretrain: NeMo's pretraining recipe; finetune: SQuAD-style SFT with LoRA (rank 32, alpha 32) on every
@@ -161,4 +161,6 @@ def mesh_config(c: ConfigDict) -> MeshConfig:
 
 
 def sharding_rules(c: ConfigDict) -> tuple:
-    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in c.sharding_rules)
+    """The recipe's logical → mesh rules, with Megatron's sequence parallelism where mesh asks for it."""
+    rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in c.sharding_rules)
+    return tensor_sequence_parallel(rules) if c.mesh.get("tensor_sequence_parallel", False) else rules

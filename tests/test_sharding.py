@@ -10,9 +10,10 @@ from jax.sharding import PartitionSpec as P
 
 from mamba_jax.models import ConfigError
 from mamba_jax.parallel import MeshConfig, init_model, make_mesh, per_device_bytes, use_mesh
+from mamba_jax.parallel.sharding import DEFAULT_RULES, tensor_sequence_parallel
 
 
-def _loss_and_grads(model, ids, mesh=None):
+def _loss_and_grads(model, ids, mesh=None, rules=DEFAULT_RULES):
     graphdef, params = nnx.split(model, nnx.Param)
 
     def loss_fn(params):
@@ -22,7 +23,7 @@ def _loss_and_grads(model, ids, mesh=None):
     step = jax.jit(jax.value_and_grad(loss_fn))
     if mesh is None:
         return step(params)
-    with use_mesh(mesh):
+    with use_mesh(mesh, rules):
         return step(params)
 
 
@@ -55,6 +56,23 @@ def test_fsdp_mesh_equals_single_device():
     assert model.embed[...].sharding.spec == P("tensor", "fsdp")
     loss8, _ = _loss_and_grads(model, ids, mesh)
     assert rel_err(loss8, loss1) <= 1e-5
+
+
+def test_tensor_sequence_parallel_equals_single_device():
+    """Megatron's sequence parallelism (the residual stream sharded along the sequence over `tensor`): the
+    hidden states between blocks are split over tensor, and loss and gradients equal the single device's."""
+    cfg = small_hybrid()
+    ids = jax.random.randint(jax.random.key(2), (4, 33), 0, cfg.vocab_size)
+    loss1, grads1 = _loss_and_grads(init_model(cfg, seed=3), ids)
+    mesh, rules = make_mesh(MeshConfig(data=2, tensor=4)), tensor_sequence_parallel()
+    model = init_model(cfg, mesh=mesh, rules=rules, seed=3)
+    with use_mesh(mesh, rules):
+        h = jax.jit(lambda m, i: m.hidden_states(i))(model, ids[:, :-1])
+    assert tuple(h.sharding.spec)[:2] == ("data", "tensor")  # 32 positions, 8 per tensor shard
+    loss8, grads8 = _loss_and_grads(model, ids, mesh, rules)
+    assert rel_err(loss8, loss1) <= 1e-5
+    for g1, g8 in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads8), strict=True):
+        assert rel_err(g8, g1) <= 1e-5
 
 
 def test_per_device_bytes_shrink_with_tensor_parallelism():

@@ -75,7 +75,7 @@ class LanguageModel(nnx.Module):
         if positions is None and seq_idx is not None and cfg.attn_rope:
             positions = document_positions(seq_idx)
         # Under sequence parallelism each device embeds only its slice of the tokens.
-        h_BLD = self._embed(constrain(input_ids_BL, ACT_BLD[:2]))
+        h_BLD = self._embed(constrain(input_ids_BL, ("batch", "length")))
         virtual = getattr(self, "prompt", None)
         if virtual is not None:
             h_BLD, seq_idx, back_BL = _prepend_virtual(h_BLD, virtual().astype(h_BLD.dtype), seq_idx)
@@ -111,8 +111,7 @@ class LanguageModel(nnx.Module):
         on the padding and 1 on the prompt, so that no state, conv window or attention crosses into them.
         """
         cfg = self.cfg
-        # Under sequence parallelism each device embeds only its slice of the tokens.
-        h_BLD = self._embed(constrain(input_ids_BL, ACT_BLD[:2]))
+        h_BLD = self._embed(input_ids_BL)
         virtual = getattr(self, "prompt", None)
         if virtual is not None:  # the virtual tokens go right before each prompt (after its left padding)
             h_BLD, seq_idx, _ = _prepend_virtual(h_BLD, virtual().astype(h_BLD.dtype), seq_idx)

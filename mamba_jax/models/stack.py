@@ -20,7 +20,9 @@ from mamba_jax.layers.registry import LAYERS
 from mamba_jax.models.config import ModelConfig
 from mamba_jax.parallel.sharding import constrain
 
-ACT_BLD = ("batch", "length", "act_embed")
+# The residual stream between blocks: its length may be sharded over more than `sequence` (Megatron's
+# sequence parallelism over `tensor` too, `mamba_jax.parallel.sharding.tensor_sequence_parallel`).
+ACT_BLD = ("batch", "act_length", "act_embed")
 MAX_UNIT = 16
 
 # Activation checkpointing per block. "full" keeps only each block's input; "selective" also keeps the

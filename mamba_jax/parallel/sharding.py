@@ -36,6 +36,7 @@ MESH_AXES = ("pipeline", "data", "fsdp", "sequence", "tensor")
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...]], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", "sequence"),
+    ("act_length", "sequence"),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("ssm_groups", "tensor"),
@@ -48,9 +49,18 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...]], ...] = (
 
 # Every logical axis name the layers and the model use (unlisted in the rules → replicated).
 LOGICAL_AXES = (
-    "batch", "length", "act_embed", "vocab", "embed", "norm", "layers",
+    "batch", "length", "act_length", "act_embed", "vocab", "embed", "norm", "layers",
     "ssm_groups", "ssm_heads", "q_heads", "kv_heads", "mlp",
 )  # fmt: skip
+
+
+def tensor_sequence_parallel(rules=DEFAULT_RULES) -> tuple:
+    """`rules` with Megatron's sequence parallelism: the residual stream between blocks (logical length
+    "act_length") sharded along the sequence over `tensor` as well, so that norms and residual adds — and the
+    block inputs that activation checkpointing keeps — take 1 / tensor of the memory; XLA turns the
+    all-reduce after each row-parallel projection into a reduce-scatter and gathers before the next
+    column-parallel one (Korthikanti et al. 2022)."""
+    return tuple((n, a) for n, a in rules if n != "act_length") + (("act_length", ("sequence", "tensor")),)
 
 
 def complete_rules(rules=DEFAULT_RULES) -> tuple:
@@ -68,6 +78,9 @@ class MeshConfig:
     sequence: int = 1
     tensor: int = 1
     pipeline: int = 1
+    # Megatron's sequence parallelism: the residual stream sharded along the sequence over `tensor` too
+    # (`tensor_sequence_parallel`; the recipes' "SP"). Not a mesh axis: it changes the sharding rules.
+    tensor_sequence_parallel: bool = False
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MeshConfig:

@@ -93,7 +93,8 @@ def train(c: ConfigDict, workdir: str) -> dict:
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     accum = tcfg.accumulation_steps(dp)
     model_cfg.validate_tensor_parallel(mesh.shape["tensor"])
-    _log(f"mesh: {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].device_kind} device(s); "
+    sp = ", residual stream sharded over tensor (sequence parallel)" if c.mesh.tensor_sequence_parallel else ""
+    _log(f"mesh: {dict(mesh.shape)}{sp} on {jax.device_count()} {jax.devices()[0].device_kind} device(s); "
          f"{accum} micro step(s) per optimizer step")  # fmt: skip
 
     # --- checkpoints: refuse another model's before touching anything -------------------------------
