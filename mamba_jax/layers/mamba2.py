@@ -138,12 +138,9 @@ class Mamba2Mixer(nnx.Module):
         b, l, _ = x_BLD.shape
         h, p = cfg.mamba_heads, cfg.mamba_head_dim
         z_BLGF, xBC_BLGF, dt_BLGR = self._in_proj(x_BLD, key)
-        if sequence_parallel_size() > 1:  # the sequence split over devices (mamba_jax.parallel.context)
-            if return_state:
-                raise ValueError(
-                    "prefill (final states for decoding) is not available with sequence parallelism; generate "
-                    "on a mesh with sequence = 1."
-                )
+        # Training forward with the sequence split over devices (mamba_jax.parallel.context); a prefill on
+        # such a mesh (evaluation, samples) takes the plain path below and leaves the partitioning to XLA.
+        if sequence_parallel_size() > 1 and not return_state:
             from mamba_jax.parallel.context import conv_ssd
 
             y_BLHP = conv_ssd(

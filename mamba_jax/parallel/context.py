@@ -95,10 +95,10 @@ def conv_ssd(
         conv = jax.nn.silu(conv_fn(xBC, w, b, seq_idx=sid, state_BKGF=halo, state_seq_idx=halo_ids))
         f = conv.shape[-1]
         x, B, C = jnp.split(conv, (f - 2 * d_state, f - d_state), axis=-1)
-        bsz, length, g = x.shape[:3]
+        bsz, ls, g = x.shape[:3]
         h = dt.shape[-1]
         y, end = ssd(
-            x.reshape(bsz, length, h, head_dim), dt, A, B, C, chunk_size=chunk_size, D=D, dt_bias=dt_bias,
+            x.reshape(bsz, ls, h, head_dim), dt, A, B, C, chunk_size=chunk_size, D=D, dt_bias=dt_bias,
             dt_softplus=dt_softplus, dt_limit=dt_limit, seq_idx=sid if has_ids else None,
             return_final_states=True, impl=impl,
         )  # fmt: skip
@@ -108,10 +108,12 @@ def conv_ssd(
         first_doc_BL = jnp.cumprod(same_BL.astype(jnp.int32), axis=1).astype(jnp.float32)
         decay_BH = jnp.exp(logdecay_BLH[:, -1]) * first_doc_BL[:, -1:]
         state = _incoming_state(end, decay_BH, sid[:, 0], sid[:, -1], n)
-        C_BLHN = jnp.repeat(C.astype(jnp.float32), h // g, axis=2)
-        carry = jnp.einsum("blhn,bhpn->blhp", C_BLHN, state, precision=_HIGHEST)
+        # C_t · S per head, head h reading group h // (H / G): (B, L, G, N) · (B, G, H / G, P, N).
+        state_BGRPN = state.reshape(bsz, g, h // g, head_dim, d_state)
+        carry = jnp.einsum("blgn,bgrpn->blgrp", C.astype(jnp.float32), state_BGRPN, precision=_HIGHEST)
         scale_BLH = jnp.exp(logdecay_BLH) * first_doc_BL[..., None]
-        return (y.astype(jnp.float32) + scale_BLH[..., None] * carry).astype(y.dtype)
+        carry_BLHP = scale_BLH[..., None] * carry.reshape(bsz, ls, h, head_dim)
+        return (y.astype(jnp.float32) + carry_BLHP).astype(y.dtype)
 
     in_specs = (
         _spec("batch", "length", "ssm_groups", None),
