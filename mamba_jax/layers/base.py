@@ -10,7 +10,8 @@ Eager sharding is off: the model is sharded once, as a whole, when `init_model` 
 plus, where LoRA adapters were attached to that weight (mamba_jax/models/peft.py), the low-rank branch
 scale · (dropout(x) · A) · B (Hu et al. 2021). A weight quantized for serving (mamba_jax/inference/quantize.py)
 is stored in float8 with a `QuantScale` per output channel beside it: the product runs on the weight cast to
-the compute dtype and the scale multiplies its output.
+the compute dtype and the scale multiplies its output. In training, the layers the stack puts in an fp8
+scope (`train.fp8`) run their projections in fp8 (mamba_jax/ops/fp8.py); the LoRA branch stays as it is.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from mamba_jax.ops import fp8
 
 
 def param(value, axes: tuple[str | None, ...], *, decay: bool = True) -> nnx.Param:
@@ -61,7 +64,7 @@ def lora_names(name: str) -> tuple[str, str]:
 
 def linear(module, name: str, x, n_in: int, dtype, *, key=None):
     """x (…, in axes) · module.<name> (in axes, out axes) → (…, out axes) in `dtype`, with LoRA if attached."""
-    y = jnp.tensordot(x.astype(dtype), cast(getattr(module, name)[...], dtype), axes=n_in)
+    y = fp8.product(x.astype(dtype), cast(getattr(module, name)[...], dtype), n_in)  # fp8 in training's scope
     scale = getattr(module, scale_name(name), None)
     if scale is not None:  # a quantized weight: W = W_q · scale per output channel
         y = (y.astype(jnp.float32) * scale[...]).astype(dtype)

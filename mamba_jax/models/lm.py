@@ -66,10 +66,14 @@ class LanguageModel(nnx.Module):
             None if cfg.tie_embeddings else param(normal(rngs, (d, v), cfg.init_std, pdt), ("embed", "vocab"))
         )
 
-    def hidden_states(self, input_ids_BL, *, seq_idx=None, positions=None, remat="none", remat_layers="M*-", key=None):
+    def hidden_states(
+        self, input_ids_BL, *, seq_idx=None, positions=None, remat="none", remat_layers="M*-", key=None,
+        fp8_layers=None,
+    ):  # fmt: skip
         """Final-normed hidden states (B, L, D) in the compute dtype.
 
-        `remat` ("none", "full", "selective") checkpoints the blocks whose symbol is in `remat_layers`.
+        `remat` ("none", "full", "selective") checkpoints the blocks whose symbol is in `remat_layers`;
+        `fp8_layers` (first, end) runs those layers' projections in fp8 (training, `train.fp8`).
         """
         cfg = self.cfg
         if positions is None and seq_idx is not None and cfg.attn_rope:
@@ -82,8 +86,9 @@ class LanguageModel(nnx.Module):
             positions = document_positions(seq_idx) if cfg.attn_rope else None
         h_BLD = constrain(h_BLD, ACT_BLD)
         h_BLD = self.layers(
-            h_BLD, seq_idx=seq_idx, positions=positions, remat=remat, remat_layers=remat_layers, key=key
-        )
+            h_BLD, seq_idx=seq_idx, positions=positions, remat=remat, remat_layers=remat_layers, key=key,
+            fp8_layers=fp8_layers,
+        )  # fmt: skip
         if virtual is not None:  # back to the input's positions
             h_BLD = jnp.take_along_axis(h_BLD, back_BL[..., None], axis=1)
         return self.norm_f(h_BLD)

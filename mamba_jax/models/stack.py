@@ -13,11 +13,13 @@ Dimension key: B batch, L length, D model width.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from mamba_jax.layers.norms import RMSNorm
 from mamba_jax.layers.registry import LAYERS
 from mamba_jax.models.config import ModelConfig
+from mamba_jax.ops import fp8
 from mamba_jax.parallel.sharding import constrain
 
 # The residual stream between blocks: its length may be sharded over more than `sequence` (Megatron's
@@ -86,15 +88,30 @@ class Block(nnx.Module):
         return (h_BD, h_BD.astype(hc_BD.dtype)), cache  # (XLA fuses the cast into the add; unused: dropped)
 
 
-def _remat_block(block, h_BLD, seq_idx, positions, key, remat: str):
+def _remat_block(block, h_BLD, seq_idx, positions, key, remat: str, fp8_flag=None):
     """The block under jax.checkpoint, as a function of its state (plain JAX rather than nnx.remat, so that
-    frozen and trained parameters may come from different traces, as under LoRA)."""
+    frozen and trained parameters may come from different traces, as under LoRA). A traced fp8 flag is an
+    argument (the recomputation reads it), a Python one stays static."""
     graphdef, state = nnx.split(block)
+    static = fp8_flag is None or isinstance(fp8_flag, bool)
 
-    def run(state, h, seq_idx, positions, key):
-        return nnx.merge(graphdef, state)(h, seq_idx=seq_idx, positions=positions, key=key)
+    def run(state, h, seq_idx, positions, key, flag):
+        with fp8.fp8_scope(fp8_flag if static else flag):
+            return nnx.merge(graphdef, state)(h, seq_idx=seq_idx, positions=positions, key=key)
 
-    return jax.checkpoint(run, policy=REMAT_POLICIES[remat])(state, h_BLD, seq_idx, positions, key)
+    flag = None if static else fp8_flag
+    return jax.checkpoint(run, policy=REMAT_POLICIES[remat])(state, h_BLD, seq_idx, positions, key, flag)
+
+
+def _fp8_flag(index, fp8_layers):
+    """Whether layer `index` (an int, or traced inside a scan) runs its projections in fp8: fp8_layers is the
+    half-open range (first, end) of such layers, or None (no fp8)."""
+    if fp8_layers is None:
+        return None
+    lo, hi = fp8_layers
+    if isinstance(index, int):
+        return lo <= index < hi
+    return (index >= lo) & (index < hi)
 
 
 class Unit(nnx.Module):
@@ -103,13 +120,15 @@ class Unit(nnx.Module):
     def __init__(self, cfg: ModelConfig, unit: str, *, rngs: nnx.Rngs):
         self.blocks = nnx.List([Block(cfg, s, rngs=rngs) for s in unit])
 
-    def __call__(self, h_BLD, seq_idx, positions, remat: str, remat_layers: str, key=None):
+    def __call__(self, h_BLD, seq_idx, positions, remat: str, remat_layers: str, key=None, layer0=0, fp8_layers=None):
         for i, block in enumerate(self.blocks):
             k = None if key is None else jax.random.fold_in(key, i)
+            flag = _fp8_flag(layer0 + i, fp8_layers)  # `layer0`: this unit's first layer in the model
             if remat != "none" and block.symbol in remat_layers:
-                h_BLD = _remat_block(block, h_BLD, seq_idx, positions, k, remat)
+                h_BLD = _remat_block(block, h_BLD, seq_idx, positions, k, remat, flag)
             else:
-                h_BLD = block(h_BLD, seq_idx=seq_idx, positions=positions, key=k)
+                with fp8.fp8_scope(flag):
+                    h_BLD = block(h_BLD, seq_idx=seq_idx, positions=positions, key=k)
             h_BLD = constrain(h_BLD, ACT_BLD)
         return h_BLD
 
@@ -149,13 +168,14 @@ class Segment(nnx.Module):
         """True once `unstack_layers` gave every repetition its own Unit (a list rather than one stacked Unit)."""
         return isinstance(self.layers, nnx.List)
 
-    def __call__(self, h_BLD, seq_idx, positions, remat: str, remat_layers: str, key=None):
+    def __call__(self, h_BLD, seq_idx, positions, remat: str, remat_layers: str, key=None, layer0=0, fp8_layers=None):
+        n = len(self.unit)
         if self.reps == 1:
-            return self.layers(h_BLD, seq_idx, positions, remat, remat_layers, key)
+            return self.layers(h_BLD, seq_idx, positions, remat, remat_layers, key, layer0, fp8_layers)
         if self.unrolled:
             for r, unit in enumerate(self.layers):
                 k = None if key is None else jax.random.fold_in(key, r)
-                h_BLD = unit(h_BLD, seq_idx, positions, remat, remat_layers, k)
+                h_BLD = unit(h_BLD, seq_idx, positions, remat, remat_layers, k, layer0 + r * n, fp8_layers)
             return h_BLD
 
         # A plain lax.scan over the stacked state (rather than nnx.scan), so that the model also works when
@@ -165,11 +185,11 @@ class Segment(nnx.Module):
         keys = None if key is None else jax.random.split(key, self.reps)
 
         def body(h, xs):
-            unit_state, k = xs
+            unit_state, k, r = xs
             unit = nnx.merge(graphdef, unit_state)
-            return unit(h, seq_idx, positions, remat, remat_layers, k), None
+            return unit(h, seq_idx, positions, remat, remat_layers, k, layer0 + r * n, fp8_layers), None
 
-        return jax.lax.scan(body, h_BLD, (state, keys))[0]
+        return jax.lax.scan(body, h_BLD, (state, keys, jnp.arange(self.reps)))[0]
 
     def prefill(self, h_BLD, seq_idx, positions, cache_len):
         """Forward that also returns this segment's caches (stacked on a leading axis when scanned)."""
@@ -243,10 +263,15 @@ class LayerStack(nnx.Module):
         self.plan = tuple(segment_pattern(cfg.pattern, cfg.scan_layers))
         self.segments = nnx.List([Segment(cfg, unit, reps, rngs=rngs) for unit, reps in self.plan])
 
-    def __call__(self, h_BLD, *, seq_idx=None, positions=None, remat="none", remat_layers="M*-", key=None):
+    def __call__(
+        self, h_BLD, *, seq_idx=None, positions=None, remat="none", remat_layers="M*-", key=None, fp8_layers=None
+    ):
+        """`fp8_layers` (first, end): the layers whose projections run in fp8 (training; mamba_jax.ops.fp8)."""
+        layer0 = 0
         for i, segment in enumerate(self.segments):
             k = None if key is None else jax.random.fold_in(key, i)
-            h_BLD = segment(h_BLD, seq_idx, positions, remat, remat_layers, k)
+            h_BLD = segment(h_BLD, seq_idx, positions, remat, remat_layers, k, layer0, fp8_layers)
+            layer0 += segment.reps * len(segment.unit)
         return h_BLD
 
     def prefill(self, h_BLD, *, seq_idx, positions, cache_len):

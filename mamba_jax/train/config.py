@@ -35,6 +35,10 @@ class TrainConfig:
     init_from: str = ""  # start from these weights: a mamba_jax checkpoint / work dir or a Hugging Face dir
     eval_generate: int = 0  # sft data: held-out examples answered by generation for exact match / F1
     eval_max_new_tokens: int = 32
+    # fp8 projections in training (tensorwise current scaling, mamba_jax.ops.fp8), except in the first and last
+    # fp8_bf16_layers layers (NeMo's Nemotron-H 47B / 56B recipe: fp8 with 2 and 2 kept in bf16).
+    fp8: bool = False
+    fp8_bf16_layers: int = 0
 
     def __post_init__(self):
         if self.steps <= 0 or self.global_batch_size <= 0:
@@ -43,8 +47,16 @@ class TrainConfig:
             raise ValueError(f"train.remat must be one of {REMAT}, got {self.remat!r}.")
         if self.loss_scale not in ("auto", "dynamic", "none"):
             raise ValueError(f"train.loss_scale must be auto, dynamic or none, got {self.loss_scale!r}.")
+        if self.fp8_bf16_layers < 0:
+            raise ValueError(f"train.fp8_bf16_layers must be ≥ 0, got {self.fp8_bf16_layers}.")
         if self.profile_steps is not None:
             object.__setattr__(self, "profile_steps", tuple(self.profile_steps))
+
+    def fp8_layers(self, n_layers: int) -> tuple[int, int] | None:
+        """The half-open range of layers whose projections train in fp8, or None."""
+        if not self.fp8:
+            return None
+        return (self.fp8_bf16_layers, max(n_layers - self.fp8_bf16_layers, self.fp8_bf16_layers))
 
     def accumulation_steps(self, data_parallel: int) -> int:
         """Micro steps per optimizer step, checking global = micro × steps × data-parallel size."""

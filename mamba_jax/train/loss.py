@@ -38,11 +38,15 @@ def token_losses(h_BLD, w_DV, labels_BL, *, chunk: int):
     return jnp.moveaxis(losses, 0, 1).reshape(b, n * k)[:, :l]
 
 
-def lm_loss_sums(model, batch, *, chunk: int, remat: str = "none", remat_layers: str = "M*-", key=None):
-    """(Σ masked token losses, Σ mask) of a batch with input_ids, labels, loss_mask and optional seq_idx."""
+def lm_loss_sums(
+    model, batch, *, chunk: int, remat: str = "none", remat_layers: str = "M*-", key=None, fp8_layers=None
+):
+    """(Σ masked token losses, Σ mask) of a batch with input_ids, labels, loss_mask and optional seq_idx;
+    `fp8_layers` as `LanguageModel.hidden_states` takes it."""
     h_BLD = model.hidden_states(
-        batch["input_ids"], seq_idx=batch.get("seq_idx"), remat=remat, remat_layers=remat_layers, key=key
-    )
+        batch["input_ids"], seq_idx=batch.get("seq_idx"), remat=remat, remat_layers=remat_layers, key=key,
+        fp8_layers=fp8_layers,
+    )  # fmt: skip
     w_DV = model.head_weight().astype(h_BLD.dtype)
     losses_BL = token_losses(h_BLD, w_DV, batch["labels"], chunk=chunk)
     mask_BL = batch["loss_mask"].astype(jnp.float32)

@@ -72,8 +72,9 @@ def make_train_step(graphdef, tx, tcfg: TrainConfig, *, accum: int, dynamic_scal
     def micro_loss(params, frozen, micro, scale, key):
         model = nnx.merge(graphdef, params, *([] if frozen is None else [frozen]))
         s, n = lm_loss_sums(
-            model, micro, chunk=tcfg.loss_chunk, remat=tcfg.remat, remat_layers=tcfg.remat_layers, key=key
-        )
+            model, micro, chunk=tcfg.loss_chunk, remat=tcfg.remat, remat_layers=tcfg.remat_layers, key=key,
+            fp8_layers=tcfg.fp8_layers(model.cfg.n_layers),
+        )  # fmt: skip
         # Differentiate the sum scaled to about a mean (by the static token count of the micro batch), so
         # float16 gradients stay in range; the exact global division happens once after accumulation.
         return s * (scale / micro["labels"].size), (s, n)
