@@ -3,6 +3,7 @@
 #
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh a   # compiled correctness, then the A/Bs
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh b   # generate.py with mamba_ssm side by side
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh c   # fp8 training against bf16 (1.3B, 2.7B)
 #
 # (prefix stage b with MAMBA_JAX_DECODE_WINDOW=8 where stage a found the state write-back window faster)
 #
@@ -13,7 +14,7 @@
 # bf16 states, bf16 and float8 weights) against mamba_ssm, the CUDA megakernel probe, then 130M and the
 # 13-layer Nemotron-H. Copy what comes back into benchmarks/results/ with the commands (each JSON holds its own).
 set -u
-stage=${1:?stage a or b}
+stage=${1:?stage a, b or c}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 source benchmarks/gpu_setup.sh >"$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }  # not in a pipe: keeps its exports
@@ -54,7 +55,13 @@ elif [ "$stage" = b ]; then  # ≈ 9 minutes at most
         --out "$OUT/megakernel_probe_$gpu.json"
     step generate_small 150 python3 generate.py --model mamba2_130m,nemotronh_8b_13l --batch 1,32 \
         --state-dtype bfloat16 --quantize none,fp8 --peer --out "$OUT/generate_130m_8b13l_$gpu.json"
+elif [ "$stage" = c ]; then  # ≈ 8 minutes at most: fp8 training against bf16, one GPU
+    cd benchmarks || exit 1
+    step train_fp8_1_3b 240 python3 train.py --recipe ../experiments/mamba2_1_3b.py --batch 4 --remat selective \
+        --set ssd_impl=pallas --fp8 off,0 --steps 6 --out "$OUT/train_fp8_mamba2_1_3b_$gpu.json"
+    step train_fp8_2_7b 240 python3 train.py --recipe ../experiments/mamba2_2_7b.py --batch 1 --remat selective \
+        --set ssd_impl=pallas --fp8 off,0 --steps 6 --out "$OUT/train_fp8_mamba2_2_7b_$gpu.json"
 else
-    echo "unknown stage $stage (a or b)" >&2
+    echo "unknown stage $stage (a, b or c)" >&2
     exit 2
 fi

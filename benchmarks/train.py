@@ -2,6 +2,7 @@
 peak memory, for one or more (batch, remat) variants, using the same jitted step as `python -m mamba_jax.train`.
 
   python benchmarks/train.py --recipe experiments/mamba2_130m.py --batch 8 --steps 20 [--remat none,full]
+      [--fp8 off,0]
       [--seq-len 4096] [--out benchmarks/results/train_mamba2_130m.json] [--profile DIR]
 
 Prints a table and writes JSON (device, versions, git revision, the command, each variant's numbers).
@@ -11,6 +12,7 @@ Step time is the median over the timed steps after two warm-up (compile) steps.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -32,13 +34,18 @@ from mamba_jax.train.optim import make_optimizer, schedule
 from mamba_jax.train.state import init_state, make_train_step
 
 
-def run_variant(c, *, batch: int, micro: int | None, remat: str, steps: int, seq_len: int, profile: str | None):
+def run_variant(
+    c, *, batch: int, micro: int | None, remat: str, steps: int, seq_len: int, profile: str | None, fp8: str = "off"
+):
+    """One (batch, micro batch, remat, fp8) variant: `fp8` is "off" or N (fp8 with the first and last N
+    layers in bf16, train.fp8 / train.fp8_bf16_layers)."""
     model_cfg = mjc.model_config(c)
     mesh = make_mesh(mjc.mesh_config(c))
     rules = mjc.sharding_rules(c)
     tcfg = TrainConfig(
-        **{**c.train.to_dict(), "steps": 1000, "global_batch_size": batch, "micro_batch_size": micro, "remat": remat}
-    )
+        **{**c.train.to_dict(), "steps": 1000, "global_batch_size": batch, "micro_batch_size": micro, "remat": remat,
+           "fp8": fp8 != "off", "fp8_bf16_layers": 0 if fp8 == "off" else int(fp8)}
+    )  # fmt: skip
     ocfg = OptimConfig(**c.optim.to_dict())
     accum = tcfg.accumulation_steps(mesh.shape["data"] * mesh.shape["fsdp"])
     data_cfg = DataConfig.from_dict({**c.data.to_dict(), "kind": "mock", "seq_len": seq_len})
@@ -84,6 +91,7 @@ def run_variant(c, *, batch: int, micro: int | None, remat: str, steps: int, seq
         "batch": batch,
         "micro_batch": micro or batch,
         "remat": remat,
+        "fp8": fp8,
         "seq_len": seq_len,
         "params": n_params,
         "compile_and_warmup_s": compile_s,
@@ -109,6 +117,7 @@ def main() -> int:
     p.add_argument("--batch", default="8", help="comma-separated global batch sizes")
     p.add_argument("--micro", default="", help="comma-separated micro batch sizes (empty: no accumulation)")
     p.add_argument("--remat", default="none", help="comma-separated: none, full, selective")
+    p.add_argument("--fp8", default="off", help="comma-separated: off, or N = fp8 with the first / last N layers bf16")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--set", action="append", default=[], help="model overrides key=value (e.g. ssd_impl=xla)")
@@ -130,27 +139,28 @@ def main() -> int:
     micros = [int(m) for m in args.micro.split(",")] if args.micro else [None]
     for batch in [int(b) for b in args.batch.split(",")]:
         for remat in args.remat.split(","):
-            for micro in micros:
+            for micro, fp8 in itertools.product(micros, args.fp8.split(",")):
                 try:
                     r = run_variant(
                         c, batch=batch, micro=micro, remat=remat, steps=args.steps, seq_len=args.seq_len,
-                        profile=args.profile or None,
+                        profile=args.profile or None, fp8=fp8,
                     )  # fmt: skip
                 except Exception as e:  # out of memory at large batches: record it and go on
-                    r = {"batch": batch, "micro_batch": micro or batch, "remat": remat, "error": str(e)[:500]}
+                    r = {"batch": batch, "micro_batch": micro or batch, "remat": remat, "fp8": fp8,
+                         "error": str(e)[:500]}  # fmt: skip
                 results.append(r)
                 print(json.dumps(r), flush=True)
     print(f"\n{args.recipe} on {jax.devices()[0].device_kind}, seq {args.seq_len}")
-    print(f"{'batch':>6} {'micro':>6} {'remat':>10} {'tok/s':>10} {'MFU':>7} {'step ms':>9} {'mem GiB':>8}")
+    print(f"{'batch':>6} {'micro':>6} {'remat':>10} {'fp8':>4} {'tok/s':>10} {'MFU':>7} {'step ms':>9} {'mem GiB':>8}")
     for r in results:
         if "error" in r:
-            print(f"{r['batch']:>6} {r['micro_batch']:>6} {r['remat']:>10}  failed: {r['error'][:60]}")
+            print(f"{r['batch']:>6} {r['micro_batch']:>6} {r['remat']:>10} {r['fp8']:>4}  failed: {r['error'][:60]}")
             continue
         mfu = f"{100 * r['mfu_6N']:.1f}%" if r["mfu_6N"] else "-"
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
         print(
-            f"{r['batch']:>6} {r['micro_batch']:>6} {r['remat']:>10} {r['tokens_per_s']:>10,.0f} {mfu:>7} "
-            f"{1000 * r['step_time_median_s']:>9.1f} {mem:>8}"
+            f"{r['batch']:>6} {r['micro_batch']:>6} {r['remat']:>10} {r['fp8']:>4} {r['tokens_per_s']:>10,.0f} "
+            f"{mfu:>7} {1000 * r['step_time_median_s']:>9.1f} {mem:>8}"
         )
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
