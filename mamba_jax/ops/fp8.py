@@ -5,9 +5,10 @@ Each projection y = x · W of a layer in fp8 runs on x and W rounded to float8 e
 taken from that tensor's current absolute maximum (s = amax / 448, so nothing overflows), and its backward on
 the incoming gradient rounded to e5m2 (s = amax / 57344: the wider range gradients need); both backward
 products reuse the rounded x and W. The rounding is written as quantize → dequantize ("qdq") around plain
-products, the form XLA's GPU compiler turns into fp8 tensor-core GEMMs with the scales folded in (as
-flax's fp8 ops do); elsewhere it is the same arithmetic in the compute dtype. Rounding has no gradient of
-its own (straight-through), as in every fp8 recipe.
+products: the pattern XLA's GPU compiler rewrites into fp8 tensor-core GEMMs with the scales folded in (the
+one flax's fp8 ops rely on; whether it does so for these products is for a GPU run to show:
+benchmarks/gpu_session.sh c). Elsewhere it is the same arithmetic in the compute dtype. Rounding has no
+gradient of its own (straight-through), as in every fp8 recipe.
 
 Which layers run in fp8 is a trace-time context (`fp8_scope`), set per layer by the layer stack from
 `train.fp8` (NeMo keeps the first and last layers in bf16: `train.fp8_bf16_layers`). Inside a scanned
