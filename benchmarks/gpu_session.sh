@@ -1,18 +1,16 @@
-# The open GPU measurements of issue 5 as two device calls of under 10 minutes each, every step under its own
+# The open GPU measurements as device calls of under 10 minutes each, every step under its own
 # time limit (one that fails or hangs leaves the others their time), logs and JSON written to $OUT:
 #
-#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh a   # compiled correctness, then the A/Bs
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh a   # compiled correctness
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh b   # generate.py with mamba_ssm side by side
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh c   # fp8 training against bf16 (1.3B, 2.7B)
 #
-# (prefix stage b with MAMBA_JAX_DECODE_WINDOW=8 where stage a found the state write-back window faster)
-#
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
-# decode kernels' gpu tests (real widths: the state write-back window, float8 weights) and the quantization
-# tests compiled; at batch 32 the window off / on × bf16 / float8 weights (without the window if its test
-# failed), at batch 1 bf16 against float8 weights, all 2.7B. Stage b: generate.py on 2.7B (batch 1 and 32,
-# bf16 states, bf16 and float8 weights) against mamba_ssm, the CUDA megakernel probe, then 130M and the
-# 13-layer Nemotron-H. Copy what comes back into benchmarks/results/ with the commands (each JSON holds its own).
+# decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
+# tests, compiled. Stage b: generate.py on 2.7B (batch 1 and 32, bf16 states, bf16 and float8 weights)
+# against mamba_ssm, the CUDA megakernel probe, then 130M and the 13-layer Nemotron-H. Stage c: fp8 training.
+# (The window and fp8 A/Bs of 2026-12-05 are in benchmarks/results: decode_variants_*_h100.json.) Copy what
+# comes back into benchmarks/results/ with the commands (each JSON holds its own).
 set -u
 stage=${1:?stage a, b or c}
 OUT=${OUT:-/tmp/out}
@@ -31,22 +29,10 @@ step() {  # step NAME SECONDS COMMAND…: runs COMMAND under a time limit, its o
     return $rc
 }
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed 's/NVIDIA //; s/[ ,].*//' | tr 'A-Z' 'a-z')
-if [ "$stage" = a ]; then  # ≈ 9 minutes at most
-    step gpu_tests 150 python3 -m pytest -x -q -p no:cacheprovider -m gpu tests/test_decode_kernels.py \
-        -k real_widths || export MAMBA_JAX_DECODE_WINDOW=0
+if [ "$stage" = a ]; then  # ≈ 9 minutes: the compiled tests (≈ 40 s per real-width case on an H100)
+    step gpu_tests 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decode_kernels.py -k real_widths
     # (not the tensor-parallel case: it needs the 8 fake CPU devices; the GPU machine has one device)
-    step quantize_tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_quantize.py -k "not tensor_parallel"
-    cd benchmarks || exit 1
-    if [ "${MAMBA_JAX_DECODE_WINDOW:-}" = 0 ]; then  # the window failed its test: bf16 against fp8 only
-        v32=(--variant "bf16:" --variant "fp8:quantize=fp8")
-    else
-        v32=(--variant "w0:MAMBA_JAX_DECODE_WINDOW=0" --variant "w8:MAMBA_JAX_DECODE_WINDOW=8"
-             --variant "fp8:MAMBA_JAX_DECODE_WINDOW=0;quantize=fp8" --variant "fp8_w8:MAMBA_JAX_DECODE_WINDOW=8;quantize=fp8")
-    fi
-    step b32 200 python3 decode_variants.py --model mamba2_2_7b --batch 32 --rounds 1 --reps 3 "${v32[@]}" \
-        --out "$OUT/decode_variants_window_fp8_2_7b_b32_$gpu.json"
-    step b1 110 python3 decode_variants.py --model mamba2_2_7b --batch 1 --rounds 1 --reps 3 \
-        --variant "bf16:" --variant "fp8:quantize=fp8" --out "$OUT/decode_variants_fp8_2_7b_b1_$gpu.json"
+    step quantize_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_quantize.py -k "not tensor_parallel"
 elif [ "$stage" = b ]; then  # ≈ 9 minutes at most
     cd benchmarks || exit 1
     step generate_2_7b 330 python3 generate.py --model mamba2_2_7b --batch 1,32 --state-dtype bfloat16 \

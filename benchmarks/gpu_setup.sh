@@ -2,7 +2,10 @@
 # installs the carried wheels the image lacks (grain, ml-collections; see ../shared/tools/device-wheels),
 # puts the repository on the path with kernels/ visible as mamba_jax.kernels, and prints the machine.
 S=$(mktemp -d)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$S" .whl/*.whl || return 1
+# Not pytest and its helpers where the image has them: an older pytest there breaks the image's pytest plugins.
+W=$(ls .whl/*.whl | grep -v -E '/(pytest|pluggy|iniconfig)-' || true)
+python3 -c "import pytest" 2>/dev/null || W=$(ls .whl/*.whl)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$S" $W || return 1
 export PYTHONPATH="$S:$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 [ -e mamba_jax/kernels ] || ln -s ../kernels mamba_jax/kernels
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader

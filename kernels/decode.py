@@ -81,8 +81,8 @@ OUT_SPLITS = 2
 # With the step in two launches, the state may be written back every W tokens rather than every token
 # (`ssm_step(window=…)`): between write-backs each step reads the state once and adds the window's tokens
 # from a small buffer. 2.7B at batch 32: 84 → ≈ 50 MB of state traffic per layer and step (bf16 states, W 8).
-# Off (0) by default until a GPU run has timed it against the per-token write (no GPU was lent to the
-# session that wrote it; tested in interpret mode and lowered to Triton only): MAMBA_JAX_DECODE_WINDOW=8
+# Off (0): timed on an H100 at batch 32 it decodes 19 % slower than the per-token write (5,382 against
+# 6,637 tok/s, benchmarks/results/decode_variants_window_2_7b_b32_h100.json); MAMBA_JAX_DECODE_WINDOW=8
 # turns it on at trace time (benchmarks/README.md, "State write-back window").
 STATE_WINDOW = 0
 PREFETCH_BLOCK = 8192  # elements per load of the L2 prefetch (16 KB of bf16 per program and load)
