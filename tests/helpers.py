@@ -1,7 +1,8 @@
-"""Helpers shared by the tests: relative error, random SSD inputs, a small hybrid config."""
+"""Helpers shared by the tests: relative error, random SSD inputs, a small hybrid config, sharded generation."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mamba_jax.models import ModelConfig
 
@@ -57,3 +58,19 @@ def small_hybrid(**changes) -> ModelConfig:
     )
     base.update(changes)
     return ModelConfig(**base)
+
+
+def assert_mesh_generation_equals_single_device(cfg, mesh_config, prompts, *, new_tokens, seed, **engine_kwargs):
+    """Greedy generation by the model built from `seed` on one device and on the mesh of `mesh_config` (a
+    MeshConfig): the same tokens, log-probabilities within 1e-4. Returns the mesh's Engine."""
+    from mamba_jax.inference.engine import Engine, SamplingParams
+    from mamba_jax.parallel import init_model, make_mesh
+
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+    single = Engine(init_model(cfg, seed=seed), **engine_kwargs).generate(prompts, params)
+    mesh = make_mesh(mesh_config)
+    engine = Engine(init_model(cfg, mesh=mesh, seed=seed), mesh=mesh, **engine_kwargs)
+    sharded = engine.generate(prompts, params)
+    assert sharded.tokens == single.tokens
+    assert rel_err(np.array(sharded.logprobs), np.array(single.logprobs)) <= 1e-4
+    return engine

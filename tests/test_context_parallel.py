@@ -8,9 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import rel_err, small_hybrid
+from helpers import assert_mesh_generation_equals_single_device, rel_err, small_hybrid
 
-from mamba_jax.inference.engine import Engine, SamplingParams
 from mamba_jax.parallel import MeshConfig, context, init_model, make_mesh, use_mesh
 from mamba_jax.parallel.sharding import DEFAULT_RULES
 
@@ -86,12 +85,7 @@ def test_generation_on_a_sequence_parallel_mesh_equals_single_device():
     the plain path there (partitioned by XLA) and give the single-device tokens."""
     cfg = small_hybrid(pattern="M*-M", mamba_chunk_size=8)
     prompts = [[5, 17, 3, 9], [8, 1, 4, 4, 7, 2, 250 - 1, 12, 13, 60, 61, 62, 63]]
-    params = SamplingParams(max_new_tokens=5, temperature=0.0)
-    single = Engine(init_model(cfg, seed=4)).generate(prompts, params)
-    mesh = make_mesh(MeshConfig(data=2, sequence=4))
-    sharded = Engine(init_model(cfg, mesh=mesh, seed=4), mesh=mesh).generate(prompts, params)
-    assert sharded.tokens == single.tokens
-    assert rel_err(np.array(sharded.logprobs), np.array(single.logprobs)) <= 1e-4
+    assert_mesh_generation_equals_single_device(cfg, MeshConfig(data=2, sequence=4), prompts, new_tokens=5, seed=4)
 
 
 def test_bad_sequence_parallel_setups_are_named():

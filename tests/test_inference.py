@@ -4,12 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import rel_err, small_hybrid
+from helpers import assert_mesh_generation_equals_single_device, rel_err, small_hybrid
 
 from mamba_jax.inference.engine import Engine, SamplingParams, apply_repetition_penalty, pad_prompts
 from mamba_jax.inference.naive import naive_generate
 from mamba_jax.inference.sampling import filter_logits
-from mamba_jax.parallel import MeshConfig, init_model, make_mesh
+from mamba_jax.parallel import MeshConfig, init_model
 
 CONFIGS = {
     "mamba2": dict(pattern="MMMM", mamba_num_groups=2),
@@ -111,12 +111,7 @@ def test_bf16_state_tracks_the_float32_state(hybrid):
 def test_tensor_parallel_generation_equals_single_device():
     cfg = small_hybrid(pattern="M*-M-")
     prompts = _prompts([7, 12], cfg.vocab_size, seed=4)
-    params = SamplingParams(max_new_tokens=6, temperature=0.0)
-    single = Engine(init_model(cfg, seed=5)).generate(prompts, params)
-    mesh = make_mesh(MeshConfig(data=2, tensor=4))
-    sharded = Engine(init_model(cfg, mesh=mesh, seed=5), mesh=mesh).generate(prompts, params)
-    assert sharded.tokens == single.tokens
-    assert rel_err(np.array(sharded.logprobs), np.array(single.logprobs)) <= 1e-4
+    assert_mesh_generation_equals_single_device(cfg, MeshConfig(data=2, tensor=4), prompts, new_tokens=6, seed=5)
 
 
 def test_top_p_temperature_and_penalty_follow_their_definitions():

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import rel_err, small_hybrid
+from helpers import assert_mesh_generation_equals_single_device, rel_err, small_hybrid
 
 from mamba_jax.inference.engine import Engine, SamplingParams
 from mamba_jax.inference.fold import fold_norm_weights
@@ -16,7 +16,7 @@ from mamba_jax.inference.quantize import FP8_MAX, dequantize_array, quantize_arr
 from mamba_jax.layers.base import PROJ_IN_AXES, lora_names, scale_name
 from mamba_jax.models.peft import PeftConfig, add_lora
 from mamba_jax.models.stack import layer_mixers
-from mamba_jax.parallel import MeshConfig, init_model, make_mesh
+from mamba_jax.parallel import MeshConfig, init_model
 
 
 @pytest.fixture(scope="module")
@@ -151,16 +151,11 @@ def test_fp8_fused_kernel_decoding_equals_xla_decoding():
 def test_tensor_parallel_fp8_generation_equals_single_device():
     cfg = small_hybrid(pattern="M*-M-")
     prompts = _prompts([7, 12], cfg.vocab_size, seed=4)
-    params = SamplingParams(max_new_tokens=6, temperature=0.0)
-    single = Engine(init_model(cfg, seed=5), quantize="fp8").generate(prompts, params)
-    mesh = make_mesh(MeshConfig(data=2, tensor=4))
-    sharded_model = init_model(cfg, mesh=mesh, seed=5)
-    engine = Engine(sharded_model, mesh=mesh, quantize="fp8")
+    engine = assert_mesh_generation_equals_single_device(
+        cfg, MeshConfig(data=2, tensor=4), prompts, new_tokens=6, seed=5, quantize="fp8"
+    )
     w = nnx.merge(engine.graphdef, engine.state).layers.segments[0].layers.blocks[0].mixer.in_proj[...]
     assert w.dtype == jnp.float8_e4m3fn and "tensor" in str(w.sharding.spec)  # still column-parallel
-    sharded = engine.generate(prompts, params)
-    assert sharded.tokens == single.tokens
-    assert rel_err(np.array(sharded.logprobs), np.array(single.logprobs)) <= 1e-4
 
 
 def test_quantization_errors_are_named(hybrid):

@@ -104,13 +104,11 @@ def _remat_block(block, h_BLD, seq_idx, positions, key, remat: str, fp8_flag=Non
 
 
 def _fp8_flag(index, fp8_layers):
-    """Whether layer `index` (an int, or traced inside a scan) runs its projections in fp8: fp8_layers is the
-    half-open range (first, end) of such layers, or None (no fp8)."""
+    """Whether layer `index` runs its projections in fp8 — a Python bool for an int index, a traced one inside
+    a scan: fp8_layers is the half-open range (first, end) of such layers, or None (no fp8)."""
     if fp8_layers is None:
         return None
     lo, hi = fp8_layers
-    if isinstance(index, int):
-        return lo <= index < hi
     return (index >= lo) & (index < hi)
 
 
