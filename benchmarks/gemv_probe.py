@@ -5,6 +5,7 @@ of `mamba_jax.kernels.gemv`, each against XLA's own dot on the same chain.
     python benchmarks/gemv_probe.py --torch > torch.txt     # cuBLAS (run alone: jax preallocates memory)
     python benchmarks/gemv_probe.py > pallas.txt            # the Pallas Triton variants
     python benchmarks/gemv_probe.py --mosaic > mosaic.txt   # kernels/gemv.py, batch 1 and 32
+    python benchmarks/gemv_probe.py --fp8 --out r.json      # kernels/gemv_q.py (float8 weights), batch 1 and 16
 
 Every variant runs a chain of 16 GEMVs with distinct weights (more bytes than L2 holds), REPS times inside
 one compiled loop (`looped`), and prints one JSON line per configuration: µs per GEMV and weight bytes /
@@ -24,6 +25,7 @@ import statistics
 L = 16  # GEMVs per timed chain
 REPS = 10  # passes over the chain per timed call
 SHAPES = [(2560, 10576), (2560, 10240), (5120, 2560)]  # 2.7B in_proj, the same rounded to 256, out_proj
+FP8_SHAPES, FP8_BATCHES = [(2560, 10576), (5120, 2560)], [1, 16]  # --fp8: 2.7B in_proj and out_proj
 
 
 def looped(gemv):
@@ -216,11 +218,68 @@ def mosaic_probe() -> None:
                 best[k] = [c for _, c in sorted(results)[:6]]
 
 
+def fp8_probe(out: str) -> None:
+    """The float8 GEMV (`kernels/gemv_q.py`) over its tiles against XLA's product on the same float8 weights
+    (`layers.base.linear`'s: the weight cast to bf16, the output scaled) and XLA's bf16 GEMV, at batch 1
+    and 16; µs per GEMV and the bytes actually stored (float8: half of bf16's) per second."""
+    import jax
+    import jax.numpy as jnp
+    from bench_util import provenance, timed, write_result
+
+    from mamba_jax.inference.quantize import quantize_array
+    from mamba_jax.kernels.gemv_q import decode_config, gemv_q
+
+    key, rows_out = jax.random.key(0), []
+
+    def emit(row):
+        print(json.dumps(row), flush=True)
+        rows_out.append(row)
+
+    for (k, n), b in itertools.product(FP8_SHAPES, FP8_BATCHES):
+        w_kn = [jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.float32) * 0.02 for i in range(L)]
+        qs = [quantize_array(w, 1) for w in w_kn]
+        w_bf = [w.astype(jnp.bfloat16) for w in w_kn]
+        del w_kn
+        x = jax.random.normal(key, (b, k), jnp.bfloat16)
+        want = (x.astype(jnp.float32) @ qs[0][0].astype(jnp.float32)) * qs[0][1]
+
+        def xla_q(x, wq_s):
+            y = jnp.dot(x, wq_s[0].astype(jnp.bfloat16))
+            return (y.astype(jnp.float32) * wq_s[1]).astype(jnp.bfloat16)
+
+        t = timed(looped(lambda x, w: x @ w), x, w_bf) / REPS
+        emit({"impl": "xla_bf16", "b": b, "k": k, "n": n, "us": t / L * 1e6, "tb_per_s": L * k * n * 2 / t / 1e12})
+        t = timed(looped(xla_q), x, qs) / REPS
+        emit({"impl": "xla_fp8", "b": b, "k": k, "n": n, "us": t / L * 1e6, "tb_per_s": L * k * n / t / 1e12})
+        default = decode_config(b, k, n, jnp.float8_e4m3fn)
+        confs = [dict(bn=bn, bk=bk, splits=sp, warps=wp, stages=st, mode=mode)
+                 for bn, bk, sp, wp, st in [(64, 128, 1, 4, 4), (128, 128, 1, 4, 4), (32, 256, 1, 4, 4),
+                                            (64, 256, 1, 4, 3), (128, 64, 1, 4, 6), (256, 64, 1, 8, 4),
+                                            (64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (128, 128, 4, 4, 4),
+                                            (32, 128, 4, 4, 4), (64, 256, 4, 8, 3)]
+                 for mode in (["fma", "dot"] if b == 1 else ["dot"])]  # fmt: skip
+        for conf in [default] + confs:
+            try:
+                fn = lambda x, wq_s, conf=conf: gemv_q(x, wq_s[0], wq_s[1], **conf)  # noqa: E731
+                err = float(jnp.max(jnp.abs(fn(x, qs[0]).astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
+                t = timed(looped(fn), x, qs) / REPS
+            except Exception as e:  # a configuration Triton cannot compile
+                emit({"impl": "gemv_q", "b": b, "k": k, "n": n, **conf, "failed": repr(e)[:300]})
+                continue
+            emit({"impl": "gemv_q", "default": conf is default, "b": b, "k": k, "n": n, **conf, "us": t / L * 1e6,
+                  "tb_per_s": L * k * n / t / 1e12, "rel_err": err})  # fmt: skip
+    write_result(out, {**provenance(), "rows": rows_out})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--fp8", action="store_true", help="the float8 GEMV (kernels/gemv_q.py) against XLA")
+    ap.add_argument("--out", default="", help="with --fp8: the JSON result")
     ap.add_argument("--torch", action="store_true", help="cuBLAS through torch instead of the Pallas GEMVs")
     ap.add_argument("--mosaic", action="store_true", help="the Mosaic GPU GEMV (kernels/gemv.py) against XLA")
     args = ap.parse_args()
+    if args.fp8:
+        return fp8_probe(args.out)
     torch_probe() if args.torch else mosaic_probe() if args.mosaic else pallas_probe()
 
 

@@ -132,17 +132,26 @@ def test_fp8_engine_decodes_its_full_forward(hybrid):
     assert rel_err(np.array(scanned.logprobs), np.array(out.logprobs)) <= 1e-5
 
 
-def test_fp8_fused_kernel_decoding_equals_xla_decoding():
+@pytest.mark.parametrize("lengths,gemv", [
+    ([7], None),  # batch 1: the float8 GEMV as FMAs, one K split
+    ([5, 12], "32,32,2,4,2,dot"),  # tensor-core products, two K splits: partials summed by the consumer kernels
+])  # fmt: skip
+def test_fp8_fused_kernel_decoding_equals_xla_decoding(monkeypatch, lengths, gemv):
     """The fused decode path (interpret mode here; norms folded before quantizing, out_proj's float8
-    weight prefetched as bytes at batch ≤ 4) generates what XLA's decode path does on the same weights."""
+    weight prefetched as bytes at batch ≤ 4, both projections through `kernels.gemv_q`) generates what
+    XLA's decode path does on the same weights."""
+    if gemv:
+        monkeypatch.setenv("MAMBA_JAX_DECODE_GEMV_Q", gemv)
     cfg = small_hybrid(pattern="M*-M", mamba_head_dim=16, mamba_num_groups=1, residual_in_fp32=True)
     model = init_model(cfg, seed=4)
-    prompts = _prompts([5, 12], cfg.vocab_size, seed=3)
+    prompts = _prompts(lengths, cfg.vocab_size, seed=3)
     params = SamplingParams(max_new_tokens=5, temperature=0.0)
     xla = Engine(model, decode_impl="xla", quantize="fp8").generate(prompts, params)
     engine = Engine(model, decode_impl="pallas", quantize="fp8")
-    jaxpr = _decode_jaxpr(engine, batch=2)
+    jaxpr = _decode_jaxpr(engine, batch=len(lengths))
     assert "pallas_call" in jaxpr and "bitcast_convert_type" in jaxpr  # the fused step, prefetching bytes
+    mode = "fma" if len(lengths) == 1 else "dot"
+    assert jaxpr.count(f"name=gemv_q_{mode}") == 4  # in_proj and out_proj of both Mamba layers
     fused = engine.generate(prompts, params)
     assert fused.tokens == xla.tokens
     np.testing.assert_allclose(fused.logprobs, xla.logprobs, rtol=1e-3, atol=1e-4)

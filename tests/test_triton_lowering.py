@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from mamba_jax.kernels import decode as kd
+from mamba_jax.kernels import gemv_q as gq
 from mamba_jax.kernels import norm_gemv as ng
 
 gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
@@ -25,7 +26,7 @@ def as_h100(monkeypatch):
         pytest.skip("jax moved the Pallas-Triton GPU query")
     h100 = gpu_info.GpuInfo(gpu_version=None, arch_name="sm_90", compute_capability=90)
     monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: h100)
-    for module in (kd, ng):  # the compiled path, not the interpreter
+    for module in (kd, ng, gq):  # the compiled path, not the interpreter
         monkeypatch.setattr(module, "_interpret", lambda: False)
 
 
@@ -106,3 +107,13 @@ def test_gated_norm_residual_lowers(as_h100, layout):
 def test_norm_gemv_lowers(as_h100):
     fn = functools.partial(ng.norm_gemv, eps=1e-5, groups=1)
     _lower(fn, _s((1, 2560)), _s((2560,)), _s((2560, 1024), jnp.bfloat16), _s((1, 1024)))
+
+
+@pytest.mark.parametrize("b,k,n,conf", [
+    (1, 2560, 10576, dict(mode="fma")),  # a 2.7B in_proj at batch 1: float8 tiles, FMA products
+    (1, 2560, 10576, dict(mode="dot")),
+    (3, 5120, 2560, dict(mode="dot", splits=4, partials=True)),  # out_proj: split-K partials
+])  # fmt: skip
+def test_gemv_q_lowers(as_h100, b, k, n, conf):
+    fn = functools.partial(gq.gemv_q, **conf)
+    _lower(fn, _s((b, k), jnp.bfloat16), _s((k, n), jnp.float8_e4m3fn), _s((n,)))
