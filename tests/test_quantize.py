@@ -132,6 +132,25 @@ def test_fp8_engine_decodes_its_full_forward(hybrid):
     assert rel_err(np.array(scanned.logprobs), np.array(out.logprobs)) <= 1e-5
 
 
+def test_float8_gemv_serves_every_projection_at_decode(hybrid, monkeypatch):
+    """With `kernels.gemv_q` allowed off the GPU (interpret mode), XLA's decode path runs every float8
+    projection — Mamba in/out_proj, attention q/k/v/o, MLP up/down — through it at batch 3 (prefill keeps
+    XLA's product: more rows), and generates what XLA's float8 product does, log-probabilities within 1e-4."""
+    import mamba_jax.layers.base as base
+
+    prompts = _prompts([4, 11, 6], hybrid.cfg.vocab_size, seed=5)
+    params = SamplingParams(max_new_tokens=4, temperature=0.0)
+    want = Engine(hybrid, decode_impl="xla", quantize="fp8").generate(prompts, params)
+    monkeypatch.setattr(base, "FLOAT8_GEMV_OFF_GPU", True)
+    engine = Engine(hybrid, decode_impl="xla", quantize="fp8")
+    jaxpr = _decode_jaxpr(engine, batch=3)
+    n_proj = sum(1 for _ in _projections(nnx.merge(engine.graphdef, engine.state)))
+    assert jaxpr.count("name=gemv_q_dot") == n_proj, (jaxpr.count("name=gemv_q_dot"), n_proj)
+    got = engine.generate(prompts, params)
+    assert got.tokens == want.tokens
+    np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("lengths,gemv", [
     ([7], None),  # batch 1: the float8 GEMV as FMAs, one K split
     ([5, 12], "32,32,2,4,2,dot"),  # tensor-core products, two K splits: partials summed by the consumer kernels

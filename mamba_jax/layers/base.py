@@ -10,11 +10,15 @@ Eager sharding is off: the model is sharded once, as a whole, when `init_model` 
 plus, where LoRA adapters were attached to that weight (mamba_jax/models/peft.py), the low-rank branch
 scale · (dropout(x) · A) · B (Hu et al. 2021). A weight quantized for serving (mamba_jax/inference/quantize.py)
 is stored in float8 with a `QuantScale` per output channel beside it: the product runs on the weight cast to
-the compute dtype and the scale multiplies its output. In training, the layers the stack puts in an fp8
-scope (`train.fp8`) run their projections in fp8 (mamba_jax/ops/fp8.py); the LoRA branch stays as it is.
+the compute dtype and the scale multiplies its output — at decode on one GPU (≤ 16 rows) as the float8 GEMV of
+`mamba_jax.kernels.gemv_q`, which reads the float8 bytes rather than a bf16 copy. In training, the layers the
+stack puts in an fp8 scope (`train.fp8`) run their projections in fp8 (mamba_jax/ops/fp8.py); the LoRA branch
+stays as it is.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -62,13 +66,42 @@ def lora_names(name: str) -> tuple[str, str]:
     return f"{name}_lora_a", f"{name}_lora_b"
 
 
+# Tests set it to run `kernels.gemv_q` off the GPU too (Pallas interpret mode); on a GPU it always may.
+FLOAT8_GEMV_OFF_GPU = False
+
+
+def _float8_gemv(x, w, scale, n_in: int, dtype):
+    """x · (W_q · scale) through `kernels.gemv_q` where it applies — a float8 weight, few rows (decode), one
+    device, a GPU — else None (XLA's product on the weight cast up)."""
+    if w.dtype != jnp.float8_e4m3fn or not (jax.default_backend() == "gpu" or FLOAT8_GEMV_OFF_GPU):
+        return None
+    if jax.sharding.get_abstract_mesh().size > 1:  # a Pallas call is not partitioned: sharded models keep XLA's
+        return None
+    try:
+        from mamba_jax.kernels.gemv_q import decode_config, gemv_q
+    except ImportError:  # a jax without Pallas's Triton backend
+        return None
+    k = math.prod(w.shape[:n_in])
+    lead = x.shape[: x.ndim - n_in]
+    rows = math.prod(lead)
+    conf = decode_config(rows, k, w.size // k, w.dtype)
+    if conf is None:
+        return None
+    y = gemv_q(x.reshape(rows, k).astype(dtype), w.reshape(k, -1), scale.reshape(-1), out_dtype=dtype, **conf)
+    return y.reshape(*lead, *w.shape[n_in:])
+
+
 def linear(module, name: str, x, n_in: int, dtype, *, key=None):
     """x (…, in axes) · module.<name> (in axes, out axes) → (…, out axes) in `dtype`, with LoRA if attached."""
-    y = fp8.product(x.astype(dtype), cast(getattr(module, name)[...], dtype), n_in)  # fp8 in training's scope
+    a_name, b_name = lora_names(name)
     scale = getattr(module, scale_name(name), None)
+    if scale is not None and not hasattr(module, a_name):
+        y = _float8_gemv(x, getattr(module, name)[...], scale[...], n_in, dtype)
+        if y is not None:
+            return y
+    y = fp8.product(x.astype(dtype), cast(getattr(module, name)[...], dtype), n_in)  # fp8 in training's scope
     if scale is not None:  # a quantized weight: W = W_q · scale per output channel
         y = (y.astype(jnp.float32) * scale[...]).astype(dtype)
-    a_name, b_name = lora_names(name)
     if not hasattr(module, a_name):
         return y
     a = getattr(module, a_name)[...]  # (in axes…, r)
