@@ -4,7 +4,8 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh a   # compiled correctness
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh b   # generate.py with mamba_ssm side by side
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh c   # fp8 training against bf16 (1.3B, 2.7B)
-#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh d   # the float8 GEMV (kernels/gemv_q.py): probe, A/B
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh d   # the float8 GEMV (kernels/gemv_q.py): tests, probe, batch 1
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh e   # generate.py with mamba_ssm; float8 GEMV at batch 32
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -48,15 +49,22 @@ elif [ "$stage" = c ]; then  # ≈ 8 minutes at most: fp8 training against bf16,
         --set ssd_impl=pallas --fp8 off,0 --steps 6 --out "$OUT/train_fp8_mamba2_1_3b_$gpu.json"
     step train_fp8_2_7b 240 python3 train.py --recipe ../experiments/mamba2_2_7b.py --batch 1 --remat selective \
         --set ssd_impl=pallas --fp8 off,0 --steps 6 --out "$OUT/train_fp8_mamba2_2_7b_$gpu.json"
-elif [ "$stage" = d ]; then  # ≈ 9 minutes at most: the float8 GEMV, compiled tests, its tiles, the decode A/B
+elif [ "$stage" = d ]; then  # ≈ 9 minutes at most: the float8 GEMV, compiled tests, its tiles, the batch-1 A/B
     T=tests/test_decode_kernels.py::test_kernels_at_real_widths_on_gpu
     step gpu_tests_fp8 110 python3 -m pytest -q -p no:cacheprovider -m gpu "$T[1-1-xla-0-True]" "$T[1-16-xla-0-True]"
     cd benchmarks || exit 1
-    step fp8_probe 170 python3 gemv_probe.py --fp8 --out "$OUT/gemv_probe_fp8_$gpu.json"
-    step variants_b1 260 python3 decode_variants.py --model mamba2_2_7b --batch 1 --rounds 2 --reps 3 \
+    step fp8_probe 150 python3 gemv_probe.py --fp8 --out "$OUT/gemv_probe_fp8_$gpu.json"
+    step variants_b1 230 python3 decode_variants.py --model mamba2_2_7b --batch 1 --rounds 2 --reps 3 \
         --variant "bf16:" --variant "fp8_xla:quantize=fp8;MAMBA_JAX_DECODE_GEMV_Q=xla" --variant "fp8_q:quantize=fp8" \
         --out "$OUT/decode_variants_fp8_gemv_2_7b_b1_$gpu.json"
+elif [ "$stage" = e ]; then  # ≈ 9 minutes at most: generate.py against mamba_ssm, the batch-32 float8 A/B
+    cd benchmarks || exit 1
+    step generate_2_7b 330 python3 generate.py --model mamba2_2_7b --batch 1,32 --state-dtype bfloat16 \
+        --quantize none,fp8 --peer --out "$OUT/generate_2_7b_$gpu.json"
+    step variants_b32 210 python3 decode_variants.py --model mamba2_2_7b --batch 32 --rounds 2 --reps 3 \
+        --variant "fp8_xla:quantize=fp8;MAMBA_JAX_DECODE_GEMV_Q=xla" --variant "fp8_q:quantize=fp8" \
+        --out "$OUT/decode_variants_fp8_gemv_2_7b_b32_$gpu.json"
 else
-    echo "unknown stage $stage (a, b, c or d)" >&2
+    echo "unknown stage $stage (a … e)" >&2
     exit 2
 fi

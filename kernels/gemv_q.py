@@ -10,7 +10,7 @@ e4m3 value is a bf16 value: exact), so the bytes read are the float8 bytes.
 Each program owns `bn` output columns and one of `splits` equal slices of K, and walks its slice in (bk, bn)
 tiles (W is (K, N), N contiguous: a tile row is bn bytes) with Triton's software pipeline (`stages` tiles in
 flight). Two ways to multiply:
-  "dot"  the rows (padded to ROWS = 16, tensor cores' M) times the widened tile with `jnp.dot`: any B ≤ 16;
+  "dot"  the rows (padded to 16 or 32, tensor cores' M) times the widened tile with `jnp.dot`: B ≤ 32;
   "fma"  one row: the tile times x's slice as products accumulated in a (bk, bn) float32 block and summed
          over K at the end (no padding, no shared-memory round trip for the dot's operand layout).
 The scale multiplies each program's float32 sum. With splits > 1 the result is float32 partials (S, B, N)
@@ -34,7 +34,7 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.triton as plt
 import jax.numpy as jnp
 
-ROWS = 16  # the rows a program multiplies in "dot" mode (tensor cores' M); also the largest batch served
+ROWS = 32  # the largest batch served; "dot" mode pads the rows to 16 or 32 (tensor cores' M is 16)
 FLOAT8 = (jnp.dtype(jnp.float8_e4m3fn),)
 # (bn, bk, splits, warps, stages, mode) by (rows, K, N) at decode; MAMBA_JAX_DECODE_GEMV_Q overrides it at
 # trace time (benchmarks/decode_variants.py). Chosen for Mamba2 widths: enough programs to cover an H100's
@@ -88,17 +88,17 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, *, b, n, bn, bk, kper, mode, partials):
         y = jnp.sum(acc, axis=0)[None, :]  # (1, bn)
         rows = 1
     else:
-        rmask = (jnp.arange(ROWS) < b)[:, None]
+        rows = 16 if b <= 16 else 32
+        rmask = (jnp.arange(rows) < b)[:, None]
 
         def body(t, acc):
             k0 = pl.multiple_of(si * kper + t * bk, bk)
-            xt = plt.load(x_ref.at[pl.ds(0, ROWS), pl.ds(k0, bk)], mask=rmask, other=0.0)
+            xt = plt.load(x_ref.at[pl.ds(0, rows), pl.ds(k0, bk)], mask=rmask, other=0.0)
             # float32 rows (a float32 model) multiply in full precision, not TF32
             prec = jax.lax.Precision.HIGHEST if xt.dtype == f32 else None
             return acc + jnp.dot(xt, w_tile(k0), precision=prec, preferred_element_type=f32)
 
-        y = jax.lax.fori_loop(0, steps, body, jnp.zeros((ROWS, bn), f32))
-        rows = ROWS
+        y = jax.lax.fori_loop(0, steps, body, jnp.zeros((rows, bn), f32))
     y = y * plt.load(s_ref.at[pl.ds(n0, bn)], mask=cols, other=0.0)[None, :]
     omask = cols[None, :] & (jnp.arange(rows) < b)[:, None]
     if partials:

@@ -113,6 +113,7 @@ def test_norm_gemv_lowers(as_h100):
     (1, 2560, 10576, dict(mode="fma")),  # a 2.7B in_proj at batch 1: float8 tiles, FMA products
     (1, 2560, 10576, dict(mode="dot")),
     (3, 5120, 2560, dict(mode="dot", splits=4, partials=True)),  # out_proj: split-K partials
+    (32, 5120, 2560, dict(mode="dot", splits=2)),  # 32 rows; the partials summed by XLA
 ])  # fmt: skip
 def test_gemv_q_lowers(as_h100, b, k, n, conf):
     fn = functools.partial(gq.gemv_q, **conf)

@@ -10,7 +10,7 @@ Eager sharding is off: the model is sharded once, as a whole, when `init_model` 
 plus, where LoRA adapters were attached to that weight (mamba_jax/models/peft.py), the low-rank branch
 scale · (dropout(x) · A) · B (Hu et al. 2021). A weight quantized for serving (mamba_jax/inference/quantize.py)
 is stored in float8 with a `QuantScale` per output channel beside it: the product runs on the weight cast to
-the compute dtype and the scale multiplies its output — at decode on one GPU (≤ 16 rows) as the float8 GEMV of
+the compute dtype and the scale multiplies its output — at decode on one GPU (≤ 32 rows) as the float8 GEMV of
 `mamba_jax.kernels.gemv_q`, which reads the float8 bytes rather than a bf16 copy. In training, the layers the
 stack puts in an fp8 scope (`train.fp8`) run their projections in fp8 (mamba_jax/ops/fp8.py); the LoRA branch
 stays as it is.
