@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 
 L = 16  # GEMVs per timed chain
@@ -251,11 +252,14 @@ def fp8_probe(out: str) -> None:
         emit({"impl": "xla_bf16", "b": b, "k": k, "n": n, "us": t / L * 1e6, "tb_per_s": L * k * n * 2 / t / 1e12})
         t = timed(looped(xla_q), x, qs) / REPS
         emit({"impl": "xla_fp8", "b": b, "k": k, "n": n, "us": t / L * 1e6, "tb_per_s": L * k * n / t / 1e12})
+        os.environ["MAMBA_JAX_DECODE_GEMV_Q"] = "on"  # the default tiles (the kernel is off by default)
         default = decode_config(b, k, n, jnp.float8_e4m3fn)
+        # rows of 128–256 float8 bytes per tile (64 bytes read poorly), more programs through K splits
         confs = [dict(bn=bn, bk=bk, splits=sp, warps=wp, stages=st, mode=mode)
-                 for bn, bk, sp, wp, st in [(64, 128, 1, 4, 4), (128, 128, 1, 4, 4), (32, 256, 1, 4, 4),
-                                            (128, 64, 1, 4, 6), (64, 128, 2, 4, 4), (64, 128, 4, 4, 4),
-                                            (32, 128, 4, 4, 4)]
+                 for bn, bk, sp, wp, st in [(64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (32, 128, 4, 4, 4),
+                                            (128, 64, 2, 4, 4), (128, 64, 4, 4, 4), (128, 32, 8, 4, 4),
+                                            (256, 32, 4, 4, 4), (256, 32, 8, 8, 4), (256, 64, 4, 8, 3),
+                                            (128, 128, 4, 8, 3), (256, 16, 8, 4, 6)]
                  for mode in (["fma", "dot"] if b == 1 else ["dot"])]  # fmt: skip
         for conf in [default] + confs:
             try:

@@ -4,7 +4,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh a   # compiled correctness
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh b   # generate.py with mamba_ssm side by side
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh c   # fp8 training against bf16 (1.3B, 2.7B)
-#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh d   # the float8 GEMV (kernels/gemv_q.py): tests, probe, batch 1
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh d   # float8 GEMV tiles (kernels/gemv_q.py), megakernel, batch-1 A/B
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh e   # generate.py with mamba_ssm; float8 GEMV at batch 32
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
@@ -49,14 +49,31 @@ elif [ "$stage" = c ]; then  # ≈ 8 minutes at most: fp8 training against bf16,
         --set ssd_impl=pallas --fp8 off,0 --steps 6 --out "$OUT/train_fp8_mamba2_1_3b_$gpu.json"
     step train_fp8_2_7b 240 python3 train.py --recipe ../experiments/mamba2_2_7b.py --batch 1 --remat selective \
         --set ssd_impl=pallas --fp8 off,0 --steps 6 --out "$OUT/train_fp8_mamba2_2_7b_$gpu.json"
-elif [ "$stage" = d ]; then  # ≈ 9 minutes at most: the float8 GEMV, compiled tests, its tiles, the batch-1 A/B
-    T=tests/test_decode_kernels.py::test_kernels_at_real_widths_on_gpu
-    step gpu_tests_fp8 110 python3 -m pytest -q -p no:cacheprovider -m gpu "$T[1-1-xla-0-True]" "$T[1-16-xla-0-True]"
+elif [ "$stage" = d ]; then  # ≈ 8 minutes at most: the float8 GEMV's tiles, the megakernel probe, a batch-1 A/B
     cd benchmarks || exit 1
-    step fp8_probe 150 python3 gemv_probe.py --fp8 --out "$OUT/gemv_probe_fp8_$gpu.json"
-    step variants_b1 230 python3 decode_variants.py --model mamba2_2_7b --batch 1 --rounds 2 --reps 3 \
-        --variant "bf16:" --variant "fp8_xla:quantize=fp8;MAMBA_JAX_DECODE_GEMV_Q=xla" --variant "fp8_q:quantize=fp8" \
-        --out "$OUT/decode_variants_fp8_gemv_2_7b_b1_$gpu.json"
+    step fp8_probe 130 python3 gemv_probe.py --fp8 --out "$OUT/gemv_probe_fp8_$gpu.json"
+    if ! command -v nvcc >/dev/null && [ ! -x /usr/local/cuda/bin/nvcc ]; then  # pip's CUDA compiler, if any
+        nv=$(python3 -c "import glob, nvidia; print(next(iter(glob.glob(nvidia.__path__[0] + '/cu*/bin/nvcc') + glob.glob(nvidia.__path__[0] + '/cuda_nvcc/bin/nvcc')), ''))" 2>/dev/null)
+        [ -n "$nv" ] && export CUDA_HOME=$(dirname "$(dirname "$nv")")
+        echo "nvcc: ${nv:-none}"
+    fi
+    step megakernel 60 python3 megakernel_probe.py --trace --configs 0:40960:5,0:20480:6,1:40960:5,2:40960:5 \
+        --out "$OUT/megakernel_probe_$gpu.json"
+    # the fastest batch-1 tiles per shape from the probe, as MAMBA_JAX_DECODE_GEMV_Q="KxN=bn,bk,…|KxN=…"
+    best=$(python3 -c "
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1]))['rows'] if r['impl'] == 'gemv_q' and r['b'] == 1 and 'us' in r]
+best = {}
+for r in rows:
+    key = f\"{r['k']}x{r['n']}\"
+    if key not in best or r['us'] < best[key]['us']:
+        best[key] = r
+print('|'.join(f\"{k}={r['bn']},{r['bk']},{r['splits']},{r['warps']},{r['stages']},{r['mode']}\" for k, r in best.items()))
+" "$OUT/gemv_probe_fp8_$gpu.json")
+    echo "best tiles: $best"
+    step variants_b1 220 python3 decode_variants.py --model mamba2_2_7b --batch 1 --rounds 2 --reps 3 \
+        --variant "fp8_xla:quantize=fp8" --variant "fp8_q:quantize=fp8;MAMBA_JAX_DECODE_GEMV_Q=$best" \
+        --out "$OUT/decode_variants_fp8_gemv_best_2_7b_b1_$gpu.json"
 elif [ "$stage" = e ]; then  # ≈ 9 minutes at most: generate.py against mamba_ssm, the batch-32 float8 A/B
     cd benchmarks || exit 1
     step generate_2_7b 330 python3 generate.py --model mamba2_2_7b --batch 1,32 --state-dtype bfloat16 \

@@ -72,17 +72,17 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, *, b, n, bn, bk, kper, mode, partials):
     wmask = None if n % bn == 0 else cols[None, :]
     steps = kper // bk
 
-    def w_tile(k0):
+    def w_tile(k0, dtype):
         ref = w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)]
         w = plt.load(ref) if wmask is None else plt.load(ref, mask=wmask, other=0.0)
-        return w.astype(x_ref.dtype)  # float8 → bf16 in registers: exact
+        return w.astype(dtype)  # float8 → bf16 / float32 in registers: exact
 
     if mode == "fma":
 
         def body(t, acc):
             k0 = pl.multiple_of(si * kper + t * bk, bk)
             xk = x_ref[0, pl.ds(k0, bk)].astype(f32)
-            return acc + w_tile(k0).astype(f32) * xk[:, None]
+            return acc + w_tile(k0, f32) * xk[:, None]
 
         acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bk, bn), f32))
         y = jnp.sum(acc, axis=0)[None, :]  # (1, bn)
@@ -96,7 +96,7 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, *, b, n, bn, bk, kper, mode, partials):
             xt = plt.load(x_ref.at[pl.ds(0, rows), pl.ds(k0, bk)], mask=rmask, other=0.0)
             # float32 rows (a float32 model) multiply in full precision, not TF32
             prec = jax.lax.Precision.HIGHEST if xt.dtype == f32 else None
-            return acc + jnp.dot(xt, w_tile(k0), precision=prec, preferred_element_type=f32)
+            return acc + jnp.dot(xt, w_tile(k0, xt.dtype), precision=prec, preferred_element_type=f32)
 
         y = jax.lax.fori_loop(0, steps, body, jnp.zeros((rows, bn), f32))
     y = y * plt.load(s_ref.at[pl.ds(n0, bn)], mask=cols, other=0.0)[None, :]
@@ -141,13 +141,32 @@ def gemv_q(x_BK, w_KN, scale_N, *, out_dtype=None, partials: bool = False, bn: i
     return out
 
 
+# Off by default: on an H100 (2.7B, batch 1, 2026-12-05) the decode loop ran 316 tok/s with it against 343 with
+# XLA's float8 product and 390 with bf16 weights (benchmarks/README.md, "The float8 GEMV"): its best tiles read
+# ≈ 1.2 TB/s of float8 bytes, under half what XLA's bf16 GEMV streams. MAMBA_JAX_DECODE_GEMV_Q turns it on.
+ENABLED = False
+
+
+def _parse_tiles(text: str, env: str) -> dict:
+    try:
+        parts = text.split(",")
+        bn, bk, splits, warps, stages = (int(v) for v in parts[:5])
+        return {"bn": bn, "bk": bk, "splits": splits, "warps": warps, "stages": stages, "mode": parts[5]}
+    except (ValueError, IndexError):
+        raise ValueError(
+            f"MAMBA_JAX_DECODE_GEMV_Q={env!r}: give on, xla, bn,bk,splits,warps,stages,mode (e.g. 64,128,1,4,4,dot)"
+            " or per shape KxN=bn,…|KxN=… (e.g. 2560x10576=64,128,2,4,4,fma)"
+        ) from None
+
+
 def decode_config(b: int, k: int, n: int, dtype) -> dict | None:
-    """`gemv_q`'s keyword arguments for a decode projection of these shapes (Mamba2Mixer._decode_fused), or
-    None where it does not apply (not float8, more than ROWS rows, shapes it cannot tile: XLA's product
-    then). MAMBA_JAX_DECODE_GEMV_Q="bn,bk,splits,warps,stages,mode" overrides it at trace time (mode dot or
-    fma), and MAMBA_JAX_DECODE_GEMV_Q=xla keeps XLA's product, for A/B runs."""
+    """`gemv_q`'s keyword arguments for a decode projection of these shapes (Mamba2Mixer._decode_fused,
+    layers.base.linear), or None where XLA's product runs instead: off (ENABLED), not float8, more than ROWS
+    rows, shapes it cannot tile. MAMBA_JAX_DECODE_GEMV_Q, read at trace time: "on" (the default tiles), "xla"
+    (off), "bn,bk,splits,warps,stages,mode" (these tiles for every shape; mode dot or fma), or per shape
+    "KxN=bn,…|KxN=…" (listed shapes only), for A/B runs (benchmarks/decode_variants.py)."""
     env = os.environ.get("MAMBA_JAX_DECODE_GEMV_Q", "")
-    if env == "xla":
+    if env == "xla" or not (env or ENABLED):
         return None
     splits = 1 if n >= 8192 else max(1, min(4, k // 1024))  # few column blocks: split K so more SMs stream
     conf = {**DEFAULT_TILES, "splits": splits, "mode": "fma" if b == 1 else "dot"}
@@ -155,17 +174,15 @@ def decode_config(b: int, k: int, n: int, dtype) -> dict | None:
         conf["bk"] //= 2
     while conf["splits"] > 1 and k % (conf["bk"] * conf["splits"]):
         conf["splits"] -= 1
-    if env:
-        parts = env.split(",")
-        try:
-            bn, bk, splits, warps, stages = (int(v) for v in parts[:5])
-            conf = {"bn": bn, "bk": bk, "splits": splits, "warps": warps, "stages": stages, "mode": parts[5]}
-        except (ValueError, IndexError):
-            raise ValueError(
-                f"MAMBA_JAX_DECODE_GEMV_Q={env!r}: give bn,bk,splits,warps,stages,mode (e.g. 64,128,1,4,4,dot) or xla"
-            ) from None
-        if conf["mode"] == "fma" and b != 1:
-            conf["mode"] = "dot"
+    if "=" in env:
+        shapes = dict(item.split("=", 1) for item in env.split("|") if item)
+        if f"{k}x{n}" not in shapes:
+            return None
+        conf = _parse_tiles(shapes[f"{k}x{n}"], env)
+    elif env and env != "on":
+        conf = _parse_tiles(env, env)
+    if conf["mode"] == "fma" and b != 1:
+        conf["mode"] = "dot"
     if gemv_q_unsupported(b, k, n, dtype, **{key: conf[key] for key in ("bn", "bk", "splits", "mode")}):
         return None
     return conf
