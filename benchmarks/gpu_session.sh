@@ -71,7 +71,7 @@ for r in rows:
 print('|'.join(f\"{k}={r['bn']},{r['bk']},{r['splits']},{r['warps']},{r['stages']},{r['mode']}\" for k, r in best.items()))
 " "$OUT/gemv_probe_fp8_$gpu.json")
     echo "best tiles: $best"
-    step variants_b1 220 python3 decode_variants.py --model mamba2_2_7b --batch 1 --rounds 2 --reps 3 \
+    step variants_b1 150 python3 decode_variants.py --model mamba2_2_7b --batch 1 --rounds 1 --reps 3 \
         --variant "fp8_xla:quantize=fp8" --variant "fp8_q:quantize=fp8;MAMBA_JAX_DECODE_GEMV_Q=$best" \
         --out "$OUT/decode_variants_fp8_gemv_best_2_7b_b1_$gpu.json"
 elif [ "$stage" = e ]; then  # ≈ 9 minutes at most: generate.py against mamba_ssm, the batch-32 float8 A/B
