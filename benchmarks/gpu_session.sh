@@ -39,7 +39,7 @@ elif [ "$stage" = b ]; then  # ≈ 9 minutes at most
     cd benchmarks || exit 1
     step generate_2_7b 330 python3 generate.py --model mamba2_2_7b --batch 1,32 --state-dtype bfloat16 \
         --quantize none,fp8 --peer --out "$OUT/generate_2_7b_$gpu.json"
-    step megakernel 60 python3 megakernel_probe.py --trace --configs 0:40960:5,0:20480:6,1:40960:5,2:40960:5 \
+    step megakernel 50 python3 megakernel_probe.py --trace --configs 0:40960:5,0:20480:6,1:40960:5,2:40960:5 \
         --out "$OUT/megakernel_probe_$gpu.json"
     step generate_small 150 python3 generate.py --model mamba2_130m,nemotronh_8b_13l --batch 1,32 \
         --state-dtype bfloat16 --quantize none,fp8 --peer --out "$OUT/generate_130m_8b13l_$gpu.json"
@@ -51,13 +51,13 @@ elif [ "$stage" = c ]; then  # ≈ 8 minutes at most: fp8 training against bf16,
         --set ssd_impl=pallas --fp8 off,0 --steps 6 --out "$OUT/train_fp8_mamba2_2_7b_$gpu.json"
 elif [ "$stage" = d ]; then  # ≈ 8 minutes at most: the float8 GEMV's tiles, the megakernel probe, a batch-1 A/B
     cd benchmarks || exit 1
-    step fp8_probe 130 python3 gemv_probe.py --fp8 --out "$OUT/gemv_probe_fp8_$gpu.json"
+    step fp8_probe 100 python3 gemv_probe.py --fp8 --out "$OUT/gemv_probe_fp8_$gpu.json"
     if ! command -v nvcc >/dev/null && [ ! -x /usr/local/cuda/bin/nvcc ]; then  # pip's CUDA compiler, if any
         nv=$(python3 -c "import glob, nvidia; print(next(iter(glob.glob(nvidia.__path__[0] + '/cu*/bin/nvcc') + glob.glob(nvidia.__path__[0] + '/cuda_nvcc/bin/nvcc')), ''))" 2>/dev/null)
         [ -n "$nv" ] && export CUDA_HOME=$(dirname "$(dirname "$nv")")
         echo "nvcc: ${nv:-none}"
     fi
-    step megakernel 60 python3 megakernel_probe.py --trace --configs 0:40960:5,0:20480:6,1:40960:5,2:40960:5 \
+    step megakernel 50 python3 megakernel_probe.py --trace --configs 0:40960:5,0:20480:6,1:40960:5,2:40960:5 \
         --out "$OUT/megakernel_probe_$gpu.json"
     # the fastest batch-1 tiles per shape from the probe, as MAMBA_JAX_DECODE_GEMV_Q="KxN=bn,bk,…|KxN=…"
     best=$(python3 -c "
@@ -71,7 +71,7 @@ for r in rows:
 print('|'.join(f\"{k}={r['bn']},{r['bk']},{r['splits']},{r['warps']},{r['stages']},{r['mode']}\" for k, r in best.items()))
 " "$OUT/gemv_probe_fp8_$gpu.json")
     echo "best tiles: $best"
-    step variants_b1 150 python3 decode_variants.py --model mamba2_2_7b --batch 1 --rounds 1 --reps 3 \
+    step variants_b1 120 python3 decode_variants.py --model mamba2_2_7b --batch 1 --rounds 1 --reps 3 \
         --variant "fp8_xla:quantize=fp8" --variant "fp8_q:quantize=fp8;MAMBA_JAX_DECODE_GEMV_Q=$best" \
         --out "$OUT/decode_variants_fp8_gemv_best_2_7b_b1_$gpu.json"
 elif [ "$stage" = e ]; then  # ≈ 9 minutes at most: generate.py against mamba_ssm, the batch-32 float8 A/B
