@@ -39,7 +39,7 @@ elif [ "$stage" = b ]; then  # ≈ 9 minutes at most
     cd benchmarks || exit 1
     step generate_2_7b 330 python3 generate.py --model mamba2_2_7b --batch 1,32 --state-dtype bfloat16 \
         --quantize none,fp8 --peer --out "$OUT/generate_2_7b_$gpu.json"
-    step megakernel 50 python3 megakernel_probe.py --trace --configs 0:40960:5,0:20480:6,1:40960:5,2:40960:5 \
+    step megakernel 60 python3 megakernel_probe.py --trace --configs 0:40960:5,0:20480:6,1:40960:5,2:40960:5 \
         --out "$OUT/megakernel_probe_$gpu.json"
     step generate_small 150 python3 generate.py --model mamba2_130m,nemotronh_8b_13l --batch 1,32 \
         --state-dtype bfloat16 --quantize none,fp8 --peer --out "$OUT/generate_130m_8b13l_$gpu.json"
