@@ -231,6 +231,7 @@ def fp8_probe(out: str) -> None:
     from mamba_jax.kernels.gemv_q import decode_config, gemv_q
 
     key, rows_out = jax.random.key(0), []
+    os.environ["MAMBA_JAX_DECODE_GEMV_Q"] = "on"  # `decode_config`'s default tiles (the kernel is off by default)
 
     def emit(row):
         print(json.dumps(row), flush=True)
@@ -252,7 +253,6 @@ def fp8_probe(out: str) -> None:
         emit({"impl": "xla_bf16", "b": b, "k": k, "n": n, "us": t / L * 1e6, "tb_per_s": L * k * n * 2 / t / 1e12})
         t = timed(looped(xla_q), x, qs) / REPS
         emit({"impl": "xla_fp8", "b": b, "k": k, "n": n, "us": t / L * 1e6, "tb_per_s": L * k * n / t / 1e12})
-        os.environ["MAMBA_JAX_DECODE_GEMV_Q"] = "on"  # the default tiles (the kernel is off by default)
         default = decode_config(b, k, n, jnp.float8_e4m3fn)
         # rows of 128–256 float8 bytes per tile (64 bytes read poorly), more programs through K splits
         confs = [dict(bn=bn, bk=bk, splits=sp, warps=wp, stages=st, mode=mode)

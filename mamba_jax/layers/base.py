@@ -70,12 +70,13 @@ def lora_names(name: str) -> tuple[str, str]:
 FLOAT8_GEMV_OFF_GPU = False
 
 
-def _float8_gemv(x, w, scale, n_in: int, dtype):
-    """x · (W_q · scale) through `kernels.gemv_q` where it applies — a float8 weight, few rows (decode), one
-    device, a GPU — else None (XLA's product on the weight cast up)."""
-    if w.dtype != jnp.float8_e4m3fn or not (jax.default_backend() == "gpu" or FLOAT8_GEMV_OFF_GPU):
-        return None
-    if jax.sharding.get_abstract_mesh().size > 1:  # a Pallas call is not partitioned: sharded models keep XLA's
+def float8_gemv(module, name: str, x, n_in: int, dtype, *, partials: bool = False):
+    """x (…, in axes) · module.<name> through `kernels.gemv_q` where it applies — a float8 weight
+    (`inference.quantize`) without LoRA, few rows (decode), tiles `decode_config` gives — else None (XLA's
+    product then). (…, out axes) in `dtype`; with `partials` and a split K, float32 split-K partials
+    (S, rows, N) for a consumer kernel to sum (`Mamba2Mixer._decode_fused`)."""
+    w, scale = getattr(module, name)[...], getattr(module, scale_name(name), None)
+    if scale is None or w.dtype != jnp.float8_e4m3fn or hasattr(module, lora_names(name)[0]):
         return None
     try:
         from mamba_jax.kernels.gemv_q import decode_config, gemv_q
@@ -87,18 +88,20 @@ def _float8_gemv(x, w, scale, n_in: int, dtype):
     conf = decode_config(rows, k, w.size // k, w.dtype)
     if conf is None:
         return None
-    y = gemv_q(x.reshape(rows, k).astype(dtype), w.reshape(k, -1), scale.reshape(-1), out_dtype=dtype, **conf)
-    return y.reshape(*lead, *w.shape[n_in:])
+    partials = partials and conf["splits"] > 1
+    y = gemv_q(x.reshape(rows, k).astype(dtype), w.reshape(k, -1), scale[...].reshape(-1), out_dtype=dtype,
+               partials=partials, **conf)  # fmt: skip
+    return y if partials else y.reshape(*lead, *w.shape[n_in:])
 
 
 def linear(module, name: str, x, n_in: int, dtype, *, key=None):
     """x (…, in axes) · module.<name> (in axes, out axes) → (…, out axes) in `dtype`, with LoRA if attached."""
     a_name, b_name = lora_names(name)
     scale = getattr(module, scale_name(name), None)
-    if scale is not None and not hasattr(module, a_name):
-        y = _float8_gemv(x, getattr(module, name)[...], scale[...], n_in, dtype)
-        if y is not None:
-            return y
+    # on one device only (a Pallas call is not partitioned: sharded models keep XLA's product)
+    kernel_here = (jax.default_backend() == "gpu" or FLOAT8_GEMV_OFF_GPU) and jax.sharding.get_abstract_mesh().size <= 1
+    if scale is not None and kernel_here and (y := float8_gemv(module, name, x, n_in, dtype)) is not None:
+        return y
     y = fp8.product(x.astype(dtype), cast(getattr(module, name)[...], dtype), n_in)  # fp8 in training's scope
     if scale is not None:  # a quantized weight: W = W_q · scale per output channel
         y = (y.astype(jnp.float32) * scale[...]).astype(dtype)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from mamba_jax.layers.base import linear, lora_names, normal, param, scale_name, uniform
+from mamba_jax.layers.base import float8_gemv, linear, lora_names, normal, param, uniform
 from mamba_jax.layers.norms import gated_rms_norm, grouped_rms_norm
 from mamba_jax.models.config import ModelConfig
 from mamba_jax.ops.ssd import note_once, ssd
@@ -257,25 +257,6 @@ class Mamba2Mixer(nnx.Module):
             )
         return not reason and (impl == "pallas" or gpu)
 
-    def _fp8_gemv(self, name: str, x_BK):
-        """x · module.<name> with `kernels.gemv_q` where the weight is float8 (`inference.quantize`) and the
-        batch small: (B, N) in the compute dtype, or float32 split-K partials (S, B, N) for a consumer kernel
-        to sum; None where XLA's product runs instead (other dtypes, LoRA, larger batches,
-        MAMBA_JAX_DECODE_GEMV_Q=xla)."""
-        from mamba_jax.kernels.gemv_q import decode_config, gemv_q
-
-        w, scale = getattr(self, name)[...], getattr(self, scale_name(name), None)
-        if scale is None or hasattr(self, lora_names(name)[0]):
-            return None
-        k = x_BK.shape[-1]
-        w_KN = w.reshape(k, -1)
-        conf = decode_config(x_BK.shape[0], k, w_KN.shape[1], w.dtype)
-        if conf is None:
-            return None
-        dtype = jnp.dtype(self.cfg.dtype)
-        x_BK = x_BK.astype(dtype)
-        return gemv_q(x_BK, w_KN, scale[...].reshape(-1), out_dtype=dtype, partials=conf["splits"] > 1, **conf)
-
     def _decode_fused(self, x_BD, cache, pos, residual_BD=None, compute_BD=None):
         """`decode` with the fused SSM step of `mamba_jax.kernels.decode` (conv + dt + state update + y + gate
         in one launch) between XLA's in_proj and out_proj.
@@ -310,7 +291,7 @@ class Mamba2Mixer(nnx.Module):
         x_in = x_BD if compute_BD is None else compute_BD
         w_in = self.in_proj[...]
         plain_in = w_in.dtype == dtype and not hasattr(self, lora_names("in_proj")[0])
-        if (zx := self._fp8_gemv("in_proj", x_in)) is not None:  # float8 weights: read at their bytes' rate
+        if (zx := float8_gemv(self, "in_proj", x_in, 1, dtype, partials=True)) is not None:  # float8 weights
             zx = zx.reshape(*zx.shape[:-1], *w_in.shape[1:])  # (B, G, W), or float32 partials (S, B, G, W)
         elif in_splits > 1 and plain_in and x_in.shape[-1] % in_splits == 0:
             zx = kd.split_k_partials(x_in.astype(dtype), w_in, in_splits)
@@ -361,7 +342,9 @@ class Mamba2Mixer(nnx.Module):
         # rmsnorm(g) @ W = (g @ W) / rms(g): with its weight folded into W, the norm is one scalar per row.
         # out_proj's output, or float32 split-K partials of it that the residual kernel sums (`layout`).
         layout = None
-        q_out = self._fp8_gemv("out_proj", g_BF) if residual_BD is not None else None
+        q_out = None  # float8 weights (never the padded rows of the Mosaic path, which needs a plain weight)
+        if residual_BD is not None and w_out.dtype == jnp.float8_e4m3fn:
+            q_out = float8_gemv(self, "out_proj", g_BF.reshape(b, h, p), 2, dtype, partials=True)
         if q_out is not None:  # float8 out_proj: its output, or float32 partials the residual kernel sums
             out_BD, layout = q_out, ("SBD" if q_out.ndim == 3 else None)
         elif tiles:
