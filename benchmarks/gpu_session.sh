@@ -6,6 +6,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh c   # fp8 training against bf16 (1.3B, 2.7B)
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh d   # float8 GEMV tiles (kernels/gemv_q.py), megakernel, batch-1 A/B
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh e   # generate.py with mamba_ssm; float8 GEMV at batch 32
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh f   # megakernel probe: tagged-data sync, L2 prefetch
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -81,7 +82,18 @@ elif [ "$stage" = e ]; then  # ≈ 9 minutes at most: generate.py against mamba_
     step variants_b32 210 python3 decode_variants.py --model mamba2_2_7b --batch 32 --rounds 2 --reps 3 \
         --variant "fp8_xla:quantize=fp8;MAMBA_JAX_DECODE_GEMV_Q=xla" --variant "fp8_q:quantize=fp8" \
         --out "$OUT/decode_variants_fp8_gemv_2_7b_b32_$gpu.json"
+elif [ "$stage" = f ]; then  # ≈ 4 minutes at most: the megakernel probe's modes side by side, then fp8 tests
+    cd benchmarks || exit 1
+    if ! command -v nvcc >/dev/null && [ ! -x /usr/local/cuda/bin/nvcc ]; then  # pip's CUDA compiler, if any
+        nv=$(python3 -c "import glob, nvidia; print(next(iter(glob.glob(nvidia.__path__[0] + '/cu*/bin/nvcc') + glob.glob(nvidia.__path__[0] + '/cuda_nvcc/bin/nvcc')), ''))" 2>/dev/null)
+        [ -n "$nv" ] && export CUDA_HOME=$(dirname "$(dirname "$nv")")
+    fi
+    step megakernel 120 python3 megakernel_probe.py --trace \
+        --configs ${MK_CONFIGS:-0:40960:5,1:40960:5,4:40960:5,4:40960:5:4,4:40960:5:8,0:40960:5:4,4:20480:10:4} \
+        --out "$OUT/megakernel_probe_$gpu.json"
+    cd .. || exit 1
+    step quantize_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_quantize.py -k "not tensor_parallel"
 else
-    echo "unknown stage $stage (a … e)" >&2
+    echo "unknown stage $stage (a … f)" >&2
     exit 2
 fi

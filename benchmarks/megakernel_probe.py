@@ -1,12 +1,16 @@
 """Build and run `megakernel_probe.cu`: one CUDA launch per Mamba2 2.7B decode token at batch 1 (weights
-streamed by a producer warp per SM through a shared-memory ring, the layers' phases chained by counters in
-global memory), checked bit for bit against the same math run as separate kernels, then timed per config.
+streamed by a producer warp per SM through a shared-memory ring, the layers' phases chained through global
+memory), checked bit for bit against the same math run as separate kernels, then timed per config.
 
-    python benchmarks/megakernel_probe.py [--layers 64] [--tokens 20] [--configs 0:40960:5,1:40960:5]
+    python benchmarks/megakernel_probe.py [--layers 64] [--tokens 20] [--configs 0:40960:5,4:40960:5:4]
         [--trace] [--out results/megakernel_probe_h100.json]
 
-Configs are MODE:SLOT_BYTES:STAGES — mode 0 the full step, 1 the weight stream and its GEMVs alone (no waits,
-no SSM step), 2 the waits without the SSM step, 3 the ring alone (slots released unread). Needs nvcc
+Configs are MODE:SLOT_BYTES:STAGES[:PF] — mode 0 the full step (phases chained by per-layer counters: a
+fence and an atomic to arrive, polling to wait), 1 the weight stream and its GEMVs alone (no waits, no SSM
+step), 2 the counters' waits without the SSM step, 3 the ring alone (slots released unread), 4 the full step
+chained by tagged data instead (each 8-byte word holds 4 bytes of data and the tag of the token and layer that
+wrote it, polled until the tags match: no fence, no counter; the step's state, conv inputs and weights loaded
+at the layer's start). PF > 0: the producer also pulls the rows PF slots past the ring's into L2. Needs nvcc
 (CUDA_HOME, /usr/local/cuda or PATH) and a Hopper GPU.
 """
 
