@@ -31,7 +31,8 @@
 //     (NCCL's LL protocol): an arrival is one store, a wait one or two round trips, and a step waits only
 //     for the few CTAs that own its head's rows of in_proj rather than for all of them;
 //   - loads the step's state, conv inputs and weights at the start of the layer, before in_proj runs.
-// A config's PF > 0 also has the producer pull the rows PF slots past the ring's into L2
+// Mode 5 is mode 4 with the step's state, conv weights and conv inputs streamed through the ring as one more
+// slot behind the CTA's in_proj rows (its loads then come from shared memory). A config's PF > 0 also has the producer pull the rows PF slots past the ring's into L2
 // (cp.async.bulk.prefetch), so that HBM keeps streaming while the ring is full and the consumers wait. With
 // --trace, one more launch per config records %globaltimer at the phase boundaries of every (CTA, layer),
 // summarised as medians (`phases_us`) and as the layer's critical path (`path_us`). The norms' weights are taken as folded into the
@@ -468,33 +469,85 @@ __device__ float load_g_ll(const Params& p, unsigned tag, bf16* x_s, float* misc
   return misc[0];
 }
 
-// The producer's walk over this CTA's weight rows, in the consumers' order: layer, phase (in_proj, out_proj),
-// then slots of R rows.
+// Mode 5: what the SSM step of head c in layer l reads besides in_proj's output, streamed through the ring
+// as one more slot right after the CTA's in_proj rows (so it is in shared memory when the step runs): the
+// head's state, then the conv weights, biases and ring inputs of its x channels and of the B / C channels.
+constexpr int SS_STATE = 0, SS_CWX = SS_STATE + P * NS * 2, SS_CWBC = SS_CWX + P * KW * 4,
+              SS_CBX = SS_CWBC + 2 * NS * KW * 4, SS_CBBC = SS_CBX + P * 4, SS_RX = SS_CBBC + 2 * NS * 4,
+              SS_RBC = SS_RX + P * KW * 2, STEP_SLOT = SS_RBC + 2 * NS * KW * 2;
+__device__ void load_step_slot(const Params& p, int l, int hd, unsigned char* dst, uint64_t* bar, uint64_t pol) {
+  const size_t ch = (size_t)l * CX;
+  mbar_expect(bar, STEP_SLOT);
+  bulk_load(dst + SS_STATE, p.state + ((size_t)l * H + hd) * P * NS, P * NS * 2, bar, pol);
+  bulk_load(dst + SS_CWX, p.conv_w + (ch + hd * P) * KW, P * KW * 4, bar, pol);
+  bulk_load(dst + SS_CWBC, p.conv_w + (ch + DI) * KW, 2 * NS * KW * 4, bar, pol);
+  bulk_load(dst + SS_CBX, p.conv_b + ch + hd * P, P * 4, bar, pol);
+  bulk_load(dst + SS_CBBC, p.conv_b + ch + DI, 2 * NS * 4, bar, pol);
+  bulk_load(dst + SS_RX, p.ring + (ch + hd * P) * KW, P * KW * 2, bar, pol);
+  bulk_load(dst + SS_RBC, p.ring + (ch + DI) * KW, 2 * NS * KW * 2, bar, pol);
+}
+// step_preload's registers from a step slot in shared memory; sc: the head's dt_bias, A_log, D.
+__device__ void step_preload_slot(const Params& p, const unsigned char* slot, const float (&sc)[3], StepPre& s,
+                                  int tid) {
+#pragma unroll
+  for (int it = 0; it < CH_PER; ++it) {
+    int i = tid + it * CT;
+    if (i < P + 2 * NS) {
+      bool x = i < P;
+      int j = x ? i : i - P;
+      const float* w = reinterpret_cast<const float*>(slot + (x ? SS_CWX : SS_CWBC)) + j * KW;
+      const bf16* rg = reinterpret_cast<const bf16*>(slot + (x ? SS_RX : SS_RBC)) + j * KW;
+#pragma unroll
+      for (int t = 0; t < KW; ++t) s.cw[it][t] = w[t];
+      s.cb[it] = reinterpret_cast<const float*>(slot + (x ? SS_CBX : SS_CBBC))[j];
+#pragma unroll
+      for (int t = 0; t < KW - 1; ++t) s.cr[it][t] = __bfloat162float(rg[(p.pos + 1 + t) & (KW - 1)]);
+    }
+  }
+  int row = tid >> 2, q = tid & 3;
+  const uint4* st = reinterpret_cast<const uint4*>(slot + SS_STATE + (row * NS + q * 32) * 2);
+#pragma unroll
+  for (int v = 0; v < 4; ++v) s.st[v] = st[v];
+  s.dtb = sc[0];
+  s.alog = sc[1];
+  s.dsk = sc[2];
+}
+
+// The producer's walk over this CTA's ring slots, in the consumers' order: per layer its in_proj rows
+// (phase 0), in mode 5 the step slot of CTAs that run a step (phase 1), its out_proj rows (phase 2); slots of
+// R rows.
 struct Cursor {
   int l, ph, r0, hi, R, rb;
   const unsigned char* base;
 };
-// Enter phase (u.l, u.ph) at its first row, skipping empty ones; false past the last layer.
+// Enter phase (u.l, u.ph) at its first slot, skipping empty ones; false past the last layer.
 __device__ bool cursor_enter(Cursor& u, const Params& p, int c, int G) {
   const int K_[2] = {D, DI}, N_[2] = {NIN, D};
   while (u.l < p.layers) {
-    int lo, hi;
-    rows_of(N_[u.ph], c, G, lo, hi);
-    u.rb = K_[u.ph] * 2;
-    u.R = p.slot / u.rb;
-    u.r0 = lo;
-    u.hi = hi;
-    u.base = u.ph == 0 ? reinterpret_cast<const unsigned char*>(p.win + (size_t)u.l * NIN * D)
-                       : reinterpret_cast<const unsigned char*>(p.wout + (size_t)u.l * D * DI);
-    if (lo < hi) return true;
-    if (++u.ph == 2) u.ph = 0, ++u.l;
+    if (u.ph == 1) {
+      if (p.mode == 5 && c < H) {
+        u.r0 = 0, u.hi = 1, u.R = 1, u.rb = STEP_SLOT, u.base = nullptr;
+        return true;
+      }
+    } else {
+      int q = u.ph / 2, lo, hi;
+      rows_of(N_[q], c, G, lo, hi);
+      u.rb = K_[q] * 2;
+      u.R = p.slot / u.rb;
+      u.r0 = lo;
+      u.hi = hi;
+      u.base = q == 0 ? reinterpret_cast<const unsigned char*>(p.win + (size_t)u.l * NIN * D)
+                      : reinterpret_cast<const unsigned char*>(p.wout + (size_t)u.l * D * DI);
+      if (lo < hi) return true;
+    }
+    if (++u.ph == 3) u.ph = 0, ++u.l;
   }
   return false;
 }
 __device__ bool cursor_next(Cursor& u, const Params& p, int c, int G) {
   u.r0 += u.R;
   if (u.r0 < u.hi) return true;
-  if (++u.ph == 2) u.ph = 0, ++u.l;
+  if (++u.ph == 3) u.ph = 0, ++u.l;
   return cursor_enter(u, p, c, G);
 }
 __device__ __forceinline__ unsigned cursor_bytes(const Cursor& u) { return (unsigned)(min(u.R, u.hi - u.r0) * u.rb); }
@@ -532,18 +585,22 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
       Cursor a{0, 0}, b{0, 0};
       bool va = cursor_enter(a, p, c, G), vb = p.pf > 0 && cursor_enter(b, p, c, G);
       for (int i = 0; i < p.pf && vb; ++i) {
-        prefetch_l2(cursor_src(b), cursor_bytes(b));
+        if (b.ph != 1) prefetch_l2(cursor_src(b), cursor_bytes(b));
         vb = cursor_next(b, p, c, G);
       }
       for (int k = 0; va; ++k) {
         int s = k % p.stages;
-        unsigned bytes = cursor_bytes(a);
         mbar_wait(empty + s, ((k / p.stages) & 1) ^ 1);
-        mbar_expect(full + s, bytes);
-        bulk_load(ring + (size_t)s * p.slot, cursor_src(a), bytes, full + s, pol);
+        if (a.ph == 1) {
+          load_step_slot(p, a.l, c, ring + (size_t)s * p.slot, full + s, pol);
+        } else {
+          unsigned bytes = cursor_bytes(a);
+          mbar_expect(full + s, bytes);
+          bulk_load(ring + (size_t)s * p.slot, cursor_src(a), bytes, full + s, pol);
+        }
         va = cursor_next(a, p, c, G);
         if (vb) {
-          prefetch_l2(cursor_src(b), cursor_bytes(b));
+          if (b.ph != 1) prefetch_l2(cursor_src(b), cursor_bytes(b));
           vb = cursor_next(b, p, c, G);
         }
       }
@@ -556,11 +613,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
   unsigned* in_done = p.cnt;
   unsigned* step_done = p.cnt + p.layers;
   unsigned* out_done = p.cnt + 2 * p.layers;
-  const bool gemv = p.mode != 3, waits = p.mode == 0 || p.mode == 2, ll = p.mode == 4;
+  const bool gemv = p.mode != 3, waits = p.mode == 0 || p.mode == 2, ll = p.mode >= 4;
   const bool step = p.mode == 0 || ll, step_cta = step && c < H;
   int olo, ohi;  // the residual rows this CTA's out_proj updates
   rows_of(D, c, G, olo, ohi);
   StepPre pre;
+  float sc[3];  // mode 5: the step's scalars (dt_bias, A_log, D), loaded at the layer's start
   // Trace events (thread 0, %globaltimer ns): 0 layer start, 1 residual ready, 2 x loaded, 3 in_proj rows done,
   // 4 in_done arrived, 5 in_done complete (step CTAs), 6 step done, 7 g ready, 8 g loaded, 9 out_proj rows done,
   // 10 out_done arrived. Mode 4 polls data rather than counters: 1 → 2 holds the residual's wait, 4 → 5 the
@@ -574,7 +632,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
       float scale = 1.f;
       if (ph == 0) {  // A: the residual after layer l − 1
         ev(l, 0);
-        if (ll && step_cta) step_preload(p, l, c, pre, tid);  // in flight while the residual and in_proj go
+        if (p.mode == 4 && step_cta) step_preload(p, l, c, pre, tid);  // in flight while the residual and in_proj go
+        if (p.mode == 5 && step_cta) {
+          sc[0] = p.dt_bias[(size_t)l * H + c];
+          sc[1] = p.a_log[(size_t)l * H + c];
+          sc[2] = p.dskip[(size_t)l * H + c];
+        }
         if (l > 0 && waits) wait_count(out_done + l - 1, G_, tid);
         ev(l, 1);
         if (ll)
@@ -654,6 +717,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
           StepIn in;
           step_gather_ll(p, c, in, sz, tid, tag);
           ev(l, 5);
+          if (p.mode == 5) {  // the step slot, released once in registers
+            int s = k % p.stages;
+            mbar_wait(full + s, (k / p.stages) & 1);
+            step_preload_slot(p, ring + (size_t)s * p.slot, sc, pre, tid);
+            __syncwarp();
+            if (lane == 0) mbar_arrive(empty + s);
+            ++k;
+          }
           step_compute(p, l, c, pre, in, sx, sz, red, tid, c == 0, tag);
         } else {
           wait_count(in_done + l, G_, tid);
@@ -744,7 +815,7 @@ template <class T> static std::vector<T> download(const T* p, size_t n) {
 struct Config {
   int mode, slot, stages, pf;  // pf: slots the producer's L2 prefetch runs ahead of the ring (0: none)
 };
-static bool has_step(int mode) { return mode == 0 || mode == 4; }
+static bool has_step(int mode) { return mode == 0 || mode >= 4; }
 
 static size_t smem_bytes(const Config& c) {
   return (size_t)c.stages * c.slot + DI * 2 + (MAX_PARTS + P + 2 * NS + P + W + MAX_OWN + 8) * 4 + 2 * c.stages * 8;
@@ -826,7 +897,7 @@ static std::string trace_summary(Params p, const Config& c, int G, int& e, int L
 int main(int argc, char** argv) {
   int L = 64, tokens = 20, check_tokens = 3;
   bool trace = false;
-  std::string configs = "0:40960:5,1:40960:5,4:40960:5,4:40960:5:4";
+  std::string configs = "0:40960:5,1:40960:5,4:40960:5,5:40960:5";
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!strcmp(argv[i], "--layers")) L = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "--tokens")) tokens = atoi(argv[i + 1]);
@@ -839,8 +910,8 @@ int main(int argc, char** argv) {
     std::string t = configs.substr(a, b == std::string::npos ? std::string::npos : b - a);
     Config c{0, 0, 0, 0};
     int got = sscanf(t.c_str(), "%d:%d:%d:%d", &c.mode, &c.slot, &c.stages, &c.pf);
-    if (got < 3 || c.mode < 0 || c.mode > 4 || c.pf < 0) {
-      fprintf(stderr, "bad config %s (want MODE:SLOT_BYTES:STAGES[:L2_PREFETCH_SLOTS], mode 0-4)\n", t.c_str());
+    if (got < 3 || c.mode < 0 || c.mode > 5 || c.pf < 0 || (c.mode == 5 && c.slot < STEP_SLOT)) {
+      fprintf(stderr, "bad config %s (want MODE:SLOT_BYTES:STAGES[:L2_PREFETCH_SLOTS], mode 0-5; mode 5 slots of >= %d bytes)\n", t.c_str(), STEP_SLOT);
       return 2;
     }
     cfgs.push_back(c);
@@ -963,7 +1034,7 @@ int main(int argc, char** argv) {
   auto hr = download(q.h, D);
   auto sr = download(q.state, nstate);
   auto rr = download(q.ring, nring);
-  for (int mode : {0, 4}) {
+  for (int mode : {0, 4, 5}) {
     const Config* c0 = nullptr;
     for (auto& c : cfgs)
       if (c.mode == mode && !c0) c0 = &c;

@@ -170,7 +170,10 @@ def test_fp8_fused_kernel_decoding_equals_xla_decoding(monkeypatch, lengths, gem
     jaxpr = _decode_jaxpr(engine, batch=len(lengths))
     assert "pallas_call" in jaxpr and "bitcast_convert_type" in jaxpr  # the fused step, prefetching bytes
     mode = "fma" if len(lengths) == 1 else "dot"
-    assert jaxpr.count(f"name=gemv_q_{mode}") == 4  # in_proj and out_proj of both Mamba layers
+    n = jaxpr.count(f"name=gemv_q_{mode}")
+    # in_proj and out_proj of both Mamba layers; on a GPU `linear` sends the attention and MLP projections
+    # through the float8 GEMV too (test_float8_gemv_serves_every_projection_at_decode checks those).
+    assert n >= 4 if jax.default_backend() == "gpu" else n == 4, n
     fused = engine.generate(prompts, params)
     assert fused.tokens == xla.tokens
     np.testing.assert_allclose(fused.logprobs, xla.logprobs, rtol=1e-3, atol=1e-4)
