@@ -188,6 +188,24 @@ __device__ __forceinline__ void ll_poll(const unsigned long long* base, const in
       }
   }
 }
+// ll_poll of the N words base[first + i · stride].
+template <int N>
+__device__ __forceinline__ void ll_poll_strided(const unsigned long long* base, int first, int stride, unsigned tag,
+                                                unsigned (&out)[N]) {
+  unsigned pending = (1u << N) - 1;
+  while (pending) {
+    unsigned long long v[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+      if (pending >> i & 1) v[i] = ld_relaxed64(base + first + i * stride);
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+      if ((pending >> i & 1) && (unsigned)(v[i] >> 32) == tag) {
+        out[i] = (unsigned)v[i];
+        pending &= ~(1u << i);
+      }
+  }
+}
 // The consumer warps' own barrier (named barrier 1): the producer warp never joins it.
 __device__ __forceinline__ void cbar() { asm volatile("bar.sync 1, %0;" ::"r"(CT) : "memory"); }
 
@@ -235,11 +253,8 @@ __device__ float load_residual(const float* h, bf16* x_s, float* red, int tid, c
   constexpr int PER = D / CT;
   float v[PER], ss = 0.f;
   if (h_ll) {
-    int idx[PER];
     unsigned u[PER];
-#pragma unroll
-    for (int i = 0; i < PER; ++i) idx[i] = tid + i * CT;
-    ll_poll(h_ll, idx, tag, u);
+    ll_poll_strided(h_ll, tid, CT, tag, u);
 #pragma unroll
     for (int i = 0; i < PER; ++i) v[i] = __uint_as_float(u[i]);
   } else {
@@ -281,6 +296,17 @@ struct StepPre {
 struct StepIn {
   float cur[CH_PER];  // the conv inputs of the thread's channels (x of the head, then B, then C)
   float dt;
+};
+// step_compute's view of StepPre (modes 0, 4 and the reference).
+struct RegSrc {
+  const StepPre& s;
+  __device__ float cw(int it, int j) const { return s.cw[it][j]; }
+  __device__ float cb(int it) const { return s.cb[it]; }
+  __device__ float cr(int it, int j) const { return s.cr[it][j]; }
+  __device__ uint4 st(int v) const { return s.st[v]; }
+  __device__ float dtb() const { return s.dtb; }
+  __device__ float alog() const { return s.alog; }
+  __device__ float dsk() const { return s.dsk; }
 };
 __device__ void step_preload(const Params& p, int l, int hd, StepPre& s, int tid) {
 #pragma unroll
@@ -336,25 +362,26 @@ __device__ void step_gather_ll(const Params& p, int hd, StepIn& in, float* sz, i
 }
 // The step itself: conv (ring written in place), softplus dt, the state update, y, D skip, SiLU(z) gate → g,
 // Σ g². Outputs to p.g / p.gss, or (tag ≠ 0) to g_ll / gss_ll tagged `tag`. sx: P + 2·NS floats, red: W.
-__device__ void step_compute(const Params& p, int l, int hd, const StepPre& s, const StepIn& in, float* sx,
+template <class Src>
+__device__ void step_compute(const Params& p, int l, int hd, const Src& s, const StepIn& in, float* sx,
                              const float* sz, float* red, int tid, bool ring_bc, unsigned tag) {
 #pragma unroll
   for (int it = 0; it < CH_PER; ++it) {
     int i = tid + it * CT;
     if (i < P + 2 * NS) {
       int ch = step_channel(hd, i);
-      float acc = fmaf(s.cw[it][KW - 1], in.cur[it], s.cb[it]);
+      float acc = fmaf(s.cw(it, KW - 1), in.cur[it], s.cb(it));
 #pragma unroll
-      for (int j = 0; j < KW - 1; ++j) acc = fmaf(s.cw[it][j], s.cr[it][j], acc);
+      for (int j = 0; j < KW - 1; ++j) acc = fmaf(s.cw(it, j), s.cr(it, j), acc);
       sx[i] = silu(acc);
       // Slot pos mod KW holds the input of pos − KW, which no conv reads any more: writing it races with
       // nobody. The B / C channels are shared by all heads: one CTA writes them.
       if (i < P || ring_bc) p.ring[((size_t)l * CX + ch) * KW + (p.pos & (KW - 1))] = __float2bfloat16(in.cur[it]);
     }
   }
-  float dt = in.dt + s.dtb;
+  float dt = in.dt + s.dtb();
   dt = dt > 20.f ? dt : log1pf(expf(dt));
-  float da = expf(-dt * expf(s.alog));
+  float da = expf(-dt * expf(s.alog()));
   cbar();
   int row = tid >> 2, q = tid & 3;  // 4 threads per state row, 32 states each
   uint4* st = reinterpret_cast<uint4*>(p.state + (((size_t)l * H + hd) * P + row) * NS + q * 32);
@@ -363,7 +390,7 @@ __device__ void step_compute(const Params& p, int l, int hd, const StepPre& s, c
   const float* cv = sx + P + NS + q * 32;
   uint4 u4[4];
 #pragma unroll
-  for (int v = 0; v < 4; ++v) u4[v] = s.st[v];
+  for (int v = 0; v < 4; ++v) u4[v] = s.st(v);
 #pragma unroll
   for (int v = 0; v < 4; ++v) {
     uint4& u = u4[v];
@@ -386,7 +413,7 @@ __device__ void step_compute(const Params& p, int l, int hd, const StepPre& s, c
   y += __shfl_xor_sync(0xffffffffu, y, 2);
   float g2 = 0.f, gv = 0.f;
   if (q == 0) {
-    gv = rnd(fmaf(s.dsk, sx[row], y) * silu(sz[row]));
+    gv = rnd(fmaf(s.dsk(), sx[row], y) * silu(sz[row]));
     if (!tag) p.g[hd * P + row] = __float2bfloat16(gv);
     g2 = gv * gv;
   }
@@ -411,7 +438,7 @@ __device__ void ssm_step(const Params& p, int l, int hd, float* sx, float* sz, f
   StepIn in;
   step_preload(p, l, hd, pre, tid);
   step_gather_plain(p, hd, in, sz, tid);
-  step_compute(p, l, hd, pre, in, sx, sz, red, tid, ring_bc, 0);
+  step_compute(p, l, hd, RegSrc{pre}, in, sx, sz, red, tid, ring_bc, 0);
 }
 
 // 1/rms of the gated norm's input from the heads' Σ g², by one warp (the loads in flight at once).
@@ -446,11 +473,8 @@ __device__ void arrive_count(unsigned* c, int tid) {  // bar.sync, then one rele
 __device__ float load_g_ll(const Params& p, unsigned tag, bf16* x_s, float* misc, int tid) {
   constexpr int PER = DI / 2 / CT;
   static_assert(DI / 2 % CT == 0, "g words must be a multiple of the consumer threads");
-  int idx[PER];
   unsigned u[PER];
-#pragma unroll
-  for (int i = 0; i < PER; ++i) idx[i] = tid + i * CT;
-  ll_poll(p.g_ll, idx, tag, u);
+  ll_poll_strided(p.g_ll, tid, CT, tag, u);
   unsigned* xw = reinterpret_cast<unsigned*>(x_s);
 #pragma unroll
   for (int i = 0; i < PER; ++i) xw[tid + i * CT] = u[i];
@@ -486,32 +510,29 @@ __device__ void load_step_slot(const Params& p, int l, int hd, unsigned char* ds
   bulk_load(dst + SS_RX, p.ring + (ch + hd * P) * KW, P * KW * 2, bar, pol);
   bulk_load(dst + SS_RBC, p.ring + (ch + DI) * KW, 2 * NS * KW * 2, bar, pol);
 }
-// step_preload's registers from a step slot in shared memory; sc: the head's dt_bias, A_log, D.
-__device__ void step_preload_slot(const Params& p, const unsigned char* slot, const float (&sc)[3], StepPre& s,
-                                  int tid) {
-#pragma unroll
-  for (int it = 0; it < CH_PER; ++it) {
-    int i = tid + it * CT;
-    if (i < P + 2 * NS) {
-      bool x = i < P;
-      int j = x ? i : i - P;
-      const float* w = reinterpret_cast<const float*>(slot + (x ? SS_CWX : SS_CWBC)) + j * KW;
-      const bf16* rg = reinterpret_cast<const bf16*>(slot + (x ? SS_RX : SS_RBC)) + j * KW;
-#pragma unroll
-      for (int t = 0; t < KW; ++t) s.cw[it][t] = w[t];
-      s.cb[it] = reinterpret_cast<const float*>(slot + (x ? SS_CBX : SS_CBBC))[j];
-#pragma unroll
-      for (int t = 0; t < KW - 1; ++t) s.cr[it][t] = __bfloat162float(rg[(p.pos + 1 + t) & (KW - 1)]);
-    }
+// step_compute's view of a step slot in shared memory (mode 5): read where it is used, so that nothing of it
+// is held in registers (the kernel runs at its register limit; spilled values would come back from L2).
+struct SlotSrc {
+  const unsigned char* slot;
+  int tid, pos;
+  float dtb_, alog_, dsk_;
+  __device__ int j(int it) const { int i = tid + it * CT; return i < P ? i : i - P; }
+  __device__ bool x(int it) const { return tid + it * CT < P; }
+  __device__ float cw(int it, int t) const {
+    return reinterpret_cast<const float*>(slot + (x(it) ? SS_CWX : SS_CWBC))[j(it) * KW + t];
   }
-  int row = tid >> 2, q = tid & 3;
-  const uint4* st = reinterpret_cast<const uint4*>(slot + SS_STATE + (row * NS + q * 32) * 2);
-#pragma unroll
-  for (int v = 0; v < 4; ++v) s.st[v] = st[v];
-  s.dtb = sc[0];
-  s.alog = sc[1];
-  s.dsk = sc[2];
-}
+  __device__ float cb(int it) const { return reinterpret_cast<const float*>(slot + (x(it) ? SS_CBX : SS_CBBC))[j(it)]; }
+  __device__ float cr(int it, int t) const {
+    const bf16* rg = reinterpret_cast<const bf16*>(slot + (x(it) ? SS_RX : SS_RBC)) + j(it) * KW;
+    return __bfloat162float(rg[(pos + 1 + t) & (KW - 1)]);
+  }
+  __device__ uint4 st(int v) const {
+    return reinterpret_cast<const uint4*>(slot + SS_STATE + ((tid >> 2) * NS + (tid & 3) * 32) * 2)[v];
+  }
+  __device__ float dtb() const { return dtb_; }
+  __device__ float alog() const { return alog_; }
+  __device__ float dsk() const { return dsk_; }
+};
 
 // The producer's walk over this CTA's ring slots, in the consumers' order: per layer its in_proj rows
 // (phase 0), in mode 5 the step slot of CTAs that run a step (phase 1), its out_proj rows (phase 2); slots of
@@ -553,7 +574,10 @@ __device__ bool cursor_next(Cursor& u, const Params& p, int c, int G) {
 __device__ __forceinline__ unsigned cursor_bytes(const Cursor& u) { return (unsigned)(min(u.R, u.hi - u.r0) * u.rb); }
 __device__ __forceinline__ const unsigned char* cursor_src(const Cursor& u) { return u.base + (size_t)u.r0 * u.rb; }
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
+// One instance per mode, so that each is register-allocated for its own paths (the kernel runs at its
+// register limit, and a spilled value comes back from L2).
+template <int MODE>
+__global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int G = gridDim.x, c = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   unsigned char* ring = smem;
@@ -613,8 +637,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
   unsigned* in_done = p.cnt;
   unsigned* step_done = p.cnt + p.layers;
   unsigned* out_done = p.cnt + 2 * p.layers;
-  const bool gemv = p.mode != 3, waits = p.mode == 0 || p.mode == 2, ll = p.mode >= 4;
-  const bool step = p.mode == 0 || ll, step_cta = step && c < H;
+  constexpr bool gemv = MODE != 3, waits = MODE == 0 || MODE == 2, ll = MODE >= 4, step = MODE == 0 || ll;
+  const bool step_cta = step && c < H;
   int olo, ohi;  // the residual rows this CTA's out_proj updates
   rows_of(D, c, G, olo, ohi);
   StepPre pre;
@@ -632,8 +656,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
       float scale = 1.f;
       if (ph == 0) {  // A: the residual after layer l − 1
         ev(l, 0);
-        if (p.mode == 4 && step_cta) step_preload(p, l, c, pre, tid);  // in flight while the residual and in_proj go
-        if (p.mode == 5 && step_cta) {
+        if (MODE == 4 && step_cta) step_preload(p, l, c, pre, tid);  // in flight while the residual and in_proj go
+        if (MODE == 5 && step_cta) {
           sc[0] = p.dt_bias[(size_t)l * H + c];
           sc[1] = p.a_log[(size_t)l * H + c];
           sc[2] = p.dskip[(size_t)l * H + c];
@@ -651,7 +675,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
         ev(l, 8);
       } else {
         if (step) wait_count(step_done + l, H_, tid);
-        if (p.mode == 2) wait_count(in_done + l, G_, tid);
+        if (MODE == 2) wait_count(in_done + l, G_, tid);
         ev(l, 7);
         if (gemv) {
           const uint4* gv = reinterpret_cast<const uint4*>(p.g);
@@ -683,7 +707,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
         if (gemv && r < rows) {
           float v = row_dot(reinterpret_cast<const bf16*>(ring + (size_t)s * p.slot + (size_t)r * rb), x_s, K, sg, segs,
                             lane);
-          if (lane == 0) parts[(r0 - lo + r) * segs + sg] = v;
+          if (lane == 0) {
+            // Tagged modes publish an in_proj row whose dot product one warp holds whole as soon as it is
+            // done: a step waits for its own rows, not for the end of their owners' passes.
+            if (ll && ph == 0 && segs == 1)
+              st_relaxed64(p.zx_ll + r0 + r, ll_pack(__float_as_uint(v * scale), ll_tag(p, l)));
+            else
+              parts[(r0 - lo + r) * segs + sg] = v;
+          }
         }
         __syncwarp();
         if (lane == 0) mbar_arrive(empty + s);
@@ -691,7 +722,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
       cbar();
       ev(l, ph == 0 ? 3 : 9);
       const unsigned tag = ll_tag(p, l);
-      for (int i = tid; gemv && i < hi - lo; i += CT) {
+      const bool published = ll && ph == 0 && segs == 1;
+      for (int i = tid; gemv && !published && i < hi - lo; i += CT) {
         float o = 0.f;
         for (int s = 0; s < segs; ++s) o += parts[i * segs + s];
         if (ph == 0) {
@@ -717,15 +749,17 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
           StepIn in;
           step_gather_ll(p, c, in, sz, tid, tag);
           ev(l, 5);
-          if (p.mode == 5) {  // the step slot, released once in registers
+          if (MODE == 5) {  // from the step slot, released after the step
             int s = k % p.stages;
             mbar_wait(full + s, (k / p.stages) & 1);
-            step_preload_slot(p, ring + (size_t)s * p.slot, sc, pre, tid);
+            step_compute(p, l, c, SlotSrc{ring + (size_t)s * p.slot, tid, p.pos, sc[0], sc[1], sc[2]}, in, sx, sz,
+                         red, tid, c == 0, tag);
             __syncwarp();
             if (lane == 0) mbar_arrive(empty + s);
             ++k;
+          } else {
+            step_compute(p, l, c, RegSrc{pre}, in, sx, sz, red, tid, c == 0, tag);
           }
-          step_compute(p, l, c, pre, in, sx, sz, red, tid, c == 0, tag);
         } else {
           wait_count(in_done + l, G_, tid);
           ev(l, 5);
@@ -821,13 +855,19 @@ static size_t smem_bytes(const Config& c) {
   return (size_t)c.stages * c.slot + DI * 2 + (MAX_PARTS + P + 2 * NS + P + W + MAX_OWN + 8) * 4 + 2 * c.stages * 8;
 }
 
+static const void* kernel_of(int mode) {
+  static const void* k[] = {(const void*)megakernel<0>, (const void*)megakernel<1>, (const void*)megakernel<2>,
+                            (const void*)megakernel<3>, (const void*)megakernel<4>, (const void*)megakernel<5>};
+  return k[mode];
+}
+
 static void launch(Params p, const Config& c, int G) {
   p.mode = c.mode;
   p.slot = c.slot;
   p.stages = c.stages;
   p.pf = c.pf;
   void* args[] = {&p};
-  CK(cudaLaunchCooperativeKernel((void*)megakernel, G, THREADS, args, smem_bytes(c), 0));
+  CK(cudaLaunchCooperativeKernel(kernel_of(c.mode), G, THREADS, args, smem_bytes(c), 0));
 }
 
 static double median(std::vector<double> v) {
@@ -921,7 +961,8 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   const int G = prop.multiProcessorCount;
-  CK(cudaFuncSetAttribute(megakernel, cudaFuncAttributeMaxDynamicSharedMemorySize, prop.sharedMemPerBlockOptin));
+  for (int m = 0; m <= 5; ++m)
+    CK(cudaFuncSetAttribute(kernel_of(m), cudaFuncAttributeMaxDynamicSharedMemorySize, prop.sharedMemPerBlockOptin));
   for (auto& c : cfgs) {
     int rb[2] = {D * 2, DI * 2};
     for (int ph = 0; ph < 2; ++ph) {
