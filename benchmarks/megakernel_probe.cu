@@ -31,7 +31,8 @@
 //     (NCCL's LL protocol): an arrival is one store, a wait one or two round trips, and a step waits only
 //     for the few CTAs that own its head's rows of in_proj rather than for all of them;
 //   - loads the step's state, conv inputs and weights at the start of the layer, before in_proj runs.
-// Mode 5 is mode 4 with the step's state, conv weights and conv inputs streamed through the ring as one more
+// Mode 6 is mode 5 with every CTA computing its share of the B, C and dt rows of in_proj (read by every
+// head's step) first. Mode 5 is mode 4 with the step's state, conv weights and conv inputs streamed through the ring as one more
 // slot behind the CTA's in_proj rows (its loads then come from shared memory). A config's PF > 0 also has the producer pull the rows PF slots past the ring's into L2
 // (cp.async.bulk.prefetch), so that HBM keeps streaming while the ring is full and the consumers wait. With
 // --trace, one more launch per config records %globaltimer at the phase boundaries of every (CTA, layer),
@@ -534,41 +535,58 @@ struct SlotSrc {
   __device__ float dsk() const { return dsk_; }
 };
 
+// The in_proj rows CTA c of G owns, as up to two ranges (part 0, part 1; an empty one has lo == hi): in mode 6
+// first its share of the B, C and dt rows (which every head's step reads), then its share of the z and x
+// rows; otherwise one contiguous range.
+__device__ void in_range(int mode, int part, int c, int G, int& lo, int& hi) {
+  if (mode == 6) {
+    rows_of(part == 0 ? NIN - 2 * DI : 2 * DI, c, G, lo, hi);
+    if (part == 0) lo += 2 * DI, hi += 2 * DI;
+  } else if (part == 0) {
+    rows_of(NIN, c, G, lo, hi);
+  } else {
+    lo = hi = 0;
+  }
+}
+
 // The producer's walk over this CTA's ring slots, in the consumers' order: per layer its in_proj rows
-// (phase 0), in mode 5 the step slot of CTAs that run a step (phase 1), its out_proj rows (phase 2); slots of
-// R rows.
+// (phases 0 and 1, see in_range), in modes 5 and 6 the step slot of CTAs that run a step (phase 2), its
+// out_proj rows (phase 3); slots of R rows.
 struct Cursor {
   int l, ph, r0, hi, R, rb;
   const unsigned char* base;
 };
 // Enter phase (u.l, u.ph) at its first slot, skipping empty ones; false past the last layer.
 __device__ bool cursor_enter(Cursor& u, const Params& p, int c, int G) {
-  const int K_[2] = {D, DI}, N_[2] = {NIN, D};
   while (u.l < p.layers) {
-    if (u.ph == 1) {
-      if (p.mode == 5 && c < H) {
+    if (u.ph == 2) {
+      if (p.mode >= 5 && c < H) {
         u.r0 = 0, u.hi = 1, u.R = 1, u.rb = STEP_SLOT, u.base = nullptr;
         return true;
       }
     } else {
-      int q = u.ph / 2, lo, hi;
-      rows_of(N_[q], c, G, lo, hi);
-      u.rb = K_[q] * 2;
+      bool in = u.ph < 2;
+      int lo, hi;
+      if (in)
+        in_range(p.mode, u.ph, c, G, lo, hi);
+      else
+        rows_of(D, c, G, lo, hi);
+      u.rb = (in ? D : DI) * 2;
       u.R = p.slot / u.rb;
       u.r0 = lo;
       u.hi = hi;
-      u.base = q == 0 ? reinterpret_cast<const unsigned char*>(p.win + (size_t)u.l * NIN * D)
-                      : reinterpret_cast<const unsigned char*>(p.wout + (size_t)u.l * D * DI);
+      u.base = in ? reinterpret_cast<const unsigned char*>(p.win + (size_t)u.l * NIN * D)
+                  : reinterpret_cast<const unsigned char*>(p.wout + (size_t)u.l * D * DI);
       if (lo < hi) return true;
     }
-    if (++u.ph == 3) u.ph = 0, ++u.l;
+    if (++u.ph == 4) u.ph = 0, ++u.l;
   }
   return false;
 }
 __device__ bool cursor_next(Cursor& u, const Params& p, int c, int G) {
   u.r0 += u.R;
   if (u.r0 < u.hi) return true;
-  if (++u.ph == 3) u.ph = 0, ++u.l;
+  if (++u.ph == 4) u.ph = 0, ++u.l;
   return cursor_enter(u, p, c, G);
 }
 __device__ __forceinline__ unsigned cursor_bytes(const Cursor& u) { return (unsigned)(min(u.R, u.hi - u.r0) * u.rb); }
@@ -609,13 +627,13 @@ __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
       Cursor a{0, 0}, b{0, 0};
       bool va = cursor_enter(a, p, c, G), vb = p.pf > 0 && cursor_enter(b, p, c, G);
       for (int i = 0; i < p.pf && vb; ++i) {
-        if (b.ph != 1) prefetch_l2(cursor_src(b), cursor_bytes(b));
+        if (b.ph != 2) prefetch_l2(cursor_src(b), cursor_bytes(b));
         vb = cursor_next(b, p, c, G);
       }
       for (int k = 0; va; ++k) {
         int s = k % p.stages;
         mbar_wait(empty + s, ((k / p.stages) & 1) ^ 1);
-        if (a.ph == 1) {
+        if (a.ph == 2) {
           load_step_slot(p, a.l, c, ring + (size_t)s * p.slot, full + s, pol);
         } else {
           unsigned bytes = cursor_bytes(a);
@@ -624,7 +642,7 @@ __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
         }
         va = cursor_next(a, p, c, G);
         if (vb) {
-          if (b.ph != 1) prefetch_l2(cursor_src(b), cursor_bytes(b));
+          if (b.ph != 2) prefetch_l2(cursor_src(b), cursor_bytes(b));
           vb = cursor_next(b, p, c, G);
         }
       }
@@ -657,7 +675,7 @@ __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
       if (ph == 0) {  // A: the residual after layer l − 1
         ev(l, 0);
         if (MODE == 4 && step_cta) step_preload(p, l, c, pre, tid);  // in flight while the residual and in_proj go
-        if (MODE == 5 && step_cta) {
+        if (MODE >= 5 && step_cta) {
           sc[0] = p.dt_bias[(size_t)l * H + c];
           sc[1] = p.a_log[(size_t)l * H + c];
           sc[2] = p.dskip[(size_t)l * H + c];
@@ -700,24 +718,29 @@ __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
       // B / D: this CTA's rows of the projection, slot by slot as the producer fills them.
       const int K = K_[ph], rb = K * 2, R = p.slot / rb, segs = W / R;
       int lo, hi;
-      rows_of(N_[ph], c, G, lo, hi);
-      for (int r0 = lo; r0 < hi; r0 += R, ++k) {
-        int s = k % p.stages, rows = min(R, hi - r0), r = warp % R, sg = warp / R;
-        mbar_wait(full + s, (k / p.stages) & 1);
-        if (gemv && r < rows) {
-          float v = row_dot(reinterpret_cast<const bf16*>(ring + (size_t)s * p.slot + (size_t)r * rb), x_s, K, sg, segs,
-                            lane);
-          if (lane == 0) {
-            // Tagged modes publish an in_proj row whose dot product one warp holds whole as soon as it is
-            // done: a step waits for its own rows, not for the end of their owners' passes.
-            if (ll && ph == 0 && segs == 1)
-              st_relaxed64(p.zx_ll + r0 + r, ll_pack(__float_as_uint(v * scale), ll_tag(p, l)));
-            else
-              parts[(r0 - lo + r) * segs + sg] = v;
+      for (int part = 0; part < (ph == 0 && MODE == 6 ? 2 : 1); ++part) {
+        if (ph == 0)
+          in_range(MODE, part, c, G, lo, hi);
+        else
+          rows_of(N_[ph], c, G, lo, hi);
+        for (int r0 = lo; r0 < hi; r0 += R, ++k) {
+          int s = k % p.stages, rows = min(R, hi - r0), r = warp % R, sg = warp / R;
+          mbar_wait(full + s, (k / p.stages) & 1);
+          if (gemv && r < rows) {
+            float v = row_dot(reinterpret_cast<const bf16*>(ring + (size_t)s * p.slot + (size_t)r * rb), x_s, K, sg, segs,
+                              lane);
+            if (lane == 0) {
+              // Tagged modes publish an in_proj row whose dot product one warp holds whole as soon as it is
+              // done: a step waits for its own rows, not for the end of their owners' passes.
+              if (ll && ph == 0 && segs == 1)
+                st_relaxed64(p.zx_ll + r0 + r, ll_pack(__float_as_uint(v * scale), ll_tag(p, l)));
+              else
+                parts[(r0 - lo + r) * segs + sg] = v;
+            }
           }
+          __syncwarp();
+          if (lane == 0) mbar_arrive(empty + s);
         }
-        __syncwarp();
-        if (lane == 0) mbar_arrive(empty + s);
       }
       cbar();
       ev(l, ph == 0 ? 3 : 9);
@@ -749,7 +772,7 @@ __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
           StepIn in;
           step_gather_ll(p, c, in, sz, tid, tag);
           ev(l, 5);
-          if (MODE == 5) {  // from the step slot, released after the step
+          if (MODE >= 5) {  // from the step slot, released after the step
             int s = k % p.stages;
             mbar_wait(full + s, (k / p.stages) & 1);
             step_compute(p, l, c, SlotSrc{ring + (size_t)s * p.slot, tid, p.pos, sc[0], sc[1], sc[2]}, in, sx, sz,
@@ -857,7 +880,8 @@ static size_t smem_bytes(const Config& c) {
 
 static const void* kernel_of(int mode) {
   static const void* k[] = {(const void*)megakernel<0>, (const void*)megakernel<1>, (const void*)megakernel<2>,
-                            (const void*)megakernel<3>, (const void*)megakernel<4>, (const void*)megakernel<5>};
+                            (const void*)megakernel<3>, (const void*)megakernel<4>, (const void*)megakernel<5>,
+                            (const void*)megakernel<6>};
   return k[mode];
 }
 
@@ -950,8 +974,8 @@ int main(int argc, char** argv) {
     std::string t = configs.substr(a, b == std::string::npos ? std::string::npos : b - a);
     Config c{0, 0, 0, 0};
     int got = sscanf(t.c_str(), "%d:%d:%d:%d", &c.mode, &c.slot, &c.stages, &c.pf);
-    if (got < 3 || c.mode < 0 || c.mode > 5 || c.pf < 0 || (c.mode == 5 && c.slot < STEP_SLOT)) {
-      fprintf(stderr, "bad config %s (want MODE:SLOT_BYTES:STAGES[:L2_PREFETCH_SLOTS], mode 0-5; mode 5 slots of >= %d bytes)\n", t.c_str(), STEP_SLOT);
+    if (got < 3 || c.mode < 0 || c.mode > 6 || c.pf < 0 || (c.mode >= 5 && c.slot != 40960)) {
+      fprintf(stderr, "bad config %s (want MODE:SLOT_BYTES:STAGES[:L2_PREFETCH_SLOTS], mode 0-6; modes 5 and 6 slots of 40960 bytes, >= %d)\n", t.c_str(), STEP_SLOT);
       return 2;
     }
     cfgs.push_back(c);
@@ -961,7 +985,7 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   const int G = prop.multiProcessorCount;
-  for (int m = 0; m <= 5; ++m)
+  for (int m = 0; m <= 6; ++m)
     CK(cudaFuncSetAttribute(kernel_of(m), cudaFuncAttributeMaxDynamicSharedMemorySize, prop.sharedMemPerBlockOptin));
   for (auto& c : cfgs) {
     int rb[2] = {D * 2, DI * 2};
@@ -1075,7 +1099,7 @@ int main(int argc, char** argv) {
   auto hr = download(q.h, D);
   auto sr = download(q.state, nstate);
   auto rr = download(q.ring, nring);
-  for (int mode : {0, 4, 5}) {
+  for (int mode : {0, 4, 5, 6}) {
     const Config* c0 = nullptr;
     for (auto& c : cfgs)
       if (c.mode == mode && !c0) c0 = &c;
