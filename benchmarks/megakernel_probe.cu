@@ -31,7 +31,8 @@
 //     (NCCL's LL protocol): an arrival is one store, a wait one or two round trips, and a step waits only
 //     for the few CTAs that own its head's rows of in_proj rather than for all of them;
 //   - loads the step's state, conv inputs and weights at the start of the layer, before in_proj runs.
-// Mode 6 is mode 5 with every CTA computing its share of the B, C and dt rows of in_proj (read by every
+// Mode 7 is mode 5 with the in_proj rows split so that every CTA streams the same bytes (a step CTA's slot
+// counted). Mode 6 is mode 5 with every CTA computing its share of the B, C and dt rows of in_proj (read by every
 // head's step) first. Mode 5 is mode 4 with the step's state, conv weights and conv inputs streamed through the ring as one more
 // slot behind the CTA's in_proj rows (its loads then come from shared memory). A config's PF > 0 also has the producer pull the rows PF slots past the ring's into L2
 // (cp.async.bulk.prefetch), so that HBM keeps streaming while the ring is full and the consumers wait. With
@@ -542,6 +543,14 @@ __device__ void in_range(int mode, int part, int c, int G, int& lo, int& hi) {
   if (mode == 6) {
     rows_of(part == 0 ? NIN - 2 * DI : 2 * DI, c, G, lo, hi);
     if (part == 0) lo += 2 * DI, hi += 2 * DI;
+  } else if (part == 0 && mode == 7) {
+    // Mode 7: the CTAs that run a step also stream its slot (STEP_SLOT bytes), so they take that many fewer
+    // bytes of in_proj rows than the others: every CTA then streams the same bytes per layer.
+    const double ds = (double)STEP_SLOT / (D * 2), ns = H < G ? H : G;
+    const double r_step = (NIN - (G - ns) * ds) / G;  // rows of a step CTA; the others take ds more
+    auto start = [&](int i) { return (int)llround(i <= ns ? i * r_step : ns * r_step + (i - ns) * (r_step + ds)); };
+    lo = start(c);
+    hi = c == G - 1 ? NIN : start(c + 1);
   } else if (part == 0) {
     rows_of(NIN, c, G, lo, hi);
   } else {
@@ -881,7 +890,7 @@ static size_t smem_bytes(const Config& c) {
 static const void* kernel_of(int mode) {
   static const void* k[] = {(const void*)megakernel<0>, (const void*)megakernel<1>, (const void*)megakernel<2>,
                             (const void*)megakernel<3>, (const void*)megakernel<4>, (const void*)megakernel<5>,
-                            (const void*)megakernel<6>};
+                            (const void*)megakernel<6>, (const void*)megakernel<7>};
   return k[mode];
 }
 
@@ -974,8 +983,8 @@ int main(int argc, char** argv) {
     std::string t = configs.substr(a, b == std::string::npos ? std::string::npos : b - a);
     Config c{0, 0, 0, 0};
     int got = sscanf(t.c_str(), "%d:%d:%d:%d", &c.mode, &c.slot, &c.stages, &c.pf);
-    if (got < 3 || c.mode < 0 || c.mode > 6 || c.pf < 0 || (c.mode >= 5 && c.slot != 40960)) {
-      fprintf(stderr, "bad config %s (want MODE:SLOT_BYTES:STAGES[:L2_PREFETCH_SLOTS], mode 0-6; modes 5 and 6 slots of 40960 bytes, >= %d)\n", t.c_str(), STEP_SLOT);
+    if (got < 3 || c.mode < 0 || c.mode > 7 || c.pf < 0 || (c.mode >= 5 && c.slot != 40960)) {
+      fprintf(stderr, "bad config %s (want MODE:SLOT_BYTES:STAGES[:L2_PREFETCH_SLOTS], mode 0-7; modes 5-7 slots of 40960 bytes, >= %d)\n", t.c_str(), STEP_SLOT);
       return 2;
     }
     cfgs.push_back(c);
@@ -985,7 +994,7 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   const int G = prop.multiProcessorCount;
-  for (int m = 0; m <= 6; ++m)
+  for (int m = 0; m <= 7; ++m)
     CK(cudaFuncSetAttribute(kernel_of(m), cudaFuncAttributeMaxDynamicSharedMemorySize, prop.sharedMemPerBlockOptin));
   for (auto& c : cfgs) {
     int rb[2] = {D * 2, DI * 2};
@@ -1099,7 +1108,7 @@ int main(int argc, char** argv) {
   auto hr = download(q.h, D);
   auto sr = download(q.state, nstate);
   auto rr = download(q.ring, nring);
-  for (int mode : {0, 4, 5, 6}) {
+  for (int mode : {0, 4, 5, 6, 7}) {
     const Config* c0 = nullptr;
     for (auto& c : cfgs)
       if (c.mode == mode && !c0) c0 = &c;
