@@ -31,6 +31,8 @@
 //     (NCCL's LL protocol): an arrival is one store, a wait one or two round trips, and a step waits only
 //     for the few CTAs that own its head's rows of in_proj rather than for all of them;
 //   - loads the step's state, conv inputs and weights at the start of the layer, before in_proj runs.
+// Mode 8 is mode 5 without the step's arithmetic (timing only: what the step costs on the critical path);
+// mode 9 is mode 5 with the step's state and conv-ring stores issued after g is published.
 // Mode 7 is mode 5 with the in_proj rows split so that every CTA streams the same bytes (a step CTA's slot
 // counted). Mode 6 is mode 5 with every CTA computing its share of the B, C and dt rows of in_proj (read by every
 // head's step) first. Mode 5 is mode 4 with the step's state, conv weights and conv inputs streamed through the ring as one more
@@ -364,7 +366,9 @@ __device__ void step_gather_ll(const Params& p, int hd, StepIn& in, float* sz, i
 }
 // The step itself: conv (ring written in place), softplus dt, the state update, y, D skip, SiLU(z) gate → g,
 // Σ g². Outputs to p.g / p.gss, or (tag ≠ 0) to g_ll / gss_ll tagged `tag`. sx: P + 2·NS floats, red: W.
-template <class Src>
+// LATE (mode 9): the conv ring's and the state's stores are issued after g and Σ g² are published, so those
+// few stores do not queue behind 16 KB of state stores in a saturated memory system.
+template <bool LATE = false, class Src>
 __device__ void step_compute(const Params& p, int l, int hd, const Src& s, const StepIn& in, float* sx,
                              const float* sz, float* red, int tid, bool ring_bc, unsigned tag) {
 #pragma unroll
@@ -378,7 +382,8 @@ __device__ void step_compute(const Params& p, int l, int hd, const Src& s, const
       sx[i] = silu(acc);
       // Slot pos mod KW holds the input of pos − KW, which no conv reads any more: writing it races with
       // nobody. The B / C channels are shared by all heads: one CTA writes them.
-      if (i < P || ring_bc) p.ring[((size_t)l * CX + ch) * KW + (p.pos & (KW - 1))] = __float2bfloat16(in.cur[it]);
+      if (!LATE && (i < P || ring_bc))
+        p.ring[((size_t)l * CX + ch) * KW + (p.pos & (KW - 1))] = __float2bfloat16(in.cur[it]);
     }
   }
   float dt = in.dt + s.dtb();
@@ -409,8 +414,10 @@ __device__ void step_compute(const Params& p, int l, int hd, const Src& s, const
       y = fmaf(r.y, cv[n + 1], y);
     }
   }
+  if (!LATE) {
 #pragma unroll
-  for (int v = 0; v < 4; ++v) st[v] = u4[v];
+    for (int v = 0; v < 4; ++v) st[v] = u4[v];
+  }
   y += __shfl_xor_sync(0xffffffffu, y, 1);
   y += __shfl_xor_sync(0xffffffffu, y, 2);
   float g2 = 0.f, gv = 0.f;
@@ -432,6 +439,16 @@ __device__ void step_compute(const Params& p, int l, int hd, const Src& s, const
       st_relaxed64(p.gss_ll + hd, ll_pack(__float_as_uint(sum), tag));
     else
       p.gss[hd] = sum;
+  }
+  if (LATE) {
+#pragma unroll
+    for (int v = 0; v < 4; ++v) st[v] = u4[v];
+#pragma unroll
+    for (int it = 0; it < CH_PER; ++it) {
+      int i = tid + it * CT;
+      if (i < P + 2 * NS && (i < P || ring_bc))
+        p.ring[((size_t)l * CX + step_channel(hd, i)) * KW + (p.pos & (KW - 1))] = __float2bfloat16(in.cur[it]);
+    }
   }
 }
 // The whole step from p.zx (mode 0 and the reference).
@@ -784,8 +801,15 @@ __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
           if (MODE >= 5) {  // from the step slot, released after the step
             int s = k % p.stages;
             mbar_wait(full + s, (k / p.stages) & 1);
-            step_compute(p, l, c, SlotSrc{ring + (size_t)s * p.slot, tid, p.pos, sc[0], sc[1], sc[2]}, in, sx, sz,
-                         red, tid, c == 0, tag);
+            const SlotSrc src{ring + (size_t)s * p.slot, tid, p.pos, sc[0], sc[1], sc[2]};
+            if (MODE == 8) {  // timing only: no step arithmetic, g = 0 and Σ g² = 1 published (no state update)
+              if (tid < P / 2) st_relaxed64(p.g_ll + c * (P / 2) + tid, ll_pack(0u, tag));
+              if (tid == 0) st_relaxed64(p.gss_ll + c, ll_pack(__float_as_uint(1.f), tag));
+            } else if (MODE == 9) {
+              step_compute<true>(p, l, c, src, in, sx, sz, red, tid, c == 0, tag);
+            } else {
+              step_compute(p, l, c, src, in, sx, sz, red, tid, c == 0, tag);
+            }
             __syncwarp();
             if (lane == 0) mbar_arrive(empty + s);
             ++k;
@@ -890,7 +914,8 @@ static size_t smem_bytes(const Config& c) {
 static const void* kernel_of(int mode) {
   static const void* k[] = {(const void*)megakernel<0>, (const void*)megakernel<1>, (const void*)megakernel<2>,
                             (const void*)megakernel<3>, (const void*)megakernel<4>, (const void*)megakernel<5>,
-                            (const void*)megakernel<6>, (const void*)megakernel<7>};
+                            (const void*)megakernel<6>, (const void*)megakernel<7>, (const void*)megakernel<8>,
+                            (const void*)megakernel<9>};
   return k[mode];
 }
 
@@ -983,8 +1008,8 @@ int main(int argc, char** argv) {
     std::string t = configs.substr(a, b == std::string::npos ? std::string::npos : b - a);
     Config c{0, 0, 0, 0};
     int got = sscanf(t.c_str(), "%d:%d:%d:%d", &c.mode, &c.slot, &c.stages, &c.pf);
-    if (got < 3 || c.mode < 0 || c.mode > 7 || c.pf < 0 || (c.mode >= 5 && c.slot != 40960)) {
-      fprintf(stderr, "bad config %s (want MODE:SLOT_BYTES:STAGES[:L2_PREFETCH_SLOTS], mode 0-7; modes 5-7 slots of 40960 bytes, >= %d)\n", t.c_str(), STEP_SLOT);
+    if (got < 3 || c.mode < 0 || c.mode > 9 || c.pf < 0 || (c.mode >= 5 && c.slot != 40960)) {
+      fprintf(stderr, "bad config %s (want MODE:SLOT_BYTES:STAGES[:L2_PREFETCH_SLOTS], mode 0-9; modes 5-9 slots of 40960 bytes, >= %d)\n", t.c_str(), STEP_SLOT);
       return 2;
     }
     cfgs.push_back(c);
@@ -994,7 +1019,7 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   const int G = prop.multiProcessorCount;
-  for (int m = 0; m <= 7; ++m)
+  for (int m = 0; m <= 9; ++m)
     CK(cudaFuncSetAttribute(kernel_of(m), cudaFuncAttributeMaxDynamicSharedMemorySize, prop.sharedMemPerBlockOptin));
   for (auto& c : cfgs) {
     int rb[2] = {D * 2, DI * 2};
@@ -1108,7 +1133,7 @@ int main(int argc, char** argv) {
   auto hr = download(q.h, D);
   auto sr = download(q.state, nstate);
   auto rr = download(q.ring, nring);
-  for (int mode : {0, 4, 5, 6, 7}) {
+  for (int mode : {0, 4, 5, 6, 7, 9}) {
     const Config* c0 = nullptr;
     for (auto& c : cfgs)
       if (c.mode == mode && !c0) c0 = &c;

@@ -10,8 +10,11 @@ fence and an atomic to arrive, polling to wait), 1 the weight stream and its GEM
 step), 2 the counters' waits without the SSM step, 3 the ring alone (slots released unread), 4 the full step
 chained by tagged data instead (each 8-byte word holds 4 bytes of data and the tag of the token and layer that
 wrote it, polled until the tags match: no fence, no counter; the step's state, conv inputs and weights loaded
-at the layer's start). PF > 0: the producer also pulls the rows PF slots past the ring's into L2. Needs nvcc
-(CUDA_HOME, /usr/local/cuda or PATH) and a Hopper GPU.
+at the layer's start), 5 mode 4 with the step's state and conv inputs streamed through the ring as one more
+slot, 6 mode 5 with each CTA's share of the B / C / dt rows first, 7 mode 5 with the in_proj rows split so that
+every CTA streams the same bytes, 8 mode 5 without the step's arithmetic (timing only), 9 mode 5 with the
+step's state stores issued after g is published. PF > 0: the producer also pulls the rows PF slots past the
+ring's into L2. Needs nvcc (CUDA_HOME, /usr/local/cuda or PATH) and a Hopper GPU.
 """
 
 from __future__ import annotations
