@@ -89,7 +89,7 @@ elif [ "$stage" = f ]; then  # ≈ 4 minutes at most: the megakernel probe's mod
         [ -n "$nv" ] && export CUDA_HOME=$(dirname "$(dirname "$nv")")
     fi
     step megakernel 120 python3 megakernel_probe.py --trace \
-        --configs ${MK_CONFIGS:-0:40960:5,1:40960:5,4:40960:5,5:40960:5,6:40960:5,6:40960:5:2,5:40960:5:2} \
+        --configs ${MK_CONFIGS:-0:40960:5,1:40960:5,5:40960:5:2,7:40960:5:2,8:40960:5:2,9:40960:5:2} \
         --out "$OUT/megakernel_probe_$gpu.json"
     # the loop of separate kernels on the same machine, for the probe's per-layer times
     step generate_2_7b_b1 150 python3 generate.py --model mamba2_2_7b --batch 1 --state-dtype bfloat16 \

@@ -20,24 +20,27 @@
 // The ring keeps the memory system busy while consumers wait at a counter, so a wait costs stream time only
 // when it outlasts the ring (slots · slot bytes at ≈ 20 GB/s per SM).
 //
-// Modes: 0 the full step; 1 no waits and no SSM step (the weight stream and its GEMVs alone: the ceiling);
-// 2 the waits without the SSM step (what the counters cost); 3 the ring alone (slots released unread);
-// 4 the full step with the phases chained by tagged data rather than counters (below). The first run
-// (2026-12-05, H100) put mode 0 at 38.1–38.6 µs per layer against mode 1's 28.3: every arrival (the
-// consumers' stores, a fence that waits for them, an atomic) took 3.6–6.1 µs with the memory system saturated
-// by the weight stream, and the step's state loads sat on the critical path. Mode 4 therefore
-//   - publishes in_proj's output, g, Σ g² and the residual as 8-byte words of (4 bytes of data, the tag of the
-//     token and layer) with plain relaxed stores, and its readers poll those words until every tag matches
-//     (NCCL's LL protocol): an arrival is one store, a wait one or two round trips, and a step waits only
-//     for the few CTAs that own its head's rows of in_proj rather than for all of them;
-//   - loads the step's state, conv inputs and weights at the start of the layer, before in_proj runs.
-// Mode 8 is mode 5 without the step's arithmetic (timing only: what the step costs on the critical path);
-// mode 9 is mode 5 with the step's state and conv-ring stores issued after g is published.
-// Mode 7 is mode 5 with the in_proj rows split so that every CTA streams the same bytes (a step CTA's slot
-// counted). Mode 6 is mode 5 with every CTA computing its share of the B, C and dt rows of in_proj (read by every
-// head's step) first. Mode 5 is mode 4 with the step's state, conv weights and conv inputs streamed through the ring as one more
-// slot behind the CTA's in_proj rows (its loads then come from shared memory). A config's PF > 0 also has the producer pull the rows PF slots past the ring's into L2
-// (cp.async.bulk.prefetch), so that HBM keeps streaming while the ring is full and the consumers wait. With
+// Modes (MODE:SLOT_BYTES:STAGES[:PF] on the command line; one kernel instance per mode):
+//   0  the full step, phases chained by the counters above;
+//   1  no waits and no SSM step: the weight stream and its GEMVs alone (the design's ceiling);
+//   2  the counters' waits without the SSM step;  3  the ring alone (slots released unread);
+//   4  the full step chained by tagged data instead: in_proj's output, g, Σ g² and the residual are published
+//      as 8-byte words (4 bytes of data, the tag of the token and layer) with relaxed stores, and readers poll
+//      the words until every tag matches (NCCL's LL protocol): an arrival is one store, a wait one or two round
+//      trips, a step waits only for the CTAs owning its head's rows, and an in_proj row is published as soon
+//      as its warp has it; the step's state and conv inputs are loaded at the layer's start;
+//   5  mode 4 with the step's state, conv weights and conv inputs streamed through the ring as one more slot
+//      behind the CTA's in_proj rows (read in place from shared memory);
+//   6  mode 5 with every CTA computing its share of in_proj's B, C and dt rows (read by every step) first;
+//   7  mode 5 with the in_proj rows split so that every CTA streams the same bytes (a step slot counted);
+//   8  mode 5 without the step's arithmetic (timing only: g = 0 published; not checked);
+//   9  mode 5 with the step's state and conv-ring stores issued after g is published.
+// PF > 0: the producer also pulls the rows PF slots past the ring's into L2 (cp.async.bulk.prefetch), so HBM
+// keeps streaming while the ring is full and the consumers wait.
+// Measured (H100, 2026-12-05; benchmarks/README.md, results/megakernel_probe_*_h100.json): mode 0 38–40 µs per
+// layer, mode 1 27.8–30.4, mode 4 36.6–37.8, modes 5 / 7 / 9 with PF 2 33.8–34.0, mode 8 with PF 2 30.8; the
+// loop of separate XLA / Pallas kernels 38.0–38.75 on the same machines. With the LM head that is ≈ 440 tok/s
+// against the loop's 389 and issue 5's 450. With
 // --trace, one more launch per config records %globaltimer at the phase boundaries of every (CTA, layer),
 // summarised as medians (`phases_us`) and as the layer's critical path (`path_us`). The norms' weights are taken as folded into the
 // projections (as mamba_jax.inference.fold does), so they do not appear.
