@@ -31,6 +31,13 @@ step() {  # step NAME SECONDS COMMAND…: runs COMMAND under a time limit, its o
     tail -n 25 "$OUT/$name.log"
     return $rc
 }
+find_nvcc() {  # megakernel_probe.py needs nvcc: without one on PATH or in /usr/local/cuda, pip's CUDA compiler
+    if ! command -v nvcc >/dev/null && [ ! -x /usr/local/cuda/bin/nvcc ]; then
+        nv=$(python3 -c "import glob, nvidia; print(next(iter(glob.glob(nvidia.__path__[0] + '/cu*/bin/nvcc') + glob.glob(nvidia.__path__[0] + '/cuda_nvcc/bin/nvcc')), ''))" 2>/dev/null)
+        [ -n "$nv" ] && export CUDA_HOME=$(dirname "$(dirname "$nv")")
+        echo "nvcc: ${nv:-none}"
+    fi
+}
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed 's/NVIDIA //; s/[ ,].*//' | tr 'A-Z' 'a-z')
 if [ "$stage" = a ]; then  # ≈ 9 minutes: the compiled tests (≈ 40 s per real-width case on an H100)
     step gpu_tests 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decode_kernels.py -k real_widths
@@ -53,11 +60,7 @@ elif [ "$stage" = c ]; then  # ≈ 8 minutes at most: fp8 training against bf16,
 elif [ "$stage" = d ]; then  # ≈ 8 minutes at most: the float8 GEMV's tiles, the megakernel probe, a batch-1 A/B
     cd benchmarks || exit 1
     step fp8_probe 100 python3 gemv_probe.py --fp8 --out "$OUT/gemv_probe_fp8_$gpu.json"
-    if ! command -v nvcc >/dev/null && [ ! -x /usr/local/cuda/bin/nvcc ]; then  # pip's CUDA compiler, if any
-        nv=$(python3 -c "import glob, nvidia; print(next(iter(glob.glob(nvidia.__path__[0] + '/cu*/bin/nvcc') + glob.glob(nvidia.__path__[0] + '/cuda_nvcc/bin/nvcc')), ''))" 2>/dev/null)
-        [ -n "$nv" ] && export CUDA_HOME=$(dirname "$(dirname "$nv")")
-        echo "nvcc: ${nv:-none}"
-    fi
+    find_nvcc
     step megakernel 50 python3 megakernel_probe.py --trace --configs 0:40960:5,0:20480:6,1:40960:5,2:40960:5 \
         --out "$OUT/megakernel_probe_$gpu.json"
     # the fastest batch-1 tiles per shape from the probe, as MAMBA_JAX_DECODE_GEMV_Q="KxN=bn,bk,…|KxN=…"
@@ -84,10 +87,7 @@ elif [ "$stage" = e ]; then  # ≈ 9 minutes at most: generate.py against mamba_
         --out "$OUT/decode_variants_fp8_gemv_2_7b_b32_$gpu.json"
 elif [ "$stage" = f ]; then  # ≈ 4 minutes at most: the megakernel probe's modes side by side, then fp8 tests
     cd benchmarks || exit 1
-    if ! command -v nvcc >/dev/null && [ ! -x /usr/local/cuda/bin/nvcc ]; then  # pip's CUDA compiler, if any
-        nv=$(python3 -c "import glob, nvidia; print(next(iter(glob.glob(nvidia.__path__[0] + '/cu*/bin/nvcc') + glob.glob(nvidia.__path__[0] + '/cuda_nvcc/bin/nvcc')), ''))" 2>/dev/null)
-        [ -n "$nv" ] && export CUDA_HOME=$(dirname "$(dirname "$nv")")
-    fi
+    find_nvcc
     step megakernel 120 python3 megakernel_probe.py --trace \
         --configs ${MK_CONFIGS:-0:40960:5,1:40960:5,5:40960:5:2,7:40960:5:2,8:40960:5:2,9:40960:5:2} \
         --out "$OUT/megakernel_probe_$gpu.json"
@@ -95,7 +95,9 @@ elif [ "$stage" = f ]; then  # ≈ 4 minutes at most: the megakernel probe's mod
     step generate_2_7b_b1 150 python3 generate.py --model mamba2_2_7b --batch 1 --state-dtype bfloat16 \
         --quantize none --out "$OUT/generate_2_7b_b1_$gpu.json"
     cd .. || exit 1
-    [ "${F_TESTS:-1}" = 1 ] && step quantize_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_quantize.py -k "not tensor_parallel"
+    if [ "${F_TESTS:-1}" = 1 ]; then  # F_TESTS=0: the probe and the loop only
+        step quantize_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_quantize.py -k "not tensor_parallel"
+    fi
 else
     echo "unknown stage $stage (a … f)" >&2
     exit 2

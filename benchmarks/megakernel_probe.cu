@@ -195,24 +195,6 @@ __device__ __forceinline__ void ll_poll(const unsigned long long* base, const in
       }
   }
 }
-// ll_poll of the N words base[first + i · stride].
-template <int N>
-__device__ __forceinline__ void ll_poll_strided(const unsigned long long* base, int first, int stride, unsigned tag,
-                                                unsigned (&out)[N]) {
-  unsigned pending = (1u << N) - 1;
-  while (pending) {
-    unsigned long long v[N];
-#pragma unroll
-    for (int i = 0; i < N; ++i)
-      if (pending >> i & 1) v[i] = ld_relaxed64(base + first + i * stride);
-#pragma unroll
-    for (int i = 0; i < N; ++i)
-      if ((pending >> i & 1) && (unsigned)(v[i] >> 32) == tag) {
-        out[i] = (unsigned)v[i];
-        pending &= ~(1u << i);
-      }
-  }
-}
 // The consumer warps' own barrier (named barrier 1): the producer warp never joins it.
 __device__ __forceinline__ void cbar() { asm volatile("bar.sync 1, %0;" ::"r"(CT) : "memory"); }
 
@@ -260,8 +242,11 @@ __device__ float load_residual(const float* h, bf16* x_s, float* red, int tid, c
   constexpr int PER = D / CT;
   float v[PER], ss = 0.f;
   if (h_ll) {
+    int idx[PER];
     unsigned u[PER];
-    ll_poll_strided(h_ll, tid, CT, tag, u);
+#pragma unroll
+    for (int i = 0; i < PER; ++i) idx[i] = tid + i * CT;
+    ll_poll(h_ll, idx, tag, u);
 #pragma unroll
     for (int i = 0; i < PER; ++i) v[i] = __uint_as_float(u[i]);
   } else {
@@ -495,8 +480,11 @@ __device__ void arrive_count(unsigned* c, int tid) {  // bar.sync, then one rele
 __device__ float load_g_ll(const Params& p, unsigned tag, bf16* x_s, float* misc, int tid) {
   constexpr int PER = DI / 2 / CT;
   static_assert(DI / 2 % CT == 0, "g words must be a multiple of the consumer threads");
+  int idx[PER];
   unsigned u[PER];
-  ll_poll_strided(p.g_ll, tid, CT, tag, u);
+#pragma unroll
+  for (int i = 0; i < PER; ++i) idx[i] = tid + i * CT;
+  ll_poll(p.g_ll, idx, tag, u);
   unsigned* xw = reinterpret_cast<unsigned*>(x_s);
 #pragma unroll
   for (int i = 0; i < PER; ++i) xw[tid + i * CT] = u[i];
