@@ -6,6 +6,7 @@ of `mamba_jax.kernels.gemv`, each against XLA's own dot on the same chain.
     python benchmarks/gemv_probe.py > pallas.txt            # the Pallas Triton variants
     python benchmarks/gemv_probe.py --mosaic > mosaic.txt   # kernels/gemv.py, batch 1 and 32
     python benchmarks/gemv_probe.py --fp8 --out r.json      # kernels/gemv_q.py (float8 weights), batch 1 and 32
+    python benchmarks/gemv_probe.py --skinny --out r.json   # kernels/skinny_gemm.py (CUDA, FFI), batch 1–32
 
 Every variant runs a chain of 16 GEMVs with distinct weights (more bytes than L2 holds), REPS times inside
 one compiled loop (`looped`), and prints one JSON line per configuration: µs per GEMV and weight bytes /
@@ -274,13 +275,67 @@ def fp8_probe(out: str) -> None:
     write_result(out, {**provenance(), "rows": rows_out})
 
 
+def skinny_probe(out: str) -> None:
+    """The CUDA skinny GEMM (`kernels/skinny_gemm.py`) against XLA's dot (its Triton GEMMs, and cuBLAS as the
+    Engine compiles the loop from batch 16) and, for out_proj, the split-K partials the decode path runs
+    (`kernels.decode.split_k_partials`): the 2.7B in_proj and out_proj at 1, 16 and 32 rows."""
+    import jax
+    import jax.numpy as jnp
+    from bench_util import provenance, timed, write_result
+
+    from mamba_jax.kernels.decode import split_k_partials
+    from mamba_jax.kernels.skinny_gemm import skinny_gemm, unsupported
+
+    key, rows_out = jax.random.key(0), []
+    reason = unsupported(32, 2560, 10576)
+    if reason:
+        raise SystemExit(f"skinny_gemm does not run here: {reason}")
+
+    def emit(row):
+        print(json.dumps(row), flush=True)
+        rows_out.append(row)
+
+    def compiled(fn, x, ws, options=None):
+        lowered = looped(fn).lower(x, ws)
+        return lowered.compile(options) if options else lowered.compile()
+
+    for k, n in [(2560, 10576), (5120, 2560)]:
+        ws = [jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.bfloat16) * 0.02 for i in range(L)]
+        nbytes = L * k * n * 2
+        for rows in (1, 16, 32):
+            x = jax.random.normal(jax.random.fold_in(key, rows), (rows, k), jnp.bfloat16)
+            want = x.astype(jnp.float32) @ ws[0].astype(jnp.float32)
+            variants = [("xla", lambda x, w: x @ w, None),
+                        ("xla_cublas", lambda x, w: x @ w, {"xla_gpu_enable_triton_gemm": False})]  # fmt: skip
+            if k == 5120:
+                variants.append(("xla_splitk2_cublas", lambda x, w: split_k_partials(x, w, 2),
+                                 {"xla_gpu_enable_triton_gemm": False}))  # fmt: skip
+            for s in (1, 2, 4) if k == 5120 else (1, 2):
+                variants.append((f"skinny_s{s}", lambda x, w, s=s: skinny_gemm(x, w, splits=s), None))
+            for name, fn, options in variants:
+                try:
+                    got = fn(x, ws[0])
+                    got = got.sum(0) if got.ndim == 3 else got
+                    err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
+                    t = timed(compiled(fn, x, ws, options), x, ws) / REPS
+                except Exception as e:  # keep the others going
+                    emit({"impl": name, "k": k, "n": n, "rows": rows, "failed": repr(e)[:400]})
+                    continue
+                emit({"impl": name, "k": k, "n": n, "rows": rows, "us": t / L * 1e6, "tb_per_s": nbytes / t / 1e12,
+                      "rel_err": err})  # fmt: skip
+    write_result(out, {**provenance(), "rows": rows_out})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fp8", action="store_true", help="the float8 GEMV (kernels/gemv_q.py) against XLA")
-    ap.add_argument("--out", default="", help="with --fp8: the JSON result")
+    ap.add_argument("--out", default="", help="with --fp8 / --skinny: the JSON result")
     ap.add_argument("--torch", action="store_true", help="cuBLAS through torch instead of the Pallas GEMVs")
     ap.add_argument("--mosaic", action="store_true", help="the Mosaic GPU GEMV (kernels/gemv.py) against XLA")
+    ap.add_argument("--skinny", action="store_true", help="the CUDA skinny GEMM (kernels/skinny_gemm.py) against XLA")
     args = ap.parse_args()
+    if args.skinny:
+        return skinny_probe(args.out)
     if args.fp8:
         return fp8_probe(args.out)
     torch_probe() if args.torch else mosaic_probe() if args.mosaic else pallas_probe()

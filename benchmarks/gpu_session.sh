@@ -7,6 +7,8 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh d   # float8 GEMV tiles (kernels/gemv_q.py), megakernel, batch-1 A/B
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh e   # generate.py with mamba_ssm; float8 GEMV at batch 32
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh f   # megakernel probe: tagged-data sync, L2 prefetch
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh g   # CUDA skinny GEMM: kernel tests, isolation probe
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh h   # CUDA skinny GEMM in the decode loop (A/B)
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -98,7 +100,23 @@ elif [ "$stage" = f ]; then  # ≈ 4 minutes at most: the megakernel probe's mod
     if [ "${F_TESTS:-1}" = 1 ]; then  # F_TESTS=0: the probe and the loop only
         step quantize_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_quantize.py -k "not tensor_parallel"
     fi
+elif [ "$stage" = g ]; then  # ≈ 3 minutes: the CUDA skinny GEMM's kernel tests and its isolation probe
+    find_nvcc
+    step skinny_tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_skinny_gemm.py
+    cd benchmarks || exit 1
+    step skinny_probe 150 python3 gemv_probe.py --skinny --out "$OUT/gemv_probe_skinny_$gpu.json"
+elif [ "$stage" = h ]; then  # ≈ 9 minutes at most: the CUDA skinny GEMM in the decode loop, A/B at batch 32 and 1
+    find_nvcc
+    cd benchmarks || exit 1
+    step variants_b32 240 python3 decode_variants.py --model mamba2_2_7b --batch 32 --rounds 2 --reps 3 \
+        --variant "xla:MAMBA_JAX_DECODE_GEMM=0,0" --variant "cuda:MAMBA_JAX_DECODE_GEMM=1,2" \
+        --variant "cuda_in:MAMBA_JAX_DECODE_GEMM=1,0" --out "$OUT/decode_variants_skinny_2_7b_b32_$gpu.json"
+    step variants_b1 150 python3 decode_variants.py --model mamba2_2_7b --batch 1 --rounds 1 --reps 3 \
+        --variant "xla:MAMBA_JAX_DECODE_GEMM=0,0" --variant "cuda:MAMBA_JAX_DECODE_GEMM=1,1" \
+        --variant "cuda_in:MAMBA_JAX_DECODE_GEMM=1,0" --out "$OUT/decode_variants_skinny_2_7b_b1_$gpu.json"
+    cd .. || exit 1
+    step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decode_kernels.py -k cuda_gemm
 else
-    echo "unknown stage $stage (a … f)" >&2
+    echo "unknown stage $stage (a … h)" >&2
     exit 2
 fi

@@ -85,6 +85,10 @@ OUT_SPLITS = 2
 # 6,637 tok/s, benchmarks/results/decode_variants_window_2_7b_b32_h100.json); MAMBA_JAX_DECODE_WINDOW=8
 # turns it on at trace time (benchmarks/README.md, "State write-back window").
 STATE_WINDOW = 0
+# The projections as the CUDA skinny GEMM (`kernels/skinny_gemm.py`: every SM streams its share of the weight
+# through a ring of bulk copies) from this batch on, with these (in_proj, out_proj) K splits; 0 keeps XLA's.
+CUDA_GEMM_MIN_BATCH = 1 << 30  # off until measured in the decode loop
+CUDA_GEMM = (1, 2)
 PREFETCH_BLOCK = 8192  # elements per load of the L2 prefetch (16 KB of bf16 per program and load)
 
 
@@ -642,6 +646,18 @@ def proj_splits(batch: int) -> tuple[int, int]:
     splits = (IN_SPLITS, OUT_SPLITS) if batch >= SPLIT_K_MIN_BATCH else (1, 1)
     if env := _env_ints("MAMBA_JAX_DECODE_SPLITS", 2, "two integers, in_proj's and out_proj's splits (e.g. 1,2)"):
         splits = (max(env[0], 1), max(env[1], 1))
+    return splits
+
+
+def cuda_gemm_splits(batch: int) -> tuple[int, int]:
+    """(in_proj, out_proj) K splits of the CUDA skinny GEMM (`kernels.skinny_gemm`) for
+    `Mamba2Mixer._decode_fused` at this batch, 0 where the projection keeps the plan above (XLA's GEMM or
+    `split_k_partials`). From CUDA_GEMM_MIN_BATCH on, CUDA_GEMM. MAMBA_JAX_DECODE_GEMM="in,out" overrides it
+    at trace time, for tuning (benchmarks/decode_variants.py)."""
+    splits = CUDA_GEMM if batch >= CUDA_GEMM_MIN_BATCH else (0, 0)
+    what = "two integers, the CUDA GEMM's K splits for in_proj and out_proj (0: XLA's product), e.g. 1,2"
+    if env := _env_ints("MAMBA_JAX_DECODE_GEMM", 2, what):
+        splits = (max(env[0], 0), max(env[1], 0))
     return splits
 
 

@@ -305,6 +305,21 @@ def test_kernel_decoding_equals_full_forward(monkeypatch, pattern, batch, fold, 
         assert rel_err(inc[b], full) <= 1e-4, b
 
 
+@pytest.mark.parametrize("gemm,step", [("1,1", None), ("2,2", "1,0,4,1"), ("0,2", None)])
+def test_kernel_decoding_with_the_cuda_gemm_equals_full_forward(monkeypatch, gemm, step):
+    """in_proj / out_proj through `kernels.skinny_gemm` (K slices: float32 partials that the step and residual
+    kernels sum); off the GPU its XLA fallback computes them, which checks how the decode path wires them."""
+    from mamba_jax.kernels import skinny_gemm
+
+    monkeypatch.setattr(skinny_gemm, "OFF_GPU", True)
+    monkeypatch.setenv("MAMBA_JAX_DECODE_GEMM", gemm)
+    calls = []
+    real = skinny_gemm.skinny_gemm
+    monkeypatch.setattr(skinny_gemm, "skinny_gemm", lambda *a, **k: calls.append(k["splits"]) or real(*a, **k))
+    test_kernel_decoding_equals_full_forward(monkeypatch, "MMM", 3, True, 1, step, None)
+    assert calls and set(calls) == {int(s) for s in gemm.split(",") if s != "0"}
+
+
 @pytest.mark.parametrize("tiles", ["64,64,2,2", "64,128,1,4"])
 def test_kernel_decoding_with_the_mosaic_out_proj_equals_full_forward(monkeypatch, tiles):
     """out_proj as the Mosaic GPU GEMV (interpret mode here; PDL on the GPU), its split-K partials summed by
@@ -454,3 +469,14 @@ def test_kernels_at_real_widths_on_gpu(monkeypatch, groups, batch, gemv, window,
             assert ("win_x" in names) == bool(window)
         err[impl] = rel_err(_teacher_forced_logits(model, prompts, cont, 12), want)
     assert err["pallas"] <= 1.5 * err["xla"] + 1e-3, err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,gemm", [(1, "1,1"), (3, "1,2"), (32, "2,2")])
+def test_cuda_gemm_at_real_widths_on_gpu(monkeypatch, batch, gemm):
+    """The same comparison with in_proj / out_proj through the CUDA skinny GEMM (kernels/skinny_gemm.py)."""
+    from mamba_jax.kernels.skinny_gemm import unsupported
+
+    assert unsupported(batch, 1024, 4384, int(gemm[0])) is None  # the kernel builds and runs here
+    monkeypatch.setenv("MAMBA_JAX_DECODE_GEMM", gemm)
+    test_kernels_at_real_widths_on_gpu(monkeypatch, 1, batch, "xla", 0, False)

@@ -270,6 +270,8 @@ class Mamba2Mixer(nnx.Module):
         runs between the weight streams."""
         from mamba_jax.kernels import decode as kd
         from mamba_jax.kernels.gemv import ROW_PAD, decode_gemv_tiles, gemv_t
+        from mamba_jax.kernels.skinny_gemm import skinny_gemm
+        from mamba_jax.kernels.skinny_gemm import unsupported as skinny_unsupported
 
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
@@ -288,11 +290,17 @@ class Mamba2Mixer(nnx.Module):
         # From SPLIT_K_MIN_BATCH rows the projections may run as float32 split-K partials that the kernels
         # behind them sum (`proj_splits`): more SMs stream the weight than a GEMM of few output tiles keeps.
         in_splits, out_splits = kd.proj_splits(b)
+        # Or as the CUDA skinny GEMM (kernels/skinny_gemm.py), where it runs: S K splits, 0 for the above.
+        cuda_in, cuda_out = kd.cuda_gemm_splits(b)
         x_in = x_BD if compute_BD is None else compute_BD
         w_in = self.in_proj[...]
+        k_in, n_in = w_in.shape[0], w_in.size // w_in.shape[0]
         plain_in = w_in.dtype == dtype and not hasattr(self, lora_names("in_proj")[0])
         if (zx := float8_gemv(self, "in_proj", x_in, 1, dtype, partials=True)) is not None:  # float8 weights
             zx = zx.reshape(*zx.shape[:-1], *w_in.shape[1:])  # (B, G, W), or float32 partials (S, B, G, W)
+        elif cuda_in and plain_in and skinny_unsupported(b, k_in, n_in, cuda_in, dtype) is None:
+            zx = skinny_gemm(x_in.astype(dtype), w_in.reshape(k_in, n_in), splits=cuda_in)
+            zx = zx.reshape(*zx.shape[:-1], *w_in.shape[1:])
         elif in_splits > 1 and plain_in and x_in.shape[-1] % in_splits == 0:
             zx = kd.split_k_partials(x_in.astype(dtype), w_in, in_splits)
         else:
@@ -349,6 +357,14 @@ class Mamba2Mixer(nnx.Module):
             out_BD, layout = q_out, ("SBD" if q_out.ndim == 3 else None)
         elif tiles:
             out_BD, layout = gemv_t(g_BF, w_out.reshape(h * p, -1), pdl=True, **tiles), "SDB"
+        elif (
+            cuda_out
+            and plain
+            and (cuda_out == 1 or residual_BD is not None)  # partials need the residual kernel to sum them
+            and skinny_unsupported(b, h * p, w_out.shape[-1], cuda_out, dtype) is None
+        ):
+            out_BD = skinny_gemm(g_BF.astype(dtype), w_out.reshape(h * p, -1), splits=cuda_out)
+            layout = "SBD" if cuda_out > 1 else None
         elif out_splits > 1 and plain and residual_BD is not None and (h * p) % out_splits == 0:
             out_BD, layout = kd.split_k_partials(g_BF, w_out.reshape(h * p, -1), out_splits), "SBD"
         else:
