@@ -7,22 +7,26 @@
 // streams an equal share of the weight's columns through such a ring and the rows are few enough that the
 // tensor-core work hides under the stream.
 //
-// Layout follows the megakernel probe: one producer warp per CTA issues cp.async.bulk copies of the CTA's
-// columns (one copy per weight row of the slot: nu · 16 bytes, nu units of 8 columns) and of x's K-slice into
-// a ring of STAGES slots; CW consumer warps each take one k16 step of every slot (mma.sync m16n8k16, bf16 →
-// float32), release the slot through an mbarrier, and at the end sum their partial tiles through shared
-// memory. Grid (Pn, S): CTA (p, s) owns units [p·U/Pn, (p+1)·U/Pn) of the U = N/8 column units and the s-th
+// Layout follows the megakernel probe: one producer thread per CTA issues TMA tensor copies (one 2-D box of
+// BK weight rows × the CTA's nu units of 8 columns, one box of x's K-slice) into a ring of STAGES slots; CW
+// consumer warps each take one k16 step of every slot (mma.sync m16n8k16, bf16 → float32), release the slot
+// through an mbarrier, and at the end sum their partial tiles through shared memory. (A first version issued
+// one cp.async.bulk per weight row of a slot: the copy engine then spends ≈ 25 ns per copy and a CTA ran at
+// ≈ 4 µs per slot whatever its bytes — 0.15–0.6 TB/s on an H100, benchmarks/results/gemv_probe_skinny_*.) Grid (Pn, S): CTA (p, s) owns units [p·U/Pn, (p+1)·U/Pn) of the U = N/8 column units and the s-th
 // of S equal K slices; S > 1 writes float32 partials (S, M, N) that the consumer kernel sums (the residual
 // kernel of kernels/decode.py), S = 1 the product rounded to y's dtype.
 //
 // Requirements (checked by skinny_gemm.py before it calls here): sm_90+, x and w bf16 and row-major, N % 8 == 0,
 // (K / S) % 16 == 0, 1 ≤ M ≤ 32.
 
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <cudaTypedefs.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -33,20 +37,22 @@ namespace {
 constexpr int BK = 128;             // k per ring slot: 8 k16 steps, one per consumer warp
 constexpr int CW = 8;               // consumer warps
 constexpr int NT = (CW + 1) * 32;   // + the producer warp
-constexpr int XS = BK + 8;          // x rows in shared memory 272 B apart: ldmatrix's 8 rows hit distinct banks
 constexpr int SMEM_MAX = 220 * 1024;
 constexpr int MAX_STAGES = 8;
+constexpr int HEAD = 1024;  // the barriers, then the ring from the next 1024-byte boundary
 
+// A slot: x's box (MT·16 rows × BK, rows past M zero-filled by the TMA) then the weight box (BK rows × nu·8
+// columns, dense: its row pitch is nu · 16 bytes), each as the TMA writes it.
 template <int MT, int UMAX>
 struct Shape {
-  static constexpr int US = UMAX | 1;  // weight row stride in 16-byte units, odd: ldmatrix.trans conflict-free
-  static constexpr int XB = MT * 16 * XS * 2;
-  static constexpr int WB = BK * US * 16;
+  static constexpr int XB = MT * 16 * BK * 2;
+  static constexpr int WB = BK * UMAX * 16;
   static constexpr int SLOT = XB + WB;
-  static constexpr int STAGES = std::min(MAX_STAGES, (SMEM_MAX - 1024) / SLOT);
+  static constexpr int STAGES = std::min(MAX_STAGES, (SMEM_MAX - 2 * HEAD) / SLOT);
   static constexpr int RED = CW * MT * 16 * UMAX * 8 * 4;  // the consumers' partial tiles at the end
-  static constexpr int SMEM = 1024 + std::max(STAGES * SLOT, RED);
+  static constexpr int SMEM = 2 * HEAD + std::max(STAGES * SLOT, RED);
   static_assert(STAGES >= 3, "ring too shallow");
+  static_assert(SLOT % 128 == 0, "TMA boxes land on 128-byte boundaries");
 };
 
 __device__ __forceinline__ uint32_t sa(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
@@ -69,11 +75,12 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* b) {
 __device__ __forceinline__ void mbar_expect(uint64_t* b, unsigned bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(sa(b)), "r"(bytes) : "memory");
 }
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned bytes, uint64_t* bar, uint64_t pol) {
+// The box of `map` at (column c, row r) into shared memory at dst, completing on `bar`.
+__device__ __forceinline__ void tma_box(void* dst, const CUtensorMap* map, int c, int r, uint64_t* bar, uint64_t pol) {
   asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::
-          "r"(sa(dst)),
-      "l"(src), "r"(bytes), "r"(sa(bar)), "l"(pol)
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(sa(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c), "r"(r), "r"(sa(bar)), "l"(pol)
       : "memory");
 }
 __device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* p) {
@@ -98,13 +105,14 @@ __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;
 
 template <int MT, int UMAX, typename Out>
 __global__ void __launch_bounds__(NT, 1)
-    skinny_gemm_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
-                       Out* __restrict__ y, int M, int K, int N, int Pn) {
+    skinny_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__ CUtensorMap tw_wide,
+                       const __grid_constant__ CUtensorMap tw_narrow, int umax, Out* __restrict__ y, int M, int K,
+                       int N, int Pn) {
   using S = Shape<MT, UMAX>;
-  extern __shared__ __align__(1024) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];
   uint64_t* full = reinterpret_cast<uint64_t*>(smem);
   uint64_t* empty = full + MAX_STAGES;
-  unsigned char* ring = smem + 1024;
+  unsigned char* ring = smem + HEAD + ((HEAD - (sa(smem) % HEAD)) % HEAD);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int U = N / 8, p = blockIdx.x, s = blockIdx.y, splits = gridDim.y;
@@ -120,21 +128,22 @@ __global__ void __launch_bounds__(NT, 1)
   }
   __syncthreads();
 
-  if (warp == CW) {  // the producer
-    uint64_t stream, keep;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(stream));
-    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(keep));
-    for (int i = 0; i < nslots; ++i) {
-      const int st = i % S::STAGES, kk = k0 + i * BK, kv = min(BK, k0 + ks - kk);
-      if (i >= S::STAGES) mbar_wait(empty + st, (i / S::STAGES - 1) & 1);
-      unsigned char* xs = ring + st * S::SLOT;
-      unsigned char* ws = xs + S::XB;
-      if (lane == 0) mbar_expect(full + st, (unsigned)(M * kv * 2 + kv * nu * 16));
-      __syncwarp();
-      for (int m = lane; m < M; m += 32)  // x's K-slice, shared by every CTA: kept in L2
-        bulk_load(xs + m * XS * 2, x + (size_t)m * K + kk, kv * 2, full + st, keep);
-      for (int r = lane; r < kv; r += 32)  // this CTA's columns of kv weight rows: read once, streamed
-        bulk_load(ws + r * S::US * 16, w + (size_t)(kk + r) * N + u0 * 8, nu * 16, full + st, stream);
+  if (warp == CW) {  // the producer: one thread
+    if (lane == 0) {
+      // Two weight maps, boxes of umax and umax − 1 units: every CTA owns one of those two counts.
+      const CUtensorMap* tw = nu == umax ? &tw_wide : &tw_narrow;
+      uint64_t stream, keep;
+      asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(stream));
+      asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(keep));
+      for (int i = 0; i < nslots; ++i) {
+        const int st = i % S::STAGES, kk = k0 + i * BK;
+        if (i >= S::STAGES) mbar_wait(empty + st, (i / S::STAGES - 1) & 1);
+        unsigned char* xs = ring + st * S::SLOT;
+        // Whole boxes always land (rows past K or M zero-filled; a short last slot's extra rows unused).
+        mbar_expect(full + st, (unsigned)(S::XB + BK * nu * 16));
+        tma_box(xs, &tx, kk, 0, full + st, keep);  // x's K-slice, shared by every CTA: kept in L2
+        tma_box(xs + S::XB, tw, u0 * 8, kk, full + st, stream);  // this CTA's columns: read once
+      }
     }
     return;
   }
@@ -157,8 +166,8 @@ __global__ void __launch_bounds__(NT, 1)
       uint32_t a[MT][4];
 #pragma unroll
       for (int t = 0; t < MT; ++t)  // A tile rows t·16 + lane % 16, k halves by lane / 16
-        ldsm_x4(a[t], xs + ((t * 16 + lane % 16) * XS + warp * 16 + (lane / 16) * 8) * 2);
-      const unsigned char* wrow = ws + (warp * 16 + lane % 16) * S::US * 16;
+        ldsm_x4(a[t], xs + ((t * 16 + lane % 16) * BK + warp * 16 + (lane / 16) * 8) * 2);
+      const unsigned char* wrow = ws + (warp * 16 + lane % 16) * nu * 16;
 #pragma unroll
       for (int u = 0; u < UMAX; ++u) {
         if (u < nu) {
@@ -206,16 +215,38 @@ __global__ void __launch_bounds__(NT, 1)
   }
 }
 
+struct Maps {
+  CUtensorMap x, wide, narrow;
+};
+
+// A row-major bf16 matrix (rows × cols) as a TMA map of boxes of box_rows × box_cols.
+bool encode(CUtensorMap* map, const void* base, int rows, int cols, int box_rows, int box_cols) {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q);
+    return q == cudaDriverEntryPointSuccess ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f) : nullptr;
+  }();
+  if (!fn) return false;
+  cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows}, strides[1] = {(cuuint64_t)cols * 2};
+  cuuint32_t box[2] = {(cuuint32_t)box_cols, (cuuint32_t)box_rows}, elem[2] = {1, 1};
+  return fn(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box, elem,
+            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 template <int MT, int UMAX, typename Out>
 cudaError_t launch(cudaStream_t stream, const void* x, const void* w, void* y, int M, int K, int N, int Pn,
-                   int splits) {
+                   int splits, int umax) {
   using S = Shape<MT, UMAX>;
+  Maps m;
+  if (!encode(&m.x, x, M, K, MT * 16, BK) || !encode(&m.wide, w, K, N, BK, umax * 8) ||
+      !encode(&m.narrow, w, K, N, BK, std::max(umax - 1, 1) * 8))
+    return cudaErrorInvalidValue;
   auto* fn = skinny_gemm_kernel<MT, UMAX, Out>;
   cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, S::SMEM);
   if (e != cudaSuccess) return e;
-  fn<<<dim3(Pn, splits), NT, S::SMEM, stream>>>(static_cast<const __nv_bfloat16*>(x),
-                                                static_cast<const __nv_bfloat16*>(w), static_cast<Out*>(y), M, K,
-                                                N, Pn);
+  fn<<<dim3(Pn, splits), NT, S::SMEM, stream>>>(m.x, m.wide, m.narrow, umax, static_cast<Out*>(y), M, K, N, Pn);
   return cudaGetLastError();
 }
 
@@ -225,8 +256,8 @@ cudaError_t dispatch(cudaStream_t stream, const void* x, const void* w, void* y,
   const bool two = M > 16;
 #define MJ_CASE(U)                                                                             \
   if (umax <= U)                                                                               \
-    return two ? launch<2, U, Out>(stream, x, w, y, M, K, N, Pn, splits)                       \
-               : launch<1, U, Out>(stream, x, w, y, M, K, N, Pn, splits);
+    return two ? launch<2, U, Out>(stream, x, w, y, M, K, N, Pn, splits, umax)                 \
+               : launch<1, U, Out>(stream, x, w, y, M, K, N, Pn, splits, umax);
   MJ_CASE(2)
   MJ_CASE(4)
   MJ_CASE(6)
