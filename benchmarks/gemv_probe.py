@@ -311,7 +311,9 @@ def skinny_probe(out: str) -> None:
                 variants.append(("xla_splitk2_cublas", lambda x, w: split_k_partials(x, w, 2),
                                  {"xla_gpu_enable_triton_gemm": False}))  # fmt: skip
             for s in (1, 2, 4) if k == 5120 else (1, 2):
-                variants.append((f"skinny_s{s}", lambda x, w, s=s: skinny_gemm(x, w, splits=s), None))
+                for pdl in (False, True):
+                    fn = lambda x, w, s=s, pdl=pdl: skinny_gemm(x, w, splits=s, pdl=pdl)  # noqa: E731
+                    variants.append((f"skinny_s{s}" + ("_pdl" if pdl else ""), fn, None))
             for name, fn, options in variants:
                 try:
                     got = fn(x, ws[0])

@@ -75,6 +75,9 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* b) {
 __device__ __forceinline__ void mbar_expect(uint64_t* b, unsigned bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(sa(b)), "r"(bytes) : "memory");
 }
+__device__ __forceinline__ void mbar_expect_more(uint64_t* b, unsigned bytes) {  // no arrival
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(sa(b)), "r"(bytes) : "memory");
+}
 // The box of `map` at (column c, row r) into shared memory at dst, completing on `bar`.
 __device__ __forceinline__ void tma_box(void* dst, const CUtensorMap* map, int c, int r, uint64_t* bar, uint64_t pol) {
   asm volatile(
@@ -135,15 +138,31 @@ __global__ void __launch_bounds__(NT, 1)
       uint64_t stream, keep;
       asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(stream));
       asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(keep));
+      // Whole boxes always land (rows past K or M zero-filled; a short last slot's extra rows unused).
+      const unsigned wbytes = BK * nu * 16;
+      // The weight boxes of the first slots go out before x's: the weights are no earlier kernel's output, so
+      // under programmatic dependent launch they stream while the kernel before this one finishes, and only
+      // x waits for it (griddepcontrol.wait: that kernel complete and its writes visible; a no-op otherwise).
+      const int early = min(S::STAGES, nslots);
+      for (int i = 0; i < early; ++i) {
+        mbar_expect_more(full + i, wbytes);
+        tma_box(ring + i * S::SLOT + S::XB, tw, u0 * 8, k0 + i * BK, full + i, stream);
+      }
+      asm volatile("griddepcontrol.wait;" ::: "memory");
       for (int i = 0; i < nslots; ++i) {
         const int st = i % S::STAGES, kk = k0 + i * BK;
-        if (i >= S::STAGES) mbar_wait(empty + st, (i / S::STAGES - 1) & 1);
         unsigned char* xs = ring + st * S::SLOT;
-        // Whole boxes always land (rows past K or M zero-filled; a short last slot's extra rows unused).
-        mbar_expect(full + st, (unsigned)(S::XB + BK * nu * 16));
+        if (i >= early) {
+          mbar_wait(empty + st, (i / S::STAGES - 1) & 1);
+          mbar_expect_more(full + st, wbytes);
+          tma_box(xs + S::XB, tw, u0 * 8, kk, full + st, stream);  // this CTA's columns: read once
+        }
+        mbar_expect(full + st, (unsigned)S::XB);
         tma_box(xs, &tx, kk, 0, full + st, keep);  // x's K-slice, shared by every CTA: kept in L2
-        tma_box(xs + S::XB, tw, u0 * 8, kk, full + st, stream);  // this CTA's columns: read once
       }
+      // Every copy is issued: a kernel launched behind this one with PDL (the next projection) may start
+      // streaming its own weights into SMs as this one's CTAs leave.
+      asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     }
     return;
   }
@@ -237,7 +256,7 @@ bool encode(CUtensorMap* map, const void* base, int rows, int cols, int box_rows
 
 template <int MT, int UMAX, typename Out>
 cudaError_t launch(cudaStream_t stream, const void* x, const void* w, void* y, int M, int K, int N, int Pn,
-                   int splits, int umax) {
+                   int splits, int umax, bool pdl) {
   using S = Shape<MT, UMAX>;
   Maps m;
   if (!encode(&m.x, x, M, K, MT * 16, BK) || !encode(&m.wide, w, K, N, BK, umax * 8) ||
@@ -246,18 +265,27 @@ cudaError_t launch(cudaStream_t stream, const void* x, const void* w, void* y, i
   auto* fn = skinny_gemm_kernel<MT, UMAX, Out>;
   cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, S::SMEM);
   if (e != cudaSuccess) return e;
-  fn<<<dim3(Pn, splits), NT, S::SMEM, stream>>>(m.x, m.wide, m.narrow, umax, static_cast<Out*>(y), M, K, N, Pn);
-  return cudaGetLastError();
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(Pn, splits);
+  config.blockDim = dim3(NT);
+  config.dynamicSmemBytes = S::SMEM;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&config, fn, m.x, m.wide, m.narrow, umax, static_cast<Out*>(y), M, K, N, Pn);
 }
 
 template <typename Out>
 cudaError_t dispatch(cudaStream_t stream, const void* x, const void* w, void* y, int M, int K, int N, int Pn,
-                     int splits, int umax) {
+                     int splits, int umax, bool pdl) {
   const bool two = M > 16;
 #define MJ_CASE(U)                                                                             \
   if (umax <= U)                                                                               \
-    return two ? launch<2, U, Out>(stream, x, w, y, M, K, N, Pn, splits, umax)                 \
-               : launch<1, U, Out>(stream, x, w, y, M, K, N, Pn, splits, umax);
+    return two ? launch<2, U, Out>(stream, x, w, y, M, K, N, Pn, splits, umax, pdl)            \
+               : launch<1, U, Out>(stream, x, w, y, M, K, N, Pn, splits, umax, pdl);
   MJ_CASE(2)
   MJ_CASE(4)
   MJ_CASE(6)
@@ -278,7 +306,7 @@ int sm_count() {
 }  // namespace
 
 ffi::Error SkinnyGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
-                          int64_t splits, int64_t ctas) {
+                          int64_t splits, int64_t ctas, bool pdl) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || x.element_type() != ffi::BF16 || w.element_type() != ffi::BF16)
     return ffi::Error::InvalidArgument("skinny_gemm: x (M, K) and w (K, N) must be 2-D bfloat16");
@@ -293,9 +321,9 @@ ffi::Error SkinnyGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer 
   const int umax = (U + Pn - 1) / Pn;
   cudaError_t e;
   if (y->element_type() == ffi::F32) {
-    e = dispatch<float>(stream, x.untyped_data(), w.untyped_data(), y->untyped_data(), M, K, N, Pn, (int)splits, umax);
+    e = dispatch<float>(stream, x.untyped_data(), w.untyped_data(), y->untyped_data(), M, K, N, Pn, (int)splits, umax, pdl);
   } else if (y->element_type() == ffi::BF16 && splits == 1) {
-    e = dispatch<__nv_bfloat16>(stream, x.untyped_data(), w.untyped_data(), y->untyped_data(), M, K, N, Pn, 1, umax);
+    e = dispatch<__nv_bfloat16>(stream, x.untyped_data(), w.untyped_data(), y->untyped_data(), M, K, N, Pn, 1, umax, pdl);
   } else {
     return ffi::Error::InvalidArgument("skinny_gemm: y must be float32, or bfloat16 with splits == 1");
   }
@@ -310,5 +338,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaJaxSkinnyGemm, SkinnyGemmImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("splits")
-                                  .Attr<int64_t>("ctas"),
+                                  .Attr<int64_t>("ctas")
+                                  .Attr<bool>("pdl"),
                               {ffi::Traits::kCmdBufferCompatible});
