@@ -70,13 +70,28 @@ def test_kernel_matches_the_float32_product_on_gpu(m, k, n, splits, ctas, out):
 
 
 @pytest.mark.gpu
-def test_kernel_in_a_compiled_loop_on_gpu():
+@pytest.mark.parametrize("pdl", [False, True])
+def test_chained_products_on_gpu(pdl):
+    """One product feeding the next directly: with programmatic dependent launch the second starts before the
+    first ends and must still read its finished output."""
+    x, w1, _ = _operands(32, 2560, 5120, seed=4)
+    _, w2, _ = _operands(32, 5120, 2560, seed=5)
+    f = jax.jit(lambda x: skinny_gemm(skinny_gemm(x, w1, pdl=pdl), w2, pdl=pdl, out_dtype=jnp.float32))
+    y1 = (np.asarray(x, np.float32) @ np.asarray(w1, np.float32)).astype(jnp.bfloat16)
+    want = np.asarray(y1, np.float32) @ np.asarray(w2, np.float32)
+    # y1 rounds to bf16 in both; where float32 order flips a rounding, a term moves by one bf16 ulp
+    np.testing.assert_allclose(np.asarray(f(x)), want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pdl", [False, True])
+def test_kernel_in_a_compiled_loop_on_gpu(pdl):
     """Inside a while loop (XLA's command buffers capture the FFI call): every iteration's product."""
     x, w, _ = _operands(32, 1024, 512, seed=3)
 
     def body(i, carry):
         x, acc = carry
-        y = skinny_gemm(x, w, splits=2).sum(0)
+        y = skinny_gemm(x, w, splits=2, pdl=pdl).sum(0)
         return (x * 0.5).astype(x.dtype), acc + y
 
     _, acc = jax.jit(lambda x: jax.lax.fori_loop(0, 4, body, (x, jnp.zeros((32, 512), jnp.float32))))(x)
