@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import glob
 import hashlib
 import logging
 import os
@@ -37,10 +38,20 @@ SOURCE = Path(__file__).with_name("skinny_gemm.cu")
 
 
 def _nvcc() -> str | None:
+    """CUDA_HOME / CUDA_PATH, /usr/local/cuda, PATH, then the CUDA compiler of pip's nvidia packages."""
     for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if root and os.path.isfile(cand := os.path.join(root, "bin", "nvcc")):
             return cand
-    return shutil.which("nvcc")
+    if found := shutil.which("nvcc"):
+        return found
+    try:
+        import nvidia  # jax[cuda13]'s wheels: nvidia/cu13/bin/nvcc (cuda12: nvidia/cuda_nvcc/bin/nvcc)
+    except ImportError:
+        return None
+    for root in nvidia.__path__:
+        for cand in sorted(glob.glob(os.path.join(root, "cu*", "bin", "nvcc"))):
+            return cand
+    return None
 
 
 def _arch() -> str | None:
