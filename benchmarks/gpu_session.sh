@@ -110,6 +110,7 @@ elif [ "$stage" = h ]; then  # ≈ 9 minutes at most: the CUDA skinny GEMM in th
     cd benchmarks || exit 1
     step variants_b32 240 python3 decode_variants.py --model mamba2_2_7b --batch 32 --rounds 2 --reps 3 \
         --variant "xla:MAMBA_JAX_DECODE_GEMM=0,0" --variant "cuda:MAMBA_JAX_DECODE_GEMM=1,2" \
+        --variant "cuda_nopdl:MAMBA_JAX_DECODE_GEMM=1,2;MAMBA_JAX_SKINNY_PDL=0" \
         --variant "cuda_in:MAMBA_JAX_DECODE_GEMM=1,0" --out "$OUT/decode_variants_skinny_2_7b_b32_$gpu.json"
     [ "${B32_ONLY:-0}" = 1 ] && exit 0  # the batch-32 A/B alone (chained behind stage g in one call)
     step variants_b1 150 python3 decode_variants.py --model mamba2_2_7b --batch 1 --rounds 1 --reps 3 \

@@ -119,12 +119,13 @@ def unsupported(rows: int, k: int, n: int, splits: int = 1, dtype=jnp.bfloat16) 
     return _load()
 
 
-def skinny_gemm(x_MK, w_KN, *, splits: int = 1, out_dtype=None, ctas: int = 0, pdl: bool = True):
+def skinny_gemm(x_MK, w_KN, *, splits: int = 1, out_dtype=None, ctas: int = 0, pdl: bool | None = None):
     """x (M, K) · w (K, N) with float32 sums: (M, N) in `out_dtype` (default x's dtype), or with splits > 1
     float32 partial products over `splits` equal K slices, (S, M, N), for a consumer to sum. `ctas` > 0 sets
     the CTA count (default: one per SM). `pdl`: launched with programmatic dependent launch, the kernel starts
-    streaming its weight while the kernel before it finishes (x is read only once that one is done). The CUDA
-    kernel where `unsupported` allows, else XLA."""
+    streaming its weight while the kernel before it finishes (x is read only once that one is done); default
+    on, MAMBA_JAX_SKINNY_PDL=0 turns it off at trace time. The CUDA kernel where `unsupported` allows, else
+    XLA."""
     m, k = x_MK.shape
     n = w_KN.shape[1]
     if w_KN.shape[0] != k:
@@ -135,6 +136,8 @@ def skinny_gemm(x_MK, w_KN, *, splits: int = 1, out_dtype=None, ctas: int = 0, p
     if not OFF_GPU and unsupported(m, k, n, splits, x_MK.dtype) is None and w_KN.dtype == x_MK.dtype:
         shape = (splits, m, n) if splits > 1 else (m, n)
         call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(shape, out_dtype))
+        if pdl is None:
+            pdl = os.environ.get("MAMBA_JAX_SKINNY_PDL", "1") != "0"
         return call(x_MK, w_KN, splits=np.int64(splits), ctas=np.int64(ctas), pdl=bool(pdl))
     if splits > 1:
         if k % splits:

@@ -333,7 +333,8 @@ class Mamba2Mixer(nnx.Module):
             else None,  # float8 weights (inference.quantize) are read as bytes
             prefetch_elems=pf,
             g_rows=-(-b // ROW_PAD) * ROW_PAD if tiles else None,
-            trigger=tiles is not None,
+            # a GEMV behind it with programmatic dependent launch may start streaming once all programs run
+            trigger=tiles is not None or bool(cuda_out),
             zx_dtype=dtype,
             window=window,
             **step,
