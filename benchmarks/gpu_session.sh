@@ -9,6 +9,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh f   # megakernel probe: tagged-data sync, L2 prefetch
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh g   # CUDA skinny GEMM: kernel tests, isolation probe
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh h   # CUDA skinny GEMM in the decode loop (A/B)
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh i   # generate.py 2.7B with mamba_ssm (the defaults)
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -118,7 +119,12 @@ elif [ "$stage" = h ]; then  # ≈ 9 minutes at most: the CUDA skinny GEMM in th
         --variant "cuda_in:MAMBA_JAX_DECODE_GEMM=1,0" --out "$OUT/decode_variants_skinny_2_7b_b1_$gpu.json"
     cd .. || exit 1
     step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decode_kernels.py -k cuda_gemm
+elif [ "$stage" = i ]; then  # ≈ 6 minutes at most: generate.py on 2.7B with mamba_ssm side by side (the defaults)
+    find_nvcc
+    cd benchmarks || exit 1
+    step generate_2_7b 330 python3 generate.py --model mamba2_2_7b --batch 32,1 --state-dtype bfloat16 --peer \
+        --out "$OUT/generate_2_7b_$gpu.json"
 else
-    echo "unknown stage $stage (a … h)" >&2
+    echo "unknown stage $stage (a … i)" >&2
     exit 2
 fi
