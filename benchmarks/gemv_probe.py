@@ -284,7 +284,7 @@ def skinny_probe(out: str) -> None:
     from bench_util import provenance, timed, write_result
 
     from mamba_jax.kernels.decode import split_k_partials
-    from mamba_jax.kernels.skinny_gemm import skinny_gemm, unsupported
+    from mamba_jax.kernels.skinny_gemm import pack, skinny_gemm, unsupported
 
     key, rows_out = jax.random.key(0), []
     reason = unsupported(32, 2560, 10576)
@@ -301,6 +301,7 @@ def skinny_probe(out: str) -> None:
 
     for k, n in [(2560, 10576), (5120, 2560)]:
         ws = [jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.bfloat16) * 0.02 for i in range(L)]
+        packed = [pack(w) for w in ws]
         nbytes = L * k * n * 2
         for rows in (1, 16, 32):
             x = jax.random.normal(jax.random.fold_in(key, rows), (rows, k), jnp.bfloat16)
@@ -311,15 +312,20 @@ def skinny_probe(out: str) -> None:
                 variants.append(("xla_splitk2_cublas", lambda x, w: split_k_partials(x, w, 2),
                                  {"xla_gpu_enable_triton_gemm": False}))  # fmt: skip
             for s in (1, 2, 4) if k == 5120 else (1, 2):
-                for pdl in (False, True):
-                    fn = lambda x, w, s=s, pdl=pdl: skinny_gemm(x, w, splits=s, pdl=pdl)  # noqa: E731
-                    variants.append((f"skinny_s{s}" + ("_pdl" if pdl else ""), fn, None))
+                fn = lambda x, w, s=s: skinny_gemm(x, w, splits=s, pdl=False)  # noqa: E731
+                variants.append((f"skinny_s{s}", fn, None))
+                # the packed weight (N / 8, K, 8): a contiguous run per unit of 8 columns and slot
+                variants.append((f"skinny_packed_s{s}", fn, "packed"))
+                fn = lambda x, w, s=s: skinny_gemm(x, w, splits=s, pdl=True)  # noqa: E731
+                variants.append((f"skinny_packed_s{s}_pdl", fn, "packed"))
             for name, fn, options in variants:
+                w_in = packed if options == "packed" else ws
+                options = None if options == "packed" else options
                 try:
-                    got = fn(x, ws[0])
+                    got = fn(x, w_in[0])
                     got = got.sum(0) if got.ndim == 3 else got
                     err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
-                    t = timed(compiled(fn, x, ws, options), x, ws) / REPS
+                    t = timed(compiled(fn, x, w_in, options), x, w_in) / REPS
                 except Exception as e:  # keep the others going
                     emit({"impl": name, "k": k, "n": n, "rows": rows, "failed": repr(e)[:400]})
                     continue

@@ -78,6 +78,13 @@ __device__ __forceinline__ void mbar_expect(uint64_t* b, unsigned bytes) {
 __device__ __forceinline__ void mbar_expect_more(uint64_t* b, unsigned bytes) {  // no arrival
   asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(sa(b)), "r"(bytes) : "memory");
 }
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned bytes, uint64_t* bar, uint64_t pol) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::
+          "r"(sa(dst)),
+      "l"(src), "r"(bytes), "r"(sa(bar)), "l"(pol)
+      : "memory");
+}
 // The box of `map` at (column c, row r) into shared memory at dst, completing on `bar`.
 __device__ __forceinline__ void tma_box(void* dst, const CUtensorMap* map, int c, int r, uint64_t* bar, uint64_t pol) {
   asm volatile(
@@ -109,8 +116,8 @@ __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;
 template <int MT, int UMAX, typename Out>
 __global__ void __launch_bounds__(NT, 1)
     skinny_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__ CUtensorMap tw_wide,
-                       const __grid_constant__ CUtensorMap tw_narrow, int umax, Out* __restrict__ y, int M, int K,
-                       int N, int Pn) {
+                       const __grid_constant__ CUtensorMap tw_narrow, const __nv_bfloat16* __restrict__ wp,
+                       int umax, Out* __restrict__ y, int M, int K, int N, int Pn) {
   using S = Shape<MT, UMAX>;
   extern __shared__ __align__(128) unsigned char smem[];
   uint64_t* full = reinterpret_cast<uint64_t*>(smem);
@@ -138,24 +145,32 @@ __global__ void __launch_bounds__(NT, 1)
       uint64_t stream, keep;
       asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(stream));
       asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(keep));
-      // Whole boxes always land (rows past K or M zero-filled; a short last slot's extra rows unused).
-      const unsigned wbytes = BK * nu * 16;
+      // The weight of slot i: one TMA box of the row-major weight (whole boxes always land: rows past K or M
+      // zero-filled, a short last slot's extra rows unused), or with the packed weight (wp: (N / 8, K, 8),
+      // each unit of 8 columns K-contiguous) one bulk copy of kv · 16 contiguous bytes per unit.
+      auto load_w = [&](unsigned char* dst, int i, uint64_t* bar) {
+        const int kk = k0 + i * BK, kv = min(BK, ks - i * BK);
+        if (wp) {
+          mbar_expect_more(bar, kv * nu * 16);
+          for (int u = 0; u < nu; ++u)
+            bulk_load(dst + u * BK * 16, wp + ((size_t)(u0 + u) * K + kk) * 8, kv * 16, bar, stream);
+        } else {
+          mbar_expect_more(bar, BK * nu * 16);
+          tma_box(dst, tw, u0 * 8, kk, bar, stream);  // this CTA's columns: read once
+        }
+      };
       // The weight boxes of the first slots go out before x's: the weights are no earlier kernel's output, so
       // under programmatic dependent launch they stream while the kernel before this one finishes, and only
       // x waits for it (griddepcontrol.wait: that kernel complete and its writes visible; a no-op otherwise).
       const int early = min(S::STAGES, nslots);
-      for (int i = 0; i < early; ++i) {
-        mbar_expect_more(full + i, wbytes);
-        tma_box(ring + i * S::SLOT + S::XB, tw, u0 * 8, k0 + i * BK, full + i, stream);
-      }
+      for (int i = 0; i < early; ++i) load_w(ring + i * S::SLOT + S::XB, i, full + i);
       asm volatile("griddepcontrol.wait;" ::: "memory");
       for (int i = 0; i < nslots; ++i) {
         const int st = i % S::STAGES, kk = k0 + i * BK;
         unsigned char* xs = ring + st * S::SLOT;
         if (i >= early) {
           mbar_wait(empty + st, (i / S::STAGES - 1) & 1);
-          mbar_expect_more(full + st, wbytes);
-          tma_box(xs + S::XB, tw, u0 * 8, kk, full + st, stream);  // this CTA's columns: read once
+          load_w(xs + S::XB, i, full + st);
         }
         mbar_expect(full + st, (unsigned)S::XB);
         tma_box(xs, &tx, kk, 0, full + st, keep);  // x's K-slice, shared by every CTA: kept in L2
@@ -186,12 +201,14 @@ __global__ void __launch_bounds__(NT, 1)
 #pragma unroll
       for (int t = 0; t < MT; ++t)  // A tile rows t·16 + lane % 16, k halves by lane / 16
         ldsm_x4(a[t], xs + ((t * 16 + lane % 16) * BK + warp * 16 + (lane / 16) * 8) * 2);
-      const unsigned char* wrow = ws + (warp * 16 + lane % 16) * nu * 16;
+      // k row r of unit u: row-major boxes hold rows of nu units, the packed weight units of BK rows
+      const int r = warp * 16 + lane % 16, ustride = wp ? BK * 16 : 16;
+      const unsigned char* wrow = ws + (wp ? r * 16 : r * nu * 16);
 #pragma unroll
       for (int u = 0; u < UMAX; ++u) {
         if (u < nu) {
           uint32_t b[2];
-          ldsm_x2_t(b, wrow + u * 16);
+          ldsm_x2_t(b, wrow + u * ustride);
 #pragma unroll
           for (int t = 0; t < MT; ++t) mma(acc[t][u], a[t], b);
         }
@@ -256,11 +273,11 @@ bool encode(CUtensorMap* map, const void* base, int rows, int cols, int box_rows
 
 template <int MT, int UMAX, typename Out>
 cudaError_t launch(cudaStream_t stream, const void* x, const void* w, void* y, int M, int K, int N, int Pn,
-                   int splits, int umax, bool pdl) {
+                   int splits, int umax, bool pdl, bool packed) {
   using S = Shape<MT, UMAX>;
-  Maps m;
-  if (!encode(&m.x, x, M, K, MT * 16, BK) || !encode(&m.wide, w, K, N, BK, umax * 8) ||
-      !encode(&m.narrow, w, K, N, BK, std::max(umax - 1, 1) * 8))
+  Maps m = {};
+  if (!encode(&m.x, x, M, K, MT * 16, BK)) return cudaErrorInvalidValue;
+  if (!packed && (!encode(&m.wide, w, K, N, BK, umax * 8) || !encode(&m.narrow, w, K, N, BK, std::max(umax - 1, 1) * 8)))
     return cudaErrorInvalidValue;
   auto* fn = skinny_gemm_kernel<MT, UMAX, Out>;
   cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, S::SMEM);
@@ -275,17 +292,18 @@ cudaError_t launch(cudaStream_t stream, const void* x, const void* w, void* y, i
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attr;
   config.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&config, fn, m.x, m.wide, m.narrow, umax, static_cast<Out*>(y), M, K, N, Pn);
+  const auto* wp = packed ? static_cast<const __nv_bfloat16*>(w) : nullptr;
+  return cudaLaunchKernelEx(&config, fn, m.x, m.wide, m.narrow, wp, umax, static_cast<Out*>(y), M, K, N, Pn);
 }
 
 template <typename Out>
 cudaError_t dispatch(cudaStream_t stream, const void* x, const void* w, void* y, int M, int K, int N, int Pn,
-                     int splits, int umax, bool pdl) {
+                     int splits, int umax, bool pdl, bool packed) {
   const bool two = M > 16;
 #define MJ_CASE(U)                                                                             \
   if (umax <= U)                                                                               \
-    return two ? launch<2, U, Out>(stream, x, w, y, M, K, N, Pn, splits, umax, pdl)            \
-               : launch<1, U, Out>(stream, x, w, y, M, K, N, Pn, splits, umax, pdl);
+    return two ? launch<2, U, Out>(stream, x, w, y, M, K, N, Pn, splits, umax, pdl, packed)    \
+               : launch<1, U, Out>(stream, x, w, y, M, K, N, Pn, splits, umax, pdl, packed);
   MJ_CASE(2)
   MJ_CASE(4)
   MJ_CASE(6)
@@ -308,10 +326,13 @@ int sm_count() {
 ffi::Error SkinnyGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
                           int64_t splits, int64_t ctas, bool pdl) {
   auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || x.element_type() != ffi::BF16 || w.element_type() != ffi::BF16)
-    return ffi::Error::InvalidArgument("skinny_gemm: x (M, K) and w (K, N) must be 2-D bfloat16");
-  const int M = (int)xd[0], K = (int)xd[1], N = (int)wd[1];
-  if (wd[0] != K || M < 1 || M > 32 || N % 8 || splits < 1 || K % splits || (K / splits) % 16)
+  // w: (K, N) row-major, or packed (N / 8, K, 8)
+  const bool packed = wd.size() == 3;
+  if (xd.size() != 2 || (wd.size() != 2 && !(packed && wd[2] == 8)) || x.element_type() != ffi::BF16 ||
+      w.element_type() != ffi::BF16)
+    return ffi::Error::InvalidArgument("skinny_gemm: x (M, K) and w (K, N) or (N / 8, K, 8) must be bfloat16");
+  const int M = (int)xd[0], K = (int)xd[1], N = packed ? (int)wd[0] * 8 : (int)wd[1];
+  if ((packed ? wd[1] : wd[0]) != K || M < 1 || M > 32 || N % 8 || splits < 1 || K % splits || (K / splits) % 16)
     return ffi::Error::InvalidArgument("skinny_gemm: needs 1 ≤ M ≤ 32, N % 8 == 0 and (K / splits) % 16 == 0");
   const int U = N / 8;
   // Pn CTAs along N per K slice: one CTA per SM over all slices (the caller may ask for another count),
@@ -321,9 +342,9 @@ ffi::Error SkinnyGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer 
   const int umax = (U + Pn - 1) / Pn;
   cudaError_t e;
   if (y->element_type() == ffi::F32) {
-    e = dispatch<float>(stream, x.untyped_data(), w.untyped_data(), y->untyped_data(), M, K, N, Pn, (int)splits, umax, pdl);
+    e = dispatch<float>(stream, x.untyped_data(), w.untyped_data(), y->untyped_data(), M, K, N, Pn, (int)splits, umax, pdl, packed);
   } else if (y->element_type() == ffi::BF16 && splits == 1) {
-    e = dispatch<__nv_bfloat16>(stream, x.untyped_data(), w.untyped_data(), y->untyped_data(), M, K, N, Pn, 1, umax, pdl);
+    e = dispatch<__nv_bfloat16>(stream, x.untyped_data(), w.untyped_data(), y->untyped_data(), M, K, N, Pn, 1, umax, pdl, packed);
   } else {
     return ffi::Error::InvalidArgument("skinny_gemm: y must be float32, or bfloat16 with splits == 1");
   }

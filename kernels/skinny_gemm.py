@@ -119,16 +119,27 @@ def unsupported(rows: int, k: int, n: int, splits: int = 1, dtype=jnp.bfloat16) 
     return _load()
 
 
+def pack(w_KN):
+    """w (K, N) as the kernel's packed layout (N / 8, K, 8): each unit of 8 columns K-contiguous, so that a CTA
+    reads its share of a K-slice as one contiguous run per unit rather than a 16·units-byte strip per row."""
+    k, n = w_KN.shape
+    if n % 8:
+        raise ValueError(f"pack: N = {n} is not a multiple of 8.")
+    return w_KN.reshape(k, n // 8, 8).transpose(1, 0, 2)
+
+
 def skinny_gemm(x_MK, w_KN, *, splits: int = 1, out_dtype=None, ctas: int = 0, pdl: bool | None = None):
     """x (M, K) · w (K, N) with float32 sums: (M, N) in `out_dtype` (default x's dtype), or with splits > 1
-    float32 partial products over `splits` equal K slices, (S, M, N), for a consumer to sum. `ctas` > 0 sets
+    float32 partial products over `splits` equal K slices, (S, M, N), for a consumer to sum. w may also be
+    `pack(w)`, (N / 8, K, 8). `ctas` > 0 sets
     the CTA count (default: one per SM). `pdl`: launched with programmatic dependent launch, the kernel starts
     streaming its weight while the kernel before it finishes (x is read only once that one is done); default
     on, MAMBA_JAX_SKINNY_PDL=0 turns it off at trace time. The CUDA kernel where `unsupported` allows, else
     XLA."""
     m, k = x_MK.shape
-    n = w_KN.shape[1]
-    if w_KN.shape[0] != k:
+    packed = w_KN.ndim == 3
+    n = w_KN.shape[0] * 8 if packed else w_KN.shape[1]
+    if (w_KN.shape[1] if packed else w_KN.shape[0]) != k or (packed and w_KN.shape[2] != 8):
         raise ValueError(f"skinny_gemm: x is {x_MK.shape} but w is {w_KN.shape}; w must be (K, N) with K = {k}.")
     out_dtype = jnp.dtype(out_dtype or x_MK.dtype)
     if splits > 1:
@@ -139,6 +150,8 @@ def skinny_gemm(x_MK, w_KN, *, splits: int = 1, out_dtype=None, ctas: int = 0, p
         if pdl is None:
             pdl = os.environ.get("MAMBA_JAX_SKINNY_PDL", "1") != "0"
         return call(x_MK, w_KN, splits=np.int64(splits), ctas=np.int64(ctas), pdl=bool(pdl))
+    if packed:  # XLA: back to (K, N)
+        w_KN = w_KN.transpose(1, 0, 2).reshape(k, n)
     if splits > 1:
         if k % splits:
             raise ValueError(f"skinny_gemm: {splits} splits do not divide K = {k}.")

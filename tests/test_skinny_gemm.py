@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mamba_jax.kernels.skinny_gemm import skinny_gemm, unsupported
+from mamba_jax.kernels.skinny_gemm import pack, skinny_gemm, unsupported
 
 
 def _operands(m, k, n, seed):
@@ -33,9 +33,10 @@ def _check(got, want, splits, out_dtype):
 @pytest.mark.parametrize("m,k,n,splits", [(3, 256, 64, 1), (5, 512, 200, 2), (32, 384, 24, 3)])
 def test_fallback_off_the_gpu_is_the_float32_product(m, k, n, splits):
     x, w, want = _operands(m, k, n, seed=m)
-    got = skinny_gemm(x, w, splits=splits)
-    assert got.dtype == (jnp.float32 if splits > 1 else jnp.bfloat16)
-    _check(got, want, splits, got.dtype)
+    for weight in (w, pack(w)):
+        got = skinny_gemm(x, weight, splits=splits)
+        assert got.dtype == (jnp.float32 if splits > 1 else jnp.bfloat16)
+        _check(got, want, splits, got.dtype)
 
 
 def test_says_what_it_cannot_run():
@@ -64,9 +65,11 @@ def test_says_what_it_cannot_run():
 def test_kernel_matches_the_float32_product_on_gpu(m, k, n, splits, ctas, out):
     assert unsupported(m, k, n, splits) is None
     x, w, want = _operands(m, k, n, seed=k + n + m)
-    got = jax.jit(lambda x, w: skinny_gemm(x, w, splits=splits, out_dtype=out, ctas=ctas))(x, w)
-    assert "mamba_jax_skinny_gemm" in jax.jit(lambda x, w: skinny_gemm(x, w, splits=splits)).lower(x, w).as_text()
-    _check(got, want, splits, out if splits == 1 else jnp.float32)
+    for weight in (w, pack(w)):  # row-major, and packed
+        got = jax.jit(lambda x, w: skinny_gemm(x, w, splits=splits, out_dtype=out, ctas=ctas))(x, weight)
+        hlo = jax.jit(lambda x, w: skinny_gemm(x, w, splits=splits)).lower(x, weight).as_text()
+        assert "mamba_jax_skinny_gemm" in hlo
+        _check(got, want, splits, out if splits == 1 else jnp.float32)
 
 
 @pytest.mark.gpu
