@@ -37,22 +37,24 @@ namespace {
 constexpr int BK = 128;             // k per ring slot: 8 k16 steps, one per consumer warp
 constexpr int CW = 8;               // consumer warps
 constexpr int NT = (CW + 1) * 32;   // + the producer warp
-constexpr int SMEM_MAX = 220 * 1024;
-constexpr int MAX_STAGES = 8;
+constexpr int SMEM_MAX = 226 * 1024;  // of the 227 KB a block may have on Hopper
+constexpr int MAX_STAGES = 16;
 constexpr int HEAD = 1024;  // the barriers, then the ring from the next 1024-byte boundary
 
-// A slot: x's box (MT·16 rows × BK, rows past M zero-filled by the TMA) then the weight box (BK rows × nu·8
-// columns, dense: its row pitch is nu · 16 bytes), each as the TMA writes it.
-template <int MT, int UMAX>
-struct Shape {
-  static constexpr int XB = MT * 16 * BK * 2;
-  static constexpr int WB = BK * UMAX * 16;
-  static constexpr int SLOT = XB + WB;
-  static constexpr int STAGES = std::min(MAX_STAGES, (SMEM_MAX - 2 * HEAD) / SLOT);
-  static constexpr int RED = CW * MT * 16 * UMAX * 8 * 4;  // the consumers' partial tiles at the end
-  static constexpr int SMEM = 2 * HEAD + std::max(STAGES * SLOT, RED);
-  static_assert(STAGES >= 3, "ring too shallow");
-  static_assert(SLOT % 128 == 0, "TMA boxes land on 128-byte boundaries");
+// A slot: x's box (xr rows × BK: 8 rows for M ≤ 8, else MT·16; rows past M zero-filled by the TMA) then the
+// weight (BK rows of nu units of 8 columns: a TMA box of rows nu · 16 bytes apart, or with the packed weight
+// nu runs of BK · 16 bytes). The ring takes as many slots as fit: a CTA streams at about its bytes in flight
+// over the loaded memory latency (≈ 7 µs on an H100 at full bandwidth), so the depth sets the speed.
+struct Ring {
+  int xr, xb, slot, stages, smem;
+  Ring(int M, int MT, int umax, int ucap) {
+    xr = M <= 8 ? 8 : MT * 16;  // (an A tile reads 16 rows: past xr it reads garbage rows it never stores)
+    xb = xr * BK * 2;
+    slot = xb + BK * umax * 16;
+    stages = std::min(MAX_STAGES, (SMEM_MAX - 2 * HEAD) / slot);
+    const int red = CW * MT * 16 * ucap * 8 * 4;  // the consumers' partial tiles at the end (UMAX columns)
+    smem = 2 * HEAD + std::max(stages * slot, red);
+  }
 };
 
 __device__ __forceinline__ uint32_t sa(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
@@ -117,8 +119,7 @@ template <int MT, int UMAX, typename Out>
 __global__ void __launch_bounds__(NT, 1)
     skinny_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__ CUtensorMap tw_wide,
                        const __grid_constant__ CUtensorMap tw_narrow, const __nv_bfloat16* __restrict__ wp,
-                       int umax, Out* __restrict__ y, int M, int K, int N, int Pn) {
-  using S = Shape<MT, UMAX>;
+                       int umax, Out* __restrict__ y, int M, int K, int N, int Pn, int XB, int SLOT, int STAGES) {
   extern __shared__ __align__(128) unsigned char smem[];
   uint64_t* full = reinterpret_cast<uint64_t*>(smem);
   uint64_t* empty = full + MAX_STAGES;
@@ -130,7 +131,7 @@ __global__ void __launch_bounds__(NT, 1)
   const int ks = K / splits, k0 = s * ks, nslots = (ks + BK - 1) / BK;
 
   if (threadIdx.x == 0) {
-    for (int i = 0; i < S::STAGES; ++i) {
+    for (int i = 0; i < STAGES; ++i) {
       mbar_init(full + i, 1);
       mbar_init(empty + i, CW);
     }
@@ -162,17 +163,17 @@ __global__ void __launch_bounds__(NT, 1)
       // The weight boxes of the first slots go out before x's: the weights are no earlier kernel's output, so
       // under programmatic dependent launch they stream while the kernel before this one finishes, and only
       // x waits for it (griddepcontrol.wait: that kernel complete and its writes visible; a no-op otherwise).
-      const int early = min(S::STAGES, nslots);
-      for (int i = 0; i < early; ++i) load_w(ring + i * S::SLOT + S::XB, i, full + i);
+      const int early = min(STAGES, nslots);
+      for (int i = 0; i < early; ++i) load_w(ring + i * SLOT + XB, i, full + i);
       asm volatile("griddepcontrol.wait;" ::: "memory");
       for (int i = 0; i < nslots; ++i) {
-        const int st = i % S::STAGES, kk = k0 + i * BK;
-        unsigned char* xs = ring + st * S::SLOT;
+        const int st = i % STAGES, kk = k0 + i * BK;
+        unsigned char* xs = ring + st * SLOT;
         if (i >= early) {
-          mbar_wait(empty + st, (i / S::STAGES - 1) & 1);
-          load_w(xs + S::XB, i, full + st);
+          mbar_wait(empty + st, (i / STAGES - 1) & 1);
+          load_w(xs + XB, i, full + st);
         }
-        mbar_expect(full + st, (unsigned)S::XB);
+        mbar_expect(full + st, (unsigned)XB);
         tma_box(xs, &tx, kk, 0, full + st, keep);  // x's K-slice, shared by every CTA: kept in L2
       }
       // Every copy is issued: a kernel launched behind this one with PDL (the next projection) may start
@@ -192,11 +193,11 @@ __global__ void __launch_bounds__(NT, 1)
       for (int e = 0; e < 4; ++e) acc[t][u][e] = 0.f;
 
   for (int i = 0; i < nslots; ++i) {
-    const int st = i % S::STAGES, kv = min(BK, ks - i * BK);
-    mbar_wait(full + st, (i / S::STAGES) & 1);
+    const int st = i % STAGES, kv = min(BK, ks - i * BK);
+    mbar_wait(full + st, (i / STAGES) & 1);
     if (warp * 16 < kv) {
-      const unsigned char* xs = ring + st * S::SLOT;
-      const unsigned char* ws = xs + S::XB;
+      const unsigned char* xs = ring + st * SLOT;
+      const unsigned char* ws = xs + XB;
       uint32_t a[MT][4];
 #pragma unroll
       for (int t = 0; t < MT; ++t)  // A tile rows t·16 + lane % 16, k halves by lane / 16
@@ -274,18 +275,19 @@ bool encode(CUtensorMap* map, const void* base, int rows, int cols, int box_rows
 template <int MT, int UMAX, typename Out>
 cudaError_t launch(cudaStream_t stream, const void* x, const void* w, void* y, int M, int K, int N, int Pn,
                    int splits, int umax, bool pdl, bool packed) {
-  using S = Shape<MT, UMAX>;
+  const Ring r(M, MT, umax, UMAX);
+  if (r.stages < 3) return cudaErrorInvalidValue;
   Maps m = {};
-  if (!encode(&m.x, x, M, K, MT * 16, BK)) return cudaErrorInvalidValue;
+  if (!encode(&m.x, x, M, K, r.xr, BK)) return cudaErrorInvalidValue;
   if (!packed && (!encode(&m.wide, w, K, N, BK, umax * 8) || !encode(&m.narrow, w, K, N, BK, std::max(umax - 1, 1) * 8)))
     return cudaErrorInvalidValue;
   auto* fn = skinny_gemm_kernel<MT, UMAX, Out>;
-  cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, S::SMEM);
+  cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, r.smem);
   if (e != cudaSuccess) return e;
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(Pn, splits);
   config.blockDim = dim3(NT);
-  config.dynamicSmemBytes = S::SMEM;
+  config.dynamicSmemBytes = r.smem;
   config.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -293,7 +295,8 @@ cudaError_t launch(cudaStream_t stream, const void* x, const void* w, void* y, i
   config.attrs = attr;
   config.numAttrs = pdl ? 1 : 0;
   const auto* wp = packed ? static_cast<const __nv_bfloat16*>(w) : nullptr;
-  return cudaLaunchKernelEx(&config, fn, m.x, m.wide, m.narrow, wp, umax, static_cast<Out*>(y), M, K, N, Pn);
+  return cudaLaunchKernelEx(&config, fn, m.x, m.wide, m.narrow, wp, umax, static_cast<Out*>(y), M, K, N, Pn, r.xb,
+                            r.slot, r.stages);
 }
 
 template <typename Out>
