@@ -147,14 +147,13 @@ __global__ void __launch_bounds__(NT, 1)
       asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(stream));
       asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(keep));
       // The weight of slot i: one TMA box of the row-major weight (whole boxes always land: rows past K or M
-      // zero-filled, a short last slot's extra rows unused), or with the packed weight (wp: (N / 8, K, 8),
-      // each unit of 8 columns K-contiguous) one bulk copy of kv · 16 contiguous bytes per unit.
+      // zero-filled, a short last slot's extra rows unused), or with the packed weight (wp: every CTA's
+      // columns as a (K, nu · 8) row-major block, the blocks in CTA order) one contiguous bulk copy.
       auto load_w = [&](unsigned char* dst, int i, uint64_t* bar) {
         const int kk = k0 + i * BK, kv = min(BK, ks - i * BK);
         if (wp) {
           mbar_expect_more(bar, kv * nu * 16);
-          for (int u = 0; u < nu; ++u)
-            bulk_load(dst + u * BK * 16, wp + ((size_t)(u0 + u) * K + kk) * 8, kv * 16, bar, stream);
+          bulk_load(dst, wp + (size_t)u0 * 8 * K + (size_t)kk * nu * 8, kv * nu * 16, bar, stream);
         } else {
           mbar_expect_more(bar, BK * nu * 16);
           tma_box(dst, tw, u0 * 8, kk, bar, stream);  // this CTA's columns: read once
@@ -202,14 +201,13 @@ __global__ void __launch_bounds__(NT, 1)
 #pragma unroll
       for (int t = 0; t < MT; ++t)  // A tile rows t·16 + lane % 16, k halves by lane / 16
         ldsm_x4(a[t], xs + ((t * 16 + lane % 16) * BK + warp * 16 + (lane / 16) * 8) * 2);
-      // k row r of unit u: row-major boxes hold rows of nu units, the packed weight units of BK rows
-      const int r = warp * 16 + lane % 16, ustride = wp ? BK * 16 : 16;
-      const unsigned char* wrow = ws + (wp ? r * 16 : r * nu * 16);
+      // k row r of unit u (rows of nu units, nu · 16 bytes apart)
+      const unsigned char* wrow = ws + (warp * 16 + lane % 16) * nu * 16;
 #pragma unroll
       for (int u = 0; u < UMAX; ++u) {
         if (u < nu) {
           uint32_t b[2];
-          ldsm_x2_t(b, wrow + u * ustride);
+          ldsm_x2_t(b, wrow + u * 16);
 #pragma unroll
           for (int t = 0; t < MT; ++t) mma(acc[t][u], a[t], b);
         }
@@ -329,7 +327,7 @@ int sm_count() {
 ffi::Error SkinnyGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
                           int64_t splits, int64_t ctas, bool pdl) {
   auto xd = x.dimensions(), wd = w.dimensions();
-  // w: (K, N) row-major, or packed (N / 8, K, 8)
+  // w: (K, N) row-major, or packed by CTA (N / 8, K, 8): skinny_gemm.py's pack, for this CTA count and split
   const bool packed = wd.size() == 3;
   if (xd.size() != 2 || (wd.size() != 2 && !(packed && wd[2] == 8)) || x.element_type() != ffi::BF16 ||
       w.element_type() != ffi::BF16)

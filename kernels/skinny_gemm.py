@@ -16,6 +16,7 @@ import ctypes
 import functools
 import glob
 import hashlib
+import itertools
 import logging
 import os
 import shutil
@@ -119,19 +120,42 @@ def unsupported(rows: int, k: int, n: int, splits: int = 1, dtype=jnp.bfloat16) 
     return _load()
 
 
-def pack(w_KN):
-    """w (K, N) as the kernel's packed layout (N / 8, K, 8): each unit of 8 columns K-contiguous, so that a CTA
-    reads its share of a K-slice as one contiguous run per unit rather than a 16·units-byte strip per row."""
+def sm_count() -> int:
+    return getattr(jax.devices()[0], "core_count", 0) or 132
+
+
+def _blocks(n: int, splits: int, ctas: int) -> list[int]:
+    """Column-unit bounds of the kernel's CTAs (as skinny_gemm.cu's SkinnyGemmImpl splits N)."""
+    u = n // 8
+    pn = min(u, max(max(1, ctas // splits), -(-u // 16)))
+    return [p * u // pn for p in range(pn + 1)]
+
+
+def pack(w_KN, *, splits: int = 1, ctas: int = 0):
+    """w (K, N) packed for the kernel at this split and CTA count (default: one per SM), (N / 8, K, 8): each
+    CTA's columns as a (K, its columns) row-major block, the blocks in CTA order, so that a CTA reads each
+    ring slot as one contiguous copy (a strip of 16 · units bytes per weight row otherwise). Call
+    `skinny_gemm` on it with the same `splits` and `ctas`."""
     k, n = w_KN.shape
     if n % 8:
         raise ValueError(f"pack: N = {n} is not a multiple of 8.")
-    return w_KN.reshape(k, n // 8, 8).transpose(1, 0, 2)
+    b = _blocks(n, splits, ctas or sm_count())
+    blocks = [w_KN[:, 8 * lo : 8 * hi].reshape(-1) for lo, hi in itertools.pairwise(b)]
+    return jnp.concatenate(blocks).reshape(n // 8, k, 8)
+
+
+def unpack(w_packed, *, splits: int = 1, ctas: int = 0):
+    """The (K, N) weight of `pack`'s output."""
+    u, k, _ = w_packed.shape
+    b, flat = _blocks(8 * u, splits, ctas or sm_count()), w_packed.reshape(-1)
+    blocks = [flat[8 * k * lo : 8 * k * hi].reshape(k, 8 * (hi - lo)) for lo, hi in itertools.pairwise(b)]
+    return jnp.concatenate(blocks, 1)
 
 
 def skinny_gemm(x_MK, w_KN, *, splits: int = 1, out_dtype=None, ctas: int = 0, pdl: bool | None = None):
     """x (M, K) · w (K, N) with float32 sums: (M, N) in `out_dtype` (default x's dtype), or with splits > 1
     float32 partial products over `splits` equal K slices, (S, M, N), for a consumer to sum. w may also be
-    `pack(w)`, (N / 8, K, 8). `ctas` > 0 sets
+    `pack(w, splits=splits, ctas=ctas)`, (N / 8, K, 8). `ctas` > 0 sets
     the CTA count (default: one per SM). `pdl`: launched with programmatic dependent launch, the kernel starts
     streaming its weight while the kernel before it finishes (x is read only once that one is done); default
     on, MAMBA_JAX_SKINNY_PDL=0 turns it off at trace time. The CUDA kernel where `unsupported` allows, else
@@ -151,7 +175,7 @@ def skinny_gemm(x_MK, w_KN, *, splits: int = 1, out_dtype=None, ctas: int = 0, p
             pdl = os.environ.get("MAMBA_JAX_SKINNY_PDL", "1") != "0"
         return call(x_MK, w_KN, splits=np.int64(splits), ctas=np.int64(ctas), pdl=bool(pdl))
     if packed:  # XLA: back to (K, N)
-        w_KN = w_KN.transpose(1, 0, 2).reshape(k, n)
+        w_KN = unpack(w_KN, splits=splits, ctas=ctas)
     if splits > 1:
         if k % splits:
             raise ValueError(f"skinny_gemm: {splits} splits do not divide K = {k}.")

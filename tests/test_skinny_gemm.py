@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mamba_jax.kernels.skinny_gemm import pack, skinny_gemm, unsupported
+from mamba_jax.kernels.skinny_gemm import pack, skinny_gemm, unpack, unsupported
 
 
 def _operands(m, k, n, seed):
@@ -33,10 +33,18 @@ def _check(got, want, splits, out_dtype):
 @pytest.mark.parametrize("m,k,n,splits", [(3, 256, 64, 1), (5, 512, 200, 2), (32, 384, 24, 3)])
 def test_fallback_off_the_gpu_is_the_float32_product(m, k, n, splits):
     x, w, want = _operands(m, k, n, seed=m)
-    for weight in (w, pack(w)):
-        got = skinny_gemm(x, weight, splits=splits)
+    for weight in (w, pack(w, splits=splits, ctas=5)):
+        got = skinny_gemm(x, weight, splits=splits, ctas=5)
         assert got.dtype == (jnp.float32 if splits > 1 else jnp.bfloat16)
         _check(got, want, splits, got.dtype)
+
+
+@pytest.mark.parametrize("n,splits,ctas", [(10576, 1, 132), (2560, 2, 132), (1032, 1, 3), (64, 1, 132)])
+def test_pack_round_trips(n, splits, ctas):
+    w = jnp.arange(48 * n, dtype=jnp.float32).reshape(48, n)
+    p = pack(w, splits=splits, ctas=ctas)
+    assert p.shape == (n // 8, 48, 8)
+    np.testing.assert_array_equal(unpack(p, splits=splits, ctas=ctas), w)
 
 
 def test_says_what_it_cannot_run():
@@ -65,7 +73,7 @@ def test_says_what_it_cannot_run():
 def test_kernel_matches_the_float32_product_on_gpu(m, k, n, splits, ctas, out):
     assert unsupported(m, k, n, splits) is None
     x, w, want = _operands(m, k, n, seed=k + n + m)
-    for weight in (w, pack(w)):  # row-major, and packed
+    for weight in (w, pack(w, splits=splits, ctas=ctas)):  # row-major, and packed by CTA
         got = jax.jit(lambda x, w: skinny_gemm(x, w, splits=splits, out_dtype=out, ctas=ctas))(x, weight)
         hlo = jax.jit(lambda x, w: skinny_gemm(x, w, splits=splits)).lower(x, weight).as_text()
         assert "mamba_jax_skinny_gemm" in hlo
