@@ -45,6 +45,10 @@ launch; the step kernel then writes g padded to 8 rows (`g_rows`) and signals la
 (`trigger`), and `gated_norm_residual` sums the GEMV's split-K partials (layout "SDB"). Slower than XLA's
 GEMV in the decode loop (kernels/gemv.py says why).
 
+Opt-in (MAMBA_JAX_DECODE_GEMM="in,out"): in_proj / out_proj as the CUDA skinny GEMM of
+`kernels/skinny_gemm.py` (an XLA FFI call; with K splits its float32 partials summed by the step / residual
+kernels, which then signal launch_dependents for it). Slower than XLA's GEMMs in the decode loop (above).
+
 The normed GEMV tried first (the norm fused in front of a GEMV) is `kernels/norm_gemv.py`: slower than XLA's
 GEMV, kept as a benchmark baseline.
 
@@ -86,8 +90,10 @@ OUT_SPLITS = 2
 # turns it on at trace time (benchmarks/README.md, "State write-back window").
 STATE_WINDOW = 0
 # The projections as the CUDA skinny GEMM (`kernels/skinny_gemm.py`: every SM streams its share of the weight
-# through a ring of bulk copies) from this batch on, with these (in_proj, out_proj) K splits; 0 keeps XLA's.
-CUDA_GEMM_MIN_BATCH = 1 << 30  # off until measured in the decode loop
+# through a ring of TMA copies) from this batch on, with these (in_proj, out_proj) K splits; 0 keeps XLA's.
+# Off: on an H100 the 2.7B at batch 32 decoded 5,481 tok/s with it against 6,627 with XLA's GEMMs
+# (benchmarks/results/decode_variants_skinny_2_7b_b32_h100.json); alone it streams ≈ 2.2 TB/s at best.
+CUDA_GEMM_MIN_BATCH = 1 << 30
 CUDA_GEMM = (1, 2)
 PREFETCH_BLOCK = 8192  # elements per load of the L2 prefetch (16 KB of bf16 per program and load)
 

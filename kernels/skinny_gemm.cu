@@ -16,6 +16,11 @@
 // of S equal K slices; S > 1 writes float32 partials (S, M, N) that the consumer kernel sums (the residual
 // kernel of kernels/decode.py), S = 1 the product rounded to y's dtype.
 //
+// Status (H100, benchmarks/README.md "A CUDA skinny GEMM"): correct, but slower than XLA's GEMV / GEMM on
+// the 2.7B projections (in_proj 24.5 µs at 1 row, 34.8 at 32, against 21.7 / 25.7 in the decode loop), so
+// the decode path uses it only when asked (MAMBA_JAX_DECODE_GEMM). Its FFI / nvcc machinery is what a
+// megakernel in the engine would use.
+//
 // Requirements (checked by skinny_gemm.py before it calls here): sm_90+, x and w bf16 and row-major, N % 8 == 0,
 // (K / S) % 16 == 0, 1 ≤ M ≤ 32.
 
