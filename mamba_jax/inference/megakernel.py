@@ -1,0 +1,192 @@
+"""The decode step of a pure Mamba2 model at batch 1 as one launch per token (a "megakernel"): the layouts it
+reads and a JAX reference of its arithmetic.
+
+`benchmarks/megakernel_probe.cu` measured the design on an H100 (≈ 33.8 µs per Mamba2-2.7B layer against the
+38.75 of the Engine's loop of separate kernels, benchmarks/README.md). Its path into the Engine is an XLA FFI
+call, as `kernels/skinny_gemm.py` makes one; this module is the part of that path the GPU is not needed for:
+
+  `pack`           the model's Mamba layers as the kernel streams them, stacked over layers: in_proj and
+                   out_proj transposed (a row per output feature, K contiguous) with the norms' weights
+                   folded in (`inference.fold`), the conv and the heads' scalars in float32;
+  `kernel_cache`   the Engine's decoding caches (per layer: the conv inputs as a ring of K slots, the input
+                   at position t in slot t mod K — `kernels.decode.conv_ring` — and the SSM state) stacked
+                   into the kernel's [layer, …] arrays, and `engine_cache` back;
+  `reference_step` one token through every layer with the kernel's arithmetic in plain JAX: the residual in
+                   float32, in_proj of its bf16 rounding with float32 sums times the input norm's 1/rms
+                   (not rounded), the conv and SiLU in float32, the state updated in float32 and stored in
+                   bf16 (y reads it as stored), g = (D·x + y)·SiLU(z) rounded to bf16, out_proj's float32 sum
+                   rounded to bf16, times the gated norm's 1/rms, rounded again, added to the residual.
+
+On the CPU the tests check `pack`, the caches and `reference_step` against `Mamba2Mixer.decode` (the same
+function up to those roundings); on the GPU the kernel is to be checked against `reference_step`.
+`unsupported` says which models the design covers: every layer a Mamba2 mixer with one group and one
+gated-norm group, the residual in float32, no dt limit, no LoRA or quantized weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mamba_jax.inference.fold import fold_norm_weights
+from mamba_jax.layers.base import lora_names, scale_name
+from mamba_jax.models.stack import unstack_layers
+
+BF16 = jnp.bfloat16
+
+
+class Params(NamedTuple):
+    """A model's Mamba layers in the kernel's layouts (L layers; NIN = 2·DI + 2·N + H in_proj features,
+    CX = DI + 2·N conv channels)."""
+
+    win: jax.Array  # (L, NIN, D) bf16: in_proj transposed, the input norm's weight folded in
+    wout: jax.Array  # (L, D, DI) bf16: out_proj transposed, the gated norm's weight folded in
+    conv_w: jax.Array  # (L, CX, K) float32: taps oldest first
+    conv_b: jax.Array  # (L, CX) float32
+    a_log: jax.Array  # (L, H) float32
+    d_skip: jax.Array  # (L, H) float32
+    dt_bias: jax.Array  # (L, H) float32
+
+
+class Cache(NamedTuple):
+    ring: jax.Array  # (L, CX, K) bf16: conv input of position t in slot t mod K
+    state: jax.Array  # (L, H, P, N) bf16
+
+
+def _blocks(model):
+    """Every layer's Block, in order (the model unstacked: one set of arrays per layer)."""
+    for segment in model.layers.segments:
+        units = segment.layers if (segment.unrolled or segment.reps == 1) else None
+        if units is None:
+            raise ValueError("megakernel: unstack the model's layers first (models.stack.unstack_layers).")
+        for unit in [units] if segment.reps == 1 else units:
+            yield from unit.blocks
+
+
+def unsupported(model) -> str | None:
+    """Why the megakernel design does not cover `model`, or None."""
+    cfg = model.cfg
+    if set(cfg.pattern) != {"M"}:
+        return f"layers other than Mamba2 (pattern {cfg.pattern!r})"
+    if cfg.mamba_num_groups != 1:
+        return f"{cfg.mamba_num_groups} SSM groups (it takes 1)"
+    if not cfg.residual_in_fp32:
+        return "a residual stream in the compute dtype (it keeps float32, residual_in_fp32)"
+    if tuple(cfg.mamba_dt_limit) != (0.0, math.inf):
+        return f"a dt limit {tuple(cfg.mamba_dt_limit)} (it applies none)"
+    if getattr(model, "prompt", None) is not None:
+        return "prompt tuning"
+    for block in _blocks(unstack_layers(model)):
+        mixer = block.mixer
+        for name in ("in_proj", "out_proj"):
+            if hasattr(mixer, lora_names(name)[0]) or hasattr(mixer, scale_name(name)):
+                return f"LoRA or quantized {name} weights"
+    return None
+
+
+def pack(model, dtype=BF16) -> Params:
+    """`model`'s Mamba layers in the kernel's layouts (the norms' weights folded in on a copy: `model` keeps
+    its own). `dtype`: the projections' (bf16 as the kernel reads them; float32 for exact tests)."""
+    if reason := unsupported(model):
+        raise ValueError(f"megakernel: the design does not cover {reason}.")
+    view = fold_norm_weights(unstack_layers(model))  # a copy: fold replaces the copy's arrays
+    cols = {k: [] for k in Params._fields}
+    for block in _blocks(view):
+        m = block.mixer
+        d = m.in_proj.shape[0]
+        cols["win"].append(m.in_proj[...].reshape(d, -1).T.astype(dtype))
+        cols["wout"].append(m.out_proj[...].reshape(-1, d).T.astype(dtype))
+        cols["conv_w"].append(m.conv_weight[...][:, 0].T.astype(jnp.float32))  # (K, G=1, F) → (F, K)
+        cols["conv_b"].append(m.conv_bias[...][0].astype(jnp.float32))
+        for field, var in (("a_log", m.A_log), ("d_skip", m.D), ("dt_bias", m.dt_bias)):
+            cols[field].append(var[...].astype(jnp.float32))
+    return Params(**{k: jnp.stack(v) for k, v in cols.items()})
+
+
+def kernel_cache(caches, dtype=BF16) -> Cache:
+    """The Engine's per-layer decoding caches of the fused decode path (`Mamba2Mixer._decode_fused`: the conv
+    inputs as a ring, `kernels.decode.conv_ring`), in layer order, at batch 1, stacked as the kernel's (in
+    `dtype`: bf16 as the kernel keeps them)."""
+    layers = [c for c in jax.tree.leaves(caches, is_leaf=lambda c: isinstance(c, dict) and "ssm" in c)]
+    if any(c["conv"].shape[0] != 1 for c in layers):
+        raise ValueError("megakernel: the kernel decodes one sequence (batch 1).")
+    ring = jnp.stack([c["conv"][0, :, 0].T.astype(dtype) for c in layers])  # (1, K, 1, F) → (F, K)
+    return Cache(ring, jnp.stack([c["ssm"][0].astype(dtype) for c in layers]))
+
+
+def engine_cache(cache: Cache, like):
+    """`cache` back in the Engine's per-layer structure `like` (as `kernel_cache` took it)."""
+    leaves, treedef = jax.tree.flatten(like, is_leaf=lambda c: isinstance(c, dict) and "ssm" in c)
+    out = []
+    for i, c in enumerate(leaves):
+        conv = cache.ring[i].T[None, :, None].astype(c["conv"].dtype)
+        out.append({**c, "conv": conv, "ssm": cache.state[i][None].astype(c["ssm"].dtype)})
+    return jax.tree.unflatten(treedef, out)
+
+
+def _silu(x):
+    return x / (1.0 + jnp.exp(-x))
+
+
+def reference_step(params: Params, cache: Cache, h_D, pos, *, eps: float):
+    """One token through every layer with the kernel's arithmetic (the module docstring): the residual
+    stream h (D,) float32 entering the first layer → (h after the last layer, the new cache). `pos`: the
+    token's position (its conv input goes to ring slot pos mod K). The roundings are to the cache's dtype
+    (bf16 as the kernel's; with float32 caches and weights, none: the model's function exactly)."""
+    k = params.conv_w.shape[-1]
+    f32, low = jnp.float32, cache.state.dtype
+
+    def _rnd(x):
+        return x.astype(low).astype(f32)
+
+    h_heads, p, n = cache.state.shape[1:]
+    di = h_heads * p
+
+    def layer(h, xs):
+        prm, ring, state = xs
+        inv = jax.lax.rsqrt(jnp.mean(h * h) + eps)
+        zx = jnp.dot(prm.win, h.astype(prm.win.dtype), preferred_element_type=f32) * inv
+        z, xbc, dt = zx[:di], zx[di : di + di + 2 * n], zx[di + di + 2 * n :]
+        taps = jnp.stack([ring[:, (pos + 1 + j) % k] for j in range(k - 1)], 1).astype(f32)  # oldest first
+        acc = prm.conv_b + prm.conv_w[:, k - 1] * xbc
+        for j in range(k - 1):
+            acc = acc + prm.conv_w[:, j] * taps[:, j]
+        sx = _silu(acc)
+        ring = ring.at[:, pos % k].set(xbc.astype(ring.dtype))
+        dt = dt + prm.dt_bias
+        dt = jnp.where(dt > 20.0, dt, jnp.log1p(jnp.exp(jnp.minimum(dt, 20.0))))
+        da = jnp.exp(-dt * jnp.exp(prm.a_log))
+        x_HP, b_N, c_N = sx[:di].reshape(h_heads, p), sx[di : di + n], sx[di + n :]
+        new = state.astype(f32) * da[:, None, None] + (x_HP * dt[:, None])[..., None] * b_N
+        state = new.astype(low)
+        y = jnp.einsum("hpn,n->hp", state.astype(f32), c_N)
+        g = _rnd((prm.d_skip[:, None] * x_HP + y) * _silu(z.reshape(h_heads, p))).reshape(di)
+        o = jnp.dot(prm.wout, g.astype(prm.wout.dtype), preferred_element_type=f32)
+        inv_g = jax.lax.rsqrt(jnp.sum(g * g) / di + eps)
+        return h + _rnd(_rnd(o) * inv_g), (ring, state)
+
+    h_D, (ring, state) = jax.lax.scan(layer, h_D.astype(f32), (params, cache.ring, cache.state))
+    return h_D, Cache(ring, state)
+
+
+def reference_logits(model, params: Params, cache: Cache, token, pos):
+    """Logits (V,) float32 of one token at `pos` through the embedding, `reference_step` and the model's final
+    norm and head (which the Engine would leave to XLA around the kernel), and the new cache."""
+    h_D = model._embed(jnp.asarray([token]))[0].astype(jnp.float32)
+    h_D, cache = reference_step(params, cache, h_D, pos, eps=model.cfg.norm_eps)
+    return model._logits(model.norm_f(h_D[None]))[0], cache
+
+
+__all__ = [
+    "Cache",
+    "Params",
+    "engine_cache",
+    "kernel_cache",
+    "pack",
+    "reference_logits",
+    "reference_step",
+    "unsupported",
+]

@@ -1,0 +1,109 @@
+"""The megakernel's engine side (`mamba_jax.inference.megakernel`): its packed layouts, its caches and its JAX
+reference of the kernel's arithmetic against the model's own decode (CPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import rel_err, small_hybrid
+
+from mamba_jax.inference import megakernel as mk
+from mamba_jax.kernels.decode import conv_ring
+from mamba_jax.models.stack import Block, unstack_layers
+from mamba_jax.parallel import init_model
+
+
+def _model(seed=3, **changes):
+    cfg = small_hybrid(pattern="MMMM", mamba_head_dim=16, mamba_d_state=16, mamba_num_groups=1,
+                       residual_in_fp32=True, decode_impl="xla", **changes)  # fmt: skip
+    model = init_model(cfg, seed=seed)
+    keys = iter(jax.random.split(jax.random.key(seed), 16))
+    for _, module in nnx.iter_graph(model):  # norm weights away from ones: folding them is checked too
+        if isinstance(module, Block):
+            for var in (module.norm.weight, module.mixer.norm):
+                var[...] = 1 + 0.3 * jax.random.normal(next(keys), var[...].shape, var[...].dtype)
+            # large steps and slow decay, no skip: the output depends on the state, not only on the token
+            module.mixer.dt_bias[...] = jnp.full_like(module.mixer.dt_bias[...], 1.0)
+            module.mixer.A_log[...] = jnp.full_like(module.mixer.A_log[...], -2.0)
+            module.mixer.D[...] = jnp.zeros_like(module.mixer.D[...])
+    return model
+
+
+def _prefill(model, prompt, steps):
+    """The unstacked model's caches after `prompt`, with the conv windows as the fused path's rings."""
+    view = unstack_layers(model)
+    ids = jnp.asarray([prompt])
+    l = ids.shape[1]
+    logits, caches = view.prefill(ids, seq_idx=jnp.ones((1, l), jnp.int32), cache_len=l + steps)
+    is_layer = lambda c: isinstance(c, dict) and "ssm" in c  # noqa: E731
+    rings = jax.tree.map(lambda c: {**c, "conv": conv_ring(c["conv"], l)}, caches, is_leaf=is_layer)
+    return view, logits, caches, rings, l
+
+
+def _decode_both(model, prompt, cont, *, dtype=jnp.bfloat16, perturb=None):
+    """Teacher-forced logits of the model's decode and of the megakernel reference, step by step."""
+    view, _, caches, rings, l = _prefill(model, prompt, len(cont))
+    params, cache = mk.pack(model, dtype), mk.kernel_cache(rings, dtype)
+    if perturb:
+        cache = perturb(cache)
+    out_model, out_ref = [], []
+    for t, tok in enumerate(cont):
+        logits, caches = view.decode(jnp.asarray([tok]), caches, pos=l + t, start=jnp.zeros(1, jnp.int32))
+        out_model.append(logits[0])
+        logits, cache = mk.reference_logits(view, params, cache, tok, l + t)
+        out_ref.append(logits)
+    return np.stack(out_model), np.stack(out_ref)
+
+
+def test_reference_step_equals_the_model_decode():
+    """In float32 the reference is the model's decode (layouts, folding, conv ring, state update, norms); with
+    the kernel's bf16 weights, states and roundings it stays within bf16 error of it, far from what a conv
+    ring one slot off or a lost state gives (0.4–1.0 here: the test can fail)."""
+    model = _model()
+    rng = np.random.default_rng(0)
+    prompt, cont = rng.integers(1, 250, 11).tolist(), rng.integers(1, 250, 6).tolist()
+    want, got = _decode_both(model, prompt, cont, dtype=jnp.float32)
+    assert rel_err(got, want) <= 1e-4, rel_err(got, want)
+    _, got = _decode_both(model, prompt, cont)
+    err = rel_err(got, want)
+    assert err <= 5e-2, err  # bf16 weights and states; measured 0.029
+    for bad in (lambda c: c._replace(ring=jnp.roll(c.ring, 1, axis=-1)), lambda c: c._replace(state=0 * c.state)):
+        assert rel_err(_decode_both(model, prompt, cont, perturb=bad)[1], want) > 0.2
+
+
+def test_pack_layouts():
+    model = _model(seed=4)
+    p = mk.pack(model)
+    cfg = model.cfg
+    d, h, hp, n, k = cfg.d_model, cfg.mamba_heads, cfg.mamba_heads * cfg.mamba_head_dim, cfg.mamba_d_state, 4
+    assert p.win.shape == (4, 2 * hp + 2 * n + h, d) and p.win.dtype == jnp.bfloat16
+    assert p.wout.shape == (4, d, hp) and p.conv_w.shape == (4, hp + 2 * n, cfg.mamba_d_conv)
+    assert p.a_log.shape == p.d_skip.shape == p.dt_bias.shape == (4, h) and k == cfg.mamba_d_conv
+    # the input norm's weight folded into in_proj (row j of win = output feature j)
+    blk = next(b for _, b in nnx.iter_graph(unstack_layers(model)) if isinstance(b, Block))
+    w = blk.mixer.in_proj[...].reshape(d, -1) * blk.norm.weight[...][:, None]
+    np.testing.assert_allclose(np.asarray(p.win[0], np.float32), np.asarray(w.T.astype(jnp.bfloat16), np.float32))
+    assert blk.norm.weight[...][0] != 1.0  # pack folded a copy, not the model
+
+
+def test_caches_round_trip():
+    model = _model(seed=5)
+    _, _, _, rings, _ = _prefill(model, [5, 7, 11, 13, 17], 2)
+    cache = mk.kernel_cache(rings)
+    assert cache.ring.shape[0] == cache.state.shape[0] == 4
+    back = mk.engine_cache(cache, rings)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(rings), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b.astype(jnp.bfloat16).astype(b.dtype)))
+
+
+@pytest.mark.parametrize("changes,what", [
+    (dict(pattern="M*M"), "layers other than Mamba2"), (dict(mamba_num_groups=2), "groups"),
+    (dict(residual_in_fp32=False), "float32"), (dict(mamba_dt_limit=(0.001, 0.1)), "dt limit"),
+])  # fmt: skip
+def test_unsupported_models(changes, what):
+    base = dict(pattern="MM", mamba_head_dim=16, mamba_d_state=16, mamba_num_groups=1, residual_in_fp32=True)
+    model = init_model(small_hybrid(**{**base, **changes}), seed=0)
+    assert what in mk.unsupported(model)
+    with pytest.raises(ValueError, match="does not cover"):
+        mk.pack(model)
