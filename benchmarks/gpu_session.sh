@@ -10,6 +10,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh g   # CUDA skinny GEMM: kernel tests, isolation probe
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh h   # CUDA skinny GEMM in the decode loop (A/B)
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh i   # generate.py 2.7B with mamba_ssm (the defaults)
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh j   # megakernel probe vs the model's decode (JAX reference)
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -124,7 +125,11 @@ elif [ "$stage" = i ]; then  # ≈ 6 minutes at most: generate.py on 2.7B with m
     cd benchmarks || exit 1
     step generate_2_7b 330 python3 generate.py --model mamba2_2_7b --batch 32,1 --state-dtype bfloat16 --peer \
         --out "$OUT/generate_2_7b_$gpu.json"
+elif [ "$stage" = j ]; then  # ≈ 3 minutes: does the megakernel probe compute the model's decode step?
+    find_nvcc
+    cd benchmarks || exit 1
+    step megakernel_check 240 python3 megakernel_check.py --layers 8 --out "$OUT/megakernel_check_$gpu.json"
 else
-    echo "unknown stage $stage (a … i)" >&2
+    echo "unknown stage $stage (a … j)" >&2
     exit 2
 fi

@@ -53,6 +53,10 @@
 //   nvcc -O3 -std=c++17 -arch=sm_90a --fmad=false -o /tmp/mk benchmarks/megakernel_probe.cu
 //   /tmp/mk [--layers 64] [--tokens 20] [--configs MODE:SLOT_BYTES:STAGES,...]
 // prints one JSON object per line (read ceiling, correctness, one per config); megakernel_probe.py runs it.
+// --load DIR takes a real model's layers, caches and residual from DIR instead of random ones (raw arrays as
+// mamba_jax.inference.megakernel lays them out), --pos P the first token's position, --check-tokens N how
+// many tokens the check decodes, --dump DIR writes the residual, states and conv ring after them:
+// benchmarks/megakernel_check.py compares those with the JAX reference of the model's decode step.
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -887,6 +891,33 @@ template <class T> static T* upload(const std::vector<T>& v) {
   CK(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
   return p;
 }
+// --load / --dump: raw little-endian arrays (benchmarks/megakernel_check.py writes and reads them).
+template <class T> static std::vector<T> read_raw(const std::string& dir, const char* name, size_t n) {
+  std::string path = dir + "/" + name;
+  FILE* f = fopen(path.c_str(), "rb");
+  if (!f) {
+    fprintf(stderr, "cannot open %s\n", path.c_str());
+    exit(2);
+  }
+  std::vector<T> v(n);
+  size_t got = fread(v.data(), sizeof(T), n, f);
+  bool extra = fgetc(f) != EOF;
+  fclose(f);
+  if (got != n || extra) {
+    fprintf(stderr, "%s: expected %zu values of %zu bytes\n", path.c_str(), n, sizeof(T));
+    exit(2);
+  }
+  return v;
+}
+template <class T> static void write_raw(const std::string& dir, const char* name, const std::vector<T>& v) {
+  std::string path = dir + "/" + name;
+  FILE* f = fopen(path.c_str(), "wb");
+  if (!f || fwrite(v.data(), sizeof(T), v.size(), f) != v.size()) {
+    fprintf(stderr, "cannot write %s\n", path.c_str());
+    exit(2);
+  }
+  fclose(f);
+}
 template <class T> static std::vector<T> download(const T* p, size_t n) {
   std::vector<T> v(n);
   CK(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
@@ -984,14 +1015,19 @@ static std::string trace_summary(Params p, const Config& c, int G, int& e, int L
 }
 
 int main(int argc, char** argv) {
-  int L = 64, tokens = 20, check_tokens = 3;
+  int L = 64, tokens = 20, check_tokens = 3, pos0 = 0;
   bool trace = false;
+  std::string load, dump;  // a model's packed layers, caches and residual in / the state after the check out
   std::string configs = "0:40960:5,1:40960:5,4:40960:5,5:40960:5";
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!strcmp(argv[i], "--layers")) L = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "--tokens")) tokens = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "--configs")) configs = argv[i + 1];
     else if (!strcmp(argv[i], "--trace")) trace = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--check-tokens")) check_tokens = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--pos")) pos0 = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--load")) load = argv[i + 1];
+    else if (!strcmp(argv[i], "--dump")) dump = argv[i + 1];
   }
   std::vector<Config> cfgs;
   for (size_t a = 0; a < configs.size();) {
@@ -1038,23 +1074,35 @@ int main(int argc, char** argv) {
   size_t nwin = (size_t)L * NIN * D, nwout = (size_t)L * D * DI;
   bf16* win = dev<bf16>(nwin);
   bf16* wout = dev<bf16>(nwout);
-  fill_bf16<<<1024, 256>>>(win, nwin, 1, sqrtf(3.f / D));
-  fill_bf16<<<1024, 256>>>(wout, nwout, 2, 0.5f * sqrtf(3.f / DI));
-  p.win = win;
-  p.wout = wout;
-  p.conv_w = upload(host_rand((size_t)L * CX * KW, 3, -0.5f, 0.5f));
-  p.conv_b = upload(host_rand((size_t)L * CX, 4, -0.1f, 0.1f));
-  p.a_log = upload(host_rand((size_t)L * H, 5, 0.f, 2.7f));
-  p.dskip = upload(host_rand((size_t)L * H, 6, 0.5f, 1.5f));
-  p.dt_bias = upload(host_rand((size_t)L * H, 7, -4.f, -1.f));
   size_t nring = (size_t)L * CX * KW, nstate = (size_t)L * H * P * NS;
   std::vector<bf16> ring0(nring), state0(nstate);
-  {
+  std::vector<float> h0;
+  if (!load.empty()) {  // a real model's layers (mamba_jax.inference.megakernel.pack) and caches
+    CK(cudaMemcpy(win, read_raw<bf16>(load, "win.bin", nwin).data(), nwin * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(wout, read_raw<bf16>(load, "wout.bin", nwout).data(), nwout * 2, cudaMemcpyHostToDevice));
+    p.conv_w = upload(read_raw<float>(load, "conv_w.bin", (size_t)L * CX * KW));
+    p.conv_b = upload(read_raw<float>(load, "conv_b.bin", (size_t)L * CX));
+    p.a_log = upload(read_raw<float>(load, "a_log.bin", (size_t)L * H));
+    p.dskip = upload(read_raw<float>(load, "d_skip.bin", (size_t)L * H));
+    p.dt_bias = upload(read_raw<float>(load, "dt_bias.bin", (size_t)L * H));
+    ring0 = read_raw<bf16>(load, "ring.bin", nring);
+    state0 = read_raw<bf16>(load, "state.bin", nstate);
+    h0 = read_raw<float>(load, "h.bin", D);
+  } else {
+    fill_bf16<<<1024, 256>>>(win, nwin, 1, sqrtf(3.f / D));
+    fill_bf16<<<1024, 256>>>(wout, nwout, 2, 0.5f * sqrtf(3.f / DI));
+    p.conv_w = upload(host_rand((size_t)L * CX * KW, 3, -0.5f, 0.5f));
+    p.conv_b = upload(host_rand((size_t)L * CX, 4, -0.1f, 0.1f));
+    p.a_log = upload(host_rand((size_t)L * H, 5, 0.f, 2.7f));
+    p.dskip = upload(host_rand((size_t)L * H, 6, 0.5f, 1.5f));
+    p.dt_bias = upload(host_rand((size_t)L * H, 7, -4.f, -1.f));
     auto r = host_rand(nring, 8, -1.f, 1.f), s = host_rand(nstate, 9, -1.f, 1.f);
     for (size_t i = 0; i < nring; ++i) ring0[i] = __float2bfloat16(r[i]);
     for (size_t i = 0; i < nstate; ++i) state0[i] = __float2bfloat16(s[i]);
+    h0 = host_rand(D, 10, -1.f, 1.f);
   }
-  std::vector<float> h0 = host_rand(D, 10, -1.f, 1.f);
+  p.win = win;
+  p.wout = wout;
   p.ring = upload(ring0);
   p.state = upload(state0);
   p.h = upload(h0);
@@ -1108,7 +1156,7 @@ int main(int argc, char** argv) {
   {
     int segs[2] = {W / (40960 / (D * 2)), W / (40960 / (DI * 2))};  // the reference's segments: 40 KB slots
     for (int t = 0; t < check_tokens; ++t) {
-      q.pos = t;
+      q.pos = pos0 + t;
       for (int l = 0; l < L; ++l) {
         ref_residual<<<1, CT>>>(q);
         ref_gemv<<<NIN, 32 * segs[0]>>>(q, 0, l, segs[0], q.xb);
@@ -1140,7 +1188,7 @@ int main(int argc, char** argv) {
     m.state = upload(state0);
     reset_sync(m);
     for (int t = 0; t < check_tokens; ++t) {
-      m.pos = t;
+      m.pos = pos0 + t;
       m.epoch = t + 1;
       launch(m, *c0, G);
     }
@@ -1161,6 +1209,12 @@ int main(int argc, char** argv) {
            "\"residual_differing\": %zu, \"states_differing\": %zu, \"ring_differing\": %zu, \"ok\": %s}\n",
            c0->mode, c0->slot, c0->stages, c0->pf, check_tokens, L, hmax, hdiff, sdiff, rdiff, ok ? "true" : "false");
     fflush(stdout);
+    if (!dump.empty() && ok) {  // the megakernel's residual, states and conv ring after the check's tokens
+      write_raw(dump, "h.out.bin", hm);
+      write_raw(dump, "state.out.bin", sm);
+      write_raw(dump, "ring.out.bin", rm);
+      dump.clear();  // the first checked mode's
+    }
     CK(cudaFree(m.h));
     CK(cudaFree(m.ring));
     CK(cudaFree(m.state));
