@@ -125,9 +125,12 @@ elif [ "$stage" = i ]; then  # ≈ 6 minutes at most: generate.py on 2.7B with m
     cd benchmarks || exit 1
     step generate_2_7b 330 python3 generate.py --model mamba2_2_7b --batch 32,1 --state-dtype bfloat16 --peer \
         --out "$OUT/generate_2_7b_$gpu.json"
-elif [ "$stage" = j ]; then  # ≈ 3 minutes: does the megakernel probe compute the model's decode step?
+elif [ "$stage" = j ]; then  # ≈ 5 minutes: does the megakernel compute the model's decode step?
     find_nvcc
+    # the FFI kernel (kernels/megakernel.cu) against the JAX reference, 2 layers, 3 tokens
+    step megakernel_tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_megakernel.py
     cd benchmarks || exit 1
+    # the probe's mode 5 (checked bit for bit against its separate kernels) on 8 packed layers, 1 token
     step megakernel_check 240 python3 megakernel_check.py --layers 8 --out "$OUT/megakernel_check_$gpu.json"
 else
     echo "unknown stage $stage (a … j)" >&2

@@ -1,110 +1,35 @@
 """Skinny GEMM for decoding — y = x · w for at most 32 rows of x — as a CUDA kernel behind an XLA FFI call.
 
-`skinny_gemm.cu` says how it works: a producer warp per SM streams that SM's share of the weight's columns
-through a ring of bulk copies, eight warps multiply on tensor cores. It is built here with nvcc on first use
-(for the GPU's architecture, against the FFI headers jax ships: `jax.ffi.include_dir()`), cached under
-MAMBA_JAX_KERNEL_CACHE (default ~/.cache/mamba_jax/kernels, keyed by the source, nvcc and architecture) and
-registered as the FFI target `mamba_jax_skinny_gemm`. Where it cannot run — not a GPU, a GPU before Hopper
-(it needs cp.async.bulk), no nvcc, shapes it does not take — `skinny_gemm` computes the same product with XLA
-(float32 sums, rounded to the output dtype), so callers need no second path; `unsupported` says why it
-would not run, for callers that pick a different plan instead (`Mamba2Mixer._decode_fused`).
+`skinny_gemm.cu` says how it works: a producer thread per SM streams that SM's share of the weight's columns
+through a ring of TMA copies, eight warps multiply on tensor cores. It is built with nvcc on first use and
+registered as the FFI target `mamba_jax_skinny_gemm` (kernels/cuda_build.py). Where it cannot run — not a
+GPU, a GPU before Hopper (it needs cp.async.bulk), no nvcc, shapes it does not take — `skinny_gemm` computes
+the same product with XLA (float32 sums, rounded to the output dtype), so callers need no second path;
+`unsupported` says why it would not run, for callers that pick a different plan instead
+(`Mamba2Mixer._decode_fused`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import glob
-import hashlib
 import itertools
-import logging
 import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-log = logging.getLogger(__name__)
+from mamba_jax.kernels.cuda_build import load
 
 TARGET = "mamba_jax_skinny_gemm"
 # Tests set this to run the decode path's plan for the kernel off the GPU: `unsupported` then checks only the
 # shapes, and `skinny_gemm` computes with XLA (as it does wherever the kernel cannot run).
 OFF_GPU = False
 MAX_ROWS = 32
-SOURCE = Path(__file__).with_name("skinny_gemm.cu")
 
 
-def _nvcc() -> str | None:
-    """CUDA_HOME / CUDA_PATH, /usr/local/cuda, PATH, then the CUDA compiler of pip's nvidia packages."""
-    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if root and os.path.isfile(cand := os.path.join(root, "bin", "nvcc")):
-            return cand
-    if found := shutil.which("nvcc"):
-        return found
-    try:
-        import nvidia  # jax[cuda13]'s wheels: nvidia/cu13/bin/nvcc (cuda12: nvidia/cuda_nvcc/bin/nvcc)
-    except ImportError:
-        return None
-    for root in nvidia.__path__:
-        for cand in sorted(glob.glob(os.path.join(root, "cu*", "bin", "nvcc"))):
-            return cand
-    return None
-
-
-def _arch() -> str | None:
-    """sm_XY(a) of the first GPU, or None below Hopper / off the GPU."""
-    if jax.default_backend() != "gpu":
-        return None
-    cc = getattr(jax.devices()[0], "compute_capability", "")
-    try:
-        major, minor = (int(v) for v in cc.split("."))
-    except ValueError:
-        return None
-    if major < 9:
-        return None
-    return f"sm_{major}{minor}" + ("a" if major == 9 else "")
-
-
-def _build(nvcc: str, arch: str) -> Path:
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + arch.encode() + jax.__version__.encode())
-    cache = Path(os.environ.get("MAMBA_JAX_KERNEL_CACHE", Path.home() / ".cache" / "mamba_jax" / "kernels"))
-    lib = cache / f"skinny_gemm-{key.hexdigest()[:16]}.so"
-    if lib.exists():
-        return lib
-    cache.mkdir(parents=True, exist_ok=True)
-    cmd = [nvcc, "-O3", "-std=c++17", f"-arch={arch}", "-shared", "-Xcompiler", "-fPIC"]
-    cmd += ["-I", jax.ffi.include_dir(), "-o"]
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, then renamed: never a half-written .so
-        out = Path(tmp) / lib.name
-        log.warning("mamba_jax: building the skinny GEMM kernel for %s with %s (once; cached in %s)", arch, nvcc, cache)
-        proc = subprocess.run([*cmd, str(out), str(SOURCE)], capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"nvcc failed building {SOURCE.name}:\n{proc.stderr[-4000:]}")
-        os.replace(out, lib)
-    return lib
-
-
-@functools.cache
 def _load() -> str | None:
-    """Build, load and register the kernel; None when it is available, else why not."""
-    arch = _arch()
-    if arch is None:
-        return "not a Hopper (sm_90+) GPU"
-    nvcc = _nvcc()
-    if nvcc is None:
-        return "no nvcc found (set CUDA_HOME to a CUDA 12.4+ toolkit)"
-    try:
-        lib = ctypes.cdll.LoadLibrary(str(_build(nvcc, arch)))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MambaJaxSkinnyGemm), platform="CUDA")
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
-        log.warning("mamba_jax: the skinny GEMM kernel is unavailable: %s", e)
-        return f"its build failed ({str(e).splitlines()[0]})"
-    return None
+    """Build, load and register the kernel (kernels/cuda_build.py); None when it is available, else why not."""
+    return load("skinny_gemm", "MambaJaxSkinnyGemm", TARGET)
 
 
 def unsupported(rows: int, k: int, n: int, splits: int = 1, dtype=jnp.bfloat16) -> str | None:

@@ -14,15 +14,22 @@ from mamba_jax.models.stack import Block, unstack_layers
 from mamba_jax.parallel import init_model
 
 
-def _model(seed=3, **changes):
-    cfg = small_hybrid(pattern="MMMM", mamba_head_dim=16, mamba_d_state=16, mamba_num_groups=1,
-                       residual_in_fp32=True, decode_impl="xla", **changes)  # fmt: skip
-    model = init_model(cfg, seed=seed)
-    keys = iter(jax.random.split(jax.random.key(seed), 16))
-    for _, module in nnx.iter_graph(model):  # norm weights away from ones: folding them is checked too
+def _randomize_norms(model, seed=0):
+    """Norm weights away from ones, so that folding them into the projections is checked too."""
+    keys = iter(jax.random.split(jax.random.key(seed), 256))
+    for _, module in nnx.iter_graph(model):
         if isinstance(module, Block):
             for var in (module.norm.weight, module.mixer.norm):
                 var[...] = 1 + 0.3 * jax.random.normal(next(keys), var[...].shape, var[...].dtype)
+    return model
+
+
+def _model(seed=3, **changes):
+    cfg = small_hybrid(pattern="MMMM", mamba_head_dim=16, mamba_d_state=16, mamba_num_groups=1,
+                       residual_in_fp32=True, decode_impl="xla", **changes)  # fmt: skip
+    model = _randomize_norms(init_model(cfg, seed=seed), seed)
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, Block):
             # large steps and slow decay, no skip: the output depends on the state, not only on the token
             module.mixer.dt_bias[...] = jnp.full_like(module.mixer.dt_bias[...], 1.0)
             module.mixer.A_log[...] = jnp.full_like(module.mixer.A_log[...], -2.0)
@@ -107,3 +114,48 @@ def test_unsupported_models(changes, what):
     assert what in mk.unsupported(model)
     with pytest.raises(ValueError, match="does not cover"):
         mk.pack(model)
+
+
+def test_step_off_the_gpu_is_the_reference():
+    model = _model(seed=6)
+    _, _, _, rings, l = _prefill(model, [3, 1, 4, 1, 5], 1)
+    params, cache = mk.pack(model), mk.kernel_cache(rings)
+    eps = model.cfg.norm_eps
+    assert "compiled for" in mk.kernel_unsupported(params, eps)  # tiny dimensions: the reference
+    h = jax.random.normal(jax.random.key(0), (model.cfg.d_model,), jnp.float32)
+    work = mk.workspace(params)
+    got_h, got_cache, got_work = mk.step(params, cache, h, l, work, eps=eps)
+    want_h, want_cache = mk.reference_step(params, cache, h, l, eps=eps)
+    np.testing.assert_array_equal(got_h, want_h)
+    np.testing.assert_array_equal(got_cache.state, want_cache.state)
+    assert got_work is work
+
+
+@pytest.mark.gpu
+def test_kernel_matches_the_reference_on_gpu():
+    """The CUDA megakernel (Mamba2-2.7B's dimensions, 2 random layers, norms folded) against `reference_step`
+    over 3 tokens, compiled, the workspace and caches carried from token to token."""
+    import os
+
+    import mamba_jax.config as mjc
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    cfg = mjc.model_config(mjc.load_config(os.path.join(root, "experiments", "mamba2_2_7b.py")))
+    model = _randomize_norms(init_model(cfg.replace(pattern="MM", param_dtype="float32", decode_impl="xla"), seed=1))
+    _, _, _, rings, l = _prefill(model, list(range(3, 40)), 3)
+    params, cache = mk.pack(model), mk.kernel_cache(rings)
+    eps = cfg.norm_eps
+    assert mk.kernel_unsupported(params, eps) is None
+    assert "mamba_jax_megakernel" in jax.jit(mk.step, static_argnames="eps").lower(
+        params, cache, jnp.zeros(cfg.d_model), l, mk.workspace(params), eps=eps).as_text()  # fmt: skip
+    kernel = jax.jit(mk.step, static_argnames="eps")
+    ref = jax.jit(mk.reference_step, static_argnames="eps")
+    kc, rc, work = cache, cache, mk.workspace(params)
+    for t, tok in enumerate([7, 8, 9]):
+        h = model._embed(jnp.asarray([tok]))[0].astype(jnp.float32)
+        got, kc, work = kernel(params, kc, h, l + t, work, eps=eps)
+        want, rc = ref(params, rc, h, l + t, eps=eps)
+        assert rel_err(got, want) <= 5e-3, (t, rel_err(got, want))
+        ws, gs = np.asarray(rc.state, np.float32), np.asarray(kc.state, np.float32)
+        assert np.mean(np.abs(gs - ws) > np.abs(ws) * 2.0**-7 + 1e-30) <= 1e-3, t
+        np.testing.assert_array_equal(np.asarray(kc.ring, np.float32), np.asarray(rc.ring, np.float32))

@@ -18,7 +18,9 @@ call, as `kernels/skinny_gemm.py` makes one; this module is the part of that pat
                    rounded to bf16, times the gated norm's 1/rms, rounded again, added to the residual.
 
 On the CPU the tests check `pack`, the caches and `reference_step` against `Mamba2Mixer.decode` (the same
-function up to those roundings); on the GPU the kernel is to be checked against `reference_step`.
+function up to those roundings); on the GPU `step` runs the kernel itself (`kernels/megakernel.cu`, an XLA
+FFI call built with nvcc on first use; Mamba2-2.7B's dimensions compiled in) and is checked against
+`reference_step` (tests/test_megakernel.py, `gpu`; not yet run). Elsewhere `step` is `reference_step`.
 `unsupported` says which models the design covers: every layer a Mamba2 mixer with one group and one
 gated-norm group, the residual in float32, no dt limit, no LoRA or quantized weights.
 """
@@ -36,6 +38,9 @@ from mamba_jax.layers.base import lora_names, scale_name
 from mamba_jax.models.stack import unstack_layers
 
 BF16 = jnp.bfloat16
+TARGET = "mamba_jax_megakernel"
+# The dimensions kernels/megakernel.cuh compiles in (Mamba2-2.7B): D, heads, head dim, state, conv taps, eps.
+KERNEL_DIMS = (2560, 80, 64, 128, 4, 1e-5)
 
 
 class Params(NamedTuple):
@@ -172,6 +177,39 @@ def reference_step(params: Params, cache: Cache, h_D, pos, *, eps: float):
     return h_D, Cache(ring, state)
 
 
+def workspace(params: Params) -> jax.Array:
+    """The kernel's workspace (its tagged buffers and epoch counter, uint32 words): zeros before a sequence's
+    first token, then carried from `step` to `step`."""
+    d, di, h = params.win.shape[2], params.wout.shape[2], params.a_log.shape[1]
+    return jnp.zeros(2 * (params.win.shape[1] + di // 2 + h + d) + 2, jnp.uint32)
+
+
+def kernel_unsupported(params: Params, eps: float) -> str | None:
+    """Why `step` computes with `reference_step` rather than the CUDA kernel here, or None."""
+    _, nin, d = params.win.shape
+    h, hp, k = params.a_log.shape[1], params.wout.shape[2], params.conv_w.shape[2]
+    n = (nin - 2 * hp - h) // 2
+    dims = (d, h, hp // h, n, k, eps)
+    if dims != KERNEL_DIMS or params.win.dtype != BF16:
+        return f"dimensions (D, H, P, N, K, eps) = {dims} (it is compiled for {KERNEL_DIMS}, bf16 weights)"
+    from mamba_jax.kernels.cuda_build import load  # lazy: only where a GPU may run it
+
+    return load("megakernel", "MambaJaxMegakernel", TARGET)
+
+
+def step(params: Params, cache: Cache, h_D, pos, work, *, eps: float):
+    """One token through every layer: (the residual after the last layer, the new cache, the workspace). The
+    CUDA kernel where `kernel_unsupported` allows (the caches and workspace updated in place), else
+    `reference_step`."""
+    if kernel_unsupported(params, eps) is None:
+        shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (cache.ring, cache.state, h_D, work)]
+        call = jax.ffi.ffi_call(TARGET, shapes, input_output_aliases={8: 0, 9: 1, 10: 2, 11: 3})
+        ring, state, h_D, work = call(*params, jnp.asarray(pos, jnp.int32), cache.ring, cache.state, h_D, work)
+        return h_D, Cache(ring, state), work
+    h_D, cache = reference_step(params, cache, h_D, pos, eps=eps)
+    return h_D, cache, work
+
+
 def reference_logits(model, params: Params, cache: Cache, token, pos):
     """Logits (V,) float32 of one token at `pos` through the embedding, `reference_step` and the model's final
     norm and head (which the Engine would leave to XLA around the kernel), and the new cache."""
@@ -185,8 +223,11 @@ __all__ = [
     "Params",
     "engine_cache",
     "kernel_cache",
+    "kernel_unsupported",
     "pack",
     "reference_logits",
     "reference_step",
+    "step",
     "unsupported",
+    "workspace",
 ]

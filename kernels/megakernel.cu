@@ -1,0 +1,121 @@
+// The Mamba2 decode megakernel (kernels/megakernel.cuh, mode 5 of benchmarks/megakernel_probe.cu: phases chained
+// by tagged data, the step's inputs streamed through the ring, L2 prefetch 2 slots ahead) as an XLA FFI call:
+// one cooperative launch decodes one token through every layer of a pure Mamba2 model with Mamba2-2.7B's
+// dimensions at batch 1. mamba_jax/inference/megakernel.py packs the arguments and checks the dimensions; built
+// with nvcc on first use (kernels/cuda_build.py).
+//
+// Arguments: the packed layers (win, wout, conv_w, conv_b, a_log, d_skip, dt_bias), the token's position
+// (int32 scalar), then the conv ring, the SSM states, the residual h (float32, D: the token's embedding in,
+// the residual after the last layer out) and the workspace (uint32 words: the tagged buffers and the epoch
+// counter; zeros before the first call, then carried from call to call), each updated in place (the results
+// alias them).
+//
+// Not command-buffer compatible: a cooperative launch needs every CTA resident, which XLA's graphs do not
+// promise; each token is one host launch.
+
+#include <string>
+
+#include "megakernel.cuh"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int MK_MODE = 5, MK_SLOT = 40960, MK_STAGES = 5, MK_PF = 2;
+// The workspace: zx_ll [NIN], g_ll [DI / 2], gss_ll [H], h_ll [D] (8-byte tagged words), then the epoch and
+// the finished-CTA counter (two 4-byte words).
+constexpr size_t WORK_WORDS32 = 2 * ((size_t)NIN + DI / 2 + H + D) + 2;
+
+ffi::Error check(ffi::AnyBuffer b, std::initializer_list<int64_t> dims, ffi::DataType t, const char* name,
+                 int64_t layers) {
+  auto d = b.dimensions();
+  bool ok = b.element_type() == t && d.size() == dims.size();
+  size_t i = 0;
+  for (int64_t v : dims) {
+    ok = ok && d[i] == (v < 0 ? layers : v);
+    ++i;
+  }
+  if (!ok) return ffi::Error::InvalidArgument(std::string("megakernel: ") + name + " has the wrong shape or type");
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+ffi::Error MegakernelImpl(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffer wout, ffi::AnyBuffer conv_w,
+                          ffi::AnyBuffer conv_b, ffi::AnyBuffer a_log, ffi::AnyBuffer d_skip, ffi::AnyBuffer dt_bias,
+                          ffi::AnyBuffer pos, ffi::AnyBuffer ring_in, ffi::AnyBuffer state_in, ffi::AnyBuffer h_in,
+                          ffi::AnyBuffer work_in, ffi::Result<ffi::AnyBuffer> ring, ffi::Result<ffi::AnyBuffer> state,
+                          ffi::Result<ffi::AnyBuffer> h, ffi::Result<ffi::AnyBuffer> work) {
+  if (win.dimensions().size() != 3) return ffi::Error::InvalidArgument("megakernel: win must be (L, NIN, D)");
+  const int64_t L = win.dimensions()[0];
+  const ffi::DataType B = ffi::DataType::BF16, F = ffi::DataType::F32;
+  for (auto e : {check(win, {-1, NIN, D}, B, "win", L), check(wout, {-1, D, DI}, B, "wout", L),
+                 check(conv_w, {-1, CX, KW}, F, "conv_w", L), check(conv_b, {-1, CX}, F, "conv_b", L),
+                 check(a_log, {-1, H}, F, "a_log", L), check(d_skip, {-1, H}, F, "d_skip", L),
+                 check(dt_bias, {-1, H}, F, "dt_bias", L), check(pos, {}, ffi::DataType::S32, "pos", L),
+                 check(*ring, {-1, CX, KW}, B, "ring", L), check(*state, {-1, H, P, NS}, B, "state", L),
+                 check(*h, {D}, F, "h", L), check(*work, {(int64_t)WORK_WORDS32}, ffi::DataType::U32, "work", L)})
+    if (e.failure()) return e;
+  int dev = 0, G = 0, optin = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&G, cudaDevAttrMultiProcessorCount, dev);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  const size_t smem = megakernel_smem_bytes(MK_SLOT, MK_STAGES);
+  if (G < H || (D + G - 1) / G > MAX_OWN || (size_t)optin < smem)
+    return ffi::Error::Internal("megakernel: needs >= 80 SMs of <= 32 residual rows each and " +
+                                std::to_string(smem) + " bytes of shared memory per block");
+
+  Params p{};
+  p.win = static_cast<const bf16*>(win.untyped_data());
+  p.wout = static_cast<const bf16*>(wout.untyped_data());
+  p.conv_w = static_cast<const float*>(conv_w.untyped_data());
+  p.conv_b = static_cast<const float*>(conv_b.untyped_data());
+  p.a_log = static_cast<const float*>(a_log.untyped_data());
+  p.dskip = static_cast<const float*>(d_skip.untyped_data());
+  p.dt_bias = static_cast<const float*>(dt_bias.untyped_data());
+  p.ring = static_cast<bf16*>(ring->untyped_data());
+  p.state = static_cast<bf16*>(state->untyped_data());
+  p.h = static_cast<float*>(h->untyped_data());
+  auto* w = static_cast<unsigned long long*>(work->untyped_data());
+  p.zx_ll = w;
+  p.g_ll = p.zx_ll + NIN;
+  p.gss_ll = p.g_ll + DI / 2;
+  p.h_ll = p.gss_ll + H;
+  p.epoch_dev = reinterpret_cast<unsigned*>(p.h_ll + D);
+  p.done_dev = p.epoch_dev + 1;
+  p.pos_dev = static_cast<const int*>(pos.untyped_data());
+  p.layers = (int)L;
+  p.mode = MK_MODE;
+  p.slot = MK_SLOT;
+  p.stages = MK_STAGES;
+  p.pf = MK_PF;
+  const void* fn = (const void*)megakernel<MK_MODE>;
+  cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (e == cudaSuccess) {
+    void* args[] = {&p};
+    e = cudaLaunchCooperativeKernel(fn, G, THREADS, args, smem, stream);
+  }
+  if (e != cudaSuccess) return ffi::Error::Internal(std::string("megakernel: ") + cudaGetErrorString(e));
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaJaxMegakernel, MegakernelImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // win
+                                  .Arg<ffi::AnyBuffer>()  // wout
+                                  .Arg<ffi::AnyBuffer>()  // conv_w
+                                  .Arg<ffi::AnyBuffer>()  // conv_b
+                                  .Arg<ffi::AnyBuffer>()  // a_log
+                                  .Arg<ffi::AnyBuffer>()  // d_skip
+                                  .Arg<ffi::AnyBuffer>()  // dt_bias
+                                  .Arg<ffi::AnyBuffer>()  // pos
+                                  .Arg<ffi::AnyBuffer>()  // ring
+                                  .Arg<ffi::AnyBuffer>()  // state
+                                  .Arg<ffi::AnyBuffer>()  // h
+                                  .Arg<ffi::AnyBuffer>()  // work
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());

@@ -1,0 +1,778 @@
+// The Mamba2 decode megakernel: one cooperative launch per token runs every layer of a pure Mamba2 model at
+// batch 1 (dimensions of Mamba2-2.7B compiled in). Shared by benchmarks/megakernel_probe.cu (all modes, timed
+// and checked bit for bit against separate kernels; its header describes the design and the modes) and
+// kernels/megakernel.cu (mode 5 as an XLA FFI call). Params.pos_dev / epoch_dev (optional): the token's
+// position and the LL tags' epoch read from device memory, and the epoch advanced by the last CTA to finish,
+// so that one captured launch can be replayed token after token.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+typedef __nv_bfloat16 bf16;
+
+// Mamba2 2.7B: d_model 2560, 80 heads of 64, d_state 128, one group, conv width 4.
+constexpr int D = 2560, H = 80, P = 64, NS = 128, DI = H * P, CX = DI + 2 * NS, NIN = 2 * DI + 2 * NS + H, KW = 4;
+constexpr float EPS = 1e-5f;
+constexpr int W = 8;                  // consumer warps
+constexpr int CT = 32 * W;            // consumer threads
+constexpr int THREADS = CT + 32;      // + the producer warp
+constexpr int MAX_PARTS = 2048;       // floats of per-(row, segment) partial sums in shared memory
+constexpr int NEV = 11;               // trace events per (CTA, layer), see `megakernel`
+constexpr int MAX_OWN = 32;           // residual rows one CTA's out_proj may own (D / SMs, rounded up)
+
+struct Params {
+  const bf16* win;      // [L][NIN][D]  in_proj, transposed: row j = output feature j
+  const bf16* wout;     // [L][D][DI]   out_proj, transposed
+  const float* conv_w;  // [L][CX][KW]
+  const float* conv_b;  // [L][CX]
+  const float* a_log;   // [L][H]
+  const float* dskip;   // [L][H]
+  const float* dt_bias; // [L][H]
+  bf16* ring;           // [L][CX][KW]  conv inputs, slot = position mod KW
+  bf16* state;          // [L][H][P][NS]
+  float* h;             // [D]   the residual stream (in / out)
+  float* zx;            // [NIN] in_proj's output (scratch, reused by every layer)
+  bf16* g;              // [DI]  the gated SSM output (scratch)
+  float* gss;           // [H]   Σ g² per head (scratch)
+  bf16* xb;             // [D]   reference only: the bf16 residual
+  float* parts;         // reference only: partial sums
+  float* scal;          // reference only: 1/rms values
+  unsigned* cnt;        // [3][L] monotonic counters: in_done, step_done, out_done
+  // Mode 4's flag-in-data buffers: each 8-byte word holds 4 bytes of data and the tag of the (token, layer)
+  // that wrote it (`ll_tag`), stored and polled as one access, so a reader needs no fence, counter or
+  // second round trip (NCCL's LL protocol).
+  unsigned long long* zx_ll;   // [NIN] in_proj's output (a float)
+  unsigned long long* g_ll;    // [DI / 2] the gated SSM output (two bf16)
+  unsigned long long* gss_ll;  // [H] Σ g² per head (a float)
+  unsigned long long* h_ll;    // [D] the residual stream after the layer (a float)
+  unsigned long long* trace;  // [G][L][NEV] %globaltimer at the phase boundaries, or null
+  int layers, pos, epoch, mode, slot, stages, pf;
+  // Optional (null in the probe): pos and epoch from device memory, and a counter of finished CTAs with which
+  // the last one advances *epoch_dev for the next launch (kernels/megakernel.cu: a launch replayed per token).
+  const int* pos_dev;
+  unsigned* epoch_dev;
+  unsigned* done_dev;
+};
+
+// ---------------------------------------------------------------- PTX helpers
+__device__ __forceinline__ uint32_t sa(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(uint64_t* b, unsigned n) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(sa(b)), "r"(n) : "memory");
+}
+__device__ __forceinline__ bool mbar_try(uint64_t* b, unsigned parity) {
+  uint32_t ok;
+  asm volatile(
+      "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+      : "=r"(ok)
+      : "r"(sa(b)), "r"(parity)
+      : "memory");
+  return ok;
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* b, unsigned parity) {
+  while (!mbar_try(b, parity)) {
+  }
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* b) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(sa(b)) : "memory");
+}
+__device__ __forceinline__ void mbar_expect(uint64_t* b, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(sa(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned bytes, uint64_t* bar, uint64_t pol) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
+          sa(dst)),
+      "l"(src), "r"(bytes), "r"(sa(bar)), "l"(pol)
+      : "memory");
+}
+__device__ __forceinline__ unsigned long long globaltimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ unsigned long long ld_relaxed64(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_relaxed64(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.relaxed.gpu.global.b64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ void prefetch_l2(const void* src, unsigned bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ unsigned long long ll_pack(unsigned bits, unsigned tag) {
+  return ((unsigned long long)tag << 32) | bits;
+}
+// Mode 4: the tag of layer l in this launch (never 0, which the zeroed buffers hold).
+__device__ __forceinline__ unsigned ll_tag(const Params& p, int l) { return (unsigned)p.epoch * p.layers + l + 1; }
+// Polls the words base[idx[i]] (idx < 0: none) until each carries `tag`; their data into out. Every pending
+// word is loaded in each round, so a round costs one memory round trip however many words are late.
+template <int N>
+__device__ __forceinline__ void ll_poll(const unsigned long long* base, const int (&idx)[N], unsigned tag,
+                                        unsigned (&out)[N]) {
+  unsigned pending = 0;
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+    if (idx[i] >= 0) pending |= 1u << i;
+  while (pending) {
+    unsigned long long v[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+      if (pending >> i & 1) v[i] = ld_relaxed64(base + idx[i]);
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+      if ((pending >> i & 1) && (unsigned)(v[i] >> 32) == tag) {
+        out[i] = (unsigned)v[i];
+        pending &= ~(1u << i);
+      }
+  }
+}
+// The consumer warps' own barrier (named barrier 1): the producer warp never joins it.
+__device__ __forceinline__ void cbar() { asm volatile("bar.sync 1, %0;" ::"r"(CT) : "memory"); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float dot8(uint4 a, uint4 b, float acc) {
+  const __nv_bfloat162* pa = reinterpret_cast<const __nv_bfloat162*>(&a);
+  const __nv_bfloat162* pb = reinterpret_cast<const __nv_bfloat162*>(&b);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 fa = __bfloat1622float2(pa[i]), fb = __bfloat1622float2(pb[i]);
+    acc = fmaf(fa.x, fb.x, acc);
+    acc = fmaf(fa.y, fb.y, acc);
+  }
+  return acc;
+}
+__device__ __forceinline__ float silu(float v) { return v / (1.f + expf(-v)); }
+__device__ __forceinline__ float rnd(float v) { return __bfloat162float(__float2bfloat16(v)); }
+
+// Rows [lo, hi) of a phase's n output features that CTA c of G owns.
+__host__ __device__ inline void rows_of(int n, int c, int G, int& lo, int& hi) {
+  lo = (int)((long long)c * n / G);
+  hi = (int)((long long)(c + 1) * n / G);
+}
+
+// --------------------------------------------------------- shared device functions (megakernel and reference)
+// Σ over the CT consumer threads of v, in a fixed order; red: W floats of shared memory.
+__device__ float block_sum(float v, float* red, int tid) {
+  v = warp_sum(v);
+  if ((tid & 31) == 0) red[tid >> 5] = v;
+  cbar();
+  float s = 0.f;
+  for (int i = 0; i < W; ++i) s += red[i];
+  cbar();
+  return s;
+}
+
+// x_s ← bf16(h); returns 1/rms(h). With h_ll (mode 4) h is polled from it, tagged `tag`; hown[j − lo] keeps
+// the float32 h[j] of the rows [lo, hi) that this CTA's out_proj updates.
+__device__ float load_residual(const float* h, bf16* x_s, float* red, int tid, const unsigned long long* h_ll = nullptr,
+                               unsigned tag = 0, float* hown = nullptr, int lo = 0, int hi = 0) {
+  static_assert(D % CT == 0, "D must be a multiple of the consumer threads");
+  constexpr int PER = D / CT;
+  float v[PER], ss = 0.f;
+  if (h_ll) {
+    int idx[PER];
+    unsigned u[PER];
+#pragma unroll
+    for (int i = 0; i < PER; ++i) idx[i] = tid + i * CT;
+    ll_poll(h_ll, idx, tag, u);
+#pragma unroll
+    for (int i = 0; i < PER; ++i) v[i] = __uint_as_float(u[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < PER; ++i) v[i] = __ldcg(h + tid + i * CT);  // all loads in flight at once
+  }
+#pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    int j = tid + i * CT;
+    x_s[j] = __float2bfloat16(v[i]);
+    ss = fmaf(v[i], v[i], ss);
+    if (hown && j >= lo && j < hi) hown[j - lo] = v[i];
+  }
+  return rsqrtf(block_sum(ss, red, tid) / D + EPS);
+}
+
+// One warp's share of a GEMV row: segment sg of segs of the K-long dot product of w_row and x (both bf16,
+// shared or global memory), lane-strided over 16-byte vectors.
+__device__ __forceinline__ float row_dot(const bf16* w_row, const bf16* x, int K, int sg, int segs, int lane) {
+  const uint4* wv = reinterpret_cast<const uint4*>(w_row);
+  const uint4* xv = reinterpret_cast<const uint4*>(x);
+  int nv = K / 8, v0 = sg * nv / segs, v1 = (sg + 1) * nv / segs;
+  float acc = 0.f;
+  for (int v = v0 + lane; v < v1; v += 32) acc = dot8(wv[v], xv[v], acc);
+  return warp_sum(acc);
+}
+
+// The SSM step of head hd in layer l, by the CT consumer threads, in three parts so that mode 4 can issue the
+// loads that do not depend on in_proj (state, conv ring and weights, the head's scalars) before in_proj's
+// output exists: step_preload, then step_gather_* (in_proj's output for the head), then step_compute.
+constexpr int CH_PER = (P + 2 * NS + CT - 1) / CT;  // conv channels per thread
+static_assert(CT == 4 * P, "four threads per state row");
+__device__ __forceinline__ int step_channel(int hd, int i) { return i < P ? hd * P + i : DI + (i - P); }
+struct StepPre {
+  uint4 st[4];  // this thread's 32 states: row tid / 4, quarter tid % 4
+  float cw[CH_PER][KW], cb[CH_PER], cr[CH_PER][KW - 1];  // conv weights, bias, the ring's last inputs
+  float dtb, alog, dsk;
+};
+struct StepIn {
+  float cur[CH_PER];  // the conv inputs of the thread's channels (x of the head, then B, then C)
+  float dt;
+};
+// step_compute's view of StepPre (modes 0, 4 and the reference).
+struct RegSrc {
+  const StepPre& s;
+  __device__ float cw(int it, int j) const { return s.cw[it][j]; }
+  __device__ float cb(int it) const { return s.cb[it]; }
+  __device__ float cr(int it, int j) const { return s.cr[it][j]; }
+  __device__ uint4 st(int v) const { return s.st[v]; }
+  __device__ float dtb() const { return s.dtb; }
+  __device__ float alog() const { return s.alog; }
+  __device__ float dsk() const { return s.dsk; }
+};
+__device__ void step_preload(const Params& p, int l, int hd, StepPre& s, int tid) {
+#pragma unroll
+  for (int it = 0; it < CH_PER; ++it) {
+    int i = tid + it * CT;
+    if (i < P + 2 * NS) {
+      int ch = step_channel(hd, i);
+      const float* w = p.conv_w + ((size_t)l * CX + ch) * KW;
+      const bf16* rg = p.ring + ((size_t)l * CX + ch) * KW;
+#pragma unroll
+      for (int j = 0; j < KW; ++j) s.cw[it][j] = w[j];
+      s.cb[it] = p.conv_b[(size_t)l * CX + ch];
+      // Slots pos + 1 … pos + KW − 1 (mod KW): inputs of earlier tokens; this token writes only slot pos.
+#pragma unroll
+      for (int j = 0; j < KW - 1; ++j) s.cr[it][j] = __bfloat162float(rg[(p.pos + 1 + j) & (KW - 1)]);
+    }
+  }
+  int row = tid >> 2, q = tid & 3;
+  const uint4* st = reinterpret_cast<const uint4*>(p.state + (((size_t)l * H + hd) * P + row) * NS + q * 32);
+#pragma unroll
+  for (int v = 0; v < 4; ++v) s.st[v] = st[v];
+  s.dtb = p.dt_bias[(size_t)l * H + hd];
+  s.alog = p.a_log[(size_t)l * H + hd];
+  s.dsk = p.dskip[(size_t)l * H + hd];
+}
+// In_proj's output for head hd from p.zx (written before a counter or a kernel boundary); z into sz.
+__device__ void step_gather_plain(const Params& p, int hd, StepIn& in, float* sz, int tid) {
+#pragma unroll
+  for (int it = 0; it < CH_PER; ++it) {
+    int i = tid + it * CT;
+    if (i < P + 2 * NS) in.cur[it] = __ldcg(p.zx + DI + step_channel(hd, i));
+  }
+  for (int i = tid; i < P; i += CT) sz[i] = __ldcg(p.zx + hd * P + i);
+  in.dt = __ldcg(p.zx + DI + CX + hd);
+}
+// The same from zx_ll, polled until every word carries `tag`.
+__device__ void step_gather_ll(const Params& p, int hd, StepIn& in, float* sz, int tid, unsigned tag) {
+  static_assert(P <= CT, "one z per thread");
+  int idx[CH_PER + 2];
+  unsigned u[CH_PER + 2];
+#pragma unroll
+  for (int it = 0; it < CH_PER; ++it) {
+    int i = tid + it * CT;
+    idx[it] = i < P + 2 * NS ? DI + step_channel(hd, i) : -1;
+  }
+  idx[CH_PER] = tid < P ? hd * P + tid : -1;
+  idx[CH_PER + 1] = DI + CX + hd;
+  ll_poll(p.zx_ll, idx, tag, u);
+#pragma unroll
+  for (int it = 0; it < CH_PER; ++it) in.cur[it] = __uint_as_float(u[it]);
+  if (tid < P) sz[tid] = __uint_as_float(u[CH_PER]);
+  in.dt = __uint_as_float(u[CH_PER + 1]);
+}
+// The step itself: conv (ring written in place), softplus dt, the state update, y, D skip, SiLU(z) gate → g,
+// Σ g². Outputs to p.g / p.gss, or (tag ≠ 0) to g_ll / gss_ll tagged `tag`. sx: P + 2·NS floats, red: W.
+// LATE (mode 9): the conv ring's and the state's stores are issued after g and Σ g² are published, so those
+// few stores do not queue behind 16 KB of state stores in a saturated memory system.
+template <bool LATE = false, class Src>
+__device__ void step_compute(const Params& p, int l, int hd, const Src& s, const StepIn& in, float* sx,
+                             const float* sz, float* red, int tid, bool ring_bc, unsigned tag) {
+#pragma unroll
+  for (int it = 0; it < CH_PER; ++it) {
+    int i = tid + it * CT;
+    if (i < P + 2 * NS) {
+      int ch = step_channel(hd, i);
+      float acc = fmaf(s.cw(it, KW - 1), in.cur[it], s.cb(it));
+#pragma unroll
+      for (int j = 0; j < KW - 1; ++j) acc = fmaf(s.cw(it, j), s.cr(it, j), acc);
+      sx[i] = silu(acc);
+      // Slot pos mod KW holds the input of pos − KW, which no conv reads any more: writing it races with
+      // nobody. The B / C channels are shared by all heads: one CTA writes them.
+      if (!LATE && (i < P || ring_bc))
+        p.ring[((size_t)l * CX + ch) * KW + (p.pos & (KW - 1))] = __float2bfloat16(in.cur[it]);
+    }
+  }
+  float dt = in.dt + s.dtb();
+  dt = dt > 20.f ? dt : log1pf(expf(dt));
+  float da = expf(-dt * expf(s.alog()));
+  cbar();
+  int row = tid >> 2, q = tid & 3;  // 4 threads per state row, 32 states each
+  uint4* st = reinterpret_cast<uint4*>(p.state + (((size_t)l * H + hd) * P + row) * NS + q * 32);
+  float xdt = sx[row] * dt, y = 0.f;
+  const float* bv = sx + P + q * 32;
+  const float* cv = sx + P + NS + q * 32;
+  uint4 u4[4];
+#pragma unroll
+  for (int v = 0; v < 4; ++v) u4[v] = s.st(v);
+#pragma unroll
+  for (int v = 0; v < 4; ++v) {
+    uint4& u = u4[v];
+    __nv_bfloat162* e = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float2 f = __bfloat1622float2(e[i]);
+      int n = v * 8 + 2 * i;
+      f.x = fmaf(f.x, da, xdt * bv[n]);
+      f.y = fmaf(f.y, da, xdt * bv[n + 1]);
+      e[i] = __floats2bfloat162_rn(f.x, f.y);
+      float2 r = __bfloat1622float2(e[i]);  // y reads the state as stored
+      y = fmaf(r.x, cv[n], y);
+      y = fmaf(r.y, cv[n + 1], y);
+    }
+  }
+  if (!LATE) {
+#pragma unroll
+    for (int v = 0; v < 4; ++v) st[v] = u4[v];
+  }
+  y += __shfl_xor_sync(0xffffffffu, y, 1);
+  y += __shfl_xor_sync(0xffffffffu, y, 2);
+  float g2 = 0.f, gv = 0.f;
+  if (q == 0) {
+    gv = rnd(fmaf(s.dsk(), sx[row], y) * silu(sz[row]));
+    if (!tag) p.g[hd * P + row] = __float2bfloat16(gv);
+    g2 = gv * gv;
+  }
+  if (tag) {  // rows 2k and 2k + 1 (lanes 8k and 8k + 4 of a warp) in one word
+    float gn = __shfl_down_sync(0xffffffffu, gv, 4);
+    if (q == 0 && !(row & 1)) {
+      __nv_bfloat162 pair = __floats2bfloat162_rn(gv, gn);
+      st_relaxed64(p.g_ll + (hd * P + row) / 2, ll_pack(*reinterpret_cast<unsigned*>(&pair), tag));
+    }
+  }
+  float sum = block_sum(g2, red, tid);
+  if (tid == 0) {
+    if (tag)
+      st_relaxed64(p.gss_ll + hd, ll_pack(__float_as_uint(sum), tag));
+    else
+      p.gss[hd] = sum;
+  }
+  if (LATE) {
+#pragma unroll
+    for (int v = 0; v < 4; ++v) st[v] = u4[v];
+#pragma unroll
+    for (int it = 0; it < CH_PER; ++it) {
+      int i = tid + it * CT;
+      if (i < P + 2 * NS && (i < P || ring_bc))
+        p.ring[((size_t)l * CX + step_channel(hd, i)) * KW + (p.pos & (KW - 1))] = __float2bfloat16(in.cur[it]);
+    }
+  }
+}
+// The whole step from p.zx (mode 0 and the reference).
+__device__ void ssm_step(const Params& p, int l, int hd, float* sx, float* sz, float* red, int tid, bool ring_bc) {
+  StepPre pre;
+  StepIn in;
+  step_preload(p, l, hd, pre, tid);
+  step_gather_plain(p, hd, in, sz, tid);
+  step_compute(p, l, hd, RegSrc{pre}, in, sx, sz, red, tid, ring_bc, 0);
+}
+
+// 1/rms of the gated norm's input from the heads' Σ g², by one warp (the loads in flight at once).
+__device__ float gated_inv(const Params& p, int lane) {
+  static_assert(H <= 96, "three loads per lane");
+  float a = lane < H ? __ldcg(p.gss + lane) : 0.f;
+  float b = lane + 32 < H ? __ldcg(p.gss + lane + 32) : 0.f;
+  float c = lane + 64 < H ? __ldcg(p.gss + lane + 64) : 0.f;
+  return rsqrtf(warp_sum(a + b + c) / DI + EPS);
+}
+__device__ __forceinline__ float residual_update(const Params& p, int j, float o, float inv) {
+  return __ldcg(p.h + j) + rnd(rnd(o) * inv);
+}
+
+// ----------------------------------------------------------------------------------------- the megakernel
+__device__ void wait_count(const unsigned* c, unsigned target, int tid) {
+  if (tid == 0)
+    while (ld_acquire(c) < target) {
+    }
+  cbar();
+}
+__device__ void arrive_count(unsigned* c, int tid) {  // bar.sync, then one release (as grid.sync does)
+  cbar();
+  if (tid == 0) {
+    __threadfence();
+    atomicAdd(c, 1u);
+  }
+}
+
+// Mode 4: g (bf16, DI) polled from g_ll into x_s and the gated norm's 1/rms from gss_ll (the sum in
+// gated_inv's order), both tagged `tag`.
+__device__ float load_g_ll(const Params& p, unsigned tag, bf16* x_s, float* misc, int tid) {
+  constexpr int PER = DI / 2 / CT;
+  static_assert(DI / 2 % CT == 0, "g words must be a multiple of the consumer threads");
+  int idx[PER];
+  unsigned u[PER];
+#pragma unroll
+  for (int i = 0; i < PER; ++i) idx[i] = tid + i * CT;
+  ll_poll(p.g_ll, idx, tag, u);
+  unsigned* xw = reinterpret_cast<unsigned*>(x_s);
+#pragma unroll
+  for (int i = 0; i < PER; ++i) xw[tid + i * CT] = u[i];
+  if (tid < 32) {
+    static_assert(H <= 96, "three words per lane");
+    int gi[3] = {tid < H ? tid : -1, tid + 32 < H ? tid + 32 : -1, tid + 64 < H ? tid + 64 : -1};
+    unsigned gu[3];
+    ll_poll(p.gss_ll, gi, tag, gu);
+    float a = tid < H ? __uint_as_float(gu[0]) : 0.f;
+    float b = tid + 32 < H ? __uint_as_float(gu[1]) : 0.f;
+    float c = tid + 64 < H ? __uint_as_float(gu[2]) : 0.f;
+    float v = rsqrtf(warp_sum(a + b + c) / DI + EPS);
+    if (tid == 0) misc[0] = v;
+  }
+  cbar();
+  return misc[0];
+}
+
+// Mode 5: what the SSM step of head c in layer l reads besides in_proj's output, streamed through the ring
+// as one more slot right after the CTA's in_proj rows (so it is in shared memory when the step runs): the
+// head's state, then the conv weights, biases and ring inputs of its x channels and of the B / C channels.
+constexpr int SS_STATE = 0, SS_CWX = SS_STATE + P * NS * 2, SS_CWBC = SS_CWX + P * KW * 4,
+              SS_CBX = SS_CWBC + 2 * NS * KW * 4, SS_CBBC = SS_CBX + P * 4, SS_RX = SS_CBBC + 2 * NS * 4,
+              SS_RBC = SS_RX + P * KW * 2, STEP_SLOT = SS_RBC + 2 * NS * KW * 2;
+__device__ void load_step_slot(const Params& p, int l, int hd, unsigned char* dst, uint64_t* bar, uint64_t pol) {
+  const size_t ch = (size_t)l * CX;
+  mbar_expect(bar, STEP_SLOT);
+  bulk_load(dst + SS_STATE, p.state + ((size_t)l * H + hd) * P * NS, P * NS * 2, bar, pol);
+  bulk_load(dst + SS_CWX, p.conv_w + (ch + hd * P) * KW, P * KW * 4, bar, pol);
+  bulk_load(dst + SS_CWBC, p.conv_w + (ch + DI) * KW, 2 * NS * KW * 4, bar, pol);
+  bulk_load(dst + SS_CBX, p.conv_b + ch + hd * P, P * 4, bar, pol);
+  bulk_load(dst + SS_CBBC, p.conv_b + ch + DI, 2 * NS * 4, bar, pol);
+  bulk_load(dst + SS_RX, p.ring + (ch + hd * P) * KW, P * KW * 2, bar, pol);
+  bulk_load(dst + SS_RBC, p.ring + (ch + DI) * KW, 2 * NS * KW * 2, bar, pol);
+}
+// step_compute's view of a step slot in shared memory (mode 5): read where it is used, so that nothing of it
+// is held in registers (the kernel runs at its register limit; spilled values would come back from L2).
+struct SlotSrc {
+  const unsigned char* slot;
+  int tid, pos;
+  float dtb_, alog_, dsk_;
+  __device__ int j(int it) const { int i = tid + it * CT; return i < P ? i : i - P; }
+  __device__ bool x(int it) const { return tid + it * CT < P; }
+  __device__ float cw(int it, int t) const {
+    return reinterpret_cast<const float*>(slot + (x(it) ? SS_CWX : SS_CWBC))[j(it) * KW + t];
+  }
+  __device__ float cb(int it) const { return reinterpret_cast<const float*>(slot + (x(it) ? SS_CBX : SS_CBBC))[j(it)]; }
+  __device__ float cr(int it, int t) const {
+    const bf16* rg = reinterpret_cast<const bf16*>(slot + (x(it) ? SS_RX : SS_RBC)) + j(it) * KW;
+    return __bfloat162float(rg[(pos + 1 + t) & (KW - 1)]);
+  }
+  __device__ uint4 st(int v) const {
+    return reinterpret_cast<const uint4*>(slot + SS_STATE + ((tid >> 2) * NS + (tid & 3) * 32) * 2)[v];
+  }
+  __device__ float dtb() const { return dtb_; }
+  __device__ float alog() const { return alog_; }
+  __device__ float dsk() const { return dsk_; }
+};
+
+// The in_proj rows CTA c of G owns, as up to two ranges (part 0, part 1; an empty one has lo == hi): in mode 6
+// first its share of the B, C and dt rows (which every head's step reads), then its share of the z and x
+// rows; otherwise one contiguous range.
+__device__ void in_range(int mode, int part, int c, int G, int& lo, int& hi) {
+  if (mode == 6) {
+    rows_of(part == 0 ? NIN - 2 * DI : 2 * DI, c, G, lo, hi);
+    if (part == 0) lo += 2 * DI, hi += 2 * DI;
+  } else if (part == 0 && mode == 7) {
+    // Mode 7: the CTAs that run a step also stream its slot (STEP_SLOT bytes), so they take that many fewer
+    // bytes of in_proj rows than the others: every CTA then streams the same bytes per layer.
+    const double ds = (double)STEP_SLOT / (D * 2), ns = H < G ? H : G;
+    const double r_step = (NIN - (G - ns) * ds) / G;  // rows of a step CTA; the others take ds more
+    auto start = [&](int i) { return (int)llround(i <= ns ? i * r_step : ns * r_step + (i - ns) * (r_step + ds)); };
+    lo = start(c);
+    hi = c == G - 1 ? NIN : start(c + 1);
+  } else if (part == 0) {
+    rows_of(NIN, c, G, lo, hi);
+  } else {
+    lo = hi = 0;
+  }
+}
+
+// The producer's walk over this CTA's ring slots, in the consumers' order: per layer its in_proj rows
+// (phases 0 and 1, see in_range), in modes 5 and 6 the step slot of CTAs that run a step (phase 2), its
+// out_proj rows (phase 3); slots of R rows.
+struct Cursor {
+  int l, ph, r0, hi, R, rb;
+  const unsigned char* base;
+};
+// Enter phase (u.l, u.ph) at its first slot, skipping empty ones; false past the last layer.
+__device__ bool cursor_enter(Cursor& u, const Params& p, int c, int G) {
+  while (u.l < p.layers) {
+    if (u.ph == 2) {
+      if (p.mode >= 5 && c < H) {
+        u.r0 = 0, u.hi = 1, u.R = 1, u.rb = STEP_SLOT, u.base = nullptr;
+        return true;
+      }
+    } else {
+      bool in = u.ph < 2;
+      int lo, hi;
+      if (in)
+        in_range(p.mode, u.ph, c, G, lo, hi);
+      else
+        rows_of(D, c, G, lo, hi);
+      u.rb = (in ? D : DI) * 2;
+      u.R = p.slot / u.rb;
+      u.r0 = lo;
+      u.hi = hi;
+      u.base = in ? reinterpret_cast<const unsigned char*>(p.win + (size_t)u.l * NIN * D)
+                  : reinterpret_cast<const unsigned char*>(p.wout + (size_t)u.l * D * DI);
+      if (lo < hi) return true;
+    }
+    if (++u.ph == 4) u.ph = 0, ++u.l;
+  }
+  return false;
+}
+__device__ bool cursor_next(Cursor& u, const Params& p, int c, int G) {
+  u.r0 += u.R;
+  if (u.r0 < u.hi) return true;
+  if (++u.ph == 4) u.ph = 0, ++u.l;
+  return cursor_enter(u, p, c, G);
+}
+__device__ __forceinline__ unsigned cursor_bytes(const Cursor& u) { return (unsigned)(min(u.R, u.hi - u.r0) * u.rb); }
+__device__ __forceinline__ const unsigned char* cursor_src(const Cursor& u) { return u.base + (size_t)u.r0 * u.rb; }
+
+// One instance per mode, so that each is register-allocated for its own paths (the kernel runs at its
+// register limit, and a spilled value comes back from L2).
+template <int MODE>
+__global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
+  if (p.pos_dev) {  // every CTA reads them before any advances the epoch (the last one, after all finished)
+    p.pos = *p.pos_dev;
+    p.epoch = (int)*p.epoch_dev;
+  }
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int G = gridDim.x, c = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  unsigned char* ring = smem;
+  bf16* x_s = reinterpret_cast<bf16*>(smem + (size_t)p.stages * p.slot);
+  float* parts = reinterpret_cast<float*>(x_s + DI);
+  float* sx = parts + MAX_PARTS;
+  float* sz = sx + P + 2 * NS;
+  float* red = sz + P;
+  float* hown = red + W;
+  float* misc = hown + MAX_OWN;
+  uint64_t* full = reinterpret_cast<uint64_t*>(misc + 8);
+  uint64_t* empty = full + p.stages;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < p.stages; ++s) {
+      mbar_init(full + s, 1);
+      mbar_init(empty + s, W);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  const int K_[2] = {D, DI}, N_[2] = {NIN, D};
+  if (warp == W) {  // the producer: every layer's weight rows of this CTA, in the consumers' order
+    if (lane == 0) {
+      uint64_t pol;
+      asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+      // With pf > 0 a second cursor runs pf slots ahead of the ring's loads and pulls those rows into L2, so
+      // the memory system keeps streaming while the ring is full and the consumers wait.
+      Cursor a{0, 0}, b{0, 0};
+      bool va = cursor_enter(a, p, c, G), vb = p.pf > 0 && cursor_enter(b, p, c, G);
+      for (int i = 0; i < p.pf && vb; ++i) {
+        if (b.ph != 2) prefetch_l2(cursor_src(b), cursor_bytes(b));
+        vb = cursor_next(b, p, c, G);
+      }
+      for (int k = 0; va; ++k) {
+        int s = k % p.stages;
+        mbar_wait(empty + s, ((k / p.stages) & 1) ^ 1);
+        if (a.ph == 2) {
+          load_step_slot(p, a.l, c, ring + (size_t)s * p.slot, full + s, pol);
+        } else {
+          unsigned bytes = cursor_bytes(a);
+          mbar_expect(full + s, bytes);
+          bulk_load(ring + (size_t)s * p.slot, cursor_src(a), bytes, full + s, pol);
+        }
+        va = cursor_next(a, p, c, G);
+        if (vb) {
+          if (b.ph != 2) prefetch_l2(cursor_src(b), cursor_bytes(b));
+          vb = cursor_next(b, p, c, G);
+        }
+      }
+    }
+    return;
+  }
+
+  const int tid = threadIdx.x;
+  const unsigned G_ = (unsigned)G * p.epoch, H_ = (unsigned)H * p.epoch;
+  unsigned* in_done = p.cnt;
+  unsigned* step_done = p.cnt + p.layers;
+  unsigned* out_done = p.cnt + 2 * p.layers;
+  constexpr bool gemv = MODE != 3, waits = MODE == 0 || MODE == 2, ll = MODE >= 4, step = MODE == 0 || ll;
+  const bool step_cta = step && c < H;
+  int olo, ohi;  // the residual rows this CTA's out_proj updates
+  rows_of(D, c, G, olo, ohi);
+  StepPre pre;
+  float sc[3];  // mode 5: the step's scalars (dt_bias, A_log, D), loaded at the layer's start
+  // Trace events (thread 0, %globaltimer ns): 0 layer start, 1 residual ready, 2 x loaded, 3 in_proj rows done,
+  // 4 in_done arrived, 5 in_done complete (step CTAs), 6 step done, 7 g ready, 8 g loaded, 9 out_proj rows done,
+  // 10 out_done arrived. Mode 4 polls data rather than counters: 1 → 2 holds the residual's wait, 4 → 5 the
+  // step's inputs' wait, 7 → 8 g's wait.
+  auto ev = [&](int l, int e) {
+    if (p.trace && tid == 0) p.trace[((size_t)c * p.layers + l) * NEV + e] = globaltimer();
+  };
+  int k = 0;
+  for (int l = 0; l < p.layers; ++l) {
+    for (int ph = 0; ph < 2; ++ph) {
+      float scale = 1.f;
+      if (ph == 0) {  // A: the residual after layer l − 1
+        ev(l, 0);
+        if (MODE == 4 && step_cta) step_preload(p, l, c, pre, tid);  // in flight while the residual and in_proj go
+        if (MODE >= 5 && step_cta) {
+          sc[0] = p.dt_bias[(size_t)l * H + c];
+          sc[1] = p.a_log[(size_t)l * H + c];
+          sc[2] = p.dskip[(size_t)l * H + c];
+        }
+        if (l > 0 && waits) wait_count(out_done + l - 1, G_, tid);
+        ev(l, 1);
+        if (ll)
+          scale = load_residual(p.h, x_s, red, tid, l > 0 ? p.h_ll : nullptr, ll_tag(p, l - 1), hown, olo, ohi);
+        else if (gemv)
+          scale = load_residual(p.h, x_s, red, tid);
+        ev(l, 2);
+      } else if (ll) {  // D: g after every head's step
+        ev(l, 7);
+        scale = load_g_ll(p, ll_tag(p, l), x_s, misc, tid);
+        ev(l, 8);
+      } else {
+        if (step) wait_count(step_done + l, H_, tid);
+        if (MODE == 2) wait_count(in_done + l, G_, tid);
+        ev(l, 7);
+        if (gemv) {
+          const uint4* gv = reinterpret_cast<const uint4*>(p.g);
+          uint4* xv = reinterpret_cast<uint4*>(x_s);
+          constexpr int NV = DI / 8, PER = (NV + CT - 1) / CT;
+          uint4 t[PER];
+#pragma unroll
+          for (int i = 0; i < PER; ++i)
+            if (tid + i * CT < NV) t[i] = __ldcg(gv + tid + i * CT);
+#pragma unroll
+          for (int i = 0; i < PER; ++i)
+            if (tid + i * CT < NV) xv[tid + i * CT] = t[i];
+          if (warp == 0) {
+            float v = gated_inv(p, lane);
+            if (lane == 0) misc[0] = v;
+          }
+          cbar();
+          scale = misc[0];
+        }
+        ev(l, 8);
+      }
+      // B / D: this CTA's rows of the projection, slot by slot as the producer fills them.
+      const int K = K_[ph], rb = K * 2, R = p.slot / rb, segs = W / R;
+      int lo, hi;
+      for (int part = 0; part < (ph == 0 && MODE == 6 ? 2 : 1); ++part) {
+        if (ph == 0)
+          in_range(MODE, part, c, G, lo, hi);
+        else
+          rows_of(N_[ph], c, G, lo, hi);
+        for (int r0 = lo; r0 < hi; r0 += R, ++k) {
+          int s = k % p.stages, rows = min(R, hi - r0), r = warp % R, sg = warp / R;
+          mbar_wait(full + s, (k / p.stages) & 1);
+          if (gemv && r < rows) {
+            float v = row_dot(reinterpret_cast<const bf16*>(ring + (size_t)s * p.slot + (size_t)r * rb), x_s, K, sg, segs,
+                              lane);
+            if (lane == 0) {
+              // Tagged modes publish an in_proj row whose dot product one warp holds whole as soon as it is
+              // done: a step waits for its own rows, not for the end of their owners' passes.
+              if (ll && ph == 0 && segs == 1)
+                st_relaxed64(p.zx_ll + r0 + r, ll_pack(__float_as_uint(v * scale), ll_tag(p, l)));
+              else
+                parts[(r0 - lo + r) * segs + sg] = v;
+            }
+          }
+          __syncwarp();
+          if (lane == 0) mbar_arrive(empty + s);
+        }
+      }
+      cbar();
+      ev(l, ph == 0 ? 3 : 9);
+      const unsigned tag = ll_tag(p, l);
+      const bool published = ll && ph == 0 && segs == 1;
+      for (int i = tid; gemv && !published && i < hi - lo; i += CT) {
+        float o = 0.f;
+        for (int s = 0; s < segs; ++s) o += parts[i * segs + s];
+        if (ph == 0) {
+          if (ll)
+            st_relaxed64(p.zx_ll + lo + i, ll_pack(__float_as_uint(o * scale), tag));
+          else
+            p.zx[lo + i] = o * scale;
+        } else if (ll) {  // the same sum as residual_update, from the float32 h kept at the layer's start
+          float nh = hown[i] + rnd(rnd(o) * scale);
+          st_relaxed64(p.h_ll + lo + i, ll_pack(__float_as_uint(nh), tag));
+          p.h[lo + i] = nh;  // for the next launch (its layer 0) and the check
+        } else {
+          p.h[lo + i] = residual_update(p, lo + i, o, scale);
+        }
+      }
+      if (ll)
+        cbar();  // parts are read above before the next phase writes them
+      else
+        arrive_count((ph == 0 ? in_done : out_done) + l, tid);
+      ev(l, ph == 0 ? 4 : 10);
+      if (ph == 0 && step_cta) {  // C: the SSM step of head c
+        if (ll) {
+          StepIn in;
+          step_gather_ll(p, c, in, sz, tid, tag);
+          ev(l, 5);
+          if (MODE >= 5) {  // from the step slot, released after the step
+            int s = k % p.stages;
+            mbar_wait(full + s, (k / p.stages) & 1);
+            const SlotSrc src{ring + (size_t)s * p.slot, tid, p.pos, sc[0], sc[1], sc[2]};
+            if (MODE == 8) {  // timing only: no step arithmetic, g = 0 and Σ g² = 1 published (no state update)
+              if (tid < P / 2) st_relaxed64(p.g_ll + c * (P / 2) + tid, ll_pack(0u, tag));
+              if (tid == 0) st_relaxed64(p.gss_ll + c, ll_pack(__float_as_uint(1.f), tag));
+            } else if (MODE == 9) {
+              step_compute<true>(p, l, c, src, in, sx, sz, red, tid, c == 0, tag);
+            } else {
+              step_compute(p, l, c, src, in, sx, sz, red, tid, c == 0, tag);
+            }
+            __syncwarp();
+            if (lane == 0) mbar_arrive(empty + s);
+            ++k;
+          } else {
+            step_compute(p, l, c, RegSrc{pre}, in, sx, sz, red, tid, c == 0, tag);
+          }
+        } else {
+          wait_count(in_done + l, G_, tid);
+          ev(l, 5);
+          ssm_step(p, l, c, sx, sz, red, tid, c == 0);
+          arrive_count(step_done + l, tid);
+        }
+        ev(l, 6);
+      }
+    }
+  }
+  if (p.epoch_dev && tid == 0) {  // the last CTA to finish advances the epoch for the next launch
+    __threadfence();
+    if (atomicAdd(p.done_dev, 1u) == (unsigned)G - 1) {
+      *p.done_dev = 0;
+      *p.epoch_dev = (unsigned)p.epoch + 1;
+      __threadfence();
+    }
+  }
+}
+
+// Dynamic shared memory of a launch with these ring slots.
+inline size_t megakernel_smem_bytes(int slot, int stages) {
+  return (size_t)stages * slot + DI * 2 + (MAX_PARTS + P + 2 * NS + P + W + MAX_OWN + 8) * 4 + 2 * stages * 8;
+}
