@@ -10,6 +10,7 @@ drift of the machine shows as a difference between rounds rather than between va
     python benchmarks/decode_variants.py --model mamba2_2_7b --batch 1 \\
         --variant "xla:MAMBA_JAX_DECODE_GEMV=xla" --variant "pdl:MAMBA_JAX_DECODE_GEMV=mosaic" --out r.json
     python benchmarks/decode_variants.py --model mamba2_2_7b --batch 1 --variant "bf16:" --variant "fp8:quantize=fp8"
+    python benchmarks/decode_variants.py --model mamba2_2_7b --batch 1 --variant "loop:" --variant "mk:megakernel=1"
 
 Prints one JSON line per (round, variant) as it goes (a variant that fails to compile or run is kept under
 "errors" and the others go on), then writes the means (tokens/s as generate.py counts
@@ -40,14 +41,15 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 
 def run_variant(model, prompts, settings: dict[str, str], new_tokens: int, reps: int) -> float:
     options = dict(_option(f"{k}={v}") for k, v in settings.items() if k.startswith("xla_"))
-    env = {k: v for k, v in settings.items() if not k.startswith("xla_") and k != "quantize"}
+    env = {k: v for k, v in settings.items() if not k.startswith("xla_") and k not in ("quantize", "megakernel")}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
         engine_mod._generate_fn.cache_clear()  # a fresh trace reads the variables again
         jax.clear_caches()
         eng = engine_mod.Engine(model, state_dtype="bfloat16", decode_impl="auto", compiler_options=options or None,
-                                quantize=settings.get("quantize"))  # fmt: skip
+                                quantize=settings.get("quantize"),
+                                megakernel=settings.get("megakernel") == "1")  # fmt: skip
         t_one, _ = time_generate(eng, prompts, 1, reps=reps)
         t_full, _ = time_generate(eng, prompts, new_tokens, reps=reps)
     finally:

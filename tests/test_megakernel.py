@@ -159,3 +159,21 @@ def test_kernel_matches_the_reference_on_gpu():
         ws, gs = np.asarray(rc.state, np.float32), np.asarray(kc.state, np.float32)
         assert np.mean(np.abs(gs - ws) > np.abs(ws) * 2.0**-7 + 1e-30) <= 1e-3, t
         np.testing.assert_array_equal(np.asarray(kc.ring, np.float32), np.asarray(rc.ring, np.float32))
+
+
+def test_engine_with_the_megakernel_generates_as_without():
+    """Engine(megakernel=True) at batch 1 (here the JAX reference, float32 as the model) generates the tokens
+    and log-probabilities of the usual decode loop; batch 2 decodes as without it; unsupported models fail."""
+    from mamba_jax.inference.engine import Engine, SamplingParams
+
+    model = _model(seed=7)
+    sp = SamplingParams(max_new_tokens=6, temperature=0.0)
+    want = Engine(model).generate([[5, 9, 2, 7]], sp)
+    eng = Engine(model, megakernel=True)
+    got = eng.generate([[5, 9, 2, 7]], sp)
+    assert got.tokens == want.tokens
+    np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-4, atol=1e-4)
+    two = [[5, 9, 2, 7], [3, 3]]
+    assert eng.generate(two, sp).tokens == Engine(model).generate(two, sp).tokens
+    with pytest.raises(ValueError, match="does not cover"):
+        Engine(init_model(small_hybrid(), seed=0), megakernel=True)

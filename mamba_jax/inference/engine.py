@@ -92,6 +92,7 @@ class Engine:
         decode_impl=None,
         compiler_options: dict | None = None,
         quantize: str | None = None,
+        megakernel: bool = False,
     ):
         """`dtype`: cast the weight matrices (e.g. bf16 for serving a float32-trained model). `state_dtype`:
         the SSM state kept between decode steps; float32 (default) is exact, bfloat16 halves the bytes every
@@ -106,7 +107,10 @@ class Engine:
         {"xla_gpu_exhaustive_tiling_search": True}: a wider autotuning of the GEMVs); None: `default_options`
         for the batch. `quantize`: "fp8" stores the projection weights in float8 with a scale per output
         channel (`mamba_jax.inference.quantize`: half the bytes of bf16 per decode step; logits within a few
-        per cent); None or "none" keeps them as they are."""
+        per cent); None or "none" keeps them as they are. `megakernel` (experimental; pure Mamba2 models):
+        decode batch 1 with one launch per token through every layer (`mamba_jax.inference.megakernel`: the
+        CUDA kernel where it is built for the model's dimensions, its JAX reference elsewhere); it keeps a
+        packed copy of the layer weights. Other batches decode as without it."""
         if dtype is not None:
             model = nnx.merge(*_cast_state(nnx.split(model), dtype))
         if unstack:
@@ -119,6 +123,14 @@ class Engine:
         if self.quantize is not None:
             model = model if (unstack or dtype is not None) else nnx.clone(model)  # never the caller's modules
             quantize_weights(model, self.quantize)
+        self.mk_params = None
+        if megakernel:
+            from mamba_jax.inference import megakernel as mk
+
+            if reason := mk.unsupported(model) or (mesh is not None and mesh.size > 1 and "a sharded model"):
+                raise ValueError(f"megakernel=True: the megakernel does not cover {reason}.")
+            # bf16 as the kernel reads them; a float32 model keeps float32 (then the JAX reference runs it)
+            self.mk_params = mk.pack(model, jnp.float32 if jnp.dtype(model.cfg.dtype) == jnp.float32 else mk.BF16)
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
         self.mesh = mesh
@@ -147,8 +159,10 @@ class Engine:
             vocab_size,
             self.state_dtype,
             default_options(len(prompts), self.quantize) if self.compiler_options is None else self.compiler_options,
+            megakernel := self.mk_params is not None and len(prompts) == 1,
         )
         args = (self.state, jnp.asarray(ids), jnp.asarray(start), jax.random.key(params.seed))
+        args += (self.mk_params if megakernel else None,)
         if stream is not None:
             _STREAM[0] = stream
         if self.mesh is not None:
@@ -234,6 +248,31 @@ def _cast_ssm_states(cache, dtype: str):
     return jax.tree_util.tree_map_with_path(cast, cache)
 
 
+def _megakernel_cache(mk_params, cache, length: int):
+    """The prefill's caches as the megakernel's (its ring of conv inputs: the fused decode path's prefill
+    already keeps one, the XLA path's a window of the last K − 1) and a fresh workspace."""
+    from mamba_jax.inference import megakernel as mk
+    from mamba_jax.kernels.decode import conv_ring
+
+    taps = mk_params.conv_w.shape[-1]
+
+    def ring(c):  # a Mamba layer's cache
+        return c if c["conv"].shape[1] == taps else {**c, "conv": conv_ring(c["conv"], length)}
+
+    rings = jax.tree.map(ring, cache, is_leaf=lambda c: isinstance(c, dict) and "ssm" in c)
+    return mk.kernel_cache(rings, mk_params.win.dtype), mk.workspace(mk_params)
+
+
+def _megakernel_decode(model, mk_params, tok_B, cache, pos):
+    """One token of batch 1 through the megakernel, with the embedding, final norm and head around it."""
+    from mamba_jax.inference import megakernel as mk
+
+    mk_cache, work = cache
+    h_D = model._embed(tok_B)[0].astype(jnp.float32)
+    h_D, mk_cache, work = mk.step(mk_params, mk_cache, h_D, pos, work, eps=model.cfg.norm_eps)
+    return model._logits(model.norm_f(h_D[None])), (mk_cache, work)
+
+
 @functools.lru_cache(maxsize=32)
 def _generate_fn(
     graphdef,
@@ -243,15 +282,18 @@ def _generate_fn(
     vocab_size: int | None,
     state_dtype: str,
     compiler_options: tuple = (),
+    megakernel: bool = False,
 ):
     T = params.max_new_tokens
 
-    def run(state, ids_BL, start_B, key):
+    def run(state, ids_BL, start_B, key, mk_params):
         model = nnx.merge(graphdef, state)
         b, l = ids_BL.shape
         seq_idx = (jnp.arange(l)[None] >= start_B[:, None]).astype(jnp.int32)
         logits_BV, cache = model.prefill(ids_BL, seq_idx=seq_idx, cache_len=l + T)
         cache = _cast_ssm_states(cache, state_dtype)
+        if megakernel:  # batch 1: the caches as the kernel's [layer, …] arrays, and its workspace
+            cache = _megakernel_cache(mk_params, cache, l)
         v = logits_BV.shape[-1]
         seen_BV = jnp.zeros((b, v), bool)
         if params.repetition_penalty != 1.0:  # the prompt counts as seen
@@ -285,7 +327,10 @@ def _generate_fn(
                 jax.debug.callback(_emit, tok_B, ordered=True)
             seen_BV = seen_BV.at[jnp.arange(b), tok_B].set(True)
             done_B = done_B | (tok_B == eos_id)
-            logits_BV, cache = model.decode(tok_B, cache, pos=l + t, start=start_B)
+            if megakernel:
+                logits_BV, cache = _megakernel_decode(model, mk_params, tok_B, cache, l + t)
+            else:
+                logits_BV, cache = model.decode(tok_B, cache, pos=l + t, start=start_B)
             return t + 1, logits_BV, cache, key, seen_BV, done_B, tokens_BT, logprobs_BT
 
         carry = (
