@@ -3,7 +3,7 @@
 
   python benchmarks/generate.py --model mamba2_130m,mamba2_2_7b,nemotronh_8b_13l --batch 1,32 \
       [--prompt-len 128 --new-tokens 256] [--state-dtype float32,bfloat16] [--peer]
-      [--decode-impl auto,xla] [--quantize none,fp8] [--out benchmarks/results/generate_h100.json]
+      [--decode-impl auto,xla,megakernel] [--quantize none,fp8] [--out benchmarks/results/generate_h100.json]
 
 Random weights (throughput does not depend on their values), bf16, greedy. Per (model, batch): time to first
 token (prefill of the prompt + first sampled token), decode tokens/s (from runs of 1 and N new tokens, so that
@@ -76,6 +76,18 @@ def model_for(name: str):
     if layers:
         cfg = cfg.replace(pattern=cfg.pattern[:layers])
     return init_model(cfg.replace(dtype="bfloat16", param_dtype="bfloat16"), seed=0)
+
+
+def megakernel_skip(model, batch: int) -> str | None:
+    """Why Engine(megakernel=True) would not run the CUDA megakernel for this model and batch, or None."""
+    from mamba_jax.inference import megakernel as mk
+
+    if batch != 1:
+        return "it decodes batch 1"
+    if reason := mk.unsupported(model):
+        return reason
+    shapes = jax.eval_shape(mk.pack, model)
+    return mk.kernel_unsupported(shapes, model.cfg.norm_eps)
 
 
 def cache_bytes_per_step(model, batch: int, prompt_len: int, new_tokens: int, state_dtype: str) -> int:
@@ -161,7 +173,11 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--state-dtype", default="float32,bfloat16")
-    p.add_argument("--decode-impl", default="auto", help="comma-separated: auto, xla, pallas (Engine decode_impl)")
+    p.add_argument(
+        "--decode-impl",
+        default="auto",
+        help="comma-separated: auto, xla, pallas (Engine decode_impl), megakernel (Engine megakernel=True)",
+    )
     p.add_argument("--quantize", default="none", help="comma-separated: none, fp8 (Engine quantize)")
     p.add_argument("--peer", action="store_true")
     p.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
@@ -180,8 +196,12 @@ def main() -> int:
             peer = peer_generate(name, batch, args.prompt_len, args.new_tokens) if args.peer else None
             axes = (args.state_dtype.split(","), args.decode_impl.split(","), args.quantize.split(","))
             for state_dtype, impl, quantize in itertools.product(*axes):
-                engine = Engine(model, state_dtype=state_dtype, decode_impl=impl, compiler_options=options or None,
-                                quantize=quantize)  # fmt: skip
+                mk = impl == "megakernel"  # Engine(megakernel=True): batch 1 through the CUDA megakernel
+                if mk and (reason := megakernel_skip(model, batch)):
+                    print(f"{name} batch {batch}: no megakernel row ({reason})", flush=True)
+                    continue
+                engine = Engine(model, state_dtype=state_dtype, decode_impl="auto" if mk else impl,
+                                compiler_options=options or None, quantize=quantize, megakernel=mk)  # fmt: skip
                 weight_bytes = weight_bytes_per_step(nnx.merge(engine.graphdef, engine.state))
                 rng = np.random.default_rng(0)
                 prompts = [rng.integers(1, model.cfg.vocab_size, args.prompt_len).tolist() for _ in range(batch)]

@@ -123,8 +123,8 @@ elif [ "$stage" = h ]; then  # ≈ 9 minutes at most: the CUDA skinny GEMM in th
 elif [ "$stage" = i ]; then  # ≈ 6 minutes at most: generate.py on 2.7B with mamba_ssm side by side (the defaults)
     find_nvcc
     cd benchmarks || exit 1
-    step generate_2_7b 330 python3 generate.py --model mamba2_2_7b --batch 32,1 --state-dtype bfloat16 --peer \
-        --out "$OUT/generate_2_7b_$gpu.json"
+    step generate_2_7b 400 python3 generate.py --model mamba2_2_7b --batch 32,1 --state-dtype bfloat16 --peer \
+        --decode-impl auto,megakernel --out "$OUT/generate_2_7b_$gpu.json"
 elif [ "$stage" = j ]; then  # ≈ 9 minutes at most: the megakernel against the model's step, then in the Engine
     find_nvcc
     # the FFI kernel (kernels/megakernel.cu) against the JAX reference, 2 layers, 3 tokens
