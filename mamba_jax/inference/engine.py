@@ -28,6 +28,7 @@ from mamba_jax.inference.fold import fold_norm_weights
 from mamba_jax.inference.quantize import quantize_weights
 from mamba_jax.inference.sampling import filter_logits
 from mamba_jax.models.stack import unstack_layers
+from mamba_jax.ops.ssd import note_once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +132,9 @@ class Engine:
                 raise ValueError(f"megakernel=True: the megakernel does not cover {reason}.")
             # bf16 as the kernel reads them; a float32 model keeps float32 (then the JAX reference runs it)
             self.mk_params = mk.pack(model, jnp.float32 if jnp.dtype(model.cfg.dtype) == jnp.float32 else mk.BF16)
+            if why := mk.kernel_unsupported(self.mk_params, model.cfg.norm_eps):
+                note_once(f"megakernel=True: the CUDA megakernel does not run here ({why}); batch 1 decodes "
+                          "through its JAX reference instead (the same arithmetic, not faster).")  # fmt: skip
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
         self.mesh = mesh
