@@ -3,7 +3,8 @@ reads and a JAX reference of its arithmetic.
 
 `benchmarks/megakernel_probe.cu` measured the design on an H100 (≈ 33.8 µs per Mamba2-2.7B layer against the
 38.75 of the Engine's loop of separate kernels, benchmarks/README.md). Its path into the Engine is an XLA FFI
-call, as `kernels/skinny_gemm.py` makes one; this module is the part of that path the GPU is not needed for:
+call (`kernels/megakernel.cu`, run by `step`; `Engine(megakernel=True)` decodes batch 1 through it); this
+module also holds the parts of that path the GPU is not needed for:
 
   `pack`           the model's Mamba layers as the kernel streams them, stacked over layers: in_proj and
                    out_proj transposed (a row per output feature, K contiguous) with the norms' weights
