@@ -26,12 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from bench_util import provenance, write_result
+from flax import nnx
 from megakernel_probe import nvcc
 
 import mamba_jax.config as mjc
 from mamba_jax.inference import megakernel as mk
 from mamba_jax.kernels.decode import conv_ring
-from mamba_jax.models.stack import unstack_layers
+from mamba_jax.models.stack import Block, unstack_layers
 from mamba_jax.parallel import init_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,9 +44,10 @@ def build_inputs(layers: int, prompt_len: int, seed: int = 0):
     cfg = cfg.replace(pattern=cfg.pattern[:layers], dtype="bfloat16", param_dtype="float32", decode_impl="xla")
     model = init_model(cfg, seed=seed)
     keys = iter(jax.random.split(jax.random.key(seed + 1), 4 * layers))
-    for block in mk._blocks(unstack_layers(model)):  # folded into the projections by `pack`
-        for var in (block.norm.weight, block.mixer.norm):
-            var[...] = 1 + 0.2 * jax.random.normal(next(keys), var[...].shape, var[...].dtype)
+    for _, block in nnx.iter_graph(model):  # the model's own (stacked) arrays; folded into the projections by pack
+        if isinstance(block, Block):
+            for var in (block.norm.weight, block.mixer.norm):
+                var[...] = 1 + 0.2 * jax.random.normal(next(keys), var[...].shape, var[...].dtype)
     rng = np.random.default_rng(seed)
     ids = jnp.asarray(rng.integers(1, cfg.vocab_size, (1, prompt_len + 1)), jnp.int32)
     view = unstack_layers(model)

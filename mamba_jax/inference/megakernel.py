@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from mamba_jax.inference.fold import fold_norm_weights
 from mamba_jax.layers.base import lora_names, scale_name
-from mamba_jax.models.stack import unstack_layers
+from mamba_jax.models.stack import layer_mixers, unstack_layers
 
 BF16 = jnp.bfloat16
 TARGET = "mamba_jax_megakernel"
@@ -62,16 +62,6 @@ class Cache(NamedTuple):
     state: jax.Array  # (L, H, P, N) bf16
 
 
-def _blocks(model):
-    """Every layer's Block, in order (the model unstacked: one set of arrays per layer)."""
-    for segment in model.layers.segments:
-        units = segment.layers if (segment.unrolled or segment.reps == 1) else None
-        if units is None:
-            raise ValueError("megakernel: unstack the model's layers first (models.stack.unstack_layers).")
-        for unit in [units] if segment.reps == 1 else units:
-            yield from unit.blocks
-
-
 def unsupported(model) -> str | None:
     """Why the megakernel design does not cover `model`, or None."""
     cfg = model.cfg
@@ -85,8 +75,7 @@ def unsupported(model) -> str | None:
         return f"a dt limit {tuple(cfg.mamba_dt_limit)} (it applies none)"
     if getattr(model, "prompt", None) is not None:
         return "prompt tuning"
-    for block in _blocks(unstack_layers(model)):
-        mixer = block.mixer
+    for mixer, _ in layer_mixers(model):  # stacked or not: the attributes are the same
         for name in ("in_proj", "out_proj"):
             if hasattr(mixer, lora_names(name)[0]) or hasattr(mixer, scale_name(name)):
                 return f"LoRA or quantized {name} weights"
@@ -100,8 +89,7 @@ def pack(model, dtype=BF16) -> Params:
         raise ValueError(f"megakernel: the design does not cover {reason}.")
     view = fold_norm_weights(unstack_layers(model))  # a copy: fold replaces the copy's arrays
     cols = {k: [] for k in Params._fields}
-    for block in _blocks(view):
-        m = block.mixer
+    for m, _ in layer_mixers(view):  # unstacked: one set of arrays per layer, in order
         d = m.in_proj.shape[0]
         cols["win"].append(m.in_proj[...].reshape(d, -1).T.astype(dtype))
         cols["wout"].append(m.out_proj[...].reshape(-1, d).T.astype(dtype))
