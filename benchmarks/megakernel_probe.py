@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,11 +32,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def nvcc() -> str:
-    for cand in (os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc"), "/usr/local/cuda/bin/nvcc"):
-        if os.path.isfile(cand):
-            return cand
-    found = shutil.which("nvcc")
-    if not found:
+    """The CUDA compiler the library's kernels are built with (`mamba_jax.kernels.cuda_build.nvcc`)."""
+    from mamba_jax.kernels.cuda_build import nvcc as find
+
+    if not (found := find()):
         sys.exit("megakernel_probe: no nvcc (set CUDA_HOME to a CUDA 12.4+ toolkit)")
     return found
 

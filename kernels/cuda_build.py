@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 
 
-def _nvcc() -> str | None:
+def nvcc() -> str | None:
     """CUDA_HOME / CUDA_PATH, /usr/local/cuda, PATH, then the CUDA compiler of pip's nvidia packages."""
     for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if root and os.path.isfile(cand := os.path.join(root, "bin", "nvcc")):
@@ -88,11 +88,11 @@ def load(name: str, symbol: str, target: str, flags: tuple[str, ...] = ()) -> st
     sm = arch()
     if sm is None:
         return "not a Hopper (sm_90+) GPU"
-    nvcc = _nvcc()
-    if nvcc is None:
+    compiler = nvcc()
+    if compiler is None:
         return "no nvcc found (set CUDA_HOME to a CUDA 12.4+ toolkit)"
     try:
-        lib = ctypes.cdll.LoadLibrary(str(_build(HERE / f"{name}.cu", nvcc, sm, flags)))
+        lib = ctypes.cdll.LoadLibrary(str(_build(HERE / f"{name}.cu", compiler, sm, flags)))
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA")
     except (OSError, RuntimeError, AttributeError, subprocess.CalledProcessError) as e:
         log.warning("mamba_jax: the %s kernel is unavailable: %s", name, e)
