@@ -10,8 +10,9 @@ A Mamba2-2.7B-shaped model (experiments/mamba2_2_7b.py, its first LAYERS layers,
 weights away from one), a random prompt prefilled by the model, then its layers and caches packed
 (`megakernel.pack`, `kernel_cache`) and written with the next token's embedding as raw arrays; the probe loads
 them (--load), decodes the token at position PROMPT_LEN and writes the residual, states and conv ring after it
-(--dump); they are compared with `reference_step` on the same inputs. Needs nvcc and a Hopper GPU (not for
---dry-run).
+(--dump). The kernel sums in another order than XLA, so it cannot equal `reference_step` (bf16) bit for bit;
+each of the three must be as close to the truth (`reference_step` on the same bf16 weights and caches, float32
+after) as the bf16 reference is. Needs nvcc and a Hopper GPU (not for --dry-run).
 """
 
 from __future__ import annotations
@@ -64,6 +65,28 @@ def write_inputs(d: str, params, cache, h) -> None:
         np.asarray(jax.device_get(a)).tofile(os.path.join(d, f"{name}.bin"))  # bf16 as its 2 bytes
 
 
+def compare(d: str, model, params, cache, h, pos) -> dict:
+    """The probe's outputs in `d` (h, state, ring .out.bin) against the bf16 reference and the truth."""
+    f32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)  # noqa: E731
+    eps = model.cfg.norm_eps
+    want_h, want = mk.reference_step(params, cache, h, pos, eps=eps)
+    true_h, true = mk.reference_step(f32(params), f32(cache), h, pos, eps=eps)
+    got = {"h": np.fromfile(os.path.join(d, "h.out.bin"), np.float32)}
+    for name in ("state", "ring"):
+        raw = np.fromfile(os.path.join(d, f"{name}.out.bin"), jnp.bfloat16)
+        got[name] = raw.reshape(getattr(want, name).shape).astype(np.float32)
+    want = {"h": want_h, "state": want.state, "ring": want.ring}
+    true = {"h": true_h, "state": true.state, "ring": true.ring}
+    row = {"ok": True}
+    for name, g in got.items():
+        w, x = (np.asarray(a[name], np.float32) for a in (want, true))
+        err = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))  # noqa: E731
+        row[f"{name}_err_kernel"], row[f"{name}_err_reference"] = err(g, x), err(w, x)
+        row[f"{name}_kernel_vs_reference"] = err(g, w)
+        row["ok"] &= err(g, x) <= 2 * err(w, x) + 1e-3
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=8)
@@ -88,24 +111,8 @@ def main() -> None:
     print(proc.stdout, proc.stderr, sep="\n", flush=True)
     if proc.returncode:
         sys.exit(f"megakernel_probe failed ({proc.returncode})")
-    want_h, want = mk.reference_step(params, cache, h, pos, eps=model.cfg.norm_eps)
-    got_h = np.fromfile(os.path.join(d, "h.out.bin"), np.float32)
-    bf16 = jnp.bfloat16
-    got_state = np.fromfile(os.path.join(d, "state.out.bin"), bf16).reshape(want.state.shape)
-    got_ring = np.fromfile(os.path.join(d, "ring.out.bin"), bf16).reshape(want.ring.shape)
-    want_h, ws, wr = (np.asarray(a, np.float32) for a in (want_h, want.state, want.ring))
-    gs, gr = got_state.astype(np.float32), got_ring.astype(np.float32)
-    ulp = np.abs(ws) * 2.0**-7 + 1e-30  # one bf16 ulp (8 bits of mantissa) at each state's magnitude
-    row = {
-        "layers": args.layers,
-        "position": pos,
-        "residual_rel_err": float(np.abs(got_h - want_h).max() / np.abs(want_h).max()),
-        "state_rel_err": float(np.abs(gs - ws).max() / np.abs(ws).max()),
-        "states_beyond_one_ulp": float(np.mean(np.abs(gs - ws) > ulp)),
-        "ring_equal": bool(np.array_equal(gr, wr)),
-        "probe": proc.stdout.strip().splitlines(),
-    }
-    row["ok"] = row["residual_rel_err"] <= 5e-3 and row["states_beyond_one_ulp"] <= 1e-3 and row["ring_equal"]
+    row = {"layers": args.layers, "position": pos, "probe": proc.stdout.strip().splitlines()}
+    row.update(compare(d, model, params, cache, h, pos))
     print(row, flush=True)
     write_result(args.out, {**provenance(), **row})
     sys.exit(0 if row["ok"] else 1)

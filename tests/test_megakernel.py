@@ -150,15 +150,20 @@ def test_kernel_matches_the_reference_on_gpu():
         params, cache, jnp.zeros(cfg.d_model), l, mk.workspace(params), eps=eps).as_text()  # fmt: skip
     kernel = jax.jit(mk.step, static_argnames="eps")
     ref = jax.jit(mk.reference_step, static_argnames="eps")
-    kc, rc, work = cache, cache, mk.workspace(params)
+    # the truth: the same bf16 weights and starting caches, no rounding after (float32 throughout). The
+    # kernel's sums run in another order than XLA's, so it cannot equal the bf16 reference bit for bit; it
+    # must be as close to the truth as the bf16 reference is (a ring slot off or a lost state: errors ≳ 0.2).
+    f32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)  # noqa: E731
+    kc, rc, tc, work = cache, cache, f32(cache), mk.workspace(params)
     for t, tok in enumerate([7, 8, 9]):
         h = model._embed(jnp.asarray([tok]))[0].astype(jnp.float32)
         got, kc, work = kernel(params, kc, h, l + t, work, eps=eps)
         want, rc = ref(params, rc, h, l + t, eps=eps)
-        assert rel_err(got, want) <= 5e-3, (t, rel_err(got, want))
-        ws, gs = np.asarray(rc.state, np.float32), np.asarray(kc.state, np.float32)
-        assert np.mean(np.abs(gs - ws) > np.abs(ws) * 2.0**-7 + 1e-30) <= 1e-3, t
-        np.testing.assert_array_equal(np.asarray(kc.ring, np.float32), np.asarray(rc.ring, np.float32))
+        truth, tc = ref(f32(params), tc, h, l + t, eps=eps)
+        for name, g, w, x in (("h", got, want, truth), ("state", kc.state, rc.state, tc.state),
+                              ("ring", kc.ring, rc.ring, tc.ring)):  # fmt: skip
+            g, w, x = (np.asarray(a, np.float32) for a in (g, w, x))
+            assert rel_err(g, x) <= 2 * rel_err(w, x) + 1e-3, (t, name, rel_err(g, x), rel_err(w, x))
 
 
 def test_engine_with_the_megakernel_generates_as_without():
