@@ -11,6 +11,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh h   # CUDA skinny GEMM in the decode loop (A/B)
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh i   # generate.py 2.7B with mamba_ssm (the defaults)
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh j   # megakernel probe vs the model's decode (JAX reference)
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh k   # megakernel mode 10 (early steps): probe, tests, Engine A/B
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -135,7 +136,20 @@ elif [ "$stage" = j ]; then  # ≈ 9 minutes at most: the megakernel against the
         --variant "loop:" --variant "mk:megakernel=1" --out "$OUT/decode_variants_megakernel_2_7b_b1_$gpu.json"
     # the probe's mode 5 (checked bit for bit against its separate kernels) on 8 packed layers, 1 token
     step megakernel_check 150 python3 megakernel_check.py --layers 8 --out "$OUT/megakernel_check_$gpu.json"
+elif [ "$stage" = k ]; then  # ≈ 6 minutes at most: mode 10 against mode 5 in the probe, the FFI and the Engine
+    find_nvcc
+    cd benchmarks || exit 1
+    step megakernel_probe 150 python3 megakernel_probe.py --trace \
+        --configs ${MK_CONFIGS:-5:40960:5:2,10:40960:5:2:1,10:40960:5:2:0,10:40960:5:2:2,10:40960:5:1:1} \
+        --out "$OUT/megakernel_probe_mode10_$gpu.json"
+    cd .. || exit 1
+    step megakernel_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_megakernel.py
+    cd benchmarks || exit 1
+    step variants_mk_b1 240 python3 decode_variants.py --model mamba2_2_7b --batch 1 --rounds 2 --reps 3 \
+        --variant "loop:" --variant "mk5:megakernel=1;MAMBA_JAX_MEGAKERNEL_MODE=5" \
+        --variant "mk10:megakernel=1;MAMBA_JAX_MEGAKERNEL_MODE=${MK_ENGINE_MODE:-10}" \
+        --out "$OUT/decode_variants_megakernel_modes_2_7b_b1_$gpu.json"
 else
-    echo "unknown stage $stage (a … j)" >&2
+    echo "unknown stage $stage (a … k)" >&2
     exit 2
 fi

@@ -184,6 +184,7 @@ template <class T> static std::vector<T> download(const T* p, size_t n) {
 
 struct Config {
   int mode, slot, stages, pf;  // pf: slots the producer's L2 prefetch runs ahead of the ring (0: none)
+  int slack;                   // mode 10: in_proj positions between a head's last block and its step
 };
 static bool has_step(int mode) { return mode == 0 || mode >= 4; }
 
@@ -193,7 +194,7 @@ static const void* kernel_of(int mode) {
   static const void* k[] = {(const void*)megakernel<0>, (const void*)megakernel<1>, (const void*)megakernel<2>,
                             (const void*)megakernel<3>, (const void*)megakernel<4>, (const void*)megakernel<5>,
                             (const void*)megakernel<6>, (const void*)megakernel<7>, (const void*)megakernel<8>,
-                            (const void*)megakernel<9>};
+                            (const void*)megakernel<9>, (const void*)megakernel<10>};
   return k[mode];
 }
 
@@ -202,6 +203,7 @@ static void launch(Params p, const Config& c, int G) {
   p.slot = c.slot;
   p.stages = c.stages;
   p.pf = c.pf;
+  p.slack = c.slack;
   void* args[] = {&p};
   CK(cudaLaunchCooperativeKernel(kernel_of(c.mode), G, THREADS, args, smem_bytes(c), 0));
 }
@@ -289,10 +291,10 @@ int main(int argc, char** argv) {
   for (size_t a = 0; a < configs.size();) {
     size_t b = configs.find(',', a);
     std::string t = configs.substr(a, b == std::string::npos ? std::string::npos : b - a);
-    Config c{0, 0, 0, 0};
-    int got = sscanf(t.c_str(), "%d:%d:%d:%d", &c.mode, &c.slot, &c.stages, &c.pf);
-    if (got < 3 || c.mode < 0 || c.mode > 9 || c.pf < 0 || (c.mode >= 5 && c.slot != 40960)) {
-      fprintf(stderr, "bad config %s (want MODE:SLOT_BYTES:STAGES[:L2_PREFETCH_SLOTS], mode 0-9; modes 5-9 slots of 40960 bytes, >= %d)\n", t.c_str(), STEP_SLOT);
+    Config c{0, 0, 0, 0, 1};
+    int got = sscanf(t.c_str(), "%d:%d:%d:%d:%d", &c.mode, &c.slot, &c.stages, &c.pf, &c.slack);
+    if (got < 3 || c.mode < 0 || c.mode > 10 || c.pf < 0 || c.slack < 0 || (c.mode >= 5 && c.slot != 40960)) {
+      fprintf(stderr, "bad config %s (want MODE:SLOT_BYTES:STAGES[:L2_PREFETCH_SLOTS[:SLACK]], mode 0-10; modes 5-10 slots of 40960 bytes, >= %d)\n", t.c_str(), STEP_SLOT);
       return 2;
     }
     cfgs.push_back(c);
@@ -302,7 +304,7 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   const int G = prop.multiProcessorCount;
-  for (int m = 0; m <= 9; ++m)
+  for (int m = 0; m <= 10; ++m)
     CK(cudaFuncSetAttribute(kernel_of(m), cudaFuncAttributeMaxDynamicSharedMemorySize, prop.sharedMemPerBlockOptin));
   for (auto& c : cfgs) {
     int rb[2] = {D * 2, DI * 2};
@@ -428,7 +430,7 @@ int main(int argc, char** argv) {
   auto hr = download(q.h, D);
   auto sr = download(q.state, nstate);
   auto rr = download(q.ring, nring);
-  for (int mode : {0, 4, 5, 6, 7, 9}) {
+  for (int mode : {0, 4, 5, 6, 7, 9, 10}) {
     const Config* c0 = nullptr;
     for (auto& c : cfgs)
       if (c.mode == mode && !c0) c0 = &c;
@@ -453,17 +455,33 @@ int main(int argc, char** argv) {
     auto sm = download(m.state, nstate);
     auto rm = download(m.ring, nring);
     size_t hdiff = 0, sdiff = 0, rdiff = 0;
-    double hmax = 0;
+    double hmax = 0, e2[3] = {0, 0, 0}, n2[3] = {0, 0, 0};  // Σ (m − r)², Σ r²: residual, states, ring
     for (int i = 0; i < D; ++i) {
       hdiff += memcmp(&hr[i], &hm[i], 4) != 0;
       hmax = fmax(hmax, fabs(hr[i]));
+      e2[0] += ((double)hm[i] - hr[i]) * ((double)hm[i] - hr[i]), n2[0] += (double)hr[i] * hr[i];
     }
-    for (size_t i = 0; i < nstate; ++i) sdiff += memcmp(&sr[i], &sm[i], 2) != 0;
-    for (size_t i = 0; i < nring; ++i) rdiff += memcmp(&rr[i], &rm[i], 2) != 0;
-    bool ok = !hdiff && !sdiff && !rdiff && std::isfinite(hmax);
-    printf("{\"kind\": \"check\", \"config\": \"%d:%d:%d:%d\", \"tokens\": %d, \"layers\": %d, \"residual_max_abs\": %.4g, "
-           "\"residual_differing\": %zu, \"states_differing\": %zu, \"ring_differing\": %zu, \"ok\": %s}\n",
-           c0->mode, c0->slot, c0->stages, c0->pf, check_tokens, L, hmax, hdiff, sdiff, rdiff, ok ? "true" : "false");
+    for (size_t i = 0; i < nstate; ++i) {
+      sdiff += memcmp(&sr[i], &sm[i], 2) != 0;
+      double a = __bfloat162float(sm[i]), r = __bfloat162float(sr[i]);
+      e2[1] += (a - r) * (a - r), n2[1] += r * r;
+    }
+    for (size_t i = 0; i < nring; ++i) {
+      rdiff += memcmp(&rr[i], &rm[i], 2) != 0;
+      double a = __bfloat162float(rm[i]), r = __bfloat162float(rr[i]);
+      e2[2] += (a - r) * (a - r), n2[2] += r * r;
+    }
+    double rel[3];
+    for (int i = 0; i < 3; ++i) rel[i] = sqrt(e2[i] / fmax(n2[i], 1e-30));
+    // Mode 10 sums out_proj's rows in chunks (another order than the reference's): within bf16 error of it,
+    // far from what a wrong row or a lost head gives (O(1)); the other modes bit for bit.
+    bool ok = std::isfinite(hmax) &&
+              (mode == 10 ? rel[0] <= 2e-2 && rel[1] <= 2e-2 && rel[2] <= 2e-2 : !hdiff && !sdiff && !rdiff);
+    printf("{\"kind\": \"check\", \"config\": \"%d:%d:%d:%d:%d\", \"tokens\": %d, \"layers\": %d, \"residual_max_abs\": %.4g, "
+           "\"residual_differing\": %zu, \"states_differing\": %zu, \"ring_differing\": %zu, \"residual_rel\": %.3g, "
+           "\"states_rel\": %.3g, \"ring_rel\": %.3g, \"ok\": %s}\n",
+           c0->mode, c0->slot, c0->stages, c0->pf, c0->slack, check_tokens, L, hmax, hdiff, sdiff, rdiff, rel[0], rel[1],
+           rel[2], ok ? "true" : "false");
     fflush(stdout);
     if (!dump.empty() && ok) {  // the megakernel's residual, states and conv ring after the check's tokens
       write_raw(dump, "h.out.bin", hm);
@@ -501,8 +519,8 @@ int main(int argc, char** argv) {
     CK(cudaEventElapsedTime(&ms, a, b));
     double us_token = ms * 1e3 / tokens, us_layer = us_token / L;
     printf("{\"kind\": \"megakernel\", \"mode\": %d, \"slot_bytes\": %d, \"stages\": %d, \"l2_prefetch_slots\": %d, "
-           "\"us_per_token\": %.1f, \"us_per_layer\": %.2f, \"weight_tb_per_s\": %.3f%s}\n",
-           c.mode, c.slot, c.stages, c.pf, us_token, us_layer, wbytes / (us_layer * 1e-6) / 1e12,
+           "\"us_per_token\": %.1f, \"us_per_layer\": %.2f, \"weight_tb_per_s\": %.3f, \"slack\": %d%s}\n",
+           c.mode, c.slot, c.stages, c.pf, us_token, us_layer, wbytes / (us_layer * 1e-6) / 1e12, c.slack,
            trace ? trace_summary(p, c, G, e, L).c_str() : "");
     fflush(stdout);
   }

@@ -1,5 +1,6 @@
-// The Mamba2 decode megakernel (kernels/megakernel.cuh, mode 5 of benchmarks/megakernel_probe.cu: phases chained
-// by tagged data, the step's inputs streamed through the ring, L2 prefetch 2 slots ahead) as an XLA FFI call:
+// The Mamba2 decode megakernel (kernels/megakernel.cuh, modes 5 and 10 of benchmarks/megakernel_probe.cu: phases
+// chained by tagged data, the step's inputs streamed through the ring, L2 prefetch 2 slots ahead; mode 10 with
+// the steps inside in_proj's stream and out_proj by chunks of heads; the `mode` attribute) as an XLA FFI call:
 // one cooperative launch decodes one token through every layer of a pure Mamba2 model with Mamba2-2.7B's
 // dimensions at batch 1. mamba_jax/inference/megakernel.py packs the arguments and checks the dimensions; built
 // with nvcc on first use (kernels/cuda_build.py).
@@ -22,7 +23,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int MK_MODE = 5, MK_SLOT = 40960, MK_STAGES = 5, MK_PF = 2;
+constexpr int MK_SLOT = 40960, MK_STAGES = 5, MK_PF = 2;
 // The workspace: zx_ll [NIN], g_ll [DI / 2], gss_ll [H], h_ll [D] (8-byte tagged words), then the epoch and
 // the finished-CTA counter (two 4-byte words).
 constexpr size_t WORK_WORDS32 = 2 * ((size_t)NIN + DI / 2 + H + D) + 2;
@@ -46,7 +47,9 @@ ffi::Error MegakernelImpl(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffe
                           ffi::AnyBuffer conv_b, ffi::AnyBuffer a_log, ffi::AnyBuffer d_skip, ffi::AnyBuffer dt_bias,
                           ffi::AnyBuffer pos, ffi::AnyBuffer ring_in, ffi::AnyBuffer state_in, ffi::AnyBuffer h_in,
                           ffi::AnyBuffer work_in, ffi::Result<ffi::AnyBuffer> ring, ffi::Result<ffi::AnyBuffer> state,
-                          ffi::Result<ffi::AnyBuffer> h, ffi::Result<ffi::AnyBuffer> work) {
+                          ffi::Result<ffi::AnyBuffer> h, ffi::Result<ffi::AnyBuffer> work, int32_t mode,
+                          int32_t slack) {
+  if (mode != 5 && mode != 10) return ffi::Error::InvalidArgument("megakernel: mode must be 5 or 10");
   if (win.dimensions().size() != 3) return ffi::Error::InvalidArgument("megakernel: win must be (L, NIN, D)");
   const int64_t L = win.dimensions()[0];
   const ffi::DataType B = ffi::DataType::BF16, F = ffi::DataType::F32;
@@ -86,11 +89,12 @@ ffi::Error MegakernelImpl(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffe
   p.done_dev = p.epoch_dev + 1;
   p.pos_dev = static_cast<const int*>(pos.untyped_data());
   p.layers = (int)L;
-  p.mode = MK_MODE;
+  p.mode = mode;
+  p.slack = slack;
   p.slot = MK_SLOT;
   p.stages = MK_STAGES;
   p.pf = MK_PF;
-  const void* fn = (const void*)megakernel<MK_MODE>;
+  const void* fn = mode == 10 ? (const void*)megakernel<10> : (const void*)megakernel<5>;
   cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e == cudaSuccess) {
     void* args[] = {&p};
@@ -118,4 +122,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaJaxMegakernel, MegakernelImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("mode")
+                                  .Attr<int32_t>("slack"));

@@ -50,6 +50,7 @@ struct Params {
   unsigned long long* h_ll;    // [D] the residual stream after the layer (a float)
   unsigned long long* trace;  // [G][L][NEV] %globaltimer at the phase boundaries, or null
   int layers, pos, epoch, mode, slot, stages, pf;
+  int slack;  // mode 10: in_proj positions between a head's last block and its step
   // Optional (null in the probe): pos and epoch from device memory, and a counter of finished CTAs with which
   // the last one advances *epoch_dev for the next launch (kernels/megakernel.cu: a launch replayed per token).
   const int* pos_dev;
@@ -550,6 +551,248 @@ __device__ bool cursor_next(Cursor& u, const Params& p, int c, int G) {
 __device__ __forceinline__ unsigned cursor_bytes(const Cursor& u) { return (unsigned)(min(u.R, u.hi - u.r0) * u.rb); }
 __device__ __forceinline__ const unsigned char* cursor_src(const Cursor& u) { return u.base + (size_t)u.r0 * u.rb; }
 
+// ------------------------------------------------------------------ mode 10: early steps, out_proj by heads
+// In modes 4–9 every head's step waits for the end of in_proj (every step reads B, C and dt, the last rows of
+// the last CTAs' contiguous shares), and out_proj waits for every head's g: the step sits whole on each
+// layer's critical path (≈ 3 µs: mode 8). Mode 10 reorders both GEMVs so that the steps run inside the
+// weight stream:
+//  - in_proj in blocks of BR rows (one 40 KB slot), taken round robin (block b by CTA b mod G, at position
+//    b / G of its stream) in the order [B, C, dt rows | head 0's z, x rows | head 1's | …]: every CTA streams
+//    the shared rows first, and head h's inputs are all published by position (NB_SHARED + 16 h + 15) / G;
+//    the rows past the last full round (NB mod G blocks) go as pieces of a few rows to every CTA, so that
+//    no CTA streams a whole block more than the others;
+//  - CTA h < H runs head h's step (its slot in the ring at that point) `slack` positions after that one,
+//    between its own in_proj blocks, so the steps of the first heads run while the stream goes on;
+//  - out_proj by chunks of heads (columns of its weights, the CTA's rows of each): chunk j waits only for its
+//    heads' g, the rows' partial sums add up over the chunks, and the gated norm's 1/rms (a scalar) multiplies
+//    the sum at the end. The last heads' steps then overlap the first chunks' stream.
+// Every block is BR consecutive rows of in_proj's own layout and each chunk row a contiguous piece of an
+// out_proj row, so the layouts stay those of the other modes. The sums run in another order than the
+// reference's (out_proj's rows in chunks): checked to a tolerance, not bit for bit.
+constexpr int BR = 8;                         // in_proj rows per block (a slot of BR · D · 2 = 40 KB)
+constexpr int NB = NIN / BR;                  // 1322 blocks
+constexpr int NB_SHARED = (2 * NS + H) / BR;  // the blocks of B, C and dt rows, read by every head's step
+constexpr int NB_HEAD = 2 * P / BR;           // a head's blocks: its z rows, then its x rows
+static_assert(NIN % BR == 0 && (2 * NS + H) % BR == 0 && P % BR == 0 && BR == W, "one in_proj row per warp");
+
+// Block b's first row in in_proj's layout (z, x, B, C, dt).
+__host__ __device__ inline int block_row(int b) {
+  if (b < NB_SHARED) return 2 * DI + b * BR;
+  const int u = (b - NB_SHARED) * BR, hd = u / (2 * P), w = u % (2 * P);
+  return w < P ? hd * P + w : DI + hd * P + (w - P);
+}
+// Row q of the order above, in in_proj's layout.
+__host__ __device__ inline int perm_row(int q) { return block_row(q / BR) + q % BR; }
+// CTA c's leftover rows [q0, q1) of that order (after the NB / G full rounds of blocks).
+__host__ __device__ inline void piece_of(int c, int G, int& q0, int& q1) {
+  const int base = NB / G * G * BR;
+  rows_of(NIN - base, c, G, q0, q1);
+  q0 += base, q1 += base;
+}
+// CTA c's in_proj slots: NB / G blocks, then its piece if it has one.
+__host__ __device__ inline int positions_of(int c, int G) {
+  int q0, q1;
+  piece_of(c, G, q0, q1);
+  return NB / G + (q1 > q0);
+}
+// How many of CTA c's in_proj slots come before its step (CTA c < H runs head c's): `slack` past the
+// position of head c's last block (the pieces' position if that block is one of the leftovers).
+__host__ __device__ inline int step_at(int c, int G, int slack) {
+  const int last = NB_SHARED + NB_HEAD * c + NB_HEAD - 1, full = NB / G;
+  const int at = (last < full * G ? last / G : full) + 1 + slack, n = positions_of(c, G);
+  return at < n ? at : n;
+}
+// Heads per out_proj chunk: as many as fit one slot with the most rows a CTA owns.
+__host__ __device__ inline int heads_per_chunk(int slot, int G) {
+  const int rows = (D + G - 1) / G, hpc = slot / (rows * P * 2);
+  return hpc < H ? hpc : H;
+}
+// CTA c's slots of one layer: nb in_proj blocks with the step slot (CTA c < H) after the first `sat`, then
+// nch out_proj chunks. Item i → kind 0 (in_proj position idx), 1 (the step), 2 (out_proj chunk idx).
+struct Plan10 {
+  int nb, full, q0, q1, sat, nch, hpc, olo, ohi, items;  // nb in_proj slots, the first `full` of them blocks
+  bool step;
+  __device__ Plan10(const Params& p, int c, int G) {
+    nb = positions_of(c, G);
+    step = c < H;
+    full = NB / G;
+    piece_of(c, G, q0, q1);
+    sat = step ? step_at(c, G, p.slack) : -1;
+    hpc = heads_per_chunk(p.slot, G);
+    nch = (H + hpc - 1) / hpc;
+    rows_of(D, c, G, olo, ohi);
+    items = nb + (step ? 1 : 0) + nch;
+  }
+  __device__ int kind(int i, int& idx) const {
+    if (step && i == sat) return idx = 0, 1;
+    if (step && i > sat) --i;
+    return i < nb ? (idx = i, 0) : (idx = i - nb, 2);
+  }
+};
+
+// The producer of mode 10: the layers' items in order through the ring; with pf > 0 the weights pf items
+// ahead pulled into L2 as well.
+__device__ void produce10(const Params& p, int c, int G, unsigned char* ring, uint64_t* full, uint64_t* empty) {
+  uint64_t pol;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+  const Plan10 pl(p, c, G);
+  const int no = pl.ohi - pl.olo;
+  const long total = (long)p.layers * pl.items;
+  // load (s >= 0: into ring slot s) or prefetch into L2 (s < 0) item k
+  auto item = [&](long k, int s) {
+    const int l = (int)(k / pl.items);
+    int idx;
+    const int kind = pl.kind((int)(k % pl.items), idx);
+    unsigned char* dst = s >= 0 ? ring + (size_t)s * p.slot : nullptr;
+    if (kind == 1) {
+      if (s >= 0) load_step_slot(p, l, c, dst, full + s, pol);
+    } else if (kind == 0) {
+      // a block, or the piece's rows as runs of consecutive rows in in_proj's layout (a block boundary
+      // breaks a run)
+      const int q0 = idx < pl.full ? (c + idx * G) * BR : pl.q0, q1 = idx < pl.full ? q0 + BR : pl.q1;
+      if (s >= 0) mbar_expect(full + s, (q1 - q0) * D * 2);
+      for (int q = q0; q < q1;) {
+        const int e = min(q1, (q / BR + 1) * BR), bytes = (e - q) * D * 2;
+        const bf16* src = p.win + ((size_t)l * NIN + perm_row(q)) * D;
+        if (s < 0)
+          prefetch_l2(src, bytes);
+        else
+          bulk_load(dst + (size_t)(q - q0) * D * 2, src, bytes, full + s, pol);
+        q = e;
+      }
+    } else {
+      const int h0 = idx * pl.hpc, h1 = min(H, h0 + pl.hpc), bytes = (h1 - h0) * P * 2;
+      const bf16* src = p.wout + ((size_t)l * D + pl.olo) * DI + h0 * P;
+      if (s >= 0) mbar_expect(full + s, bytes * no);
+      for (int r = 0; r < no; ++r) {
+        if (s < 0)
+          prefetch_l2(src + (size_t)r * DI, bytes);
+        else
+          bulk_load(dst + (size_t)r * bytes, src + (size_t)r * DI, bytes, full + s, pol);
+      }
+    }
+  };
+  for (long k = 0; k < p.pf && k < total; ++k) item(k, -1);
+  for (long k = 0; k < total; ++k) {
+    const int s = (int)(k % p.stages);
+    mbar_wait(empty + s, ((k / p.stages) & 1) ^ 1);
+    item(k, s);
+    if (k + p.pf < total) item(k + p.pf, -1);
+  }
+}
+
+// The consumers of mode 10 (all CT threads), layer after layer; k counts the ring's slots as the producer's.
+__device__ void consume10(const Params& p, int c, int G, unsigned char* ring, uint64_t* full, uint64_t* empty,
+                          bf16* x_s, float* parts, float* sx, float* sz, float* red, float* hown, float* misc) {
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const Plan10 pl(p, c, G);
+  const int no = pl.ohi - pl.olo;
+  auto ev = [&](int l, int e) {
+    if (p.trace && tid == 0) p.trace[((size_t)c * p.layers + l) * NEV + e] = globaltimer();
+  };
+  long k = 0;
+  for (int l = 0; l < p.layers; ++l) {
+    const unsigned tag = ll_tag(p, l);
+    if (pl.step && tid == 0) {  // the step's scalars, in shared memory until the step (load_residual syncs)
+      misc[1] = p.dt_bias[(size_t)l * H + c];
+      misc[2] = p.a_log[(size_t)l * H + c];
+      misc[3] = p.dskip[(size_t)l * H + c];
+    }
+    ev(l, 0);
+    ev(l, 1);
+    // A: the residual after layer l − 1, bf16 into x_s; this CTA's out_proj rows of it kept in float32
+    const float scale = load_residual(p.h, x_s, red, tid, l > 0 ? p.h_ll : nullptr, ll_tag(p, l - 1), hown, pl.olo,
+                                      pl.ohi);
+    ev(l, 2);
+    // B: in_proj blocks (a row per warp, published as soon as it is summed) with the step among them
+    for (int i = 0; i < pl.nb + (pl.step ? 1 : 0); ++i, ++k) {
+      const int s = (int)(k % p.stages);
+      const unsigned par = (k / p.stages) & 1;
+      int idx;
+      if (pl.kind(i, idx) == 1) {
+        StepIn in;
+        step_gather_ll(p, c, in, sz, tid, tag);
+        ev(l, 5);
+        mbar_wait(full + s, par);
+        const SlotSrc src{ring + (size_t)s * p.slot, tid, p.pos, misc[1], misc[2], misc[3]};
+        step_compute(p, l, c, src, in, sx, sz, red, tid, c == 0, tag);
+        ev(l, 6);
+      } else {
+        mbar_wait(full + s, par);
+        const int q0 = idx < pl.full ? (c + idx * G) * BR : pl.q0, rows = idx < pl.full ? BR : pl.q1 - pl.q0;
+        if (warp < rows) {
+          const bf16* w = reinterpret_cast<const bf16*>(ring + (size_t)s * p.slot) + (size_t)warp * D;
+          const float v = row_dot(w, x_s, D, 0, 1, lane);
+          if (lane == 0) st_relaxed64(p.zx_ll + perm_row(q0 + warp), ll_pack(__float_as_uint(v * scale), tag));
+        }
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty + s);
+    }
+    ev(l, 3);
+    ev(l, 4);
+    cbar();  // every warp is done with the residual in x_s before g's chunks overwrite it
+    // D: out_proj chunk by chunk, each after its heads' g
+    for (int j = 0; j < pl.nch; ++j, ++k) {
+      const int h0 = j * pl.hpc, h1 = min(H, h0 + pl.hpc), cols = (h1 - h0) * P;
+      if (j == 0) ev(l, 7);
+      {
+        constexpr int PER = (16 * P / 2 + CT - 1) / CT;  // g words per thread, up to 16 heads a chunk
+        int gi[PER];
+        unsigned gu[PER];
+#pragma unroll
+        for (int t = 0; t < PER; ++t) {
+          const int wd = h0 * (P / 2) + tid + t * CT;
+          gi[t] = wd < h1 * (P / 2) ? wd : -1;
+        }
+        ll_poll(p.g_ll, gi, tag, gu);
+        unsigned* xw = reinterpret_cast<unsigned*>(x_s);
+#pragma unroll
+        for (int t = 0; t < PER; ++t)
+          if (gi[t] >= 0) xw[gi[t]] = gu[t];
+        for (int wd = h0 * (P / 2) + tid + PER * CT; wd < h1 * (P / 2); wd += CT) {  // chunks past 16 heads
+          int gj[1] = {wd};
+          unsigned gv[1];
+          ll_poll(p.g_ll, gj, tag, gv);
+          xw[wd] = gv[0];
+        }
+      }
+      cbar();
+      if (j == 0) ev(l, 8);
+      const int s = (int)(k % p.stages);
+      mbar_wait(full + s, (k / p.stages) & 1);
+      const bf16* w = reinterpret_cast<const bf16*>(ring + (size_t)s * p.slot);
+      for (int r = warp; r < no; r += W) {
+        const float v = row_dot(w + (size_t)r * cols, x_s + h0 * P, cols, 0, 1, lane);
+        if (lane == 0) parts[r] = j ? parts[r] + v : v;
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty + s);
+    }
+    ev(l, 9);
+    // the gated norm's 1/rms from every head's Σ g² (in gated_inv's order), then the residual rows
+    if (tid < 32) {
+      static_assert(H <= 96, "three words per lane");
+      int gi[3] = {tid < H ? tid : -1, tid + 32 < H ? tid + 32 : -1, tid + 64 < H ? tid + 64 : -1};
+      unsigned gu[3];
+      ll_poll(p.gss_ll, gi, tag, gu);
+      const float a = tid < H ? __uint_as_float(gu[0]) : 0.f;
+      const float b = tid + 32 < H ? __uint_as_float(gu[1]) : 0.f;
+      const float d = tid + 64 < H ? __uint_as_float(gu[2]) : 0.f;
+      const float v = rsqrtf(warp_sum(a + b + d) / DI + EPS);
+      if (tid == 0) misc[0] = v;
+    }
+    cbar();
+    if (tid < no) {
+      const float nh = hown[tid] + rnd(rnd(parts[tid]) * misc[0]);
+      st_relaxed64(p.h_ll + pl.olo + tid, ll_pack(__float_as_uint(nh), tag));
+      p.h[pl.olo + tid] = nh;  // for the next launch (its layer 0) and the check
+    }
+    cbar();  // parts, hown and misc are read above before the next layer writes them
+    ev(l, 10);
+  }
+}
+
 // One instance per mode, so that each is register-allocated for its own paths (the kernel runs at its
 // register limit, and a spilled value comes back from L2).
 template <int MODE>
@@ -581,7 +824,9 @@ __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
 
   const int K_[2] = {D, DI}, N_[2] = {NIN, D};
   if (warp == W) {  // the producer: every layer's weight rows of this CTA, in the consumers' order
-    if (lane == 0) {
+    if constexpr (MODE == 10) {
+      if (lane == 0) produce10(p, c, G, ring, full, empty);
+    } else if (lane == 0) {
       uint64_t pol;
       asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
       // With pf > 0 a second cursor runs pf slots ahead of the ring's loads and pulls those rows into L2, so
@@ -613,6 +858,9 @@ __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
   }
 
   const int tid = threadIdx.x;
+  if constexpr (MODE == 10) {
+    consume10(p, c, G, ring, full, empty, x_s, parts, sx, sz, red, hown, misc);
+  } else {
   const unsigned G_ = (unsigned)G * p.epoch, H_ = (unsigned)H * p.epoch;
   unsigned* in_done = p.cnt;
   unsigned* step_done = p.cnt + p.layers;
@@ -761,6 +1009,7 @@ __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
         ev(l, 6);
       }
     }
+  }
   }
   if (p.epoch_dev && tid == 0) {  // the last CTA to finish advances the epoch for the next launch
     __threadfence();

@@ -21,7 +21,7 @@ module also holds the parts of that path the GPU is not needed for:
 On the CPU the tests check `pack`, the caches and `reference_step` against `Mamba2Mixer.decode` (the same
 function up to those roundings); on the GPU `step` runs the kernel itself (`kernels/megakernel.cu`, an XLA
 FFI call built with nvcc on first use; Mamba2-2.7B's dimensions compiled in) and is checked against
-`reference_step` (tests/test_megakernel.py, `gpu`; not yet run). Elsewhere `step` is `reference_step`.
+`reference_step` (tests/test_megakernel.py, `gpu`). Elsewhere `step` is `reference_step`.
 `unsupported` says which models the design covers: every layer a Mamba2 mixer with one group and one
 gated-norm group, the residual in float32, no dt limit, no LoRA or quantized weights.
 """
@@ -29,10 +29,12 @@ gated-norm group, the residual in float32, no dt limit, no LoRA or quantized wei
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mamba_jax.inference.fold import fold_norm_weights
 from mamba_jax.layers.base import lora_names, scale_name
@@ -42,6 +44,7 @@ BF16 = jnp.bfloat16
 TARGET = "mamba_jax_megakernel"
 # The dimensions kernels/megakernel.cuh compiles in (Mamba2-2.7B): D, heads, head dim, state, conv taps, eps.
 KERNEL_DIMS = (2560, 80, 64, 128, 4, 1e-5)
+DEFAULT_MODE = 5  # kernel_mode()
 
 
 class Params(NamedTuple):
@@ -186,6 +189,23 @@ def kernel_unsupported(params: Params, eps: float) -> str | None:
     return load("megakernel", "MambaJaxMegakernel", TARGET)
 
 
+def kernel_mode() -> tuple[int, int]:
+    """The kernel's variant (kernels/megakernel.cuh): mode 5 (each layer's SSM steps after in_proj, out_proj
+    after every step) or 10 (the steps inside in_proj's weight stream, out_proj by chunks of heads), and mode
+    10's slack (in_proj slots between a head's last inputs and its step). MAMBA_JAX_MEGAKERNEL_MODE="10" or
+    "10,2" picks them (read at trace time)."""
+    raw = os.environ.get("MAMBA_JAX_MEGAKERNEL_MODE", "").strip()
+    try:
+        parts = [int(v) for v in raw.split(",")] if raw else []
+    except ValueError:
+        parts = [-1]
+    mode = parts[0] if parts else DEFAULT_MODE
+    slack = parts[1] if len(parts) > 1 else 1
+    if len(parts) > 2 or mode not in (5, 10) or slack < 0:
+        raise ValueError(f"MAMBA_JAX_MEGAKERNEL_MODE={raw!r}: want MODE[,SLACK] with MODE 5 or 10, SLACK >= 0.")
+    return mode, slack
+
+
 def step(params: Params, cache: Cache, h_D, pos, work, *, eps: float):
     """One token through every layer: (the residual after the last layer, the new cache, the workspace). The
     CUDA kernel where `kernel_unsupported` allows (the caches and workspace updated in place), else
@@ -193,7 +213,9 @@ def step(params: Params, cache: Cache, h_D, pos, work, *, eps: float):
     if kernel_unsupported(params, eps) is None:
         shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (cache.ring, cache.state, h_D, work)]
         call = jax.ffi.ffi_call(TARGET, shapes, input_output_aliases={8: 0, 9: 1, 10: 2, 11: 3})
-        ring, state, h_D, work = call(*params, jnp.asarray(pos, jnp.int32), cache.ring, cache.state, h_D, work)
+        mode, slack = kernel_mode()
+        ring, state, h_D, work = call(*params, jnp.asarray(pos, jnp.int32), cache.ring, cache.state, h_D, work,
+                                      mode=np.int32(mode), slack=np.int32(slack))  # fmt: skip
         return h_D, Cache(ring, state), work
     h_D, cache = reference_step(params, cache, h_D, pos, eps=eps)
     return h_D, cache, work
