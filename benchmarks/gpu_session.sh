@@ -12,6 +12,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh i   # generate.py 2.7B with mamba_ssm (the defaults)
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh j   # megakernel probe vs the model's decode (JAX reference)
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh k   # megakernel mode 10 (early steps): probe, tests, Engine A/B
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh l   # megakernel step timing probe, tests, generate.py b1 + peer
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -149,7 +150,17 @@ elif [ "$stage" = k ]; then  # ≈ 6 minutes at most: mode 10 against mode 5 in 
         --variant "loop:" --variant "mk5:megakernel=1;MAMBA_JAX_MEGAKERNEL_MODE=5" \
         --variant "mk10:megakernel=1;MAMBA_JAX_MEGAKERNEL_MODE=${MK_ENGINE_MODE:-10}" \
         --out "$OUT/decode_variants_megakernel_modes_2_7b_b1_$gpu.json"
+elif [ "$stage" = l ]; then  # ≈ 5 minutes: the step's sub-phases in the probe, the FFI tests, generate.py batch 1
+    find_nvcc
+    cd benchmarks || exit 1
+    step megakernel_probe 120 python3 megakernel_probe.py --trace \
+        --configs ${MK_CONFIGS:-5:40960:5:2,8:40960:5:2,10:40960:5:2:2} --out "$OUT/megakernel_probe_step_$gpu.json"
+    cd .. || exit 1
+    step megakernel_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_megakernel.py
+    cd benchmarks || exit 1
+    step generate_2_7b_b1 300 python3 generate.py --model mamba2_2_7b --batch 1 --state-dtype bfloat16 --peer \
+        --decode-impl auto,megakernel --out "$OUT/generate_2_7b_b1_megakernel_$gpu.json"
 else
-    echo "unknown stage $stage (a … k)" >&2
+    echo "unknown stage $stage (a … l)" >&2
     exit 2
 fi

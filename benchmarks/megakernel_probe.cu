@@ -104,7 +104,8 @@ __global__ void ref_epilogue(Params p, int ph, int segs) {
     p.h[j] = residual_update(p, j, o, p.scal[1]);
 }
 __global__ void ref_step(Params p, int l) {
-  __shared__ float sx[P + 2 * NS], sz[P], red[W];
+  __shared__ __align__(16) float sx[P + 2 * NS];  // read as float4 by step_compute
+  __shared__ float sz[P], red[W];
   ssm_step(p, l, blockIdx.x, sx, sz, red, threadIdx.x, blockIdx.x == 0);
 }
 __global__ void ref_gated_inv(Params p) {
@@ -255,6 +256,12 @@ static std::string trace_summary(Params p, const Config& c, int G, int& e, int L
     path[2].push_back(last_out - (has_step(c.mode) ? last_step : last_in));
     path[3].push_back(last_out - last_out_prev);
   }
+  // inside the step (thread 0 of the step CTAs, modes 5-10): slot wait, conv + dt, barrier, states, g, Σ g²
+  const char* sn[] = {"slot_wait", "conv_dt", "barrier", "states", "g", "gss"};
+  std::vector<double> sub[6];
+  for (int l = 1; l < L && c.mode >= 5 && c.mode != 8; ++l)
+    for (int cta = 0; cta < G && cta < H; ++cta)
+      for (int i = 0; i < 6; ++i) sub[i].push_back(T(cta, l, 11 + i) - T(cta, l, i ? 10 + i : 5));
   std::string out = ", \"phases_us\": {";
   char buf[96];
   for (int i = 0; i < 10; ++i) {
@@ -267,6 +274,12 @@ static std::string trace_summary(Params p, const Config& c, int G, int& e, int L
   for (int i = 0; i < 4; ++i) {
     double m = median(path[i]);
     snprintf(buf, sizeof buf, "%s\"%s\": %s", i ? ", " : "", pn[i], std::isfinite(m) ? std::to_string(m / 1e3).c_str() : "null");
+    out += buf;
+  }
+  out += "}, \"step_us\": {";
+  for (int i = 0; i < 6; ++i) {
+    double m = median(sub[i]);
+    snprintf(buf, sizeof buf, "%s\"%s\": %s", i ? ", " : "", sn[i], std::isfinite(m) ? std::to_string(m / 1e3).c_str() : "null");
     out += buf;
   }
   return out + "}";

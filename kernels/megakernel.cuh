@@ -20,7 +20,7 @@ constexpr int W = 8;                  // consumer warps
 constexpr int CT = 32 * W;            // consumer threads
 constexpr int THREADS = CT + 32;      // + the producer warp
 constexpr int MAX_PARTS = 2048;       // floats of per-(row, segment) partial sums in shared memory
-constexpr int NEV = 11;               // trace events per (CTA, layer), see `megakernel`
+constexpr int NEV = 17;               // trace events per (CTA, layer), see `megakernel` and `step_compute`
 constexpr int MAX_OWN = 32;           // residual rows one CTA's out_proj may own (D / SMs, rounded up)
 
 struct Params {
@@ -223,7 +223,7 @@ constexpr int CH_PER = (P + 2 * NS + CT - 1) / CT;  // conv channels per thread
 static_assert(CT == 4 * P, "four threads per state row");
 __device__ __forceinline__ int step_channel(int hd, int i) { return i < P ? hd * P + i : DI + (i - P); }
 struct StepPre {
-  uint4 st[4];  // this thread's 32 states: row tid / 4, quarter tid % 4
+  uint4 st[4];  // this thread's 32 states: row tid / 4, quarter tid % 4 (state_elem)
   float cw[CH_PER][KW], cb[CH_PER], cr[CH_PER][KW - 1];  // conv weights, bias, the ring's last inputs
   float dtb, alog, dsk;
 };
@@ -231,12 +231,20 @@ struct StepIn {
   float cur[CH_PER];  // the conv inputs of the thread's channels (x of the head, then B, then C)
   float dt;
 };
+// The first of the 8 states (one uint4 of bf16) that thread (row, q) of a head's step holds as its v-th, as an
+// element offset in the head's [P][NS] state: the four threads of a row take consecutive 16-byte words, so a
+// quarter warp's 16-byte loads from shared memory meet 2-way bank conflicts (4-way with a quarter row each).
+__host__ __device__ __forceinline__ int state_elem(int row, int q, int v) { return row * NS + (v * 4 + q) * 8; }
+static_assert(KW == 4, "the conv taps are read as one float4");
 // step_compute's view of StepPre (modes 0, 4 and the reference).
 struct RegSrc {
   const StepPre& s;
-  __device__ float cw(int it, int j) const { return s.cw[it][j]; }
+  __device__ float4 cw4(int it) const { return make_float4(s.cw[it][0], s.cw[it][1], s.cw[it][2], s.cw[it][3]); }
   __device__ float cb(int it) const { return s.cb[it]; }
-  __device__ float cr(int it, int j) const { return s.cr[it][j]; }
+  __device__ void taps(int it, float (&r)[KW - 1]) const {
+#pragma unroll
+    for (int j = 0; j < KW - 1; ++j) r[j] = s.cr[it][j];
+  }
   __device__ uint4 st(int v) const { return s.st[v]; }
   __device__ float dtb() const { return s.dtb; }
   __device__ float alog() const { return s.alog; }
@@ -259,9 +267,9 @@ __device__ void step_preload(const Params& p, int l, int hd, StepPre& s, int tid
     }
   }
   int row = tid >> 2, q = tid & 3;
-  const uint4* st = reinterpret_cast<const uint4*>(p.state + (((size_t)l * H + hd) * P + row) * NS + q * 32);
+  const bf16* st = p.state + ((size_t)l * H + hd) * P * NS;
 #pragma unroll
-  for (int v = 0; v < 4; ++v) s.st[v] = st[v];
+  for (int v = 0; v < 4; ++v) s.st[v] = *reinterpret_cast<const uint4*>(st + state_elem(row, q, v));
   s.dtb = p.dt_bias[(size_t)l * H + hd];
   s.alog = p.a_log[(size_t)l * H + hd];
   s.dsk = p.dskip[(size_t)l * H + hd];
@@ -300,15 +308,26 @@ __device__ void step_gather_ll(const Params& p, int hd, StepIn& in, float* sz, i
 // few stores do not queue behind 16 KB of state stores in a saturated memory system.
 template <bool LATE = false, class Src>
 __device__ void step_compute(const Params& p, int l, int hd, const Src& s, const StepIn& in, float* sx,
-                             const float* sz, float* red, int tid, bool ring_bc, unsigned tag) {
+                             const float* sz, float* red, int tid, bool ring_bc, unsigned tag,
+                             unsigned long long* tr = nullptr) {
+  // tr (thread 0, tracing): [11] entry, [12] conv and dt done, [13] past the barrier, [14] states updated
+  // and stored, [15] g published, [16] Σ g² published
+  auto mark = [&](int e) {
+    if (tr && tid == 0) tr[e] = globaltimer();
+  };
+  mark(11);
 #pragma unroll
   for (int it = 0; it < CH_PER; ++it) {
     int i = tid + it * CT;
     if (i < P + 2 * NS) {
       int ch = step_channel(hd, i);
-      float acc = fmaf(s.cw(it, KW - 1), in.cur[it], s.cb(it));
-#pragma unroll
-      for (int j = 0; j < KW - 1; ++j) acc = fmaf(s.cw(it, j), s.cr(it, j), acc);
+      const float4 w = s.cw4(it);  // taps oldest first
+      float r[KW - 1];
+      s.taps(it, r);
+      float acc = fmaf(w.w, in.cur[it], s.cb(it));
+      acc = fmaf(w.x, r[0], acc);
+      acc = fmaf(w.y, r[1], acc);
+      acc = fmaf(w.z, r[2], acc);
       sx[i] = silu(acc);
       // Slot pos mod KW holds the input of pos − KW, which no conv reads any more: writing it races with
       // nobody. The B / C channels are shared by all heads: one CTA writes them.
@@ -319,35 +338,43 @@ __device__ void step_compute(const Params& p, int l, int hd, const Src& s, const
   float dt = in.dt + s.dtb();
   dt = dt > 20.f ? dt : log1pf(expf(dt));
   float da = expf(-dt * expf(s.alog()));
+  mark(12);
   cbar();
-  int row = tid >> 2, q = tid & 3;  // 4 threads per state row, 32 states each
-  uint4* st = reinterpret_cast<uint4*>(p.state + (((size_t)l * H + hd) * P + row) * NS + q * 32);
-  float xdt = sx[row] * dt, y = 0.f;
-  const float* bv = sx + P + q * 32;
-  const float* cv = sx + P + NS + q * 32;
+  mark(13);
+  int row = tid >> 2, q = tid & 3;  // 4 threads per state row, 32 states each (state_elem)
+  bf16* st = p.state + ((size_t)l * H + hd) * P * NS;
+  // B and C as float4 pairs (sx is 16-byte aligned), y in two partial sums: short dependency chains, since
+  // the step sits on each layer's critical path with only the 8 consumer warps to hide latency
+  const float4* b4 = reinterpret_cast<const float4*>(sx + P);
+  const float4* c4 = reinterpret_cast<const float4*>(sx + P + NS);
+  float xdt = sx[row] * dt, y0 = 0.f, y1 = 0.f;
   uint4 u4[4];
 #pragma unroll
   for (int v = 0; v < 4; ++v) u4[v] = s.st(v);
 #pragma unroll
   for (int v = 0; v < 4; ++v) {
-    uint4& u = u4[v];
-    __nv_bfloat162* e = reinterpret_cast<__nv_bfloat162*>(&u);
+    const int n4 = state_elem(0, q, v) / 4;  // the 8 states' first B / C float4
+    const float4 ba = b4[n4], bb = b4[n4 + 1], ca = c4[n4], cb = c4[n4 + 1];
+    const float bn[8] = {ba.x, ba.y, ba.z, ba.w, bb.x, bb.y, bb.z, bb.w};
+    const float cn[8] = {ca.x, ca.y, ca.z, ca.w, cb.x, cb.y, cb.z, cb.w};
+    __nv_bfloat162* e = reinterpret_cast<__nv_bfloat162*>(&u4[v]);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       float2 f = __bfloat1622float2(e[i]);
-      int n = v * 8 + 2 * i;
-      f.x = fmaf(f.x, da, xdt * bv[n]);
-      f.y = fmaf(f.y, da, xdt * bv[n + 1]);
+      f.x = fmaf(f.x, da, xdt * bn[2 * i]);
+      f.y = fmaf(f.y, da, xdt * bn[2 * i + 1]);
       e[i] = __floats2bfloat162_rn(f.x, f.y);
       float2 r = __bfloat1622float2(e[i]);  // y reads the state as stored
-      y = fmaf(r.x, cv[n], y);
-      y = fmaf(r.y, cv[n + 1], y);
+      y0 = fmaf(r.x, cn[2 * i], y0);
+      y1 = fmaf(r.y, cn[2 * i + 1], y1);
     }
   }
+  float y = y0 + y1;
   if (!LATE) {
 #pragma unroll
-    for (int v = 0; v < 4; ++v) st[v] = u4[v];
+    for (int v = 0; v < 4; ++v) *reinterpret_cast<uint4*>(st + state_elem(row, q, v)) = u4[v];
   }
+  mark(14);
   y += __shfl_xor_sync(0xffffffffu, y, 1);
   y += __shfl_xor_sync(0xffffffffu, y, 2);
   float g2 = 0.f, gv = 0.f;
@@ -363,6 +390,7 @@ __device__ void step_compute(const Params& p, int l, int hd, const Src& s, const
       st_relaxed64(p.g_ll + (hd * P + row) / 2, ll_pack(*reinterpret_cast<unsigned*>(&pair), tag));
     }
   }
+  mark(15);
   float sum = block_sum(g2, red, tid);
   if (tid == 0) {
     if (tag)
@@ -370,9 +398,10 @@ __device__ void step_compute(const Params& p, int l, int hd, const Src& s, const
     else
       p.gss[hd] = sum;
   }
+  mark(16);
   if (LATE) {
 #pragma unroll
-    for (int v = 0; v < 4; ++v) st[v] = u4[v];
+    for (int v = 0; v < 4; ++v) *reinterpret_cast<uint4*>(st + state_elem(row, q, v)) = u4[v];
 #pragma unroll
     for (int it = 0; it < CH_PER; ++it) {
       int i = tid + it * CT;
@@ -470,16 +499,21 @@ struct SlotSrc {
   float dtb_, alog_, dsk_;
   __device__ int j(int it) const { int i = tid + it * CT; return i < P ? i : i - P; }
   __device__ bool x(int it) const { return tid + it * CT < P; }
-  __device__ float cw(int it, int t) const {
-    return reinterpret_cast<const float*>(slot + (x(it) ? SS_CWX : SS_CWBC))[j(it) * KW + t];
+  __device__ float4 cw4(int it) const {
+    return reinterpret_cast<const float4*>(slot + (x(it) ? SS_CWX : SS_CWBC))[j(it)];
   }
   __device__ float cb(int it) const { return reinterpret_cast<const float*>(slot + (x(it) ? SS_CBX : SS_CBBC))[j(it)]; }
-  __device__ float cr(int it, int t) const {
-    const bf16* rg = reinterpret_cast<const bf16*>(slot + (x(it) ? SS_RX : SS_RBC)) + j(it) * KW;
-    return __bfloat162float(rg[(pos + 1 + t) & (KW - 1)]);
+  __device__ void taps(int it, float (&r)[KW - 1]) const {  // the channel's 4 ring slots in one 8-byte load
+    const uint2 w = reinterpret_cast<const uint2*>(slot + (x(it) ? SS_RX : SS_RBC))[j(it)];
+#pragma unroll
+    for (int t = 0; t < KW - 1; ++t) {
+      const int e = (pos + 1 + t) & (KW - 1);
+      const unsigned half = (e < 2 ? w.x : w.y) >> (16 * (e & 1));
+      r[t] = __uint_as_float(half << 16);  // bf16 → float: the high half of a float's bits
+    }
   }
   __device__ uint4 st(int v) const {
-    return reinterpret_cast<const uint4*>(slot + SS_STATE + ((tid >> 2) * NS + (tid & 3) * 32) * 2)[v];
+    return *reinterpret_cast<const uint4*>(slot + SS_STATE + state_elem(tid >> 2, tid & 3, v) * 2);
   }
   __device__ float dtb() const { return dtb_; }
   __device__ float alog() const { return alog_; }
@@ -715,7 +749,8 @@ __device__ void consume10(const Params& p, int c, int G, unsigned char* ring, ui
         ev(l, 5);
         mbar_wait(full + s, par);
         const SlotSrc src{ring + (size_t)s * p.slot, tid, p.pos, misc[1], misc[2], misc[3]};
-        step_compute(p, l, c, src, in, sx, sz, red, tid, c == 0, tag);
+        step_compute(p, l, c, src, in, sx, sz, red, tid, c == 0, tag,
+                     p.trace ? p.trace + ((size_t)c * p.layers + l) * NEV : nullptr);
         ev(l, 6);
       } else {
         mbar_wait(full + s, par);
@@ -992,7 +1027,8 @@ __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
             } else if (MODE == 9) {
               step_compute<true>(p, l, c, src, in, sx, sz, red, tid, c == 0, tag);
             } else {
-              step_compute(p, l, c, src, in, sx, sz, red, tid, c == 0, tag);
+              step_compute(p, l, c, src, in, sx, sz, red, tid, c == 0, tag,
+                           p.trace ? p.trace + ((size_t)c * p.layers + l) * NEV : nullptr);
             }
             __syncwarp();
             if (lane == 0) mbar_arrive(empty + s);
