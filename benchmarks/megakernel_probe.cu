@@ -195,7 +195,8 @@ static const void* kernel_of(int mode) {
   static const void* k[] = {(const void*)megakernel<0>, (const void*)megakernel<1>, (const void*)megakernel<2>,
                             (const void*)megakernel<3>, (const void*)megakernel<4>, (const void*)megakernel<5>,
                             (const void*)megakernel<6>, (const void*)megakernel<7>, (const void*)megakernel<8>,
-                            (const void*)megakernel<9>, (const void*)megakernel<10>};
+                            (const void*)megakernel<9>, (const void*)megakernel<10>,
+                            (const void*)megakernel<11>};
   return k[mode];
 }
 
@@ -306,7 +307,7 @@ int main(int argc, char** argv) {
     std::string t = configs.substr(a, b == std::string::npos ? std::string::npos : b - a);
     Config c{0, 0, 0, 0, 1};
     int got = sscanf(t.c_str(), "%d:%d:%d:%d:%d", &c.mode, &c.slot, &c.stages, &c.pf, &c.slack);
-    if (got < 3 || c.mode < 0 || c.mode > 10 || c.pf < 0 || c.slack < 0 || (c.mode >= 5 && c.slot != 40960)) {
+    if (got < 3 || c.mode < 0 || c.mode > 11 || c.pf < 0 || c.slack < 0 || (c.mode >= 5 && c.slot != 40960)) {
       fprintf(stderr, "bad config %s (want MODE:SLOT_BYTES:STAGES[:L2_PREFETCH_SLOTS[:SLACK]], mode 0-10; modes 5-10 slots of 40960 bytes, >= %d)\n", t.c_str(), STEP_SLOT);
       return 2;
     }
@@ -317,7 +318,7 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   const int G = prop.multiProcessorCount;
-  for (int m = 0; m <= 10; ++m)
+  for (int m = 0; m <= 11; ++m)
     CK(cudaFuncSetAttribute(kernel_of(m), cudaFuncAttributeMaxDynamicSharedMemorySize, prop.sharedMemPerBlockOptin));
   for (auto& c : cfgs) {
     int rb[2] = {D * 2, DI * 2};
@@ -443,7 +444,7 @@ int main(int argc, char** argv) {
   auto hr = download(q.h, D);
   auto sr = download(q.state, nstate);
   auto rr = download(q.ring, nring);
-  for (int mode : {0, 4, 5, 6, 7, 9, 10}) {
+  for (int mode : {0, 4, 5, 6, 7, 9, 10, 11}) {
     const Config* c0 = nullptr;
     for (auto& c : cfgs)
       if (c.mode == mode && !c0) c0 = &c;

@@ -317,7 +317,7 @@ __device__ void step_gather_ll(const Params& p, int hd, StepIn& in, float* sz, i
 // Σ g². Outputs to p.g / p.gss, or (tag ≠ 0) to g_ll / gss_ll tagged `tag`. sx: P + 2·NS floats, red: W.
 // LATE (mode 9): the conv ring's and the state's stores are issued after g and Σ g² are published, so those
 // few stores do not queue behind 16 KB of state stores in a saturated memory system.
-template <bool LATE = false, class Src>
+template <bool LATE = false, bool ROLLED = false, class Src>
 __device__ void step_compute(const Params& p, int l, int hd, const Src& s, const StepIn& in, float* sx,
                              const float* sz, float* red, int tid, bool ring_bc, unsigned tag,
                              unsigned long long* tr = nullptr) {
@@ -360,6 +360,28 @@ __device__ void step_compute(const Params& p, int l, int hd, const Src& s, const
   const float4* c4 = reinterpret_cast<const float4*>(sx + P + NS);
   float xdt = sx[row] * dt, y0 = 0.f, y1 = 0.f;
   uint4 u4[4];
+  if constexpr (ROLLED && Src::kBulk) {  // mode 11 (probe only): one 16-byte word at a time, a short loop body
+#pragma unroll 1
+    for (int v = 0; v < 4; ++v) {
+      uint4 u = s.st(v);
+      const int n4 = state_elem(0, q, v) / 4;
+      const float4 ba = b4[n4], bb = b4[n4 + 1], ca = c4[n4], cb = c4[n4 + 1];
+      const float bn[8] = {ba.x, ba.y, ba.z, ba.w, bb.x, bb.y, bb.z, bb.w};
+      const float cn[8] = {ca.x, ca.y, ca.z, ca.w, cb.x, cb.y, cb.z, cb.w};
+      __nv_bfloat162* e = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float2 f = __bfloat1622float2(e[i]);
+        f.x = fmaf(f.x, da, xdt * bn[2 * i]);
+        f.y = fmaf(f.y, da, xdt * bn[2 * i + 1]);
+        e[i] = __floats2bfloat162_rn(f.x, f.y);
+        float2 r = __bfloat1622float2(e[i]);
+        y0 = fmaf(r.x, cn[2 * i], y0);
+        y1 = fmaf(r.y, cn[2 * i + 1], y1);
+      }
+      s.set_st(v, u);
+    }
+  } else {
 #pragma unroll
   for (int v = 0; v < 4; ++v) u4[v] = s.st(v);
 #pragma unroll
@@ -380,10 +402,13 @@ __device__ void step_compute(const Params& p, int l, int hd, const Src& s, const
       y1 = fmaf(r.y, cn[2 * i + 1], y1);
     }
   }
+  }
   float y = y0 + y1;
   if constexpr (Src::kBulk) {  // the new states in place in the step slot; one bulk store after Σ g² below
+    if constexpr (!ROLLED) {
 #pragma unroll
-    for (int v = 0; v < 4; ++v) s.set_st(v, u4[v]);
+      for (int v = 0; v < 4; ++v) s.set_st(v, u4[v]);
+    }
     fence_proxy_async();
   } else if (!LATE) {
 #pragma unroll
@@ -1055,6 +1080,9 @@ __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
             if (MODE == 8) {  // timing only: no step arithmetic, g = 0 and Σ g² = 1 published (no state update)
               if (tid < P / 2) st_relaxed64(p.g_ll + c * (P / 2) + tid, ll_pack(0u, tag));
               if (tid == 0) st_relaxed64(p.gss_ll + c, ll_pack(__float_as_uint(1.f), tag));
+            } else if (MODE == 11) {
+              step_compute<false, true>(p, l, c, src, in, sx, sz, red, tid, c == 0, tag,
+                                        p.trace ? p.trace + ((size_t)c * p.layers + l) * NEV : nullptr);
             } else if (MODE == 9) {
               step_compute<true>(p, l, c, src, in, sx, sz, red, tid, c == 0, tag);
             } else {
