@@ -154,7 +154,8 @@ elif [ "$stage" = l ]; then  # ≈ 5 minutes: the step's sub-phases in the probe
     find_nvcc
     cd benchmarks || exit 1
     step megakernel_probe 120 python3 megakernel_probe.py --trace \
-        --configs ${MK_CONFIGS:-5:40960:5:2,8:40960:5:2,9:40960:5:2} --out "$OUT/megakernel_probe_step_$gpu.json"
+        --configs ${MK_CONFIGS:-5:40960:5:2,11:40960:5:2,8:40960:5:2,5:40960:5:2,11:40960:5:2} \
+        --out "$OUT/megakernel_probe_step_$gpu.json"
     cd .. || exit 1
     step megakernel_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_megakernel.py
     cd benchmarks || exit 1

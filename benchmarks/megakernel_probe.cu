@@ -20,7 +20,7 @@
 // The ring keeps the memory system busy while consumers wait at a counter, so a wait costs stream time only
 // when it outlasts the ring (slots · slot bytes at ≈ 20 GB/s per SM).
 //
-// Modes (MODE:SLOT_BYTES:STAGES[:PF] on the command line; one kernel instance per mode):
+// Modes (MODE:SLOT_BYTES:STAGES[:PF[:SLACK]] on the command line; one kernel instance per mode):
 //   0  the full step, phases chained by the counters above;
 //   1  no waits and no SSM step: the weight stream and its GEMVs alone (the design's ceiling);
 //   2  the counters' waits without the SSM step;  3  the ring alone (slots released unread);
@@ -34,7 +34,14 @@
 //   6  mode 5 with every CTA computing its share of in_proj's B, C and dt rows (read by every step) first;
 //   7  mode 5 with the in_proj rows split so that every CTA streams the same bytes (a step slot counted);
 //   8  mode 5 without the step's arithmetic (timing only: g = 0 published; not checked);
-//   9  mode 5 with the step's state and conv-ring stores issued after g is published.
+//   9  mode 5 with the step's conv-ring stores issued after g is published;
+//  10  the steps inside in_proj's stream (blocks round robin, the B / C / dt rows first, head h's step SLACK
+//      slots after its last inputs) and out_proj by chunks of heads (kernels/megakernel.cuh; checked to a
+//      tolerance: its out_proj sums run in another order) — slower (results/megakernel_probe_mode10_h100.json);
+//  11  mode 5 with the step's state update as a rolled loop (a diagnostic: is the 2 µs "states" phase of the
+//      step instruction fetch or latency?).
+// Since 05b220a every step mode writes the new states back into the step slot and one TMA bulk copy stores
+// them (modes 5–11).
 // PF > 0: the producer also pulls the rows PF slots past the ring's into L2 (cp.async.bulk.prefetch), so HBM
 // keeps streaming while the ring is full and the consumers wait.
 // Measured (H100, 2026-12-05; benchmarks/README.md, results/megakernel_probe_*_h100.json): mode 0 38–40 µs per
@@ -42,7 +49,8 @@
 // loop of separate XLA / Pallas kernels 38.0–38.75 on the same machines. With the LM head that is ≈ 440 tok/s
 // against the loop's 389 and issue 5's 450. With
 // --trace, one more launch per config records %globaltimer at the phase boundaries of every (CTA, layer),
-// summarised as medians (`phases_us`) and as the layer's critical path (`path_us`). The norms' weights are taken as folded into the
+// summarised as medians (`phases_us`), as the layer's critical path (`path_us`) and, for the step modes, as
+// thread 0's marks inside the step (`step_us`: slot wait, conv + dt, barrier, states, g, Σ g²). The norms' weights are taken as folded into the
 // projections (as mamba_jax.inference.fold does), so they do not appear.
 //
 // Correctness: a reference runs the same math as separate kernels (one per phase, the same device functions

@@ -2,7 +2,7 @@
 streamed by a producer warp per SM through a shared-memory ring, the layers' phases chained through global
 memory), checked bit for bit against the same math run as separate kernels, then timed per config.
 
-    python benchmarks/megakernel_probe.py [--layers 64] [--tokens 20] [--configs 0:40960:5,4:40960:5:4]
+    python benchmarks/megakernel_probe.py [--layers 64] [--tokens 20] [--configs 0:40960:5,5:40960:5:2,10:40960:5:2:1]
         [--trace] [--out results/megakernel_probe_h100.json]
 
 Configs are MODE:SLOT_BYTES:STAGES[:PF] — mode 0 the full step (phases chained by per-layer counters: a
@@ -13,8 +13,10 @@ wrote it, polled until the tags match: no fence, no counter; the step's state, c
 at the layer's start), 5 mode 4 with the step's state and conv inputs streamed through the ring as one more
 slot, 6 mode 5 with each CTA's share of the B / C / dt rows first, 7 mode 5 with the in_proj rows split so that
 every CTA streams the same bytes, 8 mode 5 without the step's arithmetic (timing only), 9 mode 5 with the
-step's state stores issued after g is published. PF > 0: the producer also pulls the rows PF slots past the
-ring's into L2. Needs nvcc (CUDA_HOME, /usr/local/cuda or PATH) and a Hopper GPU.
+step's conv-ring stores issued after g is published, 10 the steps inside in_proj's stream and out_proj by
+chunks of heads (MODE:SLOT:STAGES:PF:SLACK), 11 mode 5 with the state update as a rolled loop. PF > 0: the
+producer also pulls the rows PF slots past the ring's into L2. Needs nvcc (CUDA_HOME, /usr/local/cuda or
+PATH) and a Hopper GPU.
 """
 
 from __future__ import annotations

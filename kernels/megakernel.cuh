@@ -169,9 +169,11 @@ __device__ __forceinline__ float silu(float v) { return v / (1.f + expf(-v)); }
 __device__ __forceinline__ float rnd(float v) { return __bfloat162float(__float2bfloat16(v)); }
 
 // Rows [lo, hi) of a phase's n output features that CTA c of G owns.
+// (32-bit: c · n stays below 2^31 for any grid and width here, and a 64-bit division is ≈ 70 instructions
+// inlined at every call — code that competes for the instruction cache in a kernel of ≈ 6,400.)
 __host__ __device__ inline void rows_of(int n, int c, int G, int& lo, int& hi) {
-  lo = (int)((long long)c * n / G);
-  hi = (int)((long long)(c + 1) * n / G);
+  lo = c * n / G;
+  hi = (c + 1) * n / G;
 }
 
 // --------------------------------------------------------- shared device functions (megakernel and reference)
@@ -579,7 +581,7 @@ struct SlotSrc {
 // The in_proj rows CTA c of G owns, as up to two ranges (part 0, part 1; an empty one has lo == hi): in mode 6
 // first its share of the B, C and dt rows (which every head's step reads), then its share of the z and x
 // rows; otherwise one contiguous range.
-__device__ void in_range(int mode, int part, int c, int G, int& lo, int& hi) {
+__device__ __forceinline__ void in_range(int mode, int part, int c, int G, int& lo, int& hi) {
   if (mode == 6) {
     rows_of(part == 0 ? NIN - 2 * DI : 2 * DI, c, G, lo, hi);
     if (part == 0) lo += 2 * DI, hi += 2 * DI;
@@ -606,10 +608,14 @@ struct Cursor {
   const unsigned char* base;
 };
 // Enter phase (u.l, u.ph) at its first slot, skipping empty ones; false past the last layer.
-__device__ bool cursor_enter(Cursor& u, const Params& p, int c, int G) {
+// MODE is the kernel's (the producer's code holds only its own mode's paths). Not inlined: one copy of the
+// producer's integer divisions rather than one per call site (the instruction cache is shared with the
+// consumers, whose once-per-layer code is on the critical path).
+template <int MODE>
+__device__ __noinline__ bool cursor_enter(Cursor& u, const Params& p, int c, int G) {
   while (u.l < p.layers) {
     if (u.ph == 2) {
-      if (p.mode >= 5 && c < H) {
+      if (MODE >= 5 && c < H) {
         u.r0 = 0, u.hi = 1, u.R = 1, u.rb = STEP_SLOT, u.base = nullptr;
         return true;
       }
@@ -617,7 +623,7 @@ __device__ bool cursor_enter(Cursor& u, const Params& p, int c, int G) {
       bool in = u.ph < 2;
       int lo, hi;
       if (in)
-        in_range(p.mode, u.ph, c, G, lo, hi);
+        in_range(MODE, u.ph, c, G, lo, hi);
       else
         rows_of(D, c, G, lo, hi);
       u.rb = (in ? D : DI) * 2;
@@ -632,11 +638,12 @@ __device__ bool cursor_enter(Cursor& u, const Params& p, int c, int G) {
   }
   return false;
 }
-__device__ bool cursor_next(Cursor& u, const Params& p, int c, int G) {
+template <int MODE>
+__device__ __noinline__ bool cursor_next(Cursor& u, const Params& p, int c, int G) {
   u.r0 += u.R;
   if (u.r0 < u.hi) return true;
   if (++u.ph == 4) u.ph = 0, ++u.l;
-  return cursor_enter(u, p, c, G);
+  return cursor_enter<MODE>(u, p, c, G);
 }
 __device__ __forceinline__ unsigned cursor_bytes(const Cursor& u) { return (unsigned)(min(u.R, u.hi - u.r0) * u.rb); }
 __device__ __forceinline__ const unsigned char* cursor_src(const Cursor& u) { return u.base + (size_t)u.r0 * u.rb; }
@@ -923,10 +930,10 @@ __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
       // With pf > 0 a second cursor runs pf slots ahead of the ring's loads and pulls those rows into L2, so
       // the memory system keeps streaming while the ring is full and the consumers wait.
       Cursor a{0, 0}, b{0, 0};
-      bool va = cursor_enter(a, p, c, G), vb = p.pf > 0 && cursor_enter(b, p, c, G);
+      bool va = cursor_enter<MODE>(a, p, c, G), vb = p.pf > 0 && cursor_enter<MODE>(b, p, c, G);
       for (int i = 0; i < p.pf && vb; ++i) {
         if (b.ph != 2) prefetch_l2(cursor_src(b), cursor_bytes(b));
-        vb = cursor_next(b, p, c, G);
+        vb = cursor_next<MODE>(b, p, c, G);
       }
       for (int k = 0; va; ++k) {
         int s = k % p.stages;
@@ -938,10 +945,10 @@ __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
           mbar_expect(full + s, bytes);
           bulk_load(ring + (size_t)s * p.slot, cursor_src(a), bytes, full + s, pol);
         }
-        va = cursor_next(a, p, c, G);
+        va = cursor_next<MODE>(a, p, c, G);
         if (vb) {
           if (b.ph != 2) prefetch_l2(cursor_src(b), cursor_bytes(b));
-          vb = cursor_next(b, p, c, G);
+          vb = cursor_next<MODE>(b, p, c, G);
         }
       }
     }
