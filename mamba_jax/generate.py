@@ -44,6 +44,12 @@ def _args(argv):
         default="none",
         help="fp8: projection weights in float8 with a scale per output channel (half the bytes per token)",
     )
+    p.add_argument(
+        "--megakernel",
+        action="store_true",
+        help="experimental: a single prompt of a pure Mamba2 model decodes through one CUDA launch per token "
+        "(built for Mamba2-2.7B's dimensions and bf16 on Hopper GPUs; elsewhere its JAX reference runs)",
+    )
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel size over the local devices")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     return p.parse_args(argv)
@@ -111,6 +117,7 @@ def main(argv=None) -> int:
             quantize=args.quantize,
             mesh=mesh,
             stream=print_stream if streaming else None,
+            megakernel=args.megakernel,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"mamba_jax.generate: error: {e}", file=sys.stderr)

@@ -60,6 +60,8 @@ def test_cli_errors_are_named(workdir, tmp_path):
     assert out.returncode == 2 and "empty prompt" in out.stderr
     out = _cli("--checkpoint", workdir)
     assert out.returncode == 2 and "no prompt" in out.stderr
+    out = _cli("--checkpoint", workdir, "--prompt", "alpha", "--megakernel")  # a hybrid: not covered
+    assert out.returncode == 2 and "megakernel does not cover layers other than Mamba2" in out.stderr
 
 
 def test_api_text_tokens_stop_strings(workdir):

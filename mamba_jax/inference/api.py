@@ -109,10 +109,12 @@ def generate(
     quantize: str | None = None,
     mesh=None,
     stream: Callable[[str], None] | None = None,
+    megakernel: bool = False,
 ) -> list[Completion]:
     """Continue each prompt; see the module docstring. `stream(text_piece)` receives new text of a single
-    prompt as it is produced. `dtype`, `state_dtype` and `quantize` ("fp8": float8 projection weights) are
-    the Engine's."""
+    prompt as it is produced. `dtype`, `state_dtype`, `quantize` ("fp8": float8 projection weights) and
+    `megakernel` (a single prompt of a pure Mamba2 model through one CUDA launch per token) are the
+    Engine's."""
     if isinstance(tokenizer, str | os.PathLike):
         from mamba_jax.data import load_tokenizer
 
@@ -134,9 +136,8 @@ def generate(
     if stream is not None:
         on_token = _Streamer(tokenizer, stream, eos_id, stop)
     vocab = tokenizer.vocab_size if tokenizer is not None else None
-    result = Engine(model, dtype=dtype, state_dtype=state_dtype, mesh=mesh, quantize=quantize).generate(
-        ids, params, eos_id=eos_id, stream=on_token, vocab_size=vocab
-    )
+    engine = Engine(model, dtype=dtype, state_dtype=state_dtype, mesh=mesh, quantize=quantize, megakernel=megakernel)
+    result = engine.generate(ids, params, eos_id=eos_id, stream=on_token, vocab_size=vocab)
     out = []
     for toks, lps, finished in zip(result.tokens, result.logprobs, result.finished, strict=True):
         reason = "eos" if finished else "length"
