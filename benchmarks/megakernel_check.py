@@ -32,7 +32,6 @@ from megakernel_probe import nvcc
 
 import mamba_jax.config as mjc
 from mamba_jax.inference import megakernel as mk
-from mamba_jax.kernels.decode import conv_ring
 from mamba_jax.models.stack import Block, unstack_layers
 from mamba_jax.parallel import init_model
 
@@ -53,8 +52,7 @@ def build_inputs(layers: int, prompt_len: int, seed: int = 0):
     ids = jnp.asarray(rng.integers(1, cfg.vocab_size, (1, prompt_len + 1)), jnp.int32)
     view = unstack_layers(model)
     _, caches = jax.jit(lambda i: view.prefill(i, seq_idx=jnp.ones_like(i), cache_len=prompt_len + 1))(ids[:, :-1])
-    is_layer = lambda c: isinstance(c, dict) and "ssm" in c  # noqa: E731
-    rings = jax.tree.map(lambda c: {**c, "conv": conv_ring(c["conv"], prompt_len)}, caches, is_leaf=is_layer)
+    rings = mk.ring_caches(caches, prompt_len, cfg.mamba_d_conv)
     h = model._embed(ids[:, -1])[0].astype(jnp.float32)
     return model, mk.pack(model), mk.kernel_cache(rings), h, prompt_len
 

@@ -9,7 +9,6 @@ from flax import nnx
 from helpers import rel_err, small_hybrid
 
 from mamba_jax.inference import megakernel as mk
-from mamba_jax.kernels.decode import conv_ring
 from mamba_jax.models.stack import Block, unstack_layers
 from mamba_jax.parallel import init_model
 
@@ -43,9 +42,7 @@ def _prefill(model, prompt, steps):
     ids = jnp.asarray([prompt])
     l = ids.shape[1]
     logits, caches = view.prefill(ids, seq_idx=jnp.ones((1, l), jnp.int32), cache_len=l + steps)
-    is_layer = lambda c: isinstance(c, dict) and "ssm" in c  # noqa: E731
-    rings = jax.tree.map(lambda c: {**c, "conv": conv_ring(c["conv"], l)}, caches, is_leaf=is_layer)
-    return view, logits, caches, rings, l
+    return view, logits, caches, mk.ring_caches(caches, l, model.cfg.mamba_d_conv), l
 
 
 def _decode_both(model, prompt, cont, *, dtype=jnp.bfloat16, perturb=None):
@@ -102,6 +99,22 @@ def test_caches_round_trip():
     back = mk.engine_cache(cache, rings)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(rings), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b.astype(jnp.bfloat16).astype(b.dtype)))
+
+
+def test_rings_pass_through_and_kernel_mode(monkeypatch):
+    """`ring_caches` leaves caches that are rings already (the fused path's prefill) as they are; the kernel's
+    variant comes from MAMBA_JAX_MEGAKERNEL_MODE, bad values named."""
+    model = _model(seed=8)
+    _, _, _, rings, l = _prefill(model, [2, 3, 5], 1)
+    again = mk.ring_caches(rings, l, model.cfg.mamba_d_conv)
+    assert all(a is b for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(rings), strict=True))
+    for raw, want in (("", (5, 1)), ("10", (10, 1)), ("10,2", (10, 2))):
+        monkeypatch.setenv("MAMBA_JAX_MEGAKERNEL_MODE", raw)
+        assert mk.kernel_mode() == want
+    for raw in ("x", "7", "10,1,2", "10,-1"):
+        monkeypatch.setenv("MAMBA_JAX_MEGAKERNEL_MODE", raw)
+        with pytest.raises(ValueError, match="MAMBA_JAX_MEGAKERNEL_MODE"):
+            mk.kernel_mode()
 
 
 @pytest.mark.parametrize("changes,what", [

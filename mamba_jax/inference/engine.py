@@ -256,14 +256,8 @@ def _megakernel_cache(mk_params, cache, length: int):
     """The prefill's caches as the megakernel's (its ring of conv inputs: the fused decode path's prefill
     already keeps one, the XLA path's a window of the last K − 1) and a fresh workspace."""
     from mamba_jax.inference import megakernel as mk
-    from mamba_jax.kernels.decode import conv_ring
 
-    taps = mk_params.conv_w.shape[-1]
-
-    def ring(c):  # a Mamba layer's cache
-        return c if c["conv"].shape[1] == taps else {**c, "conv": conv_ring(c["conv"], length)}
-
-    rings = jax.tree.map(ring, cache, is_leaf=lambda c: isinstance(c, dict) and "ssm" in c)
+    rings = mk.ring_caches(cache, length, mk_params.conv_w.shape[-1])
     return mk.kernel_cache(rings, mk_params.win.dtype), mk.workspace(mk_params)
 
 

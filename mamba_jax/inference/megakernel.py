@@ -103,6 +103,19 @@ def pack(model, dtype=BF16) -> Params:
     return Params(**{k: jnp.stack(v) for k, v in cols.items()})
 
 
+def ring_caches(caches, length: int, taps: int):
+    """The Engine's per-layer prefill caches with each Mamba layer's conv inputs as a ring of `taps` slots,
+    the input at position t in slot t mod `taps` (`kernels.decode.conv_ring`), as the fused decode path and
+    the kernel keep them: the XLA path's prefill keeps a window of the last `taps` − 1 inputs, the fused
+    path's a ring already. `length`: the prompt's length (the next token's position)."""
+    from mamba_jax.kernels.decode import conv_ring
+
+    def ring(c):  # a Mamba layer's cache
+        return c if c["conv"].shape[1] == taps else {**c, "conv": conv_ring(c["conv"], length)}
+
+    return jax.tree.map(ring, caches, is_leaf=lambda c: isinstance(c, dict) and "ssm" in c)
+
+
 def kernel_cache(caches, dtype=BF16) -> Cache:
     """The Engine's per-layer decoding caches of the fused decode path (`Mamba2Mixer._decode_fused`: the conv
     inputs as a ring, `kernels.decode.conv_ring`), in layer order, at batch 1, stacked as the kernel's (in
@@ -191,9 +204,9 @@ def kernel_unsupported(params: Params, eps: float) -> str | None:
 
 def kernel_mode() -> tuple[int, int]:
     """The kernel's variant (kernels/megakernel.cuh): mode 5 (each layer's SSM steps after in_proj, out_proj
-    after every step) or 10 (the steps inside in_proj's weight stream, out_proj by chunks of heads), and mode
-    10's slack (in_proj slots between a head's last inputs and its step). MAMBA_JAX_MEGAKERNEL_MODE="10" or
-    "10,2" picks them (read at trace time)."""
+    after every step; the default) or 10 (the steps inside in_proj's weight stream, out_proj by chunks of
+    heads: slower on an H100, benchmarks/README.md), and mode 10's slack (in_proj slots between a head's last
+    inputs and its step). MAMBA_JAX_MEGAKERNEL_MODE="10" or "10,2" picks them (read at trace time)."""
     raw = os.environ.get("MAMBA_JAX_MEGAKERNEL_MODE", "").strip()
     try:
         parts = [int(v) for v in raw.split(",")] if raw else []
