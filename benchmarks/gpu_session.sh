@@ -150,7 +150,7 @@ elif [ "$stage" = k ]; then  # ≈ 6 minutes at most: mode 10 against mode 5 in 
         --variant "loop:" --variant "mk5:megakernel=1;MAMBA_JAX_MEGAKERNEL_MODE=5" \
         --variant "mk10:megakernel=1;MAMBA_JAX_MEGAKERNEL_MODE=${MK_ENGINE_MODE:-10}" \
         --out "$OUT/decode_variants_megakernel_modes_2_7b_b1_$gpu.json"
-elif [ "$stage" = l ]; then  # ≈ 5 minutes: the step's sub-phases in the probe, the FFI tests, generate.py batch 1
+elif [ "$stage" = l ]; then  # ≈ 8 minutes: the step's sub-phases in the probe, the FFI tests, generate.py batch 1
     find_nvcc
     cd benchmarks || exit 1
     step megakernel_probe 120 python3 megakernel_probe.py --trace \
@@ -161,6 +161,10 @@ elif [ "$stage" = l ]; then  # ≈ 5 minutes: the step's sub-phases in the probe
     cd benchmarks || exit 1
     step generate_2_7b_b1 300 python3 generate.py --model mamba2_2_7b --batch 1 --state-dtype bfloat16 --peer \
         --decode-impl auto,megakernel --out "$OUT/generate_2_7b_b1_megakernel_$gpu.json"
+    # tokens per iteration of the host-driven loop: 4 (the default for 256 tokens) against 1
+    step variants_unroll_b1 200 python3 decode_variants.py --model mamba2_2_7b --batch 1 --rounds 2 --reps 3 \
+        --variant "mk_u4:megakernel=1" --variant "mk_u1:megakernel=1;MAMBA_JAX_MEGAKERNEL_UNROLL=1" \
+        --out "$OUT/decode_variants_megakernel_unroll_2_7b_b1_$gpu.json"
 else
     echo "unknown stage $stage (a … l)" >&2
     exit 2

@@ -60,10 +60,19 @@ ffi::Error MegakernelImpl(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffe
                  check(*ring, {-1, CX, KW}, B, "ring", L), check(*state, {-1, H, P, NS}, B, "state", L),
                  check(*h, {D}, F, "h", L), check(*work, {(int64_t)WORK_WORDS32}, ffi::DataType::U32, "work", L)})
     if (e.failure()) return e;
-  int dev = 0, G = 0, optin = 0;
+  // The device's properties and the kernels' shared-memory attribute, once per device: this runs on the host
+  // before every token's launch, and in a decode loop the GPU may be waiting for it.
+  constexpr int MAX_DEV = 64;
+  static int sms[MAX_DEV], optins[MAX_DEV];
+  static bool ready[MAX_DEV][2];
+  int dev = 0;
   cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&G, cudaDevAttrMultiProcessorCount, dev);
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (dev < 0 || dev >= MAX_DEV) return ffi::Error::Internal("megakernel: device ordinal out of range");
+  if (!sms[dev]) {
+    cudaDeviceGetAttribute(&optins[dev], cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    cudaDeviceGetAttribute(&sms[dev], cudaDevAttrMultiProcessorCount, dev);
+  }
+  const int G = sms[dev], optin = optins[dev];
   const size_t smem = megakernel_smem_bytes(MK_SLOT, MK_STAGES);
   if (G < H || (D + G - 1) / G > MAX_OWN || (size_t)optin < smem)
     return ffi::Error::Internal("megakernel: needs >= 80 SMs of <= 32 residual rows each and " +
@@ -95,7 +104,11 @@ ffi::Error MegakernelImpl(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffe
   p.stages = MK_STAGES;
   p.pf = MK_PF;
   const void* fn = mode == 10 ? (const void*)megakernel<10> : (const void*)megakernel<5>;
-  cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  cudaError_t e = cudaSuccess;
+  if (!ready[dev][mode == 10]) {
+    e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    ready[dev][mode == 10] = e == cudaSuccess;
+  }
   if (e == cudaSuccess) {
     void* args[] = {&p};
     e = cudaLaunchCooperativeKernel(fn, G, THREADS, args, smem, stream);

@@ -190,15 +190,32 @@ def test_kernel_matches_the_reference_on_gpu(mode, monkeypatch):
 def test_engine_with_the_megakernel_generates_as_without():
     """Engine(megakernel=True) at batch 1 (here the JAX reference, float32 as the model) generates the tokens
     and log-probabilities of the usual decode loop; batch 2 decodes as without it; unsupported models fail."""
-    from mamba_jax.inference.engine import Engine, SamplingParams
+    from mamba_jax.inference.engine import Engine, SamplingParams, _generate_fn
 
     model = _model(seed=7)
-    sp = SamplingParams(max_new_tokens=6, temperature=0.0)
-    want = Engine(model).generate([[5, 9, 2, 7]], sp)
     eng = Engine(model, megakernel=True)
-    got = eng.generate([[5, 9, 2, 7]], sp)
-    assert got.tokens == want.tokens
-    np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-4, atol=1e-4)
+    for t in (6, 8, 7):  # 2, 4 and 1 tokens per iteration of the loop
+        sp = SamplingParams(max_new_tokens=t, temperature=0.0)
+        want = Engine(model).generate([[5, 9, 2, 7]], sp)
+        got = eng.generate([[5, 9, 2, 7]], sp)
+        assert got.tokens == want.tokens and len(got.tokens[0]) == t
+        np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-4, atol=1e-4)
+    # EOS in the middle of an iteration: cut at the same place, the rest of the iteration not returned
+    eos = want.tokens[0][2]
+    want = Engine(model).generate([[5, 9, 2, 7]], SamplingParams(max_new_tokens=8, temperature=0.0), eos_id=eos)
+    got = eng.generate([[5, 9, 2, 7]], SamplingParams(max_new_tokens=8, temperature=0.0), eos_id=eos)
+    assert got.tokens == want.tokens and got.finished == want.finished == [True]
+    with pytest.MonkeyPatch.context() as mp:  # the A/B override: 3 → gcd(3, 6) = 3 steps per iteration
+        mp.setenv("MAMBA_JAX_MEGAKERNEL_UNROLL", "3")
+        _generate_fn.cache_clear()
+        sp = SamplingParams(max_new_tokens=6, temperature=0.0)
+        assert eng.generate([[5, 9, 2, 7]], sp).tokens == Engine(model).generate([[5, 9, 2, 7]], sp).tokens
+        mp.setenv("MAMBA_JAX_MEGAKERNEL_UNROLL", "0")
+        _generate_fn.cache_clear()
+        with pytest.raises(ValueError, match="MAMBA_JAX_MEGAKERNEL_UNROLL"):
+            eng.generate([[5, 9, 2, 7]], sp)
+    _generate_fn.cache_clear()
+    sp = SamplingParams(max_new_tokens=6, temperature=0.0)
     two = [[5, 9, 2, 7], [3, 3]]
     assert eng.generate(two, sp).tokens == Engine(model).generate(two, sp).tokens
     with pytest.raises(ValueError, match="does not cover"):

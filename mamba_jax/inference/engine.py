@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -283,6 +285,16 @@ def _generate_fn(
     megakernel: bool = False,
 ):
     T = params.max_new_tokens
+    # Steps per iteration of the loop. The megakernel is an FFI call XLA cannot put in a command buffer, so
+    # the loop runs from the host: each iteration the host reads the loop's predicate back before it launches
+    # the next, and the GPU waits for it. A few tokens per iteration share that round trip (the body is one
+    # kernel, the head and the sampling: cheap to repeat). A finished batch then stops at the iteration's end;
+    # the extra tokens are EOS, cut on the host.
+    unroll = next((u for u in (4, 2) if T % u == 0), 1) if megakernel else 1
+    if megakernel and (raw := os.environ.get("MAMBA_JAX_MEGAKERNEL_UNROLL")):  # A/B of the above
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"MAMBA_JAX_MEGAKERNEL_UNROLL={raw!r}: want a positive number of steps per iteration.")
+        unroll = math.gcd(int(raw), T)  # a divisor of T: no step past the last token
 
     def run(state, ids_BL, start_B, key, mk_params):
         model = nnx.merge(graphdef, state)
@@ -301,7 +313,7 @@ def _generate_fn(
             t, done = carry[0], carry[5]
             return (t < T) & ~jnp.all(done)
 
-        def body(carry):
+        def step(carry):
             t, logits_BV, cache, key, seen_BV, done_B, tokens_BT, logprobs_BT = carry
             key, sub = jax.random.split(key)
             if vocab_size is not None:  # ids past the tokenizer's vocabulary are padding rows
@@ -330,6 +342,11 @@ def _generate_fn(
             else:
                 logits_BV, cache = model.decode(tok_B, cache, pos=l + t, start=start_B)
             return t + 1, logits_BV, cache, key, seen_BV, done_B, tokens_BT, logprobs_BT
+
+        def body(carry):
+            for _ in range(unroll):  # t advances by `unroll` per iteration and `unroll` divides T
+                carry = step(carry)
+            return carry
 
         carry = (
             jnp.int32(0),
