@@ -161,10 +161,12 @@ elif [ "$stage" = l ]; then  # ≈ 8 minutes: the step's sub-phases in the probe
     cd benchmarks || exit 1
     step generate_2_7b_b1 300 python3 generate.py --model mamba2_2_7b --batch 1 --state-dtype bfloat16 --peer \
         --decode-impl auto,megakernel --out "$OUT/generate_2_7b_b1_megakernel_$gpu.json"
-    # tokens per iteration of the host-driven loop: 4 (the default for 256 tokens) against 1
-    step variants_unroll_b1 200 python3 decode_variants.py --model mamba2_2_7b --batch 1 --rounds 2 --reps 3 \
+    # tokens per iteration of the host-driven loop: 4 (the default for 256 tokens) against 1; the LM head
+    # inside the kernel against XLA's
+    step variants_unroll_b1 240 python3 decode_variants.py --model mamba2_2_7b --batch 1 --rounds 2 --reps 3 \
         --variant "mk_u4:megakernel=1" --variant "mk_u1:megakernel=1;MAMBA_JAX_MEGAKERNEL_UNROLL=1" \
-        --out "$OUT/decode_variants_megakernel_unroll_2_7b_b1_$gpu.json"
+        --variant "mk_head:megakernel=1;MAMBA_JAX_MEGAKERNEL_HEAD=1" \
+        --out "$OUT/decode_variants_megakernel_unroll_head_2_7b_b1_$gpu.json"
 else
     echo "unknown stage $stage (a … l)" >&2
     exit 2

@@ -43,13 +43,14 @@ ffi::Error check(ffi::AnyBuffer b, std::initializer_list<int64_t> dims, ffi::Dat
 
 }  // namespace
 
-ffi::Error MegakernelImpl(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffer wout, ffi::AnyBuffer conv_w,
-                          ffi::AnyBuffer conv_b, ffi::AnyBuffer a_log, ffi::AnyBuffer d_skip, ffi::AnyBuffer dt_bias,
-                          ffi::AnyBuffer pos, ffi::AnyBuffer ring_in, ffi::AnyBuffer state_in, ffi::AnyBuffer h_in,
-                          ffi::AnyBuffer work_in, ffi::Result<ffi::AnyBuffer> ring, ffi::Result<ffi::AnyBuffer> state,
-                          ffi::Result<ffi::AnyBuffer> h, ffi::Result<ffi::AnyBuffer> work, int32_t mode,
-                          int32_t slack) {
+// head / logits: the LM head phase (MambaJaxMegakernelHead), or null.
+ffi::Error Launch(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffer wout, ffi::AnyBuffer conv_w,
+                  ffi::AnyBuffer conv_b, ffi::AnyBuffer a_log, ffi::AnyBuffer d_skip, ffi::AnyBuffer dt_bias,
+                  ffi::AnyBuffer pos, ffi::Result<ffi::AnyBuffer> ring, ffi::Result<ffi::AnyBuffer> state,
+                  ffi::Result<ffi::AnyBuffer> h, ffi::Result<ffi::AnyBuffer> work, int32_t mode, int32_t slack,
+                  const ffi::AnyBuffer* head, ffi::Result<ffi::AnyBuffer>* logits) {
   if (mode != 5 && mode != 10) return ffi::Error::InvalidArgument("megakernel: mode must be 5 or 10");
+  if (head && mode != 5) return ffi::Error::InvalidArgument("megakernel: the LM head phase needs mode 5");
   if (win.dimensions().size() != 3) return ffi::Error::InvalidArgument("megakernel: win must be (L, NIN, D)");
   const int64_t L = win.dimensions()[0];
   const ffi::DataType B = ffi::DataType::BF16, F = ffi::DataType::F32;
@@ -97,6 +98,15 @@ ffi::Error MegakernelImpl(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffe
   p.epoch_dev = reinterpret_cast<unsigned*>(p.h_ll + D);
   p.done_dev = p.epoch_dev + 1;
   p.pos_dev = static_cast<const int*>(pos.untyped_data());
+  if (head) {
+    const auto hd = head->dimensions();
+    if (head->element_type() != B || hd.size() != 2 || hd[1] != D || (*logits)->element_type() != F ||
+        (*logits)->dimensions().size() != 1 || (*logits)->dimensions()[0] != hd[0])
+      return ffi::Error::InvalidArgument("megakernel: head must be (V, D) bf16 and logits (V,) float32");
+    p.head = static_cast<const bf16*>(head->untyped_data());
+    p.logits = static_cast<float*>((*logits)->untyped_data());
+    p.vocab = (int)hd[0];
+  }
   p.layers = (int)L;
   p.mode = mode;
   p.slack = slack;
@@ -117,6 +127,28 @@ ffi::Error MegakernelImpl(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffe
   return ffi::Error::Success();
 }
 
+ffi::Error MegakernelImpl(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffer wout, ffi::AnyBuffer conv_w,
+                          ffi::AnyBuffer conv_b, ffi::AnyBuffer a_log, ffi::AnyBuffer d_skip, ffi::AnyBuffer dt_bias,
+                          ffi::AnyBuffer pos, ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer,
+                          ffi::Result<ffi::AnyBuffer> ring, ffi::Result<ffi::AnyBuffer> state,
+                          ffi::Result<ffi::AnyBuffer> h, ffi::Result<ffi::AnyBuffer> work, int32_t mode,
+                          int32_t slack) {
+  return Launch(stream, win, wout, conv_w, conv_b, a_log, d_skip, dt_bias, pos, ring, state, h, work, mode, slack,
+                nullptr, nullptr);
+}
+
+ffi::Error MegakernelHeadImpl(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffer wout, ffi::AnyBuffer conv_w,
+                              ffi::AnyBuffer conv_b, ffi::AnyBuffer a_log, ffi::AnyBuffer d_skip,
+                              ffi::AnyBuffer dt_bias, ffi::AnyBuffer pos, ffi::AnyBuffer, ffi::AnyBuffer,
+                              ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer head, ffi::Result<ffi::AnyBuffer> ring,
+                              ffi::Result<ffi::AnyBuffer> state, ffi::Result<ffi::AnyBuffer> h,
+                              ffi::Result<ffi::AnyBuffer> work, ffi::Result<ffi::AnyBuffer> logits, int32_t mode,
+                              int32_t slack) {
+  return Launch(stream, win, wout, conv_w, conv_b, a_log, d_skip, dt_bias, pos, ring, state, h, work, mode, slack,
+                &head, &logits);
+}
+
+// The inputs ring, state, h and work alias the results of the same names (updated in place).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaJaxMegakernel, MegakernelImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
@@ -136,5 +168,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaJaxMegakernel, MegakernelImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("mode")
+                                  .Attr<int32_t>("slack"));
+
+// The same with the LM head as the kernel's last phase: one more argument (head, after work) and result
+// (logits, after work).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaJaxMegakernelHead, MegakernelHeadImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // win
+                                  .Arg<ffi::AnyBuffer>()  // wout
+                                  .Arg<ffi::AnyBuffer>()  // conv_w
+                                  .Arg<ffi::AnyBuffer>()  // conv_b
+                                  .Arg<ffi::AnyBuffer>()  // a_log
+                                  .Arg<ffi::AnyBuffer>()  // d_skip
+                                  .Arg<ffi::AnyBuffer>()  // dt_bias
+                                  .Arg<ffi::AnyBuffer>()  // pos
+                                  .Arg<ffi::AnyBuffer>()  // ring
+                                  .Arg<ffi::AnyBuffer>()  // state
+                                  .Arg<ffi::AnyBuffer>()  // h
+                                  .Arg<ffi::AnyBuffer>()  // work
+                                  .Arg<ffi::AnyBuffer>()  // head
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()  // logits
                                   .Attr<int32_t>("mode")
                                   .Attr<int32_t>("slack"));

@@ -56,6 +56,11 @@ struct Params {
   const int* pos_dev;
   unsigned* epoch_dev;
   unsigned* done_dev;
+  // Optional (tagged modes 4–9): the LM head as a last phase, its rows (the final norm's weight folded in)
+  // streamed behind the last layer's: logits[v] = head[v] · bf16(h) / rms(h).
+  const bf16* head;  // [vocab][D]
+  float* logits;     // [vocab]
+  int vocab;
 };
 
 // ---------------------------------------------------------------- PTX helpers
@@ -613,8 +618,19 @@ struct Cursor {
 // consumers, whose once-per-layer code is on the critical path).
 template <int MODE>
 __device__ __noinline__ bool cursor_enter(Cursor& u, const Params& p, int c, int G) {
-  while (u.l < p.layers) {
-    if (u.ph == 2) {
+  while (u.l < p.layers + (p.head ? 1 : 0)) {
+    if (u.l == p.layers) {  // the LM head: one phase, this CTA's vocabulary rows (K = D)
+      if (u.ph == 0) {
+        int lo, hi;
+        rows_of(p.vocab, c, G, lo, hi);
+        u.rb = D * 2;
+        u.R = p.slot / u.rb;
+        u.r0 = lo;
+        u.hi = hi;
+        u.base = reinterpret_cast<const unsigned char*>(p.head);
+        if (lo < hi) return true;
+      }
+    } else if (u.ph == 2) {
       if (MODE >= 5 && c < H) {
         u.r0 = 0, u.hi = 1, u.R = 1, u.rb = STEP_SLOT, u.base = nullptr;
         return true;
@@ -1112,6 +1128,25 @@ __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
       }
     }
   }
+    if constexpr (ll) {
+      if (p.head) {  // the LM head: this CTA's vocabulary rows, from the residual after the last layer
+        const float scale = load_residual(p.h, x_s, red, tid, p.h_ll, ll_tag(p, p.layers - 1));
+        int lo, hi;
+        rows_of(p.vocab, c, G, lo, hi);
+        const int R = p.slot / (D * 2);
+        for (int r0 = lo; r0 < hi; r0 += R, ++k) {
+          const int s = k % p.stages, rows = min(R, hi - r0);
+          mbar_wait(full + s, (k / p.stages) & 1);
+          for (int r = warp; r < rows; r += W) {
+            const float v = row_dot(reinterpret_cast<const bf16*>(ring + (size_t)s * p.slot + (size_t)r * D * 2), x_s,
+                                    D, 0, 1, lane);
+            if (lane == 0) p.logits[r0 + r] = v * scale;
+          }
+          __syncwarp();
+          if (lane == 0) mbar_arrive(empty + s);
+        }
+      }
+    }
   }
   if (MODE >= 5 && tid == 0) bulk_wait();  // the step's state stores complete before the CTA exits
   if (p.epoch_dev && tid == 0) {  // the last CTA to finish advances the epoch for the next launch

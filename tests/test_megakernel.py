@@ -187,6 +187,50 @@ def test_kernel_matches_the_reference_on_gpu(mode, monkeypatch):
             assert rel_err(g, x) <= 2 * rel_err(w, x) + 1e-3, (t, name, rel_err(g, x), rel_err(w, x))
 
 
+def test_head_phase_reference_equals_the_model_head():
+    """`pack_head` + `reference_head` (the kernel's LM head phase, float32 here) give the model's logits."""
+    model = _model(seed=9)
+    model.norm_f.weight[...] = 1 + 0.3 * jax.random.normal(jax.random.key(1), model.norm_f.weight[...].shape)
+    h = jax.random.normal(jax.random.key(2), (model.cfg.d_model,), jnp.float32)
+    want = model._logits(model.norm_f(h[None]))[0]
+    got = mk.reference_head(mk.pack_head(model, jnp.float32), h, eps=model.cfg.norm_eps)
+    assert rel_err(got, want) <= 1e-5
+    assert mk.pack_head(model).dtype == jnp.bfloat16 and mk.pack_head(model).shape == (model.cfg.padded_vocab_size,
+                                                                                      model.cfg.d_model)  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_kernel_head_phase_on_gpu():
+    """The kernel with the LM head as its last phase (2 random 2.7B-shaped layers, norms folded): logits as
+    close to the float32 truth as the bf16 reference's, the residual as without the head."""
+    import os
+
+    import mamba_jax.config as mjc
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    cfg = mjc.model_config(mjc.load_config(os.path.join(root, "experiments", "mamba2_2_7b.py")))
+    model = _randomize_norms(init_model(cfg.replace(pattern="MM", param_dtype="float32", decode_impl="xla"), seed=1))
+    model.norm_f.weight[...] = 1 + 0.3 * jax.random.normal(jax.random.key(1), model.norm_f.weight[...].shape)
+    _, _, _, rings, l = _prefill(model, list(range(3, 40)), 1)
+    params, cache, head = mk.pack(model), mk.kernel_cache(rings), mk.pack_head(model)
+    eps = cfg.norm_eps
+    assert mk.kernel_unsupported(params, eps, head) is None
+    h = model._embed(jnp.asarray([7]))[0].astype(jnp.float32)
+    step = jax.jit(mk.step, static_argnames="eps")
+    got_h, _, _, logits = step(params, cache, h, l, mk.workspace(params), eps=eps, head=head)
+    want_h, _, _ = step(params, cache, h, l, mk.workspace(params), eps=eps)
+    np.testing.assert_array_equal(np.asarray(got_h), np.asarray(want_h))
+    cpu = jax.devices("cpu")[0]
+    f32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)  # noqa: E731
+    h_cpu = jax.device_put(got_h, cpu)
+    ref = jax.jit(mk.reference_head, static_argnames="eps")
+    want = ref(jax.device_put(head, cpu), h_cpu, eps=eps)
+    truth = ref(jax.device_put(f32(head), cpu), h_cpu, eps=eps)
+    g, w, x = (np.asarray(a, np.float32) for a in (logits, want, truth))
+    assert rel_err(w, x) > 1e-4, "the bf16 reference did not round"
+    assert rel_err(g, x) <= 2 * rel_err(w, x) + 1e-3, (rel_err(g, x), rel_err(w, x))
+
+
 def test_engine_with_the_megakernel_generates_as_without():
     """Engine(megakernel=True) at batch 1 (here the JAX reference, float32 as the model) generates the tokens
     and log-probabilities of the usual decode loop; batch 2 decodes as without it; unsupported models fail."""
@@ -205,6 +249,16 @@ def test_engine_with_the_megakernel_generates_as_without():
     want = Engine(model).generate([[5, 9, 2, 7]], SamplingParams(max_new_tokens=8, temperature=0.0), eos_id=eos)
     got = eng.generate([[5, 9, 2, 7]], SamplingParams(max_new_tokens=8, temperature=0.0), eos_id=eos)
     assert got.tokens == want.tokens and got.finished == want.finished == [True]
+    with pytest.MonkeyPatch.context() as mp:  # the LM head inside the kernel (here its reference)
+        mp.setenv("MAMBA_JAX_MEGAKERNEL_HEAD", "1")
+        sp = SamplingParams(max_new_tokens=8, temperature=0.0)
+        got = Engine(model, megakernel=True).generate([[5, 9, 2, 7]], sp)
+        want = Engine(model).generate([[5, 9, 2, 7]], sp)
+        assert got.tokens == want.tokens
+        np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-4, atol=1e-4)
+        mp.setenv("MAMBA_JAX_MEGAKERNEL_HEAD", "yes")
+        with pytest.raises(ValueError, match="MAMBA_JAX_MEGAKERNEL_HEAD"):
+            Engine(model, megakernel=True)
     with pytest.MonkeyPatch.context() as mp:  # the A/B override: 3 → gcd(3, 6) = 3 steps per iteration
         mp.setenv("MAMBA_JAX_MEGAKERNEL_UNROLL", "3")
         _generate_fn.cache_clear()

@@ -126,14 +126,20 @@ class Engine:
         if self.quantize is not None:
             model = model if (unstack or dtype is not None) else nnx.clone(model)  # never the caller's modules
             quantize_weights(model, self.quantize)
-        self.mk_params = None
+        self.mk_params = self.mk_head = None
         if megakernel:
             from mamba_jax.inference import megakernel as mk
 
             if reason := mk.unsupported(model) or (mesh is not None and mesh.size > 1 and "a sharded model"):
                 raise ValueError(f"megakernel=True: the megakernel does not cover {reason}.")
             # bf16 as the kernel reads them; a float32 model keeps float32 (then the JAX reference runs it)
-            self.mk_params = mk.pack(model, jnp.float32 if jnp.dtype(model.cfg.dtype) == jnp.float32 else mk.BF16)
+            mk_dtype = jnp.float32 if jnp.dtype(model.cfg.dtype) == jnp.float32 else mk.BF16
+            self.mk_params = mk.pack(model, mk_dtype)
+            head = os.environ.get("MAMBA_JAX_MEGAKERNEL_HEAD", "0")
+            if head not in ("0", "1"):
+                raise ValueError(f"MAMBA_JAX_MEGAKERNEL_HEAD={head!r}: want 1 (the LM head inside the kernel) or 0.")
+            if head == "1":  # experimental: the final norm and LM head as the kernel's last phase
+                self.mk_head = mk.pack_head(model, mk_dtype)
             if why := mk.kernel_unsupported(self.mk_params, model.cfg.norm_eps):
                 note_once(f"megakernel=True: the CUDA megakernel does not run here ({why}); batch 1 decodes "
                           "through its JAX reference instead (the same arithmetic, not faster).")  # fmt: skip
@@ -168,7 +174,7 @@ class Engine:
             megakernel := self.mk_params is not None and len(prompts) == 1,
         )
         args = (self.state, jnp.asarray(ids), jnp.asarray(start), jax.random.key(params.seed))
-        args += (self.mk_params if megakernel else None,)
+        args += ((self.mk_params, self.mk_head) if megakernel else None,)
         if stream is not None:
             _STREAM[0] = stream
         if self.mesh is not None:
@@ -263,13 +269,19 @@ def _megakernel_cache(mk_params, cache, length: int):
     return mk.kernel_cache(rings, mk_params.win.dtype), mk.workspace(mk_params)
 
 
-def _megakernel_decode(model, mk_params, tok_B, cache, pos):
-    """One token of batch 1 through the megakernel, with the embedding, final norm and head around it."""
-    from mamba_jax.inference import megakernel as mk
+def _megakernel_decode(model, mk, tok_B, cache, pos):
+    """One token of batch 1 through the megakernel, with the embedding and (unless the kernel runs it as its
+    last phase, `mk_head`) the final norm and head around it."""
+    from mamba_jax.inference import megakernel
 
+    mk_params, mk_head = mk
     mk_cache, work = cache
     h_D = model._embed(tok_B)[0].astype(jnp.float32)
-    h_D, mk_cache, work = mk.step(mk_params, mk_cache, h_D, pos, work, eps=model.cfg.norm_eps)
+    eps = model.cfg.norm_eps
+    if mk_head is not None:
+        h_D, mk_cache, work, logits_V = megakernel.step(mk_params, mk_cache, h_D, pos, work, eps=eps, head=mk_head)
+        return logits_V[None], (mk_cache, work)
+    h_D, mk_cache, work = megakernel.step(mk_params, mk_cache, h_D, pos, work, eps=eps)
     return model._logits(model.norm_f(h_D[None])), (mk_cache, work)
 
 
@@ -296,14 +308,14 @@ def _generate_fn(
             raise ValueError(f"MAMBA_JAX_MEGAKERNEL_UNROLL={raw!r}: want a positive number of steps per iteration.")
         unroll = math.gcd(int(raw), T)  # a divisor of T: no step past the last token
 
-    def run(state, ids_BL, start_B, key, mk_params):
+    def run(state, ids_BL, start_B, key, mk):  # mk: (the megakernel's packed layers, its head or None)
         model = nnx.merge(graphdef, state)
         b, l = ids_BL.shape
         seq_idx = (jnp.arange(l)[None] >= start_B[:, None]).astype(jnp.int32)
         logits_BV, cache = model.prefill(ids_BL, seq_idx=seq_idx, cache_len=l + T)
         cache = _cast_ssm_states(cache, state_dtype)
         if megakernel:  # batch 1: the caches as the kernel's [layer, …] arrays, and its workspace
-            cache = _megakernel_cache(mk_params, cache, l)
+            cache = _megakernel_cache(mk[0], cache, l)
         v = logits_BV.shape[-1]
         seen_BV = jnp.zeros((b, v), bool)
         if params.repetition_penalty != 1.0:  # the prompt counts as seen
@@ -338,7 +350,7 @@ def _generate_fn(
             seen_BV = seen_BV.at[jnp.arange(b), tok_B].set(True)
             done_B = done_B | (tok_B == eos_id)
             if megakernel:
-                logits_BV, cache = _megakernel_decode(model, mk_params, tok_B, cache, l + t)
+                logits_BV, cache = _megakernel_decode(model, mk, tok_B, cache, l + t)
             else:
                 logits_BV, cache = model.decode(tok_B, cache, pos=l + t, start=start_B)
             return t + 1, logits_BV, cache, key, seen_BV, done_B, tokens_BT, logprobs_BT

@@ -12,6 +12,8 @@ module also holds the parts of that path the GPU is not needed for:
   `kernel_cache`   the Engine's decoding caches (per layer: the conv inputs as a ring of K slots, the input
                    at position t in slot t mod K — `kernels.decode.conv_ring` — and the SSM state) stacked
                    into the kernel's [layer, …] arrays, and `engine_cache` back;
+  `pack_head`      the LM head with the final norm's weight folded in, for the kernel's optional last phase
+                   (`reference_head` its arithmetic);
   `reference_step` one token through every layer with the kernel's arithmetic in plain JAX: the residual in
                    float32, in_proj of its bf16 rounding with float32 sums times the input norm's 1/rms
                    (not rounded), the conv and SiLU in float32, the state updated in float32 and stored in
@@ -42,6 +44,7 @@ from mamba_jax.models.stack import layer_mixers, unstack_layers
 
 BF16 = jnp.bfloat16
 TARGET = "mamba_jax_megakernel"
+TARGET_HEAD = "mamba_jax_megakernel_head"  # the same with the LM head as its last phase
 # The dimensions kernels/megakernel.cuh compiles in (Mamba2-2.7B): D, heads, head dim, state, conv taps, eps.
 KERNEL_DIMS = (2560, 80, 64, 128, 4, 1e-5)
 DEFAULT_MODE = 5  # kernel_mode()
@@ -114,6 +117,20 @@ def ring_caches(caches, length: int, taps: int):
         return c if c["conv"].shape[1] == taps else {**c, "conv": conv_ring(c["conv"], length)}
 
     return jax.tree.map(ring, caches, is_leaf=lambda c: isinstance(c, dict) and "ssm" in c)
+
+
+def pack_head(model, dtype=BF16) -> jax.Array:
+    """The LM head as the kernel's last phase reads it: (V, D) rows (a row per vocabulary entry, K contiguous)
+    with the final norm's weight folded in, so that logits = head · h / rms(h)."""
+    w_DV = model.head_weight().astype(jnp.float32) * model.norm_f.weight[...].astype(jnp.float32)[:, None]
+    return w_DV.T.astype(dtype)
+
+
+def reference_head(head_VD, h_D, *, eps: float):
+    """The logits (V,) float32 of the residual after the last layer with the kernel's arithmetic: the final
+    norm's 1/rms times head · h rounded to the head's dtype, float32 sums."""
+    inv = jax.lax.rsqrt(jnp.mean(h_D * h_D) + eps)
+    return jnp.dot(head_VD, h_D.astype(head_VD.dtype), preferred_element_type=jnp.float32) * inv
 
 
 def kernel_cache(caches, dtype=BF16) -> Cache:
@@ -189,7 +206,7 @@ def workspace(params: Params) -> jax.Array:
     return jnp.zeros(2 * (params.win.shape[1] + di // 2 + h + d) + 2, jnp.uint32)
 
 
-def kernel_unsupported(params: Params, eps: float) -> str | None:
+def kernel_unsupported(params: Params, eps: float, head=None) -> str | None:
     """Why `step` computes with `reference_step` rather than the CUDA kernel here, or None."""
     _, nin, d = params.win.shape
     h, hp, k = params.a_log.shape[1], params.wout.shape[2], params.conv_w.shape[2]
@@ -197,8 +214,12 @@ def kernel_unsupported(params: Params, eps: float) -> str | None:
     dims = (d, h, hp // h, n, k, eps)
     if dims != KERNEL_DIMS or params.win.dtype != BF16:
         return f"dimensions (D, H, P, N, K, eps) = {dims} (it is compiled for {KERNEL_DIMS}, bf16 weights)"
+    if head is not None and (head.dtype != BF16 or head.shape[1] != d):
+        return f"a head of {head.dtype} {tuple(head.shape)} (it reads (V, {d}) bf16)"
     from mamba_jax.kernels.cuda_build import load  # lazy: only where a GPU may run it
 
+    if head is not None:
+        return load("megakernel", "MambaJaxMegakernelHead", TARGET_HEAD)
     return load("megakernel", "MambaJaxMegakernel", TARGET)
 
 
@@ -219,19 +240,29 @@ def kernel_mode() -> tuple[int, int]:
     return mode, slack
 
 
-def step(params: Params, cache: Cache, h_D, pos, work, *, eps: float):
-    """One token through every layer: (the residual after the last layer, the new cache, the workspace). The
-    CUDA kernel where `kernel_unsupported` allows (the caches and workspace updated in place), else
-    `reference_step`."""
-    if kernel_unsupported(params, eps) is None:
+def step(params: Params, cache: Cache, h_D, pos, work, *, eps: float, head=None):
+    """One token through every layer: (the residual after the last layer, the new cache, the workspace), and
+    with `head` (`pack_head`) the logits (V,) float32 as well. The CUDA kernel where `kernel_unsupported`
+    allows (the caches and workspace updated in place; the head as its last phase), else `reference_step`
+    (and `reference_head`)."""
+    if kernel_unsupported(params, eps, head) is None:
         shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (cache.ring, cache.state, h_D, work)]
-        call = jax.ffi.ffi_call(TARGET, shapes, input_output_aliases={8: 0, 9: 1, 10: 2, 11: 3})
         mode, slack = kernel_mode()
-        ring, state, h_D, work = call(*params, jnp.asarray(pos, jnp.int32), cache.ring, cache.state, h_D, work,
-                                      mode=np.int32(mode), slack=np.int32(slack))  # fmt: skip
-        return h_D, Cache(ring, state), work
+        args = (*params, jnp.asarray(pos, jnp.int32), cache.ring, cache.state, h_D, work)
+        if head is None:
+            call = jax.ffi.ffi_call(TARGET, shapes, input_output_aliases={8: 0, 9: 1, 10: 2, 11: 3})
+            ring, state, h_D, work = call(*args, mode=np.int32(mode), slack=np.int32(slack))
+            return h_D, Cache(ring, state), work
+        if mode != 5:
+            raise ValueError(f"megakernel: the LM head phase runs in mode 5 (MAMBA_JAX_MEGAKERNEL_MODE={mode}).")
+        shapes.append(jax.ShapeDtypeStruct((head.shape[0],), jnp.float32))
+        call = jax.ffi.ffi_call(TARGET_HEAD, shapes, input_output_aliases={8: 0, 9: 1, 10: 2, 11: 3})
+        ring, state, h_D, work, logits = call(*args, head, mode=np.int32(mode), slack=np.int32(slack))
+        return h_D, Cache(ring, state), work, logits
     h_D, cache = reference_step(params, cache, h_D, pos, eps=eps)
-    return h_D, cache, work
+    if head is None:
+        return h_D, cache, work
+    return h_D, cache, work, reference_head(head, h_D, eps=eps)
 
 
 def reference_logits(model, params: Params, cache: Cache, token, pos):
