@@ -13,6 +13,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh j   # megakernel probe vs the model's decode (JAX reference)
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh k   # megakernel mode 10 (early steps): probe, tests, Engine A/B
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh l   # megakernel step timing probe, tests, generate.py b1 + peer
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh m   # the decode loop in XLA's command buffers (graph targets)
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -167,7 +168,19 @@ elif [ "$stage" = l ]; then  # ≈ 8 minutes: the step's sub-phases in the probe
         --variant "mk_u4:megakernel=1" --variant "mk_u1:megakernel=1;MAMBA_JAX_MEGAKERNEL_UNROLL=1" \
         --variant "mk_head:megakernel=1;MAMBA_JAX_MEGAKERNEL_HEAD=1" \
         --out "$OUT/decode_variants_megakernel_unroll_head_2_7b_b1_$gpu.json"
+elif [ "$stage" = m ]; then  # ≈ 7 minutes: the batch-1 decode loop inside XLA's command buffers
+    find_nvcc
+    step megakernel_graph_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_megakernel.py -k "5-1"
+    cd benchmarks || exit 1
+    # WHILE lets XLA put the loop itself in a CUDA graph (conditional nodes) when every op of its body can be
+    # captured: the megakernel's *_graph targets are marked so (MAMBA_JAX_MEGAKERNEL_GRAPH=1)
+    CB="xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"
+    step variants_graph_b1 380 python3 decode_variants.py --model mamba2_2_7b --batch 1 --rounds 1 --reps 3 \
+        --variant "loop:" --variant "loop_while:$CB" --variant "mk:megakernel=1" \
+        --variant "mk_graph:megakernel=1;MAMBA_JAX_MEGAKERNEL_GRAPH=1" \
+        --variant "mk_graph_while:megakernel=1;MAMBA_JAX_MEGAKERNEL_GRAPH=1;MAMBA_JAX_MEGAKERNEL_UNROLL=1;$CB" \
+        --out "$OUT/decode_variants_graph_2_7b_b1_$gpu.json"
 else
-    echo "unknown stage $stage (a … l)" >&2
+    echo "unknown stage $stage (a … m)" >&2
     exit 2
 fi

@@ -11,8 +11,10 @@
 // counter; zeros before the first call, then carried from call to call), each updated in place (the results
 // alias them).
 //
-// Not command-buffer compatible: a cooperative launch needs every CTA resident, which XLA's graphs do not
-// promise; each token is one host launch.
+// MambaJaxMegakernel is not marked command-buffer compatible: each token is one host launch, and XLA drives a
+// decode loop around it from the host. MambaJaxMegakernelGraph (experimental, not yet run on a GPU) is: its
+// launch is a cooperative kernel launch attribute, which CUDA graphs can hold, and every value that changes
+// from token to token (position, epoch) is read from device memory, so a captured launch replays.
 
 #include <string>
 
@@ -48,7 +50,7 @@ ffi::Error Launch(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffer wout, 
                   ffi::AnyBuffer conv_b, ffi::AnyBuffer a_log, ffi::AnyBuffer d_skip, ffi::AnyBuffer dt_bias,
                   ffi::AnyBuffer pos, ffi::Result<ffi::AnyBuffer> ring, ffi::Result<ffi::AnyBuffer> state,
                   ffi::Result<ffi::AnyBuffer> h, ffi::Result<ffi::AnyBuffer> work, int32_t mode, int32_t slack,
-                  const ffi::AnyBuffer* head, ffi::Result<ffi::AnyBuffer>* logits) {
+                  const ffi::AnyBuffer* head, ffi::Result<ffi::AnyBuffer>* logits, bool graph) {
   if (mode != 5 && mode != 10) return ffi::Error::InvalidArgument("megakernel: mode must be 5 or 10");
   if (head && mode != 5) return ffi::Error::InvalidArgument("megakernel: the LM head phase needs mode 5");
   if (win.dimensions().size() != 3) return ffi::Error::InvalidArgument("megakernel: win must be (L, NIN, D)");
@@ -121,12 +123,27 @@ ffi::Error Launch(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffer wout, 
   }
   if (e == cudaSuccess) {
     void* args[] = {&p};
-    e = cudaLaunchCooperativeKernel(fn, G, THREADS, args, smem, stream);
+    if (graph) {  // capturable into XLA's command buffers: the cooperative launch as a launch attribute
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(G);
+      cfg.blockDim = dim3(THREADS);
+      cfg.dynamicSmemBytes = smem;
+      cfg.stream = stream;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeCooperative;
+      attr[0].val.cooperative = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      e = cudaLaunchKernelExC(&cfg, fn, args);
+    } else {
+      e = cudaLaunchCooperativeKernel(fn, G, THREADS, args, smem, stream);
+    }
   }
   if (e != cudaSuccess) return ffi::Error::Internal(std::string("megakernel: ") + cudaGetErrorString(e));
   return ffi::Error::Success();
 }
 
+template <bool GRAPH>
 ffi::Error MegakernelImpl(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffer wout, ffi::AnyBuffer conv_w,
                           ffi::AnyBuffer conv_b, ffi::AnyBuffer a_log, ffi::AnyBuffer d_skip, ffi::AnyBuffer dt_bias,
                           ffi::AnyBuffer pos, ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer,
@@ -134,9 +151,10 @@ ffi::Error MegakernelImpl(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffe
                           ffi::Result<ffi::AnyBuffer> h, ffi::Result<ffi::AnyBuffer> work, int32_t mode,
                           int32_t slack) {
   return Launch(stream, win, wout, conv_w, conv_b, a_log, d_skip, dt_bias, pos, ring, state, h, work, mode, slack,
-                nullptr, nullptr);
+                nullptr, nullptr, GRAPH);
 }
 
+template <bool GRAPH>
 ffi::Error MegakernelHeadImpl(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffer wout, ffi::AnyBuffer conv_w,
                               ffi::AnyBuffer conv_b, ffi::AnyBuffer a_log, ffi::AnyBuffer d_skip,
                               ffi::AnyBuffer dt_bias, ffi::AnyBuffer pos, ffi::AnyBuffer, ffi::AnyBuffer,
@@ -145,54 +163,37 @@ ffi::Error MegakernelHeadImpl(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyB
                               ffi::Result<ffi::AnyBuffer> work, ffi::Result<ffi::AnyBuffer> logits, int32_t mode,
                               int32_t slack) {
   return Launch(stream, win, wout, conv_w, conv_b, a_log, d_skip, dt_bias, pos, ring, state, h, work, mode, slack,
-                &head, &logits);
+                &head, &logits, GRAPH);
 }
 
-// The inputs ring, state, h and work alias the results of the same names (updated in place).
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaJaxMegakernel, MegakernelImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // win
-                                  .Arg<ffi::AnyBuffer>()  // wout
-                                  .Arg<ffi::AnyBuffer>()  // conv_w
-                                  .Arg<ffi::AnyBuffer>()  // conv_b
-                                  .Arg<ffi::AnyBuffer>()  // a_log
-                                  .Arg<ffi::AnyBuffer>()  // d_skip
-                                  .Arg<ffi::AnyBuffer>()  // dt_bias
-                                  .Arg<ffi::AnyBuffer>()  // pos
-                                  .Arg<ffi::AnyBuffer>()  // ring
-                                  .Arg<ffi::AnyBuffer>()  // state
-                                  .Arg<ffi::AnyBuffer>()  // h
-                                  .Arg<ffi::AnyBuffer>()  // work
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int32_t>("mode")
-                                  .Attr<int32_t>("slack"));
+// The inputs ring, state, h and work alias the results of the same names (updated in place). The *Graph
+// symbols are the same handlers marked command-buffer compatible (the launch captured once and replayed: the
+// kernel reads the position and the epoch from device memory); the others keep XLA's loop on the host.
+#define MK_BIND                                                                                       \
+  ffi::Ffi::Bind()                                                                                    \
+      .Ctx<ffi::PlatformStream<cudaStream_t>>()                                                       \
+      .Arg<ffi::AnyBuffer>() /* win */                                                                \
+      .Arg<ffi::AnyBuffer>() /* wout */                                                               \
+      .Arg<ffi::AnyBuffer>() /* conv_w */                                                             \
+      .Arg<ffi::AnyBuffer>() /* conv_b */                                                             \
+      .Arg<ffi::AnyBuffer>() /* a_log */                                                              \
+      .Arg<ffi::AnyBuffer>() /* d_skip */                                                             \
+      .Arg<ffi::AnyBuffer>() /* dt_bias */                                                            \
+      .Arg<ffi::AnyBuffer>() /* pos */                                                                \
+      .Arg<ffi::AnyBuffer>() /* ring */                                                               \
+      .Arg<ffi::AnyBuffer>() /* state */                                                              \
+      .Arg<ffi::AnyBuffer>() /* h */                                                                  \
+      .Arg<ffi::AnyBuffer>() /* work */
+#define MK_RETS                                                                                       \
+  .Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
+#define MK_ATTRS .Attr<int32_t>("mode").Attr<int32_t>("slack")
 
-// The same with the LM head as the kernel's last phase: one more argument (head, after work) and result
-// (logits, after work).
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaJaxMegakernelHead, MegakernelHeadImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // win
-                                  .Arg<ffi::AnyBuffer>()  // wout
-                                  .Arg<ffi::AnyBuffer>()  // conv_w
-                                  .Arg<ffi::AnyBuffer>()  // conv_b
-                                  .Arg<ffi::AnyBuffer>()  // a_log
-                                  .Arg<ffi::AnyBuffer>()  // d_skip
-                                  .Arg<ffi::AnyBuffer>()  // dt_bias
-                                  .Arg<ffi::AnyBuffer>()  // pos
-                                  .Arg<ffi::AnyBuffer>()  // ring
-                                  .Arg<ffi::AnyBuffer>()  // state
-                                  .Arg<ffi::AnyBuffer>()  // h
-                                  .Arg<ffi::AnyBuffer>()  // work
-                                  .Arg<ffi::AnyBuffer>()  // head
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()  // logits
-                                  .Attr<int32_t>("mode")
-                                  .Attr<int32_t>("slack"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaJaxMegakernel, MegakernelImpl<false>, MK_BIND MK_RETS MK_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaJaxMegakernelGraph, MegakernelImpl<true>, MK_BIND MK_RETS MK_ATTRS,
+                              {ffi::Traits::kCmdBufferCompatible});
+// With the LM head as the kernel's last phase: one more argument (head, after work) and result (logits).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaJaxMegakernelHead, MegakernelHeadImpl<false>,
+                              MK_BIND.Arg<ffi::AnyBuffer>() MK_RETS.Ret<ffi::AnyBuffer>() MK_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaJaxMegakernelHeadGraph, MegakernelHeadImpl<true>,
+                              MK_BIND.Arg<ffi::AnyBuffer>() MK_RETS.Ret<ffi::AnyBuffer>() MK_ATTRS,
+                              {ffi::Traits::kCmdBufferCompatible});

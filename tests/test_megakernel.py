@@ -115,6 +115,12 @@ def test_rings_pass_through_and_kernel_mode(monkeypatch):
         monkeypatch.setenv("MAMBA_JAX_MEGAKERNEL_MODE", raw)
         with pytest.raises(ValueError, match="MAMBA_JAX_MEGAKERNEL_MODE"):
             mk.kernel_mode()
+    for raw, want in (("0", False), ("1", True)):
+        monkeypatch.setenv("MAMBA_JAX_MEGAKERNEL_GRAPH", raw)
+        assert mk.kernel_graph() is want
+    monkeypatch.setenv("MAMBA_JAX_MEGAKERNEL_GRAPH", "yes")
+    with pytest.raises(ValueError, match="MAMBA_JAX_MEGAKERNEL_GRAPH"):
+        mk.kernel_graph()
 
 
 @pytest.mark.parametrize("changes,what", [
@@ -145,8 +151,8 @@ def test_step_off_the_gpu_is_the_reference():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["5", "10", "10,0"])
-def test_kernel_matches_the_reference_on_gpu(mode, monkeypatch):
+@pytest.mark.parametrize("mode,graph", [("5", "0"), ("10", "0"), ("10,0", "0"), ("5", "1")])
+def test_kernel_matches_the_reference_on_gpu(mode, graph, monkeypatch):
     """The CUDA megakernel (Mamba2-2.7B's dimensions, 2 random layers, norms folded; modes 5 and 10) against
     `reference_step` over 3 tokens, compiled, the workspace and caches carried from token to token."""
     import os
@@ -154,6 +160,7 @@ def test_kernel_matches_the_reference_on_gpu(mode, monkeypatch):
     import mamba_jax.config as mjc
 
     monkeypatch.setenv("MAMBA_JAX_MEGAKERNEL_MODE", mode)
+    monkeypatch.setenv("MAMBA_JAX_MEGAKERNEL_GRAPH", graph)  # 1: the command-buffer compatible target
     root = os.path.join(os.path.dirname(__file__), "..")
     cfg = mjc.model_config(mjc.load_config(os.path.join(root, "experiments", "mamba2_2_7b.py")))
     model = _randomize_norms(init_model(cfg.replace(pattern="MM", param_dtype="float32", decode_impl="xla"), seed=1))
@@ -161,7 +168,7 @@ def test_kernel_matches_the_reference_on_gpu(mode, monkeypatch):
     params, cache = mk.pack(model), mk.kernel_cache(rings)
     eps = cfg.norm_eps
     assert mk.kernel_unsupported(params, eps) is None
-    assert "mamba_jax_megakernel" in jax.jit(mk.step, static_argnames="eps").lower(
+    assert "mamba_jax_megakernel" + "_graph" * (graph == "1") in jax.jit(mk.step, static_argnames="eps").lower(
         params, cache, jnp.zeros(cfg.d_model), l, mk.workspace(params), eps=eps).as_text()  # fmt: skip
     kernel = jax.jit(mk.step, static_argnames="eps")
     # The references run on the CPU: XLA's GPU fusions may keep float32 where the reference rounds to bf16

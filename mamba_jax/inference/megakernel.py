@@ -206,8 +206,9 @@ def workspace(params: Params) -> jax.Array:
     return jnp.zeros(2 * (params.win.shape[1] + di // 2 + h + d) + 2, jnp.uint32)
 
 
-def kernel_unsupported(params: Params, eps: float, head=None) -> str | None:
-    """Why `step` computes with `reference_step` rather than the CUDA kernel here, or None."""
+def kernel_unsupported(params: Params, eps: float, head=None, graph: bool = False) -> str | None:
+    """Why `step` computes with `reference_step` rather than the CUDA kernel here, or None. `graph`: the
+    command-buffer compatible targets (`kernel_graph`)."""
     _, nin, d = params.win.shape
     h, hp, k = params.a_log.shape[1], params.wout.shape[2], params.conv_w.shape[2]
     n = (nin - 2 * hp - h) // 2
@@ -218,9 +219,8 @@ def kernel_unsupported(params: Params, eps: float, head=None) -> str | None:
         return f"a head of {head.dtype} {tuple(head.shape)} (it reads (V, {d}) bf16)"
     from mamba_jax.kernels.cuda_build import load  # lazy: only where a GPU may run it
 
-    if head is not None:
-        return load("megakernel", "MambaJaxMegakernelHead", TARGET_HEAD)
-    return load("megakernel", "MambaJaxMegakernel", TARGET)
+    symbol, target = ("MambaJaxMegakernelHead", TARGET_HEAD) if head is not None else ("MambaJaxMegakernel", TARGET)
+    return load("megakernel", symbol + "Graph" * graph, target + "_graph" * graph)
 
 
 def kernel_mode() -> tuple[int, int]:
@@ -240,23 +240,36 @@ def kernel_mode() -> tuple[int, int]:
     return mode, slack
 
 
+def kernel_graph() -> bool:
+    """Whether `step` calls the command-buffer compatible targets (MAMBA_JAX_MEGAKERNEL_GRAPH=1, read at
+    trace time; experimental): XLA may then capture the launch into its CUDA graphs, and with
+    xla_gpu_enable_command_buffer including WHILE the decode loop itself, instead of driving the loop from the
+    host."""
+    raw = os.environ.get("MAMBA_JAX_MEGAKERNEL_GRAPH", "0")
+    if raw not in ("0", "1"):
+        raise ValueError(f"MAMBA_JAX_MEGAKERNEL_GRAPH={raw!r}: want 1 (command-buffer compatible launches) or 0.")
+    return raw == "1"
+
+
 def step(params: Params, cache: Cache, h_D, pos, work, *, eps: float, head=None):
     """One token through every layer: (the residual after the last layer, the new cache, the workspace), and
     with `head` (`pack_head`) the logits (V,) float32 as well. The CUDA kernel where `kernel_unsupported`
     allows (the caches and workspace updated in place; the head as its last phase), else `reference_step`
     (and `reference_head`)."""
-    if kernel_unsupported(params, eps, head) is None:
+    graph = kernel_graph()
+    if kernel_unsupported(params, eps, head, graph) is None:
         shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (cache.ring, cache.state, h_D, work)]
         mode, slack = kernel_mode()
+        suffix = "_graph" * graph
         args = (*params, jnp.asarray(pos, jnp.int32), cache.ring, cache.state, h_D, work)
         if head is None:
-            call = jax.ffi.ffi_call(TARGET, shapes, input_output_aliases={8: 0, 9: 1, 10: 2, 11: 3})
+            call = jax.ffi.ffi_call(TARGET + suffix, shapes, input_output_aliases={8: 0, 9: 1, 10: 2, 11: 3})
             ring, state, h_D, work = call(*args, mode=np.int32(mode), slack=np.int32(slack))
             return h_D, Cache(ring, state), work
         if mode != 5:
             raise ValueError(f"megakernel: the LM head phase runs in mode 5 (MAMBA_JAX_MEGAKERNEL_MODE={mode}).")
         shapes.append(jax.ShapeDtypeStruct((head.shape[0],), jnp.float32))
-        call = jax.ffi.ffi_call(TARGET_HEAD, shapes, input_output_aliases={8: 0, 9: 1, 10: 2, 11: 3})
+        call = jax.ffi.ffi_call(TARGET_HEAD + suffix, shapes, input_output_aliases={8: 0, 9: 1, 10: 2, 11: 3})
         ring, state, h_D, work, logits = call(*args, head, mode=np.int32(mode), slack=np.int32(slack))
         return h_D, Cache(ring, state), work, logits
     h_D, cache = reference_step(params, cache, h_D, pos, eps=eps)
