@@ -240,44 +240,39 @@ def test_kernel_head_phase_on_gpu():
 
 def test_engine_with_the_megakernel_generates_as_without():
     """Engine(megakernel=True) at batch 1 (here the JAX reference, float32 as the model) generates the tokens
-    and log-probabilities of the usual decode loop; batch 2 decodes as without it; unsupported models fail."""
+    and log-probabilities of the usual decode loop, with 4, 2 or 1 tokens per iteration of the loop, the LM
+    head inside the kernel or not, EOS in mid-iteration; batch 2 decodes as without it; bad settings fail."""
     from mamba_jax.inference.engine import Engine, SamplingParams, _generate_fn
 
     model = _model(seed=7)
-    eng = Engine(model, megakernel=True)
-    for t in (6, 8, 7):  # 2, 4 and 1 tokens per iteration of the loop
+    base, eng, prompt = Engine(model), Engine(model, megakernel=True), [[5, 9, 2, 7]]
+    wants = {}
+    for t in (8, 7):  # 4 and 1 tokens per iteration of the loop
         sp = SamplingParams(max_new_tokens=t, temperature=0.0)
-        want = Engine(model).generate([[5, 9, 2, 7]], sp)
-        got = eng.generate([[5, 9, 2, 7]], sp)
+        want, got = base.generate(prompt, sp), eng.generate(prompt, sp)
         assert got.tokens == want.tokens and len(got.tokens[0]) == t
         np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-4, atol=1e-4)
+        wants[t] = want
+    sp8 = SamplingParams(max_new_tokens=8, temperature=0.0)
     # EOS in the middle of an iteration: cut at the same place, the rest of the iteration not returned
-    eos = want.tokens[0][2]
-    want = Engine(model).generate([[5, 9, 2, 7]], SamplingParams(max_new_tokens=8, temperature=0.0), eos_id=eos)
-    got = eng.generate([[5, 9, 2, 7]], SamplingParams(max_new_tokens=8, temperature=0.0), eos_id=eos)
+    eos = wants[8].tokens[0][2]
+    want, got = base.generate(prompt, sp8, eos_id=eos), eng.generate(prompt, sp8, eos_id=eos)
     assert got.tokens == want.tokens and got.finished == want.finished == [True]
-    with pytest.MonkeyPatch.context() as mp:  # the LM head inside the kernel (here its reference)
-        mp.setenv("MAMBA_JAX_MEGAKERNEL_HEAD", "1")
-        sp = SamplingParams(max_new_tokens=8, temperature=0.0)
-        got = Engine(model, megakernel=True).generate([[5, 9, 2, 7]], sp)
-        want = Engine(model).generate([[5, 9, 2, 7]], sp)
-        assert got.tokens == want.tokens
-        np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-4, atol=1e-4)
-        mp.setenv("MAMBA_JAX_MEGAKERNEL_HEAD", "yes")
-        with pytest.raises(ValueError, match="MAMBA_JAX_MEGAKERNEL_HEAD"):
-            Engine(model, megakernel=True)
-    with pytest.MonkeyPatch.context() as mp:  # the A/B override: 3 → gcd(3, 6) = 3 steps per iteration
-        mp.setenv("MAMBA_JAX_MEGAKERNEL_UNROLL", "3")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MAMBA_JAX_MEGAKERNEL_HEAD", "1")  # the LM head inside the kernel (here its reference)
+        mp.setenv("MAMBA_JAX_MEGAKERNEL_UNROLL", "2")  # the A/B override: 2 tokens per iteration
         _generate_fn.cache_clear()
-        sp = SamplingParams(max_new_tokens=6, temperature=0.0)
-        assert eng.generate([[5, 9, 2, 7]], sp).tokens == Engine(model).generate([[5, 9, 2, 7]], sp).tokens
-        mp.setenv("MAMBA_JAX_MEGAKERNEL_UNROLL", "0")
-        _generate_fn.cache_clear()
-        with pytest.raises(ValueError, match="MAMBA_JAX_MEGAKERNEL_UNROLL"):
-            eng.generate([[5, 9, 2, 7]], sp)
+        got = Engine(model, megakernel=True).generate(prompt, sp8)
+        assert got.tokens == wants[8].tokens
+        np.testing.assert_allclose(got.logprobs, wants[8].logprobs, rtol=1e-4, atol=1e-4)
+        for name, bad in (("MAMBA_JAX_MEGAKERNEL_HEAD", "yes"), ("MAMBA_JAX_MEGAKERNEL_UNROLL", "0")):
+            mp.setenv(name, bad)
+            _generate_fn.cache_clear()
+            with pytest.raises(ValueError, match=name):
+                Engine(model, megakernel=True).generate(prompt, sp8)
+            mp.delenv(name)
     _generate_fn.cache_clear()
-    sp = SamplingParams(max_new_tokens=6, temperature=0.0)
     two = [[5, 9, 2, 7], [3, 3]]
-    assert eng.generate(two, sp).tokens == Engine(model).generate(two, sp).tokens
+    assert eng.generate(two, sp8).tokens == base.generate(two, sp8).tokens
     with pytest.raises(ValueError, match="does not cover"):
         Engine(init_model(small_hybrid(), seed=0), megakernel=True)
