@@ -324,6 +324,25 @@ __device__ void step_gather_ll(const Params& p, int hd, StepIn& in, float* sz, i
 // Σ g². Outputs to p.g / p.gss, or (tag ≠ 0) to g_ll / gss_ll tagged `tag`. sx: P + 2·NS floats, red: W.
 // LATE (mode 9): the conv ring's and the state's stores are issued after g and Σ g² are published, so those
 // few stores do not queue behind 16 KB of state stores in a saturated memory system.
+// Eight bf16 states u (one 16-byte word, the states n4 · 4 … n4 · 4 + 7 of a row) decayed by da and given
+// xdt · B, rounded as stored; y (two partial sums) reads them as stored. B and C as float4 from shared memory.
+__device__ __forceinline__ void update8(uint4& u, const float4* b4, const float4* c4, int n4, float da, float xdt,
+                                        float& y0, float& y1) {
+  const float4 ba = b4[n4], bb = b4[n4 + 1], ca = c4[n4], cb = c4[n4 + 1];
+  const float bn[8] = {ba.x, ba.y, ba.z, ba.w, bb.x, bb.y, bb.z, bb.w};
+  const float cn[8] = {ca.x, ca.y, ca.z, ca.w, cb.x, cb.y, cb.z, cb.w};
+  __nv_bfloat162* e = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 f = __bfloat1622float2(e[i]);
+    f.x = fmaf(f.x, da, xdt * bn[2 * i]);
+    f.y = fmaf(f.y, da, xdt * bn[2 * i + 1]);
+    e[i] = __floats2bfloat162_rn(f.x, f.y);
+    float2 r = __bfloat1622float2(e[i]);
+    y0 = fmaf(r.x, cn[2 * i], y0);
+    y1 = fmaf(r.y, cn[2 * i + 1], y1);
+  }
+}
 template <bool LATE = false, bool ROLLED = false, class Src>
 __device__ void step_compute(const Params& p, int l, int hd, const Src& s, const StepIn& in, float* sx,
                              const float* sz, float* red, int tid, bool ring_bc, unsigned tag,
@@ -371,44 +390,14 @@ __device__ void step_compute(const Params& p, int l, int hd, const Src& s, const
 #pragma unroll 1
     for (int v = 0; v < 4; ++v) {
       uint4 u = s.st(v);
-      const int n4 = state_elem(0, q, v) / 4;
-      const float4 ba = b4[n4], bb = b4[n4 + 1], ca = c4[n4], cb = c4[n4 + 1];
-      const float bn[8] = {ba.x, ba.y, ba.z, ba.w, bb.x, bb.y, bb.z, bb.w};
-      const float cn[8] = {ca.x, ca.y, ca.z, ca.w, cb.x, cb.y, cb.z, cb.w};
-      __nv_bfloat162* e = reinterpret_cast<__nv_bfloat162*>(&u);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        float2 f = __bfloat1622float2(e[i]);
-        f.x = fmaf(f.x, da, xdt * bn[2 * i]);
-        f.y = fmaf(f.y, da, xdt * bn[2 * i + 1]);
-        e[i] = __floats2bfloat162_rn(f.x, f.y);
-        float2 r = __bfloat1622float2(e[i]);
-        y0 = fmaf(r.x, cn[2 * i], y0);
-        y1 = fmaf(r.y, cn[2 * i + 1], y1);
-      }
+      update8(u, b4, c4, state_elem(0, q, v) / 4, da, xdt, y0, y1);
       s.set_st(v, u);
     }
   } else {
 #pragma unroll
-  for (int v = 0; v < 4; ++v) u4[v] = s.st(v);
+    for (int v = 0; v < 4; ++v) u4[v] = s.st(v);
 #pragma unroll
-  for (int v = 0; v < 4; ++v) {
-    const int n4 = state_elem(0, q, v) / 4;  // the 8 states' first B / C float4
-    const float4 ba = b4[n4], bb = b4[n4 + 1], ca = c4[n4], cb = c4[n4 + 1];
-    const float bn[8] = {ba.x, ba.y, ba.z, ba.w, bb.x, bb.y, bb.z, bb.w};
-    const float cn[8] = {ca.x, ca.y, ca.z, ca.w, cb.x, cb.y, cb.z, cb.w};
-    __nv_bfloat162* e = reinterpret_cast<__nv_bfloat162*>(&u4[v]);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float2 f = __bfloat1622float2(e[i]);
-      f.x = fmaf(f.x, da, xdt * bn[2 * i]);
-      f.y = fmaf(f.y, da, xdt * bn[2 * i + 1]);
-      e[i] = __floats2bfloat162_rn(f.x, f.y);
-      float2 r = __bfloat1622float2(e[i]);  // y reads the state as stored
-      y0 = fmaf(r.x, cn[2 * i], y0);
-      y1 = fmaf(r.y, cn[2 * i + 1], y1);
-    }
-  }
+    for (int v = 0; v < 4; ++v) update8(u4[v], b4, c4, state_elem(0, q, v) / 4, da, xdt, y0, y1);
   }
   float y = y0 + y1;
   if constexpr (Src::kBulk) {  // the new states in place in the step slot; one bulk store after Σ g² below
@@ -504,19 +493,9 @@ __device__ void arrive_count(unsigned* c, int tid) {  // bar.sync, then one rele
   }
 }
 
-// Mode 4: g (bf16, DI) polled from g_ll into x_s and the gated norm's 1/rms from gss_ll (the sum in
-// gated_inv's order), both tagged `tag`.
-__device__ float load_g_ll(const Params& p, unsigned tag, bf16* x_s, float* misc, int tid) {
-  constexpr int PER = DI / 2 / CT;
-  static_assert(DI / 2 % CT == 0, "g words must be a multiple of the consumer threads");
-  int idx[PER];
-  unsigned u[PER];
-#pragma unroll
-  for (int i = 0; i < PER; ++i) idx[i] = tid + i * CT;
-  ll_poll(p.g_ll, idx, tag, u);
-  unsigned* xw = reinterpret_cast<unsigned*>(x_s);
-#pragma unroll
-  for (int i = 0; i < PER; ++i) xw[tid + i * CT] = u[i];
+// The gated norm's 1/rms from every head's Σ g² polled from gss_ll (tagged `tag`; the sum in gated_inv's
+// order), by the first warp, shared through misc[0]; all consumer threads call it.
+__device__ float gated_inv_ll(const Params& p, unsigned tag, float* misc, int tid) {
   if (tid < 32) {
     static_assert(H <= 96, "three words per lane");
     int gi[3] = {tid < H ? tid : -1, tid + 32 < H ? tid + 32 : -1, tid + 64 < H ? tid + 64 : -1};
@@ -530,6 +509,21 @@ __device__ float load_g_ll(const Params& p, unsigned tag, bf16* x_s, float* misc
   }
   cbar();
   return misc[0];
+}
+// Mode 4: g (bf16, DI) polled from g_ll into x_s and the gated norm's 1/rms from gss_ll (the sum in
+// gated_inv's order), both tagged `tag`.
+__device__ float load_g_ll(const Params& p, unsigned tag, bf16* x_s, float* misc, int tid) {
+  constexpr int PER = DI / 2 / CT;
+  static_assert(DI / 2 % CT == 0, "g words must be a multiple of the consumer threads");
+  int idx[PER];
+  unsigned u[PER];
+#pragma unroll
+  for (int i = 0; i < PER; ++i) idx[i] = tid + i * CT;
+  ll_poll(p.g_ll, idx, tag, u);
+  unsigned* xw = reinterpret_cast<unsigned*>(x_s);
+#pragma unroll
+  for (int i = 0; i < PER; ++i) xw[tid + i * CT] = u[i];
+  return gated_inv_ll(p, tag, misc, tid);
 }
 
 // Mode 5: what the SSM step of head c in layer l reads besides in_proj's output, streamed through the ring
@@ -884,21 +878,10 @@ __device__ void consume10(const Params& p, int c, int G, unsigned char* ring, ui
       if (lane == 0) mbar_arrive(empty + s);
     }
     ev(l, 9);
-    // the gated norm's 1/rms from every head's Σ g² (in gated_inv's order), then the residual rows
-    if (tid < 32) {
-      static_assert(H <= 96, "three words per lane");
-      int gi[3] = {tid < H ? tid : -1, tid + 32 < H ? tid + 32 : -1, tid + 64 < H ? tid + 64 : -1};
-      unsigned gu[3];
-      ll_poll(p.gss_ll, gi, tag, gu);
-      const float a = tid < H ? __uint_as_float(gu[0]) : 0.f;
-      const float b = tid + 32 < H ? __uint_as_float(gu[1]) : 0.f;
-      const float d = tid + 64 < H ? __uint_as_float(gu[2]) : 0.f;
-      const float v = rsqrtf(warp_sum(a + b + d) / DI + EPS);
-      if (tid == 0) misc[0] = v;
-    }
-    cbar();
+    // the gated norm's 1/rms from every head's Σ g², then the residual rows
+    const float inv_g = gated_inv_ll(p, tag, misc, tid);
     if (tid < no) {
-      const float nh = hown[tid] + rnd(rnd(parts[tid]) * misc[0]);
+      const float nh = hown[tid] + rnd(rnd(parts[tid]) * inv_g);
       st_relaxed64(p.h_ll + pl.olo + tid, ll_pack(__float_as_uint(nh), tag));
       p.h[pl.olo + tid] = nh;  // for the next launch (its layer 0) and the check
     }
