@@ -150,21 +150,42 @@ def test_step_off_the_gpu_is_the_reference():
     assert got_work is work
 
 
+def _f32(tree):
+    return jax.tree.map(lambda a: a.astype(jnp.float32), tree)
+
+
+def _two_2_7b_layers(steps):
+    """2 random layers of Mamba2-2.7B's dimensions (the kernel's), every norm weight away from one, after a
+    37-token prompt with room for `steps` more: (model, the conv rings and states, the prompt's length)."""
+    import os
+
+    import mamba_jax.config as mjc
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    cfg = mjc.model_config(mjc.load_config(os.path.join(root, "experiments", "mamba2_2_7b.py")))
+    model = _randomize_norms(init_model(cfg.replace(pattern="MM", param_dtype="float32", decode_impl="xla"), seed=1))
+    model.norm_f.weight[...] = 1 + 0.3 * jax.random.normal(jax.random.key(1), model.norm_f.weight[...].shape)
+    _, _, _, rings, l = _prefill(model, list(range(3, 40)), steps)
+    return model, rings, l
+
+
+def _as_close_as_the_reference(got, want, truth, what):
+    """The kernel sums in another order than XLA, so it cannot equal the bf16 reference bit for bit; it must
+    be as close to the float32 truth as the bf16 reference is (a ring slot off or a lost state: ≳ 0.2)."""
+    g, w, x = (np.asarray(a, np.float32) for a in (got, want, truth))
+    assert rel_err(w, x) > 1e-4, (what, "the bf16 reference did not round")
+    assert rel_err(g, x) <= 2 * rel_err(w, x) + 1e-3, (what, rel_err(g, x), rel_err(w, x))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode,graph", [("5", "0"), ("10", "0"), ("10,0", "0"), ("5", "1")])
 def test_kernel_matches_the_reference_on_gpu(mode, graph, monkeypatch):
     """The CUDA megakernel (Mamba2-2.7B's dimensions, 2 random layers, norms folded; modes 5 and 10) against
     `reference_step` over 3 tokens, compiled, the workspace and caches carried from token to token."""
-    import os
-
-    import mamba_jax.config as mjc
-
     monkeypatch.setenv("MAMBA_JAX_MEGAKERNEL_MODE", mode)
     monkeypatch.setenv("MAMBA_JAX_MEGAKERNEL_GRAPH", graph)  # 1: the command-buffer compatible target
-    root = os.path.join(os.path.dirname(__file__), "..")
-    cfg = mjc.model_config(mjc.load_config(os.path.join(root, "experiments", "mamba2_2_7b.py")))
-    model = _randomize_norms(init_model(cfg.replace(pattern="MM", param_dtype="float32", decode_impl="xla"), seed=1))
-    _, _, _, rings, l = _prefill(model, list(range(3, 40)), 3)
+    model, rings, l = _two_2_7b_layers(3)
+    cfg = model.cfg
     params, cache = mk.pack(model), mk.kernel_cache(rings)
     eps = cfg.norm_eps
     assert mk.kernel_unsupported(params, eps) is None
@@ -173,25 +194,20 @@ def test_kernel_matches_the_reference_on_gpu(mode, graph, monkeypatch):
     kernel = jax.jit(mk.step, static_argnames="eps")
     # The references run on the CPU: XLA's GPU fusions may keep float32 where the reference rounds to bf16
     # (excess precision), which made the "bf16" reference there the float32 truth. The truth: the same bf16
-    # weights and starting caches, no rounding after. The kernel sums in another order than XLA, so it cannot
-    # equal the bf16 reference bit for bit; it must be as close to the truth as the bf16 reference is (a ring
-    # slot off or a lost state: errors ≳ 0.2).
+    # weights and starting caches, no rounding after.
     cpu = jax.devices("cpu")[0]
     ref = jax.jit(mk.reference_step, static_argnames="eps")
-    f32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)  # noqa: E731
     on_cpu = lambda tree: jax.device_put(tree, cpu)  # noqa: E731
-    p_cpu, p32_cpu = on_cpu(params), on_cpu(f32(params))
-    kc, rc, tc, work = cache, on_cpu(cache), on_cpu(f32(cache)), mk.workspace(params)
+    p_cpu, p32_cpu = on_cpu(params), on_cpu(_f32(params))
+    kc, rc, tc, work = cache, on_cpu(cache), on_cpu(_f32(cache)), mk.workspace(params)
     for t, tok in enumerate([7, 8, 9]):
         h = model._embed(jnp.asarray([tok]))[0].astype(jnp.float32)
         got, kc, work = kernel(params, kc, h, l + t, work, eps=eps)
         want, rc = ref(p_cpu, rc, on_cpu(h), l + t, eps=eps)
         truth, tc = ref(p32_cpu, tc, on_cpu(h), l + t, eps=eps)
-        for name, g, w, x in (("h", got, want, truth), ("state", kc.state, rc.state, tc.state),
-                              ("ring", kc.ring, rc.ring, tc.ring)):  # fmt: skip
-            g, w, x = (np.asarray(a, np.float32) for a in (g, w, x))
-            assert rel_err(w, x) > 1e-4, (t, name, "the bf16 reference did not round")
-            assert rel_err(g, x) <= 2 * rel_err(w, x) + 1e-3, (t, name, rel_err(g, x), rel_err(w, x))
+        _as_close_as_the_reference(got, want, truth, (t, "h"))
+        _as_close_as_the_reference(kc.state, rc.state, tc.state, (t, "state"))
+        _as_close_as_the_reference(kc.ring, rc.ring, tc.ring, (t, "ring"))
 
 
 def test_head_phase_reference_equals_the_model_head():
@@ -210,32 +226,21 @@ def test_head_phase_reference_equals_the_model_head():
 def test_kernel_head_phase_on_gpu():
     """The kernel with the LM head as its last phase (2 random 2.7B-shaped layers, norms folded): logits as
     close to the float32 truth as the bf16 reference's, the residual as without the head."""
-    import os
-
-    import mamba_jax.config as mjc
-
-    root = os.path.join(os.path.dirname(__file__), "..")
-    cfg = mjc.model_config(mjc.load_config(os.path.join(root, "experiments", "mamba2_2_7b.py")))
-    model = _randomize_norms(init_model(cfg.replace(pattern="MM", param_dtype="float32", decode_impl="xla"), seed=1))
-    model.norm_f.weight[...] = 1 + 0.3 * jax.random.normal(jax.random.key(1), model.norm_f.weight[...].shape)
-    _, _, _, rings, l = _prefill(model, list(range(3, 40)), 1)
+    model, rings, l = _two_2_7b_layers(1)
     params, cache, head = mk.pack(model), mk.kernel_cache(rings), mk.pack_head(model)
-    eps = cfg.norm_eps
+    eps = model.cfg.norm_eps
     assert mk.kernel_unsupported(params, eps, head) is None
     h = model._embed(jnp.asarray([7]))[0].astype(jnp.float32)
     step = jax.jit(mk.step, static_argnames="eps")
     got_h, _, _, logits = step(params, cache, h, l, mk.workspace(params), eps=eps, head=head)
     want_h, _, _ = step(params, cache, h, l, mk.workspace(params), eps=eps)
     np.testing.assert_array_equal(np.asarray(got_h), np.asarray(want_h))
-    cpu = jax.devices("cpu")[0]
-    f32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)  # noqa: E731
+    cpu = jax.devices("cpu")[0]  # the references on the CPU, as above
     h_cpu = jax.device_put(got_h, cpu)
     ref = jax.jit(mk.reference_head, static_argnames="eps")
     want = ref(jax.device_put(head, cpu), h_cpu, eps=eps)
-    truth = ref(jax.device_put(f32(head), cpu), h_cpu, eps=eps)
-    g, w, x = (np.asarray(a, np.float32) for a in (logits, want, truth))
-    assert rel_err(w, x) > 1e-4, "the bf16 reference did not round"
-    assert rel_err(g, x) <= 2 * rel_err(w, x) + 1e-3, (rel_err(g, x), rel_err(w, x))
+    truth = ref(jax.device_put(_f32(head), cpu), h_cpu, eps=eps)
+    _as_close_as_the_reference(logits, want, truth, "logits")
 
 
 def test_engine_with_the_megakernel_generates_as_without():
