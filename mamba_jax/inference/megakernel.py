@@ -166,8 +166,12 @@ def reference_step(params: Params, cache: Cache, h_D, pos, *, eps: float):
     k = params.conv_w.shape[-1]
     f32, low = jnp.float32, cache.state.dtype
 
-    def _rnd(x):
-        return x.astype(low).astype(f32)
+    def _rnd(x):  # round to the cache dtype and back; reduce_precision, since XLA's GPU fusions may elide an
+        # astype round trip (excess precision), and the kernel does round here
+        if low == f32:
+            return x
+        info = jnp.finfo(low)
+        return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
     h_heads, p, n = cache.state.shape[1:]
     di = h_heads * p
