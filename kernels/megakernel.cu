@@ -1,9 +1,9 @@
 // The Mamba2 decode megakernel (kernels/megakernel.cuh, modes 5 and 10 of benchmarks/megakernel_probe.cu: phases
 // chained by tagged data, the step's inputs streamed through the ring, L2 prefetch 2 slots ahead; mode 10 with
 // the steps inside in_proj's stream and out_proj by chunks of heads; the `mode` attribute) as an XLA FFI call:
-// one cooperative launch decodes one token through every layer of a pure Mamba2 model with Mamba2-2.7B's
-// dimensions at batch 1. mamba_jax/inference/megakernel.py packs the arguments and checks the dimensions; built
-// with nvcc on first use (kernels/cuda_build.py).
+// one cooperative launch decodes one token through every layer of a pure Mamba2 model at batch 1, built once
+// per model size (-DMK_D=d_model -DMK_H=heads; Mamba2-2.7B's by default). mamba_jax/inference/megakernel.py
+// packs the arguments and checks the dimensions; built with nvcc on first use (kernels/cuda_build.py).
 //
 // Arguments: the packed layers (win, wout, conv_w, conv_b, a_log, d_skip, dt_bias), the token's position
 // (int32 scalar), then the conv ring, the SSM states, the residual h (float32, D: the token's embedding in,
@@ -53,6 +53,8 @@ ffi::Error Launch(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffer wout, 
                   const ffi::AnyBuffer* head, ffi::Result<ffi::AnyBuffer>* logits, bool graph) {
   if (mode != 5 && mode != 10) return ffi::Error::InvalidArgument("megakernel: mode must be 5 or 10");
   if (head && mode != 5) return ffi::Error::InvalidArgument("megakernel: the LM head phase needs mode 5");
+  if (mode == 10 && !(D == 2560 && H == 80))
+    return ffi::Error::InvalidArgument("megakernel: mode 10 is built for Mamba2-2.7B's dimensions only");
   if (win.dimensions().size() != 3) return ffi::Error::InvalidArgument("megakernel: win must be (L, NIN, D)");
   const int64_t L = win.dimensions()[0];
   const ffi::DataType B = ffi::DataType::BF16, F = ffi::DataType::F32;
@@ -78,8 +80,9 @@ ffi::Error Launch(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffer wout, 
   const int G = sms[dev], optin = optins[dev];
   const size_t smem = megakernel_smem_bytes(MK_SLOT, MK_STAGES);
   if (G < H || (D + G - 1) / G > MAX_OWN || (size_t)optin < smem)
-    return ffi::Error::Internal("megakernel: needs >= 80 SMs of <= 32 residual rows each and " +
-                                std::to_string(smem) + " bytes of shared memory per block");
+    return ffi::Error::Internal("megakernel: needs >= " + std::to_string(H) + " SMs of <= " +
+                                std::to_string(MAX_OWN) + " residual rows each and " + std::to_string(smem) +
+                                " bytes of shared memory per block");
 
   Params p{};
   p.win = static_cast<const bf16*>(win.untyped_data());

@@ -1,5 +1,5 @@
 // The Mamba2 decode megakernel: one cooperative launch per token runs every layer of a pure Mamba2 model at
-// batch 1 (dimensions of Mamba2-2.7B compiled in). Shared by benchmarks/megakernel_probe.cu (all modes, timed
+// batch 1 (its d_model and heads compiled in: MK_D / MK_H, Mamba2-2.7B's by default). Shared by benchmarks/megakernel_probe.cu (all modes, timed
 // and checked bit for bit against separate kernels; its header describes the design and the modes) and
 // kernels/megakernel.cu (mode 5 as an XLA FFI call). Params.pos_dev / epoch_dev (optional): the token's
 // position and the LL tags' epoch read from device memory, and the epoch advanced by the last CTA to finish,
@@ -13,8 +13,16 @@
 
 typedef __nv_bfloat16 bf16;
 
-// Mamba2 2.7B: d_model 2560, 80 heads of 64, d_state 128, one group, conv width 4.
-constexpr int D = 2560, H = 80, P = 64, NS = 128, DI = H * P, CX = DI + 2 * NS, NIN = 2 * DI + 2 * NS + H, KW = 4;
+// The model's d_model and heads, one build per model size (kernels/megakernel.cu is built with -DMK_D=… -DMK_H=…
+// for the model at hand; the probe uses the defaults, Mamba2-2.7B's: d_model 2560, 80 heads). The rest is every
+// Mamba2's: heads of 64, d_state 128, one group, conv width 4.
+#ifndef MK_D
+#define MK_D 2560
+#endif
+#ifndef MK_H
+#define MK_H 80
+#endif
+constexpr int D = MK_D, H = MK_H, P = 64, NS = 128, DI = H * P, CX = DI + 2 * NS, NIN = 2 * DI + 2 * NS + H, KW = 4;
 constexpr float EPS = 1e-5f;
 constexpr int W = 8;                  // consumer warps
 constexpr int CT = 32 * W;            // consumer threads
@@ -1023,7 +1031,12 @@ __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
         ev(l, 8);
       }
       // B / D: this CTA's rows of the projection, slot by slot as the producer fills them.
-      const int K = K_[ph], rb = K * 2, R = p.slot / rb, segs = W / R;
+      // A slot holds R rows. Mamba2-2.7B's (in_proj 5 KB, out_proj 10 KB; 40 or 20 KB slots) are 8, 4 or 2, so
+      // W / R warps share each row (segs segments of its dot product). Smaller models' rows may outnumber the
+      // warps or not divide them (kGeneralRows): then a warp takes rows r, r + W, … whole, or with R < W the
+      // first segs · R warps share them as above and the others idle. (The 2.7B build keeps the measured code.)
+      constexpr bool kGeneralRows = !(D == 2560 && H == 80);
+      const int K = K_[ph], rb = K * 2, R = p.slot / rb, segs = kGeneralRows && R > W ? 1 : W / R;
       int lo, hi;
       for (int part = 0; part < (ph == 0 && MODE == 6 ? 2 : 1); ++part) {
         if (ph == 0)
@@ -1033,7 +1046,13 @@ __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
         for (int r0 = lo; r0 < hi; r0 += R, ++k) {
           int s = k % p.stages, rows = min(R, hi - r0), r = warp % R, sg = warp / R;
           mbar_wait(full + s, (k / p.stages) & 1);
-          if (gemv && r < rows) {
+          int step = R;  // the rows between a warp's rows of the slot
+          if constexpr (kGeneralRows) {
+            step = R > W ? W : R;
+            r = warp % step, sg = warp / step;
+            if (sg >= segs) r = rows;  // a warp past the first segs · R: nothing
+          }
+          for (; gemv && r < rows; r += step) {
             float v = row_dot(reinterpret_cast<const bf16*>(ring + (size_t)s * p.slot + (size_t)r * rb), x_s, K, sg, segs,
                               lane);
             if (lane == 0) {
@@ -1044,6 +1063,7 @@ __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
               else
                 parts[(r0 - lo + r) * segs + sg] = v;
             }
+            if constexpr (!kGeneralRows) break;  // (2.7B: one row per warp and slot)
           }
           __syncwarp();
           if (lane == 0) mbar_arrive(empty + s);

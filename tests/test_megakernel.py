@@ -140,7 +140,7 @@ def test_step_off_the_gpu_is_the_reference():
     _, _, _, rings, l = _prefill(model, [3, 1, 4, 1, 5], 1)
     params, cache = mk.pack(model), mk.kernel_cache(rings)
     eps = model.cfg.norm_eps
-    assert "compiled for" in mk.kernel_unsupported(params, eps)  # tiny dimensions: the reference
+    assert "it is built for" in mk.kernel_unsupported(params, eps)  # head dim 16, state 16: the reference
     h = jax.random.normal(jax.random.key(0), (model.cfg.d_model,), jnp.float32)
     work = mk.workspace(params)
     got_h, got_cache, got_work = mk.step(params, cache, h, l, work, eps=eps)
@@ -150,20 +150,49 @@ def test_step_off_the_gpu_is_the_reference():
     assert got_work is work
 
 
-def _f32(tree):
-    return jax.tree.map(lambda a: a.astype(jnp.float32), tree)
-
-
-def _two_2_7b_layers(steps):
-    """2 random layers of Mamba2-2.7B's dimensions (the kernel's), every norm weight away from one, after a
-    37-token prompt with room for `steps` more: (model, the conv rings and states, the prompt's length)."""
+def _recipe_config(name: str):
+    """The model config of experiments/NAME.py."""
     import os
 
     import mamba_jax.config as mjc
 
     root = os.path.join(os.path.dirname(__file__), "..")
-    cfg = mjc.model_config(mjc.load_config(os.path.join(root, "experiments", "mamba2_2_7b.py")))
-    model = _randomize_norms(init_model(cfg.replace(pattern="MM", param_dtype="float32", decode_impl="xla"), seed=1))
+    return mjc.model_config(mjc.load_config(os.path.join(root, "experiments", f"{name}.py")))
+
+
+@pytest.mark.parametrize("recipe", ["mamba2_130m", "mamba2_370m", "mamba2_780m", "mamba2_1_3b", "mamba2_2_7b"])
+def test_every_mamba2_checkpoint_size_builds(recipe):
+    """Every pure Mamba2 checkpoint (130M … 2.7B) meets the kernel's constraints: one build per (d_model,
+    heads), e.g. 130M's (768, 24); eval_shape only (no weights)."""
+    cfg = _recipe_config(recipe)
+    model = nnx.eval_shape(lambda: init_model(cfg.replace(pattern="MM"), seed=0))
+    assert mk.unsupported(model) is None
+    shapes = jax.eval_shape(mk.pack, model)
+    d, h = shapes.win.shape[2], shapes.a_log.shape[1]
+    assert mk.kernel_dims_unsupported(d, h, 64, 128, 4, cfg.norm_eps) is None
+    assert mk._target(d, h, False, False) == f"mamba_jax_megakernel_d{d}_h{h}"
+    assert "Hopper" in mk.kernel_unsupported(shapes, cfg.norm_eps)  # checked, then no GPU here
+
+
+@pytest.mark.parametrize("dims,what", [
+    ((768, 24, 32, 128, 4, 1e-5), "head dim"), ((768, 24, 64, 64, 4, 1e-5), "head dim"),
+    ((768, 24, 64, 128, 4, 1e-6), "eps"), ((800, 24, 64, 128, 4, 1e-5), "multiple of 256"),
+    ((768, 20, 64, 128, 4, 1e-5), "multiple of 8"), ((4096, 128, 64, 128, 4, 1e-5), "at most 96"),
+])  # fmt: skip
+def test_kernel_dimensions_outside_its_constraints_are_named(dims, what):
+    assert what in mk.kernel_dims_unsupported(*dims)
+
+
+def _f32(tree):
+    return jax.tree.map(lambda a: a.astype(jnp.float32), tree)
+
+
+def _two_layers(steps, recipe="mamba2_2_7b"):
+    """2 random layers of a Mamba2 checkpoint's dimensions (default 2.7B's), every norm weight away from one,
+    after a 37-token prompt with room for `steps` more: (model, the conv rings and states, the prompt's
+    length)."""
+    cfg = _recipe_config(recipe).replace(pattern="MM", param_dtype="float32", decode_impl="xla")
+    model = _randomize_norms(init_model(cfg, seed=1))
     model.norm_f.weight[...] = 1 + 0.3 * jax.random.normal(jax.random.key(1), model.norm_f.weight[...].shape)
     _, _, _, rings, l = _prefill(model, list(range(3, 40)), steps)
     return model, rings, l
@@ -178,18 +207,25 @@ def _as_close_as_the_reference(got, want, truth, what):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode,graph", [("5", "0"), ("10", "0"), ("10,0", "0"), ("5", "1")])
-def test_kernel_matches_the_reference_on_gpu(mode, graph, monkeypatch):
-    """The CUDA megakernel (Mamba2-2.7B's dimensions, 2 random layers, norms folded; modes 5 and 10) against
-    `reference_step` over 3 tokens, compiled, the workspace and caches carried from token to token."""
+@pytest.mark.parametrize("mode,graph,recipe", [
+    ("5", "0", "mamba2_2_7b"), ("10", "0", "mamba2_2_7b"), ("10,0", "0", "mamba2_2_7b"), ("5", "1", "mamba2_2_7b"),
+    # smaller models' rows spread over the warps otherwise (kGeneralRows): 130M's in_proj / out_proj slots
+    # hold 26 / 13 rows, 1.3B's 10 / 5 (more rows than warps, and fewer that do not divide them)
+    ("5", "0", "mamba2_130m"), ("5", "0", "mamba2_1_3b"),
+])  # fmt: skip
+def test_kernel_matches_the_reference_on_gpu(mode, graph, recipe, monkeypatch):
+    """The CUDA megakernel (2 random layers of a checkpoint's dimensions, norms folded; modes 5 and 10 at
+    2.7B's) against `reference_step` over 3 tokens, compiled, the workspace and caches carried from token to
+    token."""
     monkeypatch.setenv("MAMBA_JAX_MEGAKERNEL_MODE", mode)
     monkeypatch.setenv("MAMBA_JAX_MEGAKERNEL_GRAPH", graph)  # 1: the command-buffer compatible target
-    model, rings, l = _two_2_7b_layers(3)
+    model, rings, l = _two_layers(3, recipe)
     cfg = model.cfg
     params, cache = mk.pack(model), mk.kernel_cache(rings)
     eps = cfg.norm_eps
     assert mk.kernel_unsupported(params, eps) is None
-    assert "mamba_jax_megakernel" + "_graph" * (graph == "1") in jax.jit(mk.step, static_argnames="eps").lower(
+    target = mk._target(cfg.d_model, params.a_log.shape[1], False, graph == "1")
+    assert target in jax.jit(mk.step, static_argnames="eps").lower(
         params, cache, jnp.zeros(cfg.d_model), l, mk.workspace(params), eps=eps).as_text()  # fmt: skip
     kernel = jax.jit(mk.step, static_argnames="eps")
     # The references run on the CPU: XLA's GPU fusions may keep float32 where the reference rounds to bf16
@@ -226,7 +262,7 @@ def test_head_phase_reference_equals_the_model_head():
 def test_kernel_head_phase_on_gpu():
     """The kernel with the LM head as its last phase (2 random 2.7B-shaped layers, norms folded): logits as
     close to the float32 truth as the bf16 reference's, the residual as without the head."""
-    model, rings, l = _two_2_7b_layers(1)
+    model, rings, l = _two_layers(1)
     params, cache, head = mk.pack(model), mk.kernel_cache(rings), mk.pack_head(model)
     eps = model.cfg.norm_eps
     assert mk.kernel_unsupported(params, eps, head) is None

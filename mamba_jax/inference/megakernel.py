@@ -22,8 +22,11 @@ module also holds the parts of that path the GPU is not needed for:
 
 On the CPU the tests check `pack`, the caches and `reference_step` against `Mamba2Mixer.decode` (the same
 function up to those roundings); on the GPU `step` runs the kernel itself (`kernels/megakernel.cu`, an XLA
-FFI call built with nvcc on first use; Mamba2-2.7B's dimensions compiled in) and is checked against
-`reference_step` (tests/test_megakernel.py, `gpu`). Elsewhere `step` is `reference_step`.
+FFI call built with nvcc on first use, once per model size: d_model and the heads compiled in,
+`kernel_dims_unsupported` says which sizes build) and is checked against `reference_step`
+(tests/test_megakernel.py, `gpu`). Elsewhere `step` is `reference_step`. Timed on an H100 at Mamba2-2.7B's
+dimensions only (MEASURED_DIMS); smaller models (130M … 1.3B) take the same code with their rows spread
+over the warps differently (kernels/megakernel.cuh, `kGeneralRows`).
 `unsupported` says which models the design covers: every layer a Mamba2 mixer with one group and one
 gated-norm group, the residual in float32, no dt limit, no LoRA or quantized weights.
 """
@@ -45,8 +48,12 @@ from mamba_jax.models.stack import layer_mixers, unstack_layers
 BF16 = jnp.bfloat16
 TARGET = "mamba_jax_megakernel"
 TARGET_HEAD = "mamba_jax_megakernel_head"  # the same with the LM head as its last phase
-# The dimensions kernels/megakernel.cuh compiles in (Mamba2-2.7B): D, heads, head dim, state, conv taps, eps.
-KERNEL_DIMS = (2560, 80, 64, 128, 4, 1e-5)
+# What kernels/megakernel.cuh compiles in besides d_model and the heads (one build per (D, H)): head dim,
+# state, conv taps, eps — every Mamba2 checkpoint's (130M … 2.7B).
+KERNEL_FIXED = {"P": 64, "N": 128, "K": 4, "eps": 1e-5}
+# Measured on an H100 (benchmarks/README.md): Mamba2-2.7B's dimensions. The others build and are checked on
+# the CPU for their constraints only until a GPU run says otherwise.
+MEASURED_DIMS = (2560, 80)
 DEFAULT_MODE = 5  # kernel_mode()
 
 
@@ -210,21 +217,45 @@ def workspace(params: Params) -> jax.Array:
     return jnp.zeros(2 * (params.win.shape[1] + di // 2 + h + d) + 2, jnp.uint32)
 
 
+def kernel_dims_unsupported(d: int, h: int, p: int, n: int, k: int, eps: float) -> str | None:
+    """Why kernels/megakernel.cuh cannot be built for these dimensions (d_model, heads, head dim, state, conv
+    taps, eps), or None. Its constraints: Mamba2's fixed head dim / state / conv (KERNEL_FIXED); d_model a
+    multiple of the 256 consumer threads (the residual's load); heads a multiple of 8 (g as words per thread,
+    in_proj rows in blocks of 8) and at most 96 (the gated norm's Σ g² by one warp); every head's step on a CTA
+    of its own and at most 32 residual rows per CTA (checked against the GPU's SM count at launch)."""
+    fixed = {"P": p, "N": n, "K": k, "eps": eps}
+    if any(fixed[key] != v for key, v in KERNEL_FIXED.items()):
+        built = tuple(KERNEL_FIXED.values())
+        return f"(head dim P, state N, conv taps K, eps) = {(p, n, k, eps)}; it is built for {built}"
+    if d % 256:
+        return f"d_model {d} is not a multiple of 256 (its consumer threads)"
+    if h % 8 or h > 96:
+        return f"{h} heads: it needs a multiple of 8, at most 96"
+    return None
+
+
 def kernel_unsupported(params: Params, eps: float, head=None, graph: bool = False) -> str | None:
     """Why `step` computes with `reference_step` rather than the CUDA kernel here, or None. `graph`: the
-    command-buffer compatible targets (`kernel_graph`)."""
+    command-buffer compatible targets (`kernel_graph`). The kernel is built once per (d_model, heads)."""
     _, nin, d = params.win.shape
     h, hp, k = params.a_log.shape[1], params.wout.shape[2], params.conv_w.shape[2]
     n = (nin - 2 * hp - h) // 2
-    dims = (d, h, hp // h, n, k, eps)
-    if dims != KERNEL_DIMS or params.win.dtype != BF16:
-        return f"dimensions (D, H, P, N, K, eps) = {dims} (it is compiled for {KERNEL_DIMS}, bf16 weights)"
+    if why := kernel_dims_unsupported(d, h, hp // h, n, k, eps):
+        return why
+    if params.win.dtype != BF16:
+        return f"{params.win.dtype} weights (it streams bf16)"
     if head is not None and (head.dtype != BF16 or head.shape[1] != d):
         return f"a head of {head.dtype} {tuple(head.shape)} (it reads (V, {d}) bf16)"
     from mamba_jax.kernels.cuda_build import load  # lazy: only where a GPU may run it
 
-    symbol, target = ("MambaJaxMegakernelHead", TARGET_HEAD) if head is not None else ("MambaJaxMegakernel", TARGET)
-    return load("megakernel", symbol + "Graph" * graph, target + "_graph" * graph)
+    symbol = ("MambaJaxMegakernelHead" if head is not None else "MambaJaxMegakernel") + "Graph" * graph
+    return load("megakernel", symbol, _target(d, h, head is not None, graph), (f"-DMK_D={d}", f"-DMK_H={h}"))
+
+
+def _target(d: int, h: int, head: bool, graph: bool) -> str:
+    """The FFI target of the (d_model, heads) build: one library per model size, its handlers registered under
+    names of their own."""
+    return (TARGET_HEAD if head else TARGET) + f"_d{d}_h{h}" + "_graph" * graph
 
 
 def kernel_mode() -> tuple[int, int]:
@@ -264,16 +295,20 @@ def step(params: Params, cache: Cache, h_D, pos, work, *, eps: float, head=None)
     if kernel_unsupported(params, eps, head, graph) is None:
         shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (cache.ring, cache.state, h_D, work)]
         mode, slack = kernel_mode()
-        suffix = "_graph" * graph
+        d, h = params.win.shape[2], params.a_log.shape[1]
+        if mode == 10 and (d, h) != MEASURED_DIMS:
+            raise ValueError(f"megakernel: mode 10 is built for Mamba2-2.7B's (D, H) {MEASURED_DIMS}, not {(d, h)}.")
         args = (*params, jnp.asarray(pos, jnp.int32), cache.ring, cache.state, h_D, work)
         if head is None:
-            call = jax.ffi.ffi_call(TARGET + suffix, shapes, input_output_aliases={8: 0, 9: 1, 10: 2, 11: 3})
+            target = _target(d, h, False, graph)
+            call = jax.ffi.ffi_call(target, shapes, input_output_aliases={8: 0, 9: 1, 10: 2, 11: 3})
             ring, state, h_D, work = call(*args, mode=np.int32(mode), slack=np.int32(slack))
             return h_D, Cache(ring, state), work
         if mode != 5:
             raise ValueError(f"megakernel: the LM head phase runs in mode 5 (MAMBA_JAX_MEGAKERNEL_MODE={mode}).")
         shapes.append(jax.ShapeDtypeStruct((head.shape[0],), jnp.float32))
-        call = jax.ffi.ffi_call(TARGET_HEAD + suffix, shapes, input_output_aliases={8: 0, 9: 1, 10: 2, 11: 3})
+        target = _target(d, h, True, graph)
+        call = jax.ffi.ffi_call(target, shapes, input_output_aliases={8: 0, 9: 1, 10: 2, 11: 3})
         ring, state, h_D, work, logits = call(*args, head, mode=np.int32(mode), slack=np.int32(slack))
         return h_D, Cache(ring, state), work, logits
     h_D, cache = reference_step(params, cache, h_D, pos, eps=eps)
@@ -295,6 +330,7 @@ __all__ = [
     "Params",
     "engine_cache",
     "kernel_cache",
+    "kernel_dims_unsupported",
     "kernel_unsupported",
     "pack",
     "reference_logits",
