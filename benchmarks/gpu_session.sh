@@ -14,6 +14,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh k   # megakernel mode 10 (early steps): probe, tests, Engine A/B
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh l   # megakernel step timing probe, tests, generate.py b1 + peer
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh m   # the decode loop in XLA's command buffers (graph targets)
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh n   # the megakernel at 130M and 1.3B: tests, generate.py b1
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -180,7 +181,15 @@ elif [ "$stage" = m ]; then  # ≈ 7 minutes: the batch-1 decode loop inside XLA
         --variant "mk_graph:megakernel=1;MAMBA_JAX_MEGAKERNEL_GRAPH=1" \
         --variant "mk_graph_while:megakernel=1;MAMBA_JAX_MEGAKERNEL_GRAPH=1;MAMBA_JAX_MEGAKERNEL_UNROLL=1;$CB" \
         --out "$OUT/decode_variants_graph_2_7b_b1_$gpu.json"
+elif [ "$stage" = n ]; then  # ≈ 6 minutes: the megakernel built for the smaller Mamba2 sizes (kGeneralRows)
+    find_nvcc
+    # first GPU run of the builds per model size: 130M (slots of 26 / 13 rows) and 1.3B (10 / 5)
+    step megakernel_size_tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_megakernel.py \
+        -k "130m or 1_3b"
+    cd benchmarks || exit 1
+    step generate_sizes_b1 330 python3 generate.py --model mamba2_130m,mamba2_1_3b --batch 1 \
+        --state-dtype bfloat16 --peer --decode-impl auto,megakernel --out "$OUT/generate_130m_1_3b_b1_megakernel_$gpu.json"
 else
-    echo "unknown stage $stage (a … m)" >&2
+    echo "unknown stage $stage (a … n)" >&2
     exit 2
 fi
