@@ -78,15 +78,16 @@ def model_for(name: str):
     return init_model(cfg.replace(dtype="bfloat16", param_dtype="bfloat16"), seed=0)
 
 
-def megakernel_skip(model, batch: int) -> str | None:
-    """Why Engine(megakernel=True) would not run the CUDA megakernel for this model and batch, or None."""
+def megakernel_skip(model, batch: int, quantize: str = "none") -> str | None:
+    """Why Engine(megakernel=True, quantize=…) would not run the CUDA megakernel for this model and batch, or
+    None."""
     from mamba_jax.inference import megakernel as mk
 
     if batch != 1:
         return "it decodes batch 1"
     if reason := mk.unsupported(model):
         return reason
-    shapes = jax.eval_shape(mk.pack, model)
+    shapes = jax.eval_shape(lambda m: mk.pack(m, quantize=quantize), model)
     return mk.kernel_unsupported(shapes, model.cfg.norm_eps)
 
 
@@ -197,7 +198,7 @@ def main() -> int:
             axes = (args.state_dtype.split(","), args.decode_impl.split(","), args.quantize.split(","))
             for state_dtype, impl, quantize in itertools.product(*axes):
                 mk = impl == "megakernel"  # Engine(megakernel=True): batch 1 through the CUDA megakernel
-                if mk and (reason := megakernel_skip(model, batch)):
+                if mk and (reason := megakernel_skip(model, batch, quantize)):
                     print(f"{name} batch {batch}: no megakernel row ({reason})", flush=True)
                     continue
                 engine = Engine(model, state_dtype=state_dtype, decode_impl="auto" if mk else impl,

@@ -15,6 +15,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh l   # megakernel step timing probe, tests, generate.py b1 + peer
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh m   # the decode loop in XLA's command buffers (graph targets)
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh n   # the megakernel at 130M and 1.3B: tests, generate.py b1
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh o   # the float8 megakernel: tests, generate.py b1 (2.7B, 130M)
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -187,9 +188,16 @@ elif [ "$stage" = n ]; then  # ≈ 6 minutes: the megakernel built for the small
     step megakernel_size_tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_megakernel.py \
         -k "130m or 1_3b"
     cd benchmarks || exit 1
-    step generate_sizes_b1 330 python3 generate.py --model mamba2_130m,mamba2_1_3b --batch 1 \
+    step generate_sizes_b1 300 python3 generate.py --model mamba2_130m,mamba2_1_3b --batch 1 \
         --state-dtype bfloat16 --peer --decode-impl auto,megakernel --out "$OUT/generate_130m_1_3b_b1_megakernel_$gpu.json"
+    cd .. || exit 1
+elif [ "$stage" = o ]; then  # ≈ 7 minutes: the float8 megakernel (-DMK_FP8=1): tests, then 2.7B and 130M batch 1
+    find_nvcc
+    step megakernel_fp8_tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_megakernel.py -k fp8
+    cd benchmarks || exit 1
+    step generate_fp8_b1 330 python3 generate.py --model mamba2_2_7b,mamba2_130m --batch 1 --state-dtype bfloat16 \
+        --peer --decode-impl megakernel --quantize none,fp8 --out "$OUT/generate_b1_megakernel_fp8_$gpu.json"
 else
-    echo "unknown stage $stage (a … n)" >&2
+    echo "unknown stage $stage (a … o)" >&2
     exit 2
 fi

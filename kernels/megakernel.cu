@@ -5,7 +5,8 @@
 // per model size (-DMK_D=d_model -DMK_H=heads; Mamba2-2.7B's by default). mamba_jax/inference/megakernel.py
 // packs the arguments and checks the dimensions; built with nvcc on first use (kernels/cuda_build.py).
 //
-// Arguments: the packed layers (win, wout, conv_w, conv_b, a_log, d_skip, dt_bias), the token's position
+// Arguments: the packed layers (win, wout, conv_w, conv_b, a_log, d_skip, dt_bias; with -DMK_FP8=1 win and wout
+// float8 e4m3 and their row scales win_scale (L, NIN), wout_scale (L, D) float32 after dt_bias), the token's position
 // (int32 scalar), then the conv ring, the SSM states, the residual h (float32, D: the token's embedding in,
 // the residual after the last layer out) and the workspace (uint32 words: the tagged buffers and the epoch
 // counter; zeros before the first call, then carried from call to call), each updated in place (the results
@@ -48,17 +49,24 @@ ffi::Error check(ffi::AnyBuffer b, std::initializer_list<int64_t> dims, ffi::Dat
 // head / logits: the LM head phase (MambaJaxMegakernelHead), or null.
 ffi::Error Launch(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffer wout, ffi::AnyBuffer conv_w,
                   ffi::AnyBuffer conv_b, ffi::AnyBuffer a_log, ffi::AnyBuffer d_skip, ffi::AnyBuffer dt_bias,
-                  ffi::AnyBuffer pos, ffi::Result<ffi::AnyBuffer> ring, ffi::Result<ffi::AnyBuffer> state,
+                  const ffi::AnyBuffer* win_scale, const ffi::AnyBuffer* wout_scale, ffi::AnyBuffer pos,
+                  ffi::Result<ffi::AnyBuffer> ring, ffi::Result<ffi::AnyBuffer> state,
                   ffi::Result<ffi::AnyBuffer> h, ffi::Result<ffi::AnyBuffer> work, int32_t mode, int32_t slack,
                   const ffi::AnyBuffer* head, ffi::Result<ffi::AnyBuffer>* logits, bool graph) {
   if (mode != 5 && mode != 10) return ffi::Error::InvalidArgument("megakernel: mode must be 5 or 10");
   if (head && mode != 5) return ffi::Error::InvalidArgument("megakernel: the LM head phase needs mode 5");
-  if (mode == 10 && !(D == 2560 && H == 80))
-    return ffi::Error::InvalidArgument("megakernel: mode 10 is built for Mamba2-2.7B's dimensions only");
+  if (mode == 10 && !(D == 2560 && H == 80 && !MK_FP8))
+    return ffi::Error::InvalidArgument("megakernel: mode 10 is built for Mamba2-2.7B's dimensions and bf16 only");
   if (win.dimensions().size() != 3) return ffi::Error::InvalidArgument("megakernel: win must be (L, NIN, D)");
   const int64_t L = win.dimensions()[0];
   const ffi::DataType B = ffi::DataType::BF16, F = ffi::DataType::F32;
-  for (auto e : {check(win, {-1, NIN, D}, B, "win", L), check(wout, {-1, D, DI}, B, "wout", L),
+  const ffi::DataType WT = MK_FP8 ? ffi::DataType::F8E4M3FN : B;  // the projections' weights
+  if (MK_FP8 && !(win_scale && wout_scale))
+    return ffi::Error::InvalidArgument("megakernel: the float8 build needs the row scales");
+  if (MK_FP8)
+    for (auto e : {check(*win_scale, {-1, NIN}, F, "win_scale", L), check(*wout_scale, {-1, D}, F, "wout_scale", L)})
+      if (e.failure()) return e;
+  for (auto e : {check(win, {-1, NIN, D}, WT, "win", L), check(wout, {-1, D, DI}, WT, "wout", L),
                  check(conv_w, {-1, CX, KW}, F, "conv_w", L), check(conv_b, {-1, CX}, F, "conv_b", L),
                  check(a_log, {-1, H}, F, "a_log", L), check(d_skip, {-1, H}, F, "d_skip", L),
                  check(dt_bias, {-1, H}, F, "dt_bias", L), check(pos, {}, ffi::DataType::S32, "pos", L),
@@ -85,8 +93,12 @@ ffi::Error Launch(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffer wout, 
                                 " bytes of shared memory per block");
 
   Params p{};
-  p.win = static_cast<const bf16*>(win.untyped_data());
-  p.wout = static_cast<const bf16*>(wout.untyped_data());
+  p.win = static_cast<const wt*>(win.untyped_data());
+  p.wout = static_cast<const wt*>(wout.untyped_data());
+#if MK_FP8
+  p.win_scale = static_cast<const float*>(win_scale->untyped_data());
+  p.wout_scale = static_cast<const float*>(wout_scale->untyped_data());
+#endif
   p.conv_w = static_cast<const float*>(conv_w.untyped_data());
   p.conv_b = static_cast<const float*>(conv_b.untyped_data());
   p.a_log = static_cast<const float*>(a_log.untyped_data());
@@ -118,7 +130,11 @@ ffi::Error Launch(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffer wout, 
   p.slot = MK_SLOT;
   p.stages = MK_STAGES;
   p.pf = MK_PF;
+#if MK_FP8
+  const void* fn = (const void*)megakernel<5>;
+#else
   const void* fn = mode == 10 ? (const void*)megakernel<10> : (const void*)megakernel<5>;
+#endif
   cudaError_t e = cudaSuccess;
   if (!ready[dev][mode == 10]) {
     e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
@@ -146,27 +162,39 @@ ffi::Error Launch(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffer wout, 
   return ffi::Error::Success();
 }
 
+// The float8 build takes the two row-scale arguments after dt_bias (MK_SCALES / MK_SCALE_PTRS); the bf16
+// build's signature is unchanged.
+#if MK_FP8
+#define MK_SCALES ffi::AnyBuffer win_scale, ffi::AnyBuffer wout_scale,
+#define MK_SCALE_PTRS &win_scale, &wout_scale
+#define MK_SCALE_ARGS .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+#else
+#define MK_SCALES
+#define MK_SCALE_PTRS nullptr, nullptr
+#define MK_SCALE_ARGS
+#endif
+
 template <bool GRAPH>
 ffi::Error MegakernelImpl(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffer wout, ffi::AnyBuffer conv_w,
                           ffi::AnyBuffer conv_b, ffi::AnyBuffer a_log, ffi::AnyBuffer d_skip, ffi::AnyBuffer dt_bias,
-                          ffi::AnyBuffer pos, ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer,
+                          MK_SCALES ffi::AnyBuffer pos, ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer,
                           ffi::Result<ffi::AnyBuffer> ring, ffi::Result<ffi::AnyBuffer> state,
                           ffi::Result<ffi::AnyBuffer> h, ffi::Result<ffi::AnyBuffer> work, int32_t mode,
                           int32_t slack) {
-  return Launch(stream, win, wout, conv_w, conv_b, a_log, d_skip, dt_bias, pos, ring, state, h, work, mode, slack,
-                nullptr, nullptr, GRAPH);
+  return Launch(stream, win, wout, conv_w, conv_b, a_log, d_skip, dt_bias, MK_SCALE_PTRS, pos, ring, state, h, work,
+                mode, slack, nullptr, nullptr, GRAPH);
 }
 
 template <bool GRAPH>
 ffi::Error MegakernelHeadImpl(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffer wout, ffi::AnyBuffer conv_w,
                               ffi::AnyBuffer conv_b, ffi::AnyBuffer a_log, ffi::AnyBuffer d_skip,
-                              ffi::AnyBuffer dt_bias, ffi::AnyBuffer pos, ffi::AnyBuffer, ffi::AnyBuffer,
+                              ffi::AnyBuffer dt_bias, MK_SCALES ffi::AnyBuffer pos, ffi::AnyBuffer, ffi::AnyBuffer,
                               ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer head, ffi::Result<ffi::AnyBuffer> ring,
                               ffi::Result<ffi::AnyBuffer> state, ffi::Result<ffi::AnyBuffer> h,
                               ffi::Result<ffi::AnyBuffer> work, ffi::Result<ffi::AnyBuffer> logits, int32_t mode,
                               int32_t slack) {
-  return Launch(stream, win, wout, conv_w, conv_b, a_log, d_skip, dt_bias, pos, ring, state, h, work, mode, slack,
-                &head, &logits, GRAPH);
+  return Launch(stream, win, wout, conv_w, conv_b, a_log, d_skip, dt_bias, MK_SCALE_PTRS, pos, ring, state, h, work,
+                mode, slack, &head, &logits, GRAPH);
 }
 
 // The inputs ring, state, h and work alias the results of the same names (updated in place). The *Graph
@@ -181,7 +209,7 @@ ffi::Error MegakernelHeadImpl(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyB
       .Arg<ffi::AnyBuffer>() /* conv_b */                                                             \
       .Arg<ffi::AnyBuffer>() /* a_log */                                                              \
       .Arg<ffi::AnyBuffer>() /* d_skip */                                                             \
-      .Arg<ffi::AnyBuffer>() /* dt_bias */                                                            \
+      .Arg<ffi::AnyBuffer>() /* dt_bias */ MK_SCALE_ARGS                                              \
       .Arg<ffi::AnyBuffer>() /* pos */                                                                \
       .Arg<ffi::AnyBuffer>() /* ring */                                                               \
       .Arg<ffi::AnyBuffer>() /* state */                                                              \

@@ -13,6 +13,20 @@
 
 typedef __nv_bfloat16 bf16;
 
+// The projections' weights (win, wout): bf16, or with -DMK_FP8=1 float8 e4m3 rows with one float32 scale per
+// row, i.e. per output feature (mamba_jax.inference.megakernel.pack(quantize="fp8")), widened in registers:
+// half the bytes streamed per token. The LM head, conv, states and the rest stay as they are.
+#ifndef MK_FP8
+#define MK_FP8 0
+#endif
+#if MK_FP8
+#include <cuda_fp8.h>
+typedef __nv_fp8_e4m3 wt;
+#else
+typedef __nv_bfloat16 wt;
+#endif
+constexpr int WB = sizeof(wt);  // bytes per weight
+
 // The model's d_model and heads, one build per model size (kernels/megakernel.cu is built with -DMK_D=… -DMK_H=…
 // for the model at hand; the probe uses the defaults, Mamba2-2.7B's: d_model 2560, 80 heads). The rest is every
 // Mamba2's: heads of 64, d_state 128, one group, conv width 4.
@@ -32,8 +46,8 @@ constexpr int NEV = 17;               // trace events per (CTA, layer), see `meg
 constexpr int MAX_OWN = 32;           // residual rows one CTA's out_proj may own (D / SMs, rounded up)
 
 struct Params {
-  const bf16* win;      // [L][NIN][D]  in_proj, transposed: row j = output feature j
-  const bf16* wout;     // [L][D][DI]   out_proj, transposed
+  const wt* win;        // [L][NIN][D]  in_proj, transposed: row j = output feature j
+  const wt* wout;       // [L][D][DI]   out_proj, transposed
   const float* conv_w;  // [L][CX][KW]
   const float* conv_b;  // [L][CX]
   const float* a_log;   // [L][H]
@@ -69,6 +83,10 @@ struct Params {
   const bf16* head;  // [vocab][D]
   float* logits;     // [vocab]
   int vocab;
+#if MK_FP8
+  const float* win_scale;   // [L][NIN] in_proj's row scales
+  const float* wout_scale;  // [L][D]   out_proj's
+#endif
 };
 
 // ---------------------------------------------------------------- PTX helpers
@@ -240,6 +258,35 @@ __device__ __forceinline__ float row_dot(const bf16* w_row, const bf16* x, int K
   for (int v = v0 + lane; v < v1; v += 32) acc = dot8(wv[v], xv[v], acc);
   return warp_sum(acc);
 }
+#if MK_FP8
+// 16 float8 weights (one 16-byte word; every e4m3 value is exact in half precision) against 16 bf16 inputs.
+__device__ __forceinline__ float dot16q(uint4 w, uint4 xa, uint4 xb, float acc) {
+  const __nv_fp8x2_storage_t* pw = reinterpret_cast<const __nv_fp8x2_storage_t*>(&w);
+  const __nv_bfloat162* pa = reinterpret_cast<const __nv_bfloat162*>(&xa);
+  const __nv_bfloat162* pb = reinterpret_cast<const __nv_bfloat162*>(&xb);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    float2 fw = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pw[i], __NV_E4M3)));
+    float2 fx = __bfloat1622float2(i < 4 ? pa[i] : pb[i - 4]);
+    acc = fmaf(fw.x, fx.x, acc);
+    acc = fmaf(fw.y, fx.y, acc);
+  }
+  return acc;
+}
+// row_dot of a float8 row (unscaled: the caller multiplies by the row's scale).
+__device__ __forceinline__ float row_dot_w(const wt* w_row, const bf16* x, int K, int sg, int segs, int lane) {
+  const uint4* wv = reinterpret_cast<const uint4*>(w_row);
+  const uint4* xv = reinterpret_cast<const uint4*>(x);
+  int nv = K / 16, v0 = sg * nv / segs, v1 = (sg + 1) * nv / segs;
+  float acc = 0.f;
+  for (int v = v0 + lane; v < v1; v += 32) acc = dot16q(wv[v], xv[2 * v], xv[2 * v + 1], acc);
+  return warp_sum(acc);
+}
+#else
+__device__ __forceinline__ float row_dot_w(const wt* w_row, const bf16* x, int K, int sg, int segs, int lane) {
+  return row_dot(w_row, x, K, sg, segs, lane);
+}
+#endif
 
 // The SSM step of head hd in layer l, by the CT consumer threads, in three parts so that mode 4 can issue the
 // loads that do not depend on in_proj (state, conv ring and weights, the head's scalars) before in_proj's
@@ -595,7 +642,7 @@ __device__ __forceinline__ void in_range(int mode, int part, int c, int G, int& 
   } else if (part == 0 && mode == 7) {
     // Mode 7: the CTAs that run a step also stream its slot (STEP_SLOT bytes), so they take that many fewer
     // bytes of in_proj rows than the others: every CTA then streams the same bytes per layer.
-    const double ds = (double)STEP_SLOT / (D * 2), ns = H < G ? H : G;
+    const double ds = (double)STEP_SLOT / (D * WB), ns = H < G ? H : G;
     const double r_step = (NIN - (G - ns) * ds) / G;  // rows of a step CTA; the others take ds more
     auto start = [&](int i) { return (int)llround(i <= ns ? i * r_step : ns * r_step + (i - ns) * (r_step + ds)); };
     lo = start(c);
@@ -644,7 +691,7 @@ __device__ __noinline__ bool cursor_enter(Cursor& u, const Params& p, int c, int
         in_range(MODE, u.ph, c, G, lo, hi);
       else
         rows_of(D, c, G, lo, hi);
-      u.rb = (in ? D : DI) * 2;
+      u.rb = (in ? D : DI) * WB;
       u.R = p.slot / u.rb;
       u.r0 = lo;
       u.hi = hi;
@@ -666,6 +713,7 @@ __device__ __noinline__ bool cursor_next(Cursor& u, const Params& p, int c, int 
 __device__ __forceinline__ unsigned cursor_bytes(const Cursor& u) { return (unsigned)(min(u.R, u.hi - u.r0) * u.rb); }
 __device__ __forceinline__ const unsigned char* cursor_src(const Cursor& u) { return u.base + (size_t)u.r0 * u.rb; }
 
+#if !MK_FP8  // mode 10 streams bf16 rows (a 2.7B experiment, slower: benchmarks/README.md)
 // ------------------------------------------------------------------ mode 10: early steps, out_proj by heads
 // In modes 4–9 every head's step waits for the end of in_proj (every step reads B, C and dt, the last rows of
 // the last CTAs' contiguous shares), and out_proj waits for every head's g: the step sits whole on each
@@ -898,6 +946,8 @@ __device__ void consume10(const Params& p, int c, int G, unsigned char* ring, ui
   }
 }
 
+#endif  // !MK_FP8
+
 // One instance per mode, so that each is register-allocated for its own paths (the kernel runs at its
 // register limit, and a spilled value comes back from L2).
 template <int MODE>
@@ -930,7 +980,9 @@ __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
   const int K_[2] = {D, DI}, N_[2] = {NIN, D};
   if (warp == W) {  // the producer: every layer's weight rows of this CTA, in the consumers' order
     if constexpr (MODE == 10) {
+#if !MK_FP8
       if (lane == 0) produce10(p, c, G, ring, full, empty);
+#endif
     } else if (lane == 0) {
       uint64_t pol;
       asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
@@ -964,7 +1016,9 @@ __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
 
   const int tid = threadIdx.x;
   if constexpr (MODE == 10) {
+#if !MK_FP8
     consume10(p, c, G, ring, full, empty, x_s, parts, sx, sz, red, hown, misc);
+#endif
   } else {
   const unsigned G_ = (unsigned)G * p.epoch, H_ = (unsigned)H * p.epoch;
   unsigned* in_done = p.cnt;
@@ -1035,8 +1089,8 @@ __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
       // W / R warps share each row (segs segments of its dot product). Smaller models' rows may outnumber the
       // warps or not divide them (kGeneralRows): then a warp takes rows r, r + W, … whole, or with R < W the
       // first segs · R warps share them as above and the others idle. (The 2.7B build keeps the measured code.)
-      constexpr bool kGeneralRows = !(D == 2560 && H == 80);
-      const int K = K_[ph], rb = K * 2, R = p.slot / rb, segs = kGeneralRows && R > W ? 1 : W / R;
+      constexpr bool kGeneralRows = !(D == 2560 && H == 80 && !MK_FP8);
+      const int K = K_[ph], rb = K * WB, R = p.slot / rb, segs = kGeneralRows && R > W ? 1 : W / R;
       int lo, hi;
       for (int part = 0; part < (ph == 0 && MODE == 6 ? 2 : 1); ++part) {
         if (ph == 0)
@@ -1053,13 +1107,17 @@ __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
             if (sg >= segs) r = rows;  // a warp past the first segs · R: nothing
           }
           for (; gemv && r < rows; r += step) {
-            float v = row_dot(reinterpret_cast<const bf16*>(ring + (size_t)s * p.slot + (size_t)r * rb), x_s, K, sg, segs,
-                              lane);
+            float v = row_dot_w(reinterpret_cast<const wt*>(ring + (size_t)s * p.slot + (size_t)r * rb), x_s, K, sg,
+                                segs, lane);
             if (lane == 0) {
               // Tagged modes publish an in_proj row whose dot product one warp holds whole as soon as it is
               // done: a step waits for its own rows, not for the end of their owners' passes.
-              if (ll && ph == 0 && segs == 1)
+              if (ll && ph == 0 && segs == 1) {
+#if MK_FP8
+                v *= __ldg(p.win_scale + (size_t)l * NIN + r0 + r);  // the row's scale
+#endif
                 st_relaxed64(p.zx_ll + r0 + r, ll_pack(__float_as_uint(v * scale), ll_tag(p, l)));
+              }
               else
                 parts[(r0 - lo + r) * segs + sg] = v;
             }
@@ -1076,6 +1134,9 @@ __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
       for (int i = tid; gemv && !published && i < hi - lo; i += CT) {
         float o = 0.f;
         for (int s = 0; s < segs; ++s) o += parts[i * segs + s];
+#if MK_FP8
+        o *= __ldg(ph == 0 ? p.win_scale + (size_t)l * NIN + lo + i : p.wout_scale + (size_t)l * D + lo + i);
+#endif
         if (ph == 0) {
           if (ll)
             st_relaxed64(p.zx_ll + lo + i, ll_pack(__float_as_uint(o * scale), tag));

@@ -172,6 +172,9 @@ def test_every_mamba2_checkpoint_size_builds(recipe):
     assert mk.kernel_dims_unsupported(d, h, 64, 128, 4, cfg.norm_eps) is None
     assert mk._target(d, h, False, False) == f"mamba_jax_megakernel_d{d}_h{h}"
     assert "Hopper" in mk.kernel_unsupported(shapes, cfg.norm_eps)  # checked, then no GPU here
+    shapes8 = jax.eval_shape(lambda m: mk.pack(m, quantize="fp8"), model)  # float8 rows: a build of their own
+    assert shapes8.win.dtype == jnp.float8_e4m3fn and "Hopper" in mk.kernel_unsupported(shapes8, cfg.norm_eps)
+    assert mk._target(d, h, True, True, True) == f"mamba_jax_megakernel_head_d{d}_h{h}_fp8_graph"
 
 
 @pytest.mark.parametrize("dims,what", [
@@ -207,24 +210,27 @@ def _as_close_as_the_reference(got, want, truth, what):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode,graph,recipe", [
-    ("5", "0", "mamba2_2_7b"), ("10", "0", "mamba2_2_7b"), ("10,0", "0", "mamba2_2_7b"), ("5", "1", "mamba2_2_7b"),
+@pytest.mark.parametrize("mode,graph,recipe,quantize", [
+    ("5", "0", "mamba2_2_7b", None), ("10", "0", "mamba2_2_7b", None), ("10,0", "0", "mamba2_2_7b", None),
+    ("5", "1", "mamba2_2_7b", None),
     # smaller models' rows spread over the warps otherwise (kGeneralRows): 130M's in_proj / out_proj slots
     # hold 26 / 13 rows, 1.3B's 10 / 5 (more rows than warps, and fewer that do not divide them)
-    ("5", "0", "mamba2_130m"), ("5", "0", "mamba2_1_3b"),
+    ("5", "0", "mamba2_130m", None), ("5", "0", "mamba2_1_3b", None),
+    # float8 rows (-DMK_FP8=1): 2.7B's slots hold 16 / 8 rows
+    ("5", "0", "mamba2_2_7b", "fp8"), ("5", "0", "mamba2_130m", "fp8"),
 ])  # fmt: skip
-def test_kernel_matches_the_reference_on_gpu(mode, graph, recipe, monkeypatch):
+def test_kernel_matches_the_reference_on_gpu(mode, graph, recipe, quantize, monkeypatch):
     """The CUDA megakernel (2 random layers of a checkpoint's dimensions, norms folded; modes 5 and 10 at
-    2.7B's) against `reference_step` over 3 tokens, compiled, the workspace and caches carried from token to
-    token."""
+    2.7B's; bf16 or float8 rows) against `reference_step` over 3 tokens, compiled, the workspace and caches
+    carried from token to token."""
     monkeypatch.setenv("MAMBA_JAX_MEGAKERNEL_MODE", mode)
     monkeypatch.setenv("MAMBA_JAX_MEGAKERNEL_GRAPH", graph)  # 1: the command-buffer compatible target
     model, rings, l = _two_layers(3, recipe)
     cfg = model.cfg
-    params, cache = mk.pack(model), mk.kernel_cache(rings)
+    params, cache = mk.pack(model, quantize=quantize), mk.kernel_cache(rings)
     eps = cfg.norm_eps
     assert mk.kernel_unsupported(params, eps) is None
-    target = mk._target(cfg.d_model, params.a_log.shape[1], False, graph == "1")
+    target = mk._target(cfg.d_model, params.a_log.shape[1], False, graph == "1", quantize == "fp8")
     assert target in jax.jit(mk.step, static_argnames="eps").lower(
         params, cache, jnp.zeros(cfg.d_model), l, mk.workspace(params), eps=eps).as_text()  # fmt: skip
     kernel = jax.jit(mk.step, static_argnames="eps")
@@ -277,6 +283,58 @@ def test_kernel_head_phase_on_gpu():
     want = ref(jax.device_put(head, cpu), h_cpu, eps=eps)
     truth = ref(jax.device_put(_f32(head), cpu), h_cpu, eps=eps)
     _as_close_as_the_reference(logits, want, truth, "logits")
+
+
+def test_float8_rows_pack_and_their_reference():
+    """pack(quantize="fp8"): float8 rows with a float32 scale each, within e4m3's rounding of the folded
+    weights; `reference_step` on them is the step on those rows dequantized (up to the input's bf16 rounding,
+    which the float8 path applies as the kernel does), near the unquantized step, and far from it without
+    the scales."""
+    model = _model(seed=5)
+    _, _, _, rings, l = _prefill(model, [3, 1, 4, 1, 5], 1)
+    p32, p8 = mk.pack(model, jnp.float32), mk.pack(model, quantize="fp8")
+    assert p8.win.dtype == p8.wout.dtype == jnp.float8_e4m3fn and p32.win_scale is None
+    assert p8.win_scale.shape == p8.win.shape[:2] and p8.wout_scale.shape == p8.wout.shape[:2]
+    assert mk.cache_dtype(p8) == jnp.bfloat16 and mk.cache_dtype(p32) == jnp.float32
+
+    def deq(w, scale):
+        return w.astype(jnp.float32) * scale[..., None]
+
+    for w, scale, want in ((p8.win, p8.win_scale, p32.win), (p8.wout, p8.wout_scale, p32.wout)):
+        err = jnp.abs(deq(w, scale) - want)  # e4m3: 3 mantissa bits; subnormals 2^-10 of the scale apart
+        assert bool(jnp.all(err <= 2.0**-4 * jnp.abs(want) + 2.0**-10 * scale[..., None]))
+    cache, eps = mk.kernel_cache(rings), model.cfg.norm_eps
+    h = jax.random.normal(jax.random.key(0), (model.cfg.d_model,), jnp.float32)
+    deq_params = p8._replace(win=deq(p8.win, p8.win_scale), wout=deq(p8.wout, p8.wout_scale), win_scale=None,
+                             wout_scale=None)  # fmt: skip
+    got, got_cache = mk.reference_step(p8, cache, h, l, eps=eps)
+    same, _ = mk.reference_step(deq_params, cache, h, l, eps=eps)
+    plain, _ = mk.reference_step(p32, mk.kernel_cache(rings, jnp.float32), h, l, eps=eps)
+    unscaled, _ = mk.reference_step(p8._replace(win_scale=jnp.ones_like(p8.win_scale)), cache, h, l, eps=eps)
+    assert got_cache.state.dtype == jnp.bfloat16
+    assert rel_err(got, same) <= 1e-2 and rel_err(got, plain) <= 0.1 < rel_err(unscaled, plain)
+
+
+def test_engine_with_the_float8_megakernel_decodes_its_reference():
+    """Engine(megakernel=True, quantize="fp8"): the prompt through the model's own float8 weights (XLA),
+    then the megakernel's float8 rows (here its JAX reference): the tokens of that same loop by hand."""
+    from mamba_jax.inference.engine import Engine, SamplingParams
+    from mamba_jax.inference.quantize import quantize_weights
+
+    model, prompt, steps = _model(seed=8), [5, 9, 2, 7], 6
+    sp = SamplingParams(max_new_tokens=steps, temperature=0.0)
+    got = Engine(model, megakernel=True, quantize="fp8").generate([prompt], sp)
+    quantized = nnx.clone(model)
+    quantize_weights(quantized, "fp8")
+    view, logits, _, rings, l = _prefill(quantized, prompt, steps)
+    params, cache = mk.pack(model, quantize="fp8"), mk.kernel_cache(rings)
+    want, want_lp = [int(jnp.argmax(logits[0]))], [float(jax.nn.log_softmax(logits[0]).max())]  # (the last position)
+    for t in range(steps - 1):
+        step_logits, cache = mk.reference_logits(view, params, cache, want[-1], l + t)
+        want.append(int(jnp.argmax(step_logits)))
+        want_lp.append(float(jax.nn.log_softmax(step_logits).max()))
+    assert got.tokens[0] == want
+    np.testing.assert_allclose(got.logprobs[0], want_lp, rtol=1e-5, atol=1e-5)  # (bf16 rows instead: ≈ 1e-3 off)
 
 
 def test_engine_with_the_megakernel_generates_as_without():

@@ -123,18 +123,17 @@ class Engine:
         if unstack and _fused_decode_possible(model.cfg.decode_impl, mesh):
             model = fold_norm_weights(model)  # the unstacked view's own arrays (see mamba_jax.inference.fold)
         self.quantize = None if quantize in (None, "none") else quantize
-        if self.quantize is not None:
-            model = model if (unstack or dtype is not None) else nnx.clone(model)  # never the caller's modules
-            quantize_weights(model, self.quantize)
         self.mk_params = self.mk_head = None
         if megakernel:
             from mamba_jax.inference import megakernel as mk
 
             if reason := mk.unsupported(model) or (mesh is not None and mesh.size > 1 and "a sharded model"):
                 raise ValueError(f"megakernel=True: the megakernel does not cover {reason}.")
-            # bf16 as the kernel reads them; a float32 model keeps float32 (then the JAX reference runs it)
+            # bf16 as the kernel reads them; a float32 model keeps float32 (then the JAX reference runs it); with
+            # quantize="fp8" float8 rows packed from the unquantized weights (the norms folded in first), while
+            # prefill's XLA path gets the model's own float8 weights below: two roundings of the same model
             mk_dtype = jnp.float32 if jnp.dtype(model.cfg.dtype) == jnp.float32 else mk.BF16
-            self.mk_params = mk.pack(model, mk_dtype)
+            self.mk_params = mk.pack(model, mk_dtype, quantize=self.quantize)
             head = os.environ.get("MAMBA_JAX_MEGAKERNEL_HEAD", "0")
             if head not in ("0", "1"):
                 raise ValueError(f"MAMBA_JAX_MEGAKERNEL_HEAD={head!r}: want 1 (the LM head inside the kernel) or 0.")
@@ -143,6 +142,9 @@ class Engine:
             if why := mk.kernel_unsupported(self.mk_params, model.cfg.norm_eps):
                 note_once(f"megakernel=True: the CUDA megakernel does not run here ({why}); batch 1 decodes "
                           "through its JAX reference instead (the same arithmetic, not faster).")  # fmt: skip
+        if self.quantize is not None:
+            model = model if (unstack or dtype is not None) else nnx.clone(model)  # never the caller's modules
+            quantize_weights(model, self.quantize)
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
         self.mesh = mesh
@@ -266,7 +268,7 @@ def _megakernel_cache(mk_params, cache, length: int):
     from mamba_jax.inference import megakernel as mk
 
     rings = mk.ring_caches(cache, length, mk_params.conv_w.shape[-1])
-    return mk.kernel_cache(rings, mk_params.win.dtype), mk.workspace(mk_params)
+    return mk.kernel_cache(rings, mk.cache_dtype(mk_params)), mk.workspace(mk_params)
 
 
 def _megakernel_decode(model, mk, tok_B, cache, pos):

@@ -8,7 +8,9 @@ module also holds the parts of that path the GPU is not needed for:
 
   `pack`           the model's Mamba layers as the kernel streams them, stacked over layers: in_proj and
                    out_proj transposed (a row per output feature, K contiguous) with the norms' weights
-                   folded in (`inference.fold`), the conv and the heads' scalars in float32;
+                   folded in (`inference.fold`), the conv and the heads' scalars in float32; with
+                   quantize="fp8" the projections as float8 e4m3 rows with a float32 scale per row (the
+                   kernel's -DMK_FP8=1 build: half the bytes per token, widened in registers);
   `kernel_cache`   the Engine's decoding caches (per layer: the conv inputs as a ring of K slots, the input
                    at position t in slot t mod K — `kernels.decode.conv_ring` — and the SSM state) stacked
                    into the kernel's [layer, …] arrays, and `engine_cache` back;
@@ -68,6 +70,9 @@ class Params(NamedTuple):
     a_log: jax.Array  # (L, H) float32
     d_skip: jax.Array  # (L, H) float32
     dt_bias: jax.Array  # (L, H) float32
+    # pack(quantize="fp8"): win / wout float8 e4m3 rows, each times its float32 scale (None otherwise)
+    win_scale: jax.Array | None = None  # (L, NIN)
+    wout_scale: jax.Array | None = None  # (L, D)
 
 
 class Cache(NamedTuple):
@@ -95,22 +100,59 @@ def unsupported(model) -> str | None:
     return None
 
 
-def pack(model, dtype=BF16) -> Params:
+def quantize_rows(w):
+    """(W_q float8 e4m3, scale float32 per row): each row (an output feature, K contiguous) over its largest
+    magnitude / 448, as `inference.quantize` does per output channel."""
+    from mamba_jax.inference.quantize import quantize_array
+
+    w_q, scale = quantize_array(jnp.swapaxes(w, -1, -2), 1, w.ndim - 2)  # (its contracted axes come first)
+    return jnp.swapaxes(w_q, -1, -2), scale
+
+
+def pack(model, dtype=BF16, quantize: str | None = None) -> Params:
     """`model`'s Mamba layers in the kernel's layouts (the norms' weights folded in on a copy: `model` keeps
-    its own). `dtype`: the projections' (bf16 as the kernel reads them; float32 for exact tests)."""
+    its own). `dtype`: the projections' (bf16 as the kernel reads them; float32 for exact tests).
+    `quantize="fp8"`: the projections as float8 rows with a float32 scale each (`quantize_rows`), rounded
+    after the norms' weights are folded in (so from the unquantized model: the Engine's XLA path quantizes
+    its weights per output channel before any folding, a different rounding of the same model)."""
     if reason := unsupported(model):
         raise ValueError(f"megakernel: the design does not cover {reason}.")
+    if quantize not in (None, "none", "fp8"):
+        raise ValueError(f"megakernel: quantize={quantize!r}; it reads bf16 or fp8 projections.")
     view = fold_norm_weights(unstack_layers(model))  # a copy: fold replaces the copy's arrays
     cols = {k: [] for k in Params._fields}
     for m, _ in layer_mixers(view):  # unstacked: one set of arrays per layer, in order
         d = m.in_proj.shape[0]
-        cols["win"].append(m.in_proj[...].reshape(d, -1).T.astype(dtype))
-        cols["wout"].append(m.out_proj[...].reshape(-1, d).T.astype(dtype))
+        win, wout = m.in_proj[...].reshape(d, -1).T, m.out_proj[...].reshape(-1, d).T
+        if quantize == "fp8":
+            (win, s_in), (wout, s_out) = quantize_rows(win), quantize_rows(wout)
+            cols["win_scale"].append(s_in)
+            cols["wout_scale"].append(s_out)
+        cols["win"].append(win if quantize == "fp8" else win.astype(dtype))
+        cols["wout"].append(wout if quantize == "fp8" else wout.astype(dtype))
         cols["conv_w"].append(m.conv_weight[...][:, 0].T.astype(jnp.float32))  # (K, G=1, F) → (F, K)
         cols["conv_b"].append(m.conv_bias[...][0].astype(jnp.float32))
         for field, var in (("a_log", m.A_log), ("d_skip", m.D), ("dt_bias", m.dt_bias)):
             cols[field].append(var[...].astype(jnp.float32))
-    return Params(**{k: jnp.stack(v) for k, v in cols.items()})
+    return Params(**{k: jnp.stack(v) if v else None for k, v in cols.items()})
+
+
+def _round(x, dtype):
+    """x (float32) rounded to `dtype`'s precision, still float32: reduce_precision, since XLA's GPU fusions
+    may elide an astype round trip (excess precision), and the kernel does round there."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return x
+    info = jnp.finfo(dtype)
+    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
+def _matvec(w, scale, x, dtype):
+    """w · x with the kernel's arithmetic: x rounded to the weights' dtype (bf16 for float8 rows, whose values
+    are exact in float32), float32 sums, then the rows' scales."""
+    if scale is None:
+        return jnp.dot(w, x.astype(w.dtype), preferred_element_type=jnp.float32)
+    x = _round(x, dtype)
+    return jnp.dot(w.astype(jnp.float32), x, preferred_element_type=jnp.float32) * scale
 
 
 def ring_caches(caches, length: int, taps: int):
@@ -138,6 +180,12 @@ def reference_head(head_VD, h_D, *, eps: float):
     norm's 1/rms times head · h rounded to the head's dtype, float32 sums."""
     inv = jax.lax.rsqrt(jnp.mean(h_D * h_D) + eps)
     return jnp.dot(head_VD, h_D.astype(head_VD.dtype), preferred_element_type=jnp.float32) * inv
+
+
+def cache_dtype(params: Params):
+    """The caches' dtype that goes with `params`: the projections' (bf16 as the kernel keeps them, float32 for
+    exact tests), bf16 beside float8 rows."""
+    return BF16 if params.win_scale is not None else params.win.dtype
 
 
 def kernel_cache(caches, dtype=BF16) -> Cache:
@@ -173,12 +221,8 @@ def reference_step(params: Params, cache: Cache, h_D, pos, *, eps: float):
     k = params.conv_w.shape[-1]
     f32, low = jnp.float32, cache.state.dtype
 
-    def _rnd(x):  # round to the cache dtype and back; reduce_precision, since XLA's GPU fusions may elide an
-        # astype round trip (excess precision), and the kernel does round here
-        if low == f32:
-            return x
-        info = jnp.finfo(low)
-        return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    def _rnd(x):
+        return _round(x, low)
 
     h_heads, p, n = cache.state.shape[1:]
     di = h_heads * p
@@ -186,7 +230,7 @@ def reference_step(params: Params, cache: Cache, h_D, pos, *, eps: float):
     def layer(h, xs):
         prm, ring, state = xs
         inv = jax.lax.rsqrt(jnp.mean(h * h) + eps)
-        zx = jnp.dot(prm.win, h.astype(prm.win.dtype), preferred_element_type=f32) * inv
+        zx = _matvec(prm.win, prm.win_scale, h, low) * inv
         z, xbc, dt = zx[:di], zx[di : di + di + 2 * n], zx[di + di + 2 * n :]
         taps = jnp.stack([ring[:, (pos + 1 + j) % k] for j in range(k - 1)], 1).astype(f32)  # oldest first
         acc = prm.conv_b + prm.conv_w[:, k - 1] * xbc
@@ -202,7 +246,7 @@ def reference_step(params: Params, cache: Cache, h_D, pos, *, eps: float):
         state = new.astype(low)
         y = jnp.einsum("hpn,n->hp", state.astype(f32), c_N)
         g = _rnd((prm.d_skip[:, None] * x_HP + y) * _silu(z.reshape(h_heads, p))).reshape(di)
-        o = jnp.dot(prm.wout, g.astype(prm.wout.dtype), preferred_element_type=f32)
+        o = _matvec(prm.wout, prm.wout_scale, g, low)
         inv_g = jax.lax.rsqrt(jnp.sum(g * g) / di + eps)
         return h + _rnd(_rnd(o) * inv_g), (ring, state)
 
@@ -242,20 +286,22 @@ def kernel_unsupported(params: Params, eps: float, head=None, graph: bool = Fals
     n = (nin - 2 * hp - h) // 2
     if why := kernel_dims_unsupported(d, h, hp // h, n, k, eps):
         return why
-    if params.win.dtype != BF16:
-        return f"{params.win.dtype} weights (it streams bf16)"
+    fp8 = params.win_scale is not None
+    if params.win.dtype != (jnp.float8_e4m3fn if fp8 else BF16):
+        return f"{params.win.dtype} weights (it streams bf16, or float8 e4m3 rows with their scales)"
     if head is not None and (head.dtype != BF16 or head.shape[1] != d):
         return f"a head of {head.dtype} {tuple(head.shape)} (it reads (V, {d}) bf16)"
     from mamba_jax.kernels.cuda_build import load  # lazy: only where a GPU may run it
 
     symbol = ("MambaJaxMegakernelHead" if head is not None else "MambaJaxMegakernel") + "Graph" * graph
-    return load("megakernel", symbol, _target(d, h, head is not None, graph), (f"-DMK_D={d}", f"-DMK_H={h}"))
+    flags = (f"-DMK_D={d}", f"-DMK_H={h}") + ("-DMK_FP8=1",) * fp8
+    return load("megakernel", symbol, _target(d, h, head is not None, graph, fp8), flags)
 
 
-def _target(d: int, h: int, head: bool, graph: bool) -> str:
-    """The FFI target of the (d_model, heads) build: one library per model size, its handlers registered under
-    names of their own."""
-    return (TARGET_HEAD if head else TARGET) + f"_d{d}_h{h}" + "_graph" * graph
+def _target(d: int, h: int, head: bool, graph: bool, fp8: bool = False) -> str:
+    """The FFI target of the (d_model, heads[, float8]) build: one library per model size and weight type, its
+    handlers registered under names of their own."""
+    return (TARGET_HEAD if head else TARGET) + f"_d{d}_h{h}" + "_fp8" * fp8 + "_graph" * graph
 
 
 def kernel_mode() -> tuple[int, int]:
@@ -295,20 +341,21 @@ def step(params: Params, cache: Cache, h_D, pos, work, *, eps: float, head=None)
     if kernel_unsupported(params, eps, head, graph) is None:
         shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (cache.ring, cache.state, h_D, work)]
         mode, slack = kernel_mode()
-        d, h = params.win.shape[2], params.a_log.shape[1]
-        if mode == 10 and (d, h) != MEASURED_DIMS:
-            raise ValueError(f"megakernel: mode 10 is built for Mamba2-2.7B's (D, H) {MEASURED_DIMS}, not {(d, h)}.")
-        args = (*params, jnp.asarray(pos, jnp.int32), cache.ring, cache.state, h_D, work)
+        d, h, fp8 = params.win.shape[2], params.a_log.shape[1], params.win_scale is not None
+        if mode == 10 and ((d, h) != MEASURED_DIMS or fp8):
+            raise ValueError(f"megakernel: mode 10 is built for Mamba2-2.7B's (D, H) {MEASURED_DIMS} and bf16 only.")
+        weights = tuple(a for a in params if a is not None)  # (the float8 rows' scales after dt_bias)
+        args = (*weights, jnp.asarray(pos, jnp.int32), cache.ring, cache.state, h_D, work)
+        n = len(weights)  # ring, state, h and work (after pos) are updated in place
+        aliases = {n + 1: 0, n + 2: 1, n + 3: 2, n + 4: 3}
         if head is None:
-            target = _target(d, h, False, graph)
-            call = jax.ffi.ffi_call(target, shapes, input_output_aliases={8: 0, 9: 1, 10: 2, 11: 3})
+            call = jax.ffi.ffi_call(_target(d, h, False, graph, fp8), shapes, input_output_aliases=aliases)
             ring, state, h_D, work = call(*args, mode=np.int32(mode), slack=np.int32(slack))
             return h_D, Cache(ring, state), work
         if mode != 5:
             raise ValueError(f"megakernel: the LM head phase runs in mode 5 (MAMBA_JAX_MEGAKERNEL_MODE={mode}).")
         shapes.append(jax.ShapeDtypeStruct((head.shape[0],), jnp.float32))
-        target = _target(d, h, True, graph)
-        call = jax.ffi.ffi_call(target, shapes, input_output_aliases={8: 0, 9: 1, 10: 2, 11: 3})
+        call = jax.ffi.ffi_call(_target(d, h, True, graph, fp8), shapes, input_output_aliases=aliases)
         ring, state, h_D, work, logits = call(*args, head, mode=np.int32(mode), slack=np.int32(slack))
         return h_D, Cache(ring, state), work, logits
     h_D, cache = reference_step(params, cache, h_D, pos, eps=eps)
@@ -328,6 +375,7 @@ def reference_logits(model, params: Params, cache: Cache, token, pos):
 __all__ = [
     "Cache",
     "Params",
+    "cache_dtype",
     "engine_cache",
     "kernel_cache",
     "kernel_dims_unsupported",
