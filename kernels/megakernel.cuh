@@ -1,6 +1,7 @@
 // The Mamba2 decode megakernel: one cooperative launch per token runs every layer of a pure Mamba2 model at
-// batch 1 (its d_model and heads compiled in: MK_D / MK_H, Mamba2-2.7B's by default). Shared by benchmarks/megakernel_probe.cu (all modes, timed
-// and checked bit for bit against separate kernels; its header describes the design and the modes) and
+// batch 1 (its d_model and heads compiled in: MK_D / MK_H, Mamba2-2.7B's by default; MK_FP8: float8 rows).
+// Shared by benchmarks/megakernel_probe.cu (all modes, timed and checked bit for bit against separate kernels;
+// its header describes the design and the modes) and
 // kernels/megakernel.cu (mode 5 as an XLA FFI call). Params.pos_dev / epoch_dev (optional): the token's
 // position and the LL tags' epoch read from device memory, and the epoch advanced by the last CTA to finish,
 // so that one captured launch can be replayed token after token.
@@ -1117,9 +1118,9 @@ __global__ void __launch_bounds__(THREADS, 1) megakernel(Params p) {
                 v *= __ldg(p.win_scale + (size_t)l * NIN + r0 + r);  // the row's scale
 #endif
                 st_relaxed64(p.zx_ll + r0 + r, ll_pack(__float_as_uint(v * scale), ll_tag(p, l)));
-              }
-              else
+              } else {
                 parts[(r0 - lo + r) * segs + sg] = v;
+              }
             }
             if constexpr (!kGeneralRows) break;  // (2.7B: one row per warp and slot)
           }
