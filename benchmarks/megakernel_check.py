@@ -67,7 +67,8 @@ def compare(d: str, model, params, cache, h, pos) -> dict:
     """The probe's outputs in `d` (h, state, ring .out.bin) against the bf16 reference and the truth."""
     f32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)  # noqa: E731
     eps = model.cfg.norm_eps
-    # on the CPU: XLA's GPU fusions may keep float32 where the reference rounds to bf16 (excess precision)
+    # on the CPU: XLA's GPU fusions kept float32 where the reference rounded to bf16 with astype round trips
+    # (excess precision; it uses reduce_precision since 249cb52)
     params, cache, h = jax.device_put((params, cache, h), jax.devices("cpu")[0])
     ref = jax.jit(mk.reference_step, static_argnames="eps")
     want_h, want = ref(params, cache, h, pos, eps=eps)

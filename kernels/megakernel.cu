@@ -55,7 +55,7 @@ ffi::Error Launch(cudaStream_t stream, ffi::AnyBuffer win, ffi::AnyBuffer wout, 
                   const ffi::AnyBuffer* head, ffi::Result<ffi::AnyBuffer>* logits, bool graph) {
   if (mode != 5 && mode != 10) return ffi::Error::InvalidArgument("megakernel: mode must be 5 or 10");
   if (head && mode != 5) return ffi::Error::InvalidArgument("megakernel: the LM head phase needs mode 5");
-  if (mode == 10 && !(D == 2560 && H == 80 && !MK_FP8))
+  if (mode == 10 && !kMeasuredBuild)
     return ffi::Error::InvalidArgument("megakernel: mode 10 is built for Mamba2-2.7B's dimensions and bf16 only");
   if (win.dimensions().size() != 3) return ffi::Error::InvalidArgument("megakernel: win must be (L, NIN, D)");
   const int64_t L = win.dimensions()[0];

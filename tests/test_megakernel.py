@@ -9,6 +9,7 @@ from flax import nnx
 from helpers import rel_err, small_hybrid
 
 from mamba_jax.inference import megakernel as mk
+from mamba_jax.inference.quantize import dequantize_array
 from mamba_jax.models.stack import Block, unstack_layers
 from mamba_jax.parallel import init_model
 
@@ -234,8 +235,9 @@ def test_kernel_matches_the_reference_on_gpu(mode, graph, recipe, quantize, monk
     assert target in jax.jit(mk.step, static_argnames="eps").lower(
         params, cache, jnp.zeros(cfg.d_model), l, mk.workspace(params), eps=eps).as_text()  # fmt: skip
     kernel = jax.jit(mk.step, static_argnames="eps")
-    # The references run on the CPU: XLA's GPU fusions may keep float32 where the reference rounds to bf16
-    # (excess precision), which made the "bf16" reference there the float32 truth. The truth: the same bf16
+    # The references run on the CPU: XLA's GPU fusions kept float32 where the reference rounded to bf16 with
+    # astype round trips (excess precision), which made the "bf16" reference there the float32 truth; it
+    # rounds with reduce_precision since 249cb52, and the CPU stays the safe place. The truth: the same bf16
     # weights and starting caches, no rounding after.
     cpu = jax.devices("cpu")[0]
     ref = jax.jit(mk.reference_step, static_argnames="eps")
@@ -297,8 +299,8 @@ def test_float8_rows_pack_and_their_reference():
     assert p8.win_scale.shape == p8.win.shape[:2] and p8.wout_scale.shape == p8.wout.shape[:2]
     assert mk.cache_dtype(p8) == jnp.bfloat16 and mk.cache_dtype(p32) == jnp.float32
 
-    def deq(w, scale):
-        return w.astype(jnp.float32) * scale[..., None]
+    def deq(w, scale):  # rows: the last axis is the contracted one
+        return dequantize_array(w, scale, 1, w.ndim - 1)
 
     for w, scale, want in ((p8.win, p8.win_scale, p32.win), (p8.wout, p8.wout_scale, p32.wout)):
         err = jnp.abs(deq(w, scale) - want)  # e4m3: 3 mantissa bits; subnormals 2^-10 of the scale apart

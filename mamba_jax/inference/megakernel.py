@@ -105,8 +105,7 @@ def quantize_rows(w):
     magnitude / 448, as `inference.quantize` does per output channel."""
     from mamba_jax.inference.quantize import quantize_array
 
-    w_q, scale = quantize_array(jnp.swapaxes(w, -1, -2), 1, w.ndim - 2)  # (its contracted axes come first)
-    return jnp.swapaxes(w_q, -1, -2), scale
+    return quantize_array(w, 1, w.ndim - 1)  # the last axis contracted, the ones before it kept
 
 
 def pack(model, dtype=BF16, quantize: str | None = None) -> Params:
@@ -128,8 +127,10 @@ def pack(model, dtype=BF16, quantize: str | None = None) -> Params:
             (win, s_in), (wout, s_out) = quantize_rows(win), quantize_rows(wout)
             cols["win_scale"].append(s_in)
             cols["wout_scale"].append(s_out)
-        cols["win"].append(win if quantize == "fp8" else win.astype(dtype))
-        cols["wout"].append(wout if quantize == "fp8" else wout.astype(dtype))
+        else:
+            win, wout = win.astype(dtype), wout.astype(dtype)
+        cols["win"].append(win)
+        cols["wout"].append(wout)
         cols["conv_w"].append(m.conv_weight[...][:, 0].T.astype(jnp.float32))  # (K, G=1, F) → (F, K)
         cols["conv_b"].append(m.conv_bias[...][0].astype(jnp.float32))
         for field, var in (("a_log", m.A_log), ("d_skip", m.D), ("dt_bias", m.dt_bias)):
