@@ -16,6 +16,8 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh m   # the decode loop in XLA's command buffers (graph targets)
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh n   # the megakernel at 130M and 1.3B: tests, generate.py b1
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh o   # the float8 megakernel: tests, generate.py b1 (2.7B, 130M)
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh p   # every megakernel gpu test; 2.7B b1 bf16 / fp8 + peer
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh q   # H100 timing: head phase A/B, generate.py b1 + peer
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -199,7 +201,23 @@ elif [ "$stage" = o ]; then  # ≈ 7 minutes: the float8 megakernel (-DMK_FP8=1)
     cd benchmarks || exit 1
     step generate_fp8_b1 330 python3 generate.py --model mamba2_2_7b,mamba2_130m --batch 1 --state-dtype bfloat16 \
         --peer --decode-impl megakernel --quantize none,fp8 --out "$OUT/generate_b1_megakernel_fp8_$gpu.json"
+elif [ "$stage" = p ]; then  # ≈ 9 minutes, any Hopper card: stages l, n and o's tests in one run, then batch 1
+    find_nvcc
+    step megakernel_tests 330 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_megakernel.py
+    cd benchmarks || exit 1
+    step generate_b1_mk 240 python3 generate.py --model mamba2_2_7b --batch 1 --state-dtype bfloat16 --peer \
+        --decode-impl megakernel --quantize none,fp8 --out "$OUT/generate_2_7b_b1_megakernel_fp8_$gpu.json"
+elif [ "$stage" = q ]; then  # ≈ 8 minutes on the H100 the issue names: the LM head phase A/B, then generate.py
+    find_nvcc
+    cd benchmarks || exit 1
+    step variants_head_b1 230 python3 decode_variants.py --model mamba2_2_7b --batch 1 --rounds 2 --reps 3 \
+        --variant "mk:megakernel=1" --variant "mk_head:megakernel=1;MAMBA_JAX_MEGAKERNEL_HEAD=1" \
+        --out "$OUT/decode_variants_megakernel_head_2_7b_b1_$gpu.json"
+    # Q_HEAD=1: generate.py's megakernel rows with the LM head inside the kernel
+    MAMBA_JAX_MEGAKERNEL_HEAD=${Q_HEAD:-0} step generate_2_7b_b1 300 python3 generate.py --model mamba2_2_7b \
+        --batch 1 --state-dtype bfloat16 --peer --decode-impl auto,megakernel \
+        --out "$OUT/generate_2_7b_b1_megakernel_$gpu.json"
 else
-    echo "unknown stage $stage (a … o)" >&2
+    echo "unknown stage $stage (a … q)" >&2
     exit 2
 fi
