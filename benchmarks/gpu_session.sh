@@ -18,6 +18,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh o   # the float8 megakernel: tests, generate.py b1 (2.7B, 130M)
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh p   # every megakernel gpu test; 2.7B b1 bf16 / fp8 + peer
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh q   # H100 timing: head phase A/B, generate.py b1 + peer
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh r   # stage p's tests, then batch 1 by card (H100: the issue's row)
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -217,7 +218,18 @@ elif [ "$stage" = q ]; then  # ≈ 8 minutes on the H100 the issue names: the LM
     MAMBA_JAX_MEGAKERNEL_HEAD=${Q_HEAD:-0} step generate_2_7b_b1 300 python3 generate.py --model mamba2_2_7b \
         --batch 1 --state-dtype bfloat16 --peer --decode-impl auto,megakernel \
         --out "$OUT/generate_2_7b_b1_megakernel_$gpu.json"
+elif [ "$stage" = r ]; then  # ≈ 9.5 minutes: one call when machines are scarce, whichever card comes
+    find_nvcc
+    step megakernel_tests 330 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_megakernel.py
+    cd benchmarks || exit 1
+    if [ "$gpu" = h100 ]; then  # the issue's row: the loop and the megakernel against mamba_ssm
+        step generate_2_7b_b1 250 python3 generate.py --model mamba2_2_7b --batch 1 --state-dtype bfloat16 --peer \
+            --decode-impl auto,megakernel --out "$OUT/generate_2_7b_b1_megakernel_$gpu.json"
+    else  # another card: the float8 rows against bf16, mamba_ssm beside them
+        step generate_b1_mk 250 python3 generate.py --model mamba2_2_7b --batch 1 --state-dtype bfloat16 --peer \
+            --decode-impl megakernel --quantize none,fp8 --out "$OUT/generate_2_7b_b1_megakernel_fp8_$gpu.json"
+    fi
 else
-    echo "unknown stage $stage (a … q)" >&2
+    echo "unknown stage $stage (a … r)" >&2
     exit 2
 fi
