@@ -108,18 +108,29 @@ def cache_bytes_per_step(model, batch: int, prompt_len: int, new_tokens: int, st
     return int(total)
 
 
-def time_generate(engine, prompts, new_tokens, reps=3) -> tuple[float, float]:
-    """(median seconds of a generation, seconds of the first call, which compiles)."""
+def time_generate(engine, prompts, new_tokens, reps=3):
+    """(median seconds of a greedy generation, seconds of the first call, which compiles, its Generation)."""
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
     t = time.perf_counter()
-    engine.generate(prompts, params)
+    out = engine.generate(prompts, params)
     first = time.perf_counter() - t
     times = []
     for _ in range(reps):
         t = time.perf_counter()
         engine.generate(prompts, params)
         times.append(time.perf_counter() - t)
-    return statistics.median(times), first
+    return statistics.median(times), first, out
+
+
+def agreement(out, base) -> dict:
+    """How far a row's greedy tokens (first prompt) follow the first row's of the same model, batch, states and
+    weights: the tokens before the first difference, and the largest log-probability difference over them. A
+    sanity check beside the timing, not a test: random weights make near ties, so bf16 paths that sum in
+    another order part after a while; a broken kernel parts at once, or far apart in log-probability."""
+    a, b = out.tokens[0], base.tokens[0]
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    diff = max((abs(x - y) for x, y in zip(out.logprobs[0][:n], base.logprobs[0][:n])), default=0.0)
+    return {"equal_prefix_tokens": n, "of": len(b), "max_logprob_diff_on_prefix": diff}
 
 
 def peer_generate(name: str, batch: int, prompt_len: int, new_tokens: int) -> dict | None:
@@ -196,6 +207,7 @@ def main() -> int:
         for batch in [int(b) for b in args.batch.split(",")]:
             peer = peer_generate(name, batch, args.prompt_len, args.new_tokens) if args.peer else None
             axes = (args.state_dtype.split(","), args.decode_impl.split(","), args.quantize.split(","))
+            firsts = {}  # (state dtype, quantize) → (impl, Generation) of the first row: the others' agreement
             for state_dtype, impl, quantize in itertools.product(*axes):
                 mk = impl == "megakernel"  # Engine(megakernel=True): batch 1 through the CUDA megakernel
                 if mk and (reason := megakernel_skip(model, batch, quantize)):
@@ -206,8 +218,9 @@ def main() -> int:
                 weight_bytes = weight_bytes_per_step(nnx.merge(engine.graphdef, engine.state))
                 rng = np.random.default_rng(0)
                 prompts = [rng.integers(1, model.cfg.vocab_size, args.prompt_len).tolist() for _ in range(batch)]
-                t_one, _ = time_generate(engine, prompts, 1)
-                t_full, first_full = time_generate(engine, prompts, args.new_tokens)
+                t_one, _, _ = time_generate(engine, prompts, 1)
+                t_full, first_full, out = time_generate(engine, prompts, args.new_tokens)
+                base_impl, base = firsts.setdefault((state_dtype, quantize), (impl, out))
                 compile_s = first_full - t_full
                 # The difference of the two runs: prefill, launch and host overheads cancel.
                 decode = batch * (args.new_tokens - 1) / (t_full - t_one)
@@ -237,6 +250,8 @@ def main() -> int:
                     "fraction_of_nominal_roofline": decode / nominal,
                     "mamba_ssm": peer,
                 }
+                if base is not out:
+                    row["agreement_with_" + base_impl] = agreement(out, base)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print(
