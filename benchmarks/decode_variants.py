@@ -50,8 +50,8 @@ def run_variant(model, prompts, settings: dict[str, str], new_tokens: int, reps:
         eng = engine_mod.Engine(model, state_dtype="bfloat16", decode_impl="auto", compiler_options=options or None,
                                 quantize=settings.get("quantize"),
                                 megakernel=settings.get("megakernel") == "1")  # fmt: skip
-        t_one, _ = time_generate(eng, prompts, 1, reps=reps)
-        t_full, _ = time_generate(eng, prompts, new_tokens, reps=reps)
+        t_one, _, _ = time_generate(eng, prompts, 1, reps=reps)
+        t_full, _, _ = time_generate(eng, prompts, new_tokens, reps=reps)
     finally:
         for k, v in saved.items():
             if v is None:

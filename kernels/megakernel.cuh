@@ -665,12 +665,28 @@ struct Cursor {
   int l, ph, r0, hi, R, rb;
   const unsigned char* base;
 };
+// MK_CURSOR (an A/B of the producer's code): 0 both cursor functions out of line (one copy of the integer
+// divisions; the Cursor then lives in local memory), 1 both inlined, 2 the per-slot step inlined and only the
+// once-per-phase entry out of line.
+#ifndef MK_CURSOR
+#define MK_CURSOR 0
+#endif
+#if MK_CURSOR == 1
+#define MK_CURSOR_ENTER __forceinline__
+#else
+#define MK_CURSOR_ENTER __noinline__
+#endif
+#if MK_CURSOR == 0
+#define MK_CURSOR_NEXT __noinline__
+#else
+#define MK_CURSOR_NEXT __forceinline__
+#endif
 // Enter phase (u.l, u.ph) at its first slot, skipping empty ones; false past the last layer.
 // MODE is the kernel's (the producer's code holds only its own mode's paths). Not inlined: one copy of the
 // producer's integer divisions rather than one per call site (the instruction cache is shared with the
 // consumers, whose once-per-layer code is on the critical path).
 template <int MODE>
-__device__ __noinline__ bool cursor_enter(Cursor& u, const Params& p, int c, int G) {
+__device__ MK_CURSOR_ENTER bool cursor_enter(Cursor& u, const Params& p, int c, int G) {
   while (u.l < p.layers + (p.head ? 1 : 0)) {
     if (u.l == p.layers) {  // the LM head: one phase, this CTA's vocabulary rows (K = D)
       if (u.ph == 0) {
@@ -708,7 +724,7 @@ __device__ __noinline__ bool cursor_enter(Cursor& u, const Params& p, int c, int
   return false;
 }
 template <int MODE>
-__device__ __noinline__ bool cursor_next(Cursor& u, const Params& p, int c, int G) {
+__device__ MK_CURSOR_NEXT bool cursor_next(Cursor& u, const Params& p, int c, int G) {
   u.r0 += u.R;
   if (u.r0 < u.hi) return true;
   if (++u.ph == 4) u.ph = 0, ++u.l;

@@ -230,7 +230,7 @@ def test_kernel_matches_the_reference_on_gpu(mode, graph, recipe, quantize, monk
     cfg = model.cfg
     params, cache = mk.pack(model, quantize=quantize), mk.kernel_cache(rings)
     eps = cfg.norm_eps
-    assert mk.kernel_unsupported(params, eps) is None
+    assert (why := mk.kernel_unsupported(params, eps, graph=graph == "1")) is None, why  # the reason, if any
     target = mk._target(cfg.d_model, params.a_log.shape[1], False, graph == "1", quantize == "fp8")
     assert target in jax.jit(mk.step, static_argnames="eps").lower(
         params, cache, jnp.zeros(cfg.d_model), l, mk.workspace(params), eps=eps).as_text()  # fmt: skip
