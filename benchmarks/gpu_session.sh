@@ -19,6 +19,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh p   # every megakernel gpu test; 2.7B b1 bf16 / fp8 + peer
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh q   # H100 timing: head phase A/B, generate.py b1 + peer
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh r   # stage p's tests, then batch 1 by card (H100: the issue's row)
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh s   # the producer cursor's inlining (MK_CURSOR) A/B, best in generate.py
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -229,7 +230,38 @@ elif [ "$stage" = r ]; then  # ≈ 9.5 minutes: one call when machines are scarc
         step generate_b1_mk 250 python3 generate.py --model mamba2_2_7b --batch 1 --state-dtype bfloat16 --peer \
             --decode-impl megakernel --quantize none,fp8 --out "$OUT/generate_2_7b_b1_megakernel_fp8_$gpu.json"
     fi
+elif [ "$stage" = s ]; then  # ≈ 5 minutes: MK_CURSOR 0 / 1 / 2 in the probe (modes 5, 8), then the fastest in the engine
+    find_nvcc
+    nv=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
+    for v in 0 1 2; do
+        "$nv" -O3 -std=c++17 -arch=sm_90a --fmad=false -DMK_CURSOR=$v -o /tmp/mk_cursor$v benchmarks/megakernel_probe.cu &
+    done
+    wait
+    for r in 1 2; do
+        for v in 0 1 2; do
+            timeout 60 /tmp/mk_cursor$v --layers 64 --tokens 20 --trace 1 --configs 5:40960:5:2,8:40960:5:2 |
+                sed "s/^{/{\"cursor\": $v, \"round\": $r, /" >>"$OUT/megakernel_probe_cursor_$gpu.jsonl"
+        done
+    done
+    best=$(python3 -c "
+import json, sys, collections
+t = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r.get('kind') == 'megakernel' and r['mode'] == 5:
+        t[r['cursor']].append(r['us_per_layer'])
+    if r.get('kind') == 'check' and not r['ok']:
+        t[r['cursor']].append(1e9)
+for v, us in sorted(t.items()):
+    print(v, us, file=sys.stderr)
+print(min(t, key=lambda v: sum(t[v]) / len(t[v])))
+" "$OUT/megakernel_probe_cursor_$gpu.jsonl")
+    echo "fastest MK_CURSOR: $best"
+    sed -i "s/^#define MK_CURSOR 0$/#define MK_CURSOR $best/" kernels/megakernel.cuh
+    cd benchmarks || exit 1
+    step generate_2_7b_b1 200 python3 generate.py --model mamba2_2_7b --batch 1 --state-dtype bfloat16 --peer \
+        --decode-impl megakernel --out "$OUT/generate_2_7b_b1_megakernel_cursor${best}_$gpu.json"
 else
-    echo "unknown stage $stage (a … r)" >&2
+    echo "unknown stage $stage (a … s)" >&2
     exit 2
 fi
