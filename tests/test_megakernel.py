@@ -1,6 +1,7 @@
 """The megakernel's engine side (`mamba_jax.inference.megakernel`): its packed layouts, its caches and its JAX
 reference of the kernel's arithmetic against the model's own decode (CPU)."""
 
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,6 +123,9 @@ def test_rings_pass_through_and_kernel_mode(monkeypatch):
     monkeypatch.setenv("MAMBA_JAX_MEGAKERNEL_GRAPH", "yes")
     with pytest.raises(ValueError, match="MAMBA_JAX_MEGAKERNEL_GRAPH"):
         mk.kernel_graph()
+    with pytest.raises(ValueError, match="mode=.7, 1."):  # step's explicit mode is checked as the variable is
+        mk.step(mk.pack(model), mk.kernel_cache(rings), jnp.zeros(model.cfg.d_model), l, None, eps=1e-5, mode=(7, 1),
+                graph=False)  # fmt: skip
 
 
 @pytest.mark.parametrize("changes,what", [
@@ -224,17 +228,17 @@ def test_kernel_matches_the_reference_on_gpu(mode, graph, recipe, quantize, monk
     """The CUDA megakernel (2 random layers of a checkpoint's dimensions, norms folded; modes 5 and 10 at
     2.7B's; bf16 or float8 rows) against `reference_step` over 3 tokens, compiled, the workspace and caches
     carried from token to token."""
-    monkeypatch.setenv("MAMBA_JAX_MEGAKERNEL_MODE", mode)
-    monkeypatch.setenv("MAMBA_JAX_MEGAKERNEL_GRAPH", graph)  # 1: the command-buffer compatible target
+    monkeypatch.setenv("MAMBA_JAX_MEGAKERNEL_MODE", mode)  # parsed by kernel_mode, then passed explicitly:
+    options = {"mode": mk.kernel_mode(), "graph": graph == "1"}  # jax reuses a trace whatever the environment
     model, rings, l = _two_layers(3, recipe)
     cfg = model.cfg
     params, cache = mk.pack(model, quantize=quantize), mk.kernel_cache(rings)
     eps = cfg.norm_eps
     assert (why := mk.kernel_unsupported(params, eps, graph=graph == "1")) is None, why  # the reason, if any
     target = mk._target(cfg.d_model, params.a_log.shape[1], False, graph == "1", quantize == "fp8")
-    assert target in jax.jit(mk.step, static_argnames="eps").lower(
-        params, cache, jnp.zeros(cfg.d_model), l, mk.workspace(params), eps=eps).as_text()  # fmt: skip
-    kernel = jax.jit(mk.step, static_argnames="eps")
+    kernel = functools.partial(jax.jit(mk.step, static_argnames=("eps", "mode", "graph")), **options)
+    assert target in kernel.func.lower(params, cache, jnp.zeros(cfg.d_model), l, mk.workspace(params), eps=eps,
+                                       **options).as_text()  # fmt: skip
     # The references run on the CPU: XLA's GPU fusions kept float32 where the reference rounded to bf16 with
     # astype round trips (excess precision), which made the "bf16" reference there the float32 truth; it
     # rounds with reduce_precision since 249cb52, and the CPU stays the safe place. The truth: the same bf16
@@ -343,7 +347,7 @@ def test_engine_with_the_megakernel_generates_as_without():
     """Engine(megakernel=True) at batch 1 (here the JAX reference, float32 as the model) generates the tokens
     and log-probabilities of the usual decode loop, with 4, 2 or 1 tokens per iteration of the loop, the LM
     head inside the kernel or not, EOS in mid-iteration; batch 2 decodes as without it; bad settings fail."""
-    from mamba_jax.inference.engine import Engine, SamplingParams, _generate_fn
+    from mamba_jax.inference.engine import Engine, SamplingParams
 
     model = _model(seed=7)
     base, eng, prompt = Engine(model), Engine(model, megakernel=True), [[5, 9, 2, 7]]
@@ -362,17 +366,15 @@ def test_engine_with_the_megakernel_generates_as_without():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MAMBA_JAX_MEGAKERNEL_HEAD", "1")  # the LM head inside the kernel (here its reference)
         mp.setenv("MAMBA_JAX_MEGAKERNEL_UNROLL", "2")  # the A/B override: 2 tokens per iteration
-        _generate_fn.cache_clear()
+        # no cache clearing: the Engine reads the variables when built, and its loop's cache key holds them
         got = Engine(model, megakernel=True).generate(prompt, sp8)
         assert got.tokens == wants[8].tokens
         np.testing.assert_allclose(got.logprobs, wants[8].logprobs, rtol=1e-4, atol=1e-4)
         for name, bad in (("MAMBA_JAX_MEGAKERNEL_HEAD", "yes"), ("MAMBA_JAX_MEGAKERNEL_UNROLL", "0")):
             mp.setenv(name, bad)
-            _generate_fn.cache_clear()
             with pytest.raises(ValueError, match=name):
-                Engine(model, megakernel=True).generate(prompt, sp8)
+                Engine(model, megakernel=True)
             mp.delenv(name)
-    _generate_fn.cache_clear()
     two = [[5, 9, 2, 7], [3, 3]]
     assert eng.generate(two, sp8).tokens == base.generate(two, sp8).tokens
     with pytest.raises(ValueError, match="does not cover"):

@@ -123,7 +123,7 @@ class Engine:
         if unstack and _fused_decode_possible(model.cfg.decode_impl, mesh):
             model = fold_norm_weights(model)  # the unstacked view's own arrays (see mamba_jax.inference.fold)
         self.quantize = None if quantize in (None, "none") else quantize
-        self.mk_params = self.mk_head = None
+        self.mk_params = self.mk_head = self.mk_options = None
         if megakernel:
             from mamba_jax.inference import megakernel as mk
 
@@ -139,6 +139,8 @@ class Engine:
                 raise ValueError(f"MAMBA_JAX_MEGAKERNEL_HEAD={head!r}: want 1 (the LM head inside the kernel) or 0.")
             if head == "1":  # experimental: the final norm and LM head as the kernel's last phase
                 self.mk_head = mk.pack_head(model, mk_dtype)
+            # the A/B variables, read once here (a cached trace of the loop would not see them change)
+            self.mk_options = (mk.kernel_mode(), mk.kernel_graph(), _unroll_override())
             if why := mk.kernel_unsupported(self.mk_params, model.cfg.norm_eps):
                 note_once(f"megakernel=True: the CUDA megakernel does not run here ({why}); batch 1 decodes "
                           "through its JAX reference instead (the same arithmetic, not faster).")  # fmt: skip
@@ -173,7 +175,7 @@ class Engine:
             vocab_size,
             self.state_dtype,
             default_options(len(prompts), self.quantize) if self.compiler_options is None else self.compiler_options,
-            megakernel := self.mk_params is not None and len(prompts) == 1,
+            self.mk_options if (megakernel := self.mk_params is not None and len(prompts) == 1) else None,
         )
         args = (self.state, jnp.asarray(ids), jnp.asarray(start), jax.random.key(params.seed))
         args += ((self.mk_params, self.mk_head) if megakernel else None,)
@@ -271,19 +273,27 @@ def _megakernel_cache(mk_params, cache, length: int):
     return mk.kernel_cache(rings, mk.cache_dtype(mk_params)), mk.workspace(mk_params)
 
 
-def _megakernel_decode(model, mk, tok_B, cache, pos):
+def _unroll_override() -> int:
+    """MAMBA_JAX_MEGAKERNEL_UNROLL (tokens per iteration of the megakernel loop, an A/B knob), 0 where unset."""
+    raw = os.environ.get("MAMBA_JAX_MEGAKERNEL_UNROLL", "")
+    if raw and (not raw.isdigit() or int(raw) < 1):
+        raise ValueError(f"MAMBA_JAX_MEGAKERNEL_UNROLL={raw!r}: want a positive number of steps per iteration.")
+    return int(raw or 0)
+
+
+def _megakernel_decode(model, mk, tok_B, cache, pos, options):
     """One token of batch 1 through the megakernel, with the embedding and (unless the kernel runs it as its
-    last phase, `mk_head`) the final norm and head around it."""
+    last phase, `mk_head`) the final norm and head around it. `options`: the Engine's (mode, graph, unroll)."""
     from mamba_jax.inference import megakernel
 
     mk_params, mk_head = mk
     mk_cache, work = cache
     h_D = model._embed(tok_B)[0].astype(jnp.float32)
-    eps = model.cfg.norm_eps
+    kw = {"eps": model.cfg.norm_eps, "mode": options[0], "graph": options[1]}
     if mk_head is not None:
-        h_D, mk_cache, work, logits_V = megakernel.step(mk_params, mk_cache, h_D, pos, work, eps=eps, head=mk_head)
+        h_D, mk_cache, work, logits_V = megakernel.step(mk_params, mk_cache, h_D, pos, work, head=mk_head, **kw)
         return logits_V[None], (mk_cache, work)
-    h_D, mk_cache, work = megakernel.step(mk_params, mk_cache, h_D, pos, work, eps=eps)
+    h_D, mk_cache, work = megakernel.step(mk_params, mk_cache, h_D, pos, work, **kw)
     return model._logits(model.norm_f(h_D[None])), (mk_cache, work)
 
 
@@ -296,8 +306,10 @@ def _generate_fn(
     vocab_size: int | None,
     state_dtype: str,
     compiler_options: tuple = (),
-    megakernel: bool = False,
+    megakernel: tuple | None = None,
 ):
+    """The compiled generation loop. `megakernel`: None, or the Engine's megakernel options (mode, graph,
+    unroll override) for batch 1 through it."""
     T = params.max_new_tokens
     # Steps per iteration of the loop. The megakernel is an FFI call XLA cannot put in a command buffer, so
     # the loop runs from the host: each iteration the host reads the loop's predicate back before it launches
@@ -305,10 +317,8 @@ def _generate_fn(
     # kernel, the head and the sampling: cheap to repeat). A finished batch then stops at the iteration's end;
     # the extra tokens are EOS, cut on the host.
     unroll = next((u for u in (4, 2) if T % u == 0), 1) if megakernel else 1
-    if megakernel and (raw := os.environ.get("MAMBA_JAX_MEGAKERNEL_UNROLL")):  # A/B of the above
-        if not raw.isdigit() or int(raw) < 1:
-            raise ValueError(f"MAMBA_JAX_MEGAKERNEL_UNROLL={raw!r}: want a positive number of steps per iteration.")
-        unroll = math.gcd(int(raw), T)  # a divisor of T: no step past the last token
+    if megakernel and megakernel[2]:  # MAMBA_JAX_MEGAKERNEL_UNROLL: A/B of the above
+        unroll = math.gcd(megakernel[2], T)  # a divisor of T: no step past the last token
 
     def run(state, ids_BL, start_B, key, mk):  # mk: (the megakernel's packed layers, its head or None)
         model = nnx.merge(graphdef, state)
@@ -352,7 +362,7 @@ def _generate_fn(
             seen_BV = seen_BV.at[jnp.arange(b), tok_B].set(True)
             done_B = done_B | (tok_B == eos_id)
             if megakernel:
-                logits_BV, cache = _megakernel_decode(model, mk, tok_B, cache, l + t)
+                logits_BV, cache = _megakernel_decode(model, mk, tok_B, cache, l + t, megakernel)
             else:
                 logits_BV, cache = model.decode(tok_B, cache, pos=l + t, start=start_B)
             return t + 1, logits_BV, cache, key, seen_BV, done_B, tokens_BT, logprobs_BT

@@ -322,6 +322,13 @@ def kernel_mode() -> tuple[int, int]:
     return mode, slack
 
 
+def _checked_mode(mode) -> tuple[int, int]:
+    """`step`'s mode argument, (MODE, SLACK) as `kernel_mode` returns it, checked."""
+    if not (isinstance(mode, tuple) and len(mode) == 2 and mode[0] in (5, 10) and mode[1] >= 0):
+        raise ValueError(f"megakernel.step: mode={mode!r}; want (MODE, SLACK) with MODE 5 or 10, SLACK >= 0.")
+    return mode
+
+
 def kernel_graph() -> bool:
     """Whether `step` calls the command-buffer compatible targets (MAMBA_JAX_MEGAKERNEL_GRAPH=1, read at
     trace time; experimental): XLA may then capture the launch into its CUDA graphs, and with
@@ -333,15 +340,17 @@ def kernel_graph() -> bool:
     return raw == "1"
 
 
-def step(params: Params, cache: Cache, h_D, pos, work, *, eps: float, head=None):
+def step(params: Params, cache: Cache, h_D, pos, work, *, eps: float, head=None, mode=None, graph=None):
     """One token through every layer: (the residual after the last layer, the new cache, the workspace), and
     with `head` (`pack_head`) the logits (V,) float32 as well. The CUDA kernel where `kernel_unsupported`
     allows (the caches and workspace updated in place; the head as its last phase), else `reference_step`
-    (and `reference_head`)."""
-    graph = kernel_graph()
+    (and `reference_head`). `mode` ((MODE, SLACK)) and `graph` default to `kernel_mode()` / `kernel_graph()`,
+    read when traced: under jit pass them as static arguments, since jax reuses a function's trace whatever
+    the environment says by then (the Engine reads them once, at construction)."""
+    graph = kernel_graph() if graph is None else bool(graph)
+    mode, slack = kernel_mode() if mode is None else _checked_mode(mode)
     if kernel_unsupported(params, eps, head, graph) is None:
         shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (cache.ring, cache.state, h_D, work)]
-        mode, slack = kernel_mode()
         d, h, fp8 = params.win.shape[2], params.a_log.shape[1], params.win_scale is not None
         if mode == 10 and ((d, h) != MEASURED_DIMS or fp8):
             raise ValueError(f"megakernel: mode 10 is built for Mamba2-2.7B's (D, H) {MEASURED_DIMS} and bf16 only.")
