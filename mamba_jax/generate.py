@@ -46,10 +46,13 @@ def _args(argv):
     )
     p.add_argument(
         "--megakernel",
-        action="store_true",
-        help="experimental: a single prompt of a pure Mamba2 model decodes through one CUDA launch per token "
-        "(bf16 on Hopper GPUs, built once per model size for the Mamba2 checkpoints 130M-2.7B; timed at 2.7B; "
-        "elsewhere its JAX reference runs)",
+        nargs="?",
+        const="on",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="a single prompt of a pure Mamba2 model decodes through one CUDA launch per token (Hopper GPUs, "
+        "bf16 or --quantize fp8; built once per model size, 130M-2.7B). auto (default): where that kernel runs; "
+        "on: always (elsewhere its JAX reference, not faster); off: the loop of separate kernels",
     )
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel size over the local devices")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -118,7 +121,7 @@ def main(argv=None) -> int:
             quantize=args.quantize,
             mesh=mesh,
             stream=print_stream if streaming else None,
-            megakernel=args.megakernel,
+            megakernel={"auto": "auto", "on": True, "off": False}[args.megakernel],
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"mamba_jax.generate: error: {e}", file=sys.stderr)

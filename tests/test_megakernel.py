@@ -378,5 +378,12 @@ def test_engine_with_the_megakernel_generates_as_without():
             mp.delenv(name)
     two = [[5, 9, 2, 7], [3, 3]]
     assert eng.generate(two, sp8).tokens == base.generate(two, sp8).tokens
+    streamed = []  # the CLI streams a single prompt: the megakernel's case
+    assert eng.generate(prompt, sp8, stream=lambda t: streamed.append(int(t[0]))).tokens == [streamed]
+    assert streamed == wants[8].tokens[0]
+    # "auto" (the default) takes the kernel only where the CUDA build runs: not on this CPU
+    assert Engine(model).mk_params is None and Engine(model, megakernel="auto").mk_params is None
+    with pytest.raises(ValueError, match="megakernel='yes'"):
+        Engine(model, megakernel="yes")
     with pytest.raises(ValueError, match="does not cover"):
         Engine(init_model(small_hybrid(), seed=0), megakernel=True)

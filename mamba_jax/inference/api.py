@@ -109,12 +109,12 @@ def generate(
     quantize: str | None = None,
     mesh=None,
     stream: Callable[[str], None] | None = None,
-    megakernel: bool = False,
+    megakernel: bool | str = "auto",
 ) -> list[Completion]:
     """Continue each prompt; see the module docstring. `stream(text_piece)` receives new text of a single
     prompt as it is produced. `dtype`, `state_dtype`, `quantize` ("fp8": float8 projection weights) and
-    `megakernel` (a single prompt of a pure Mamba2 model through one CUDA launch per token) are the
-    Engine's."""
+    `megakernel` (a single prompt of a pure Mamba2 model through one CUDA launch per token; "auto" where the
+    kernel runs) are the Engine's."""
     if isinstance(tokenizer, str | os.PathLike):
         from mamba_jax.data import load_tokenizer
 

@@ -95,7 +95,7 @@ class Engine:
         decode_impl=None,
         compiler_options: dict | None = None,
         quantize: str | None = None,
-        megakernel: bool = False,
+        megakernel: bool | str = "auto",
     ):
         """`dtype`: cast the weight matrices (e.g. bf16 for serving a float32-trained model). `state_dtype`:
         the SSM state kept between decode steps; float32 (default) is exact, bfloat16 halves the bytes every
@@ -110,10 +110,12 @@ class Engine:
         {"xla_gpu_exhaustive_tiling_search": True}: a wider autotuning of the GEMVs); None: `default_options`
         for the batch. `quantize`: "fp8" stores the projection weights in float8 with a scale per output
         channel (`mamba_jax.inference.quantize`: half the bytes of bf16 per decode step; logits within a few
-        per cent); None or "none" keeps them as they are. `megakernel` (experimental; pure Mamba2 models):
-        decode batch 1 with one launch per token through every layer (`mamba_jax.inference.megakernel`: the
-        CUDA kernel where it is built for the model's dimensions, its JAX reference elsewhere); it keeps a
-        packed copy of the layer weights. Other batches decode as without it."""
+        per cent); None or "none" keeps them as they are. `megakernel` (pure Mamba2 models): decode batch 1
+        with one launch per token through every layer (`mamba_jax.inference.megakernel`; it keeps a packed
+        copy of the layer weights; other batches decode as without it). "auto" (default): where the CUDA
+        kernel runs for this model (a Hopper GPU with nvcc, bf16 weights or quantize="fp8", one device), else
+        off; True: always (its JAX reference where the kernel does not run: same arithmetic, not faster;
+        a model it does not cover is an error); False: never."""
         if dtype is not None:
             model = nnx.merge(*_cast_state(nnx.split(model), dtype))
         if unstack:
@@ -124,6 +126,10 @@ class Engine:
             model = fold_norm_weights(model)  # the unstacked view's own arrays (see mamba_jax.inference.fold)
         self.quantize = None if quantize in (None, "none") else quantize
         self.mk_params = self.mk_head = self.mk_options = None
+        if megakernel == "auto":
+            megakernel = _megakernel_runs(model, mesh, self.quantize)
+        elif megakernel not in (True, False):
+            raise ValueError(f"megakernel={megakernel!r}: want 'auto', True or False.")
         if megakernel:
             from mamba_jax.inference import megakernel as mk
 
@@ -271,6 +277,19 @@ def _megakernel_cache(mk_params, cache, length: int):
 
     rings = mk.ring_caches(cache, length, mk_params.conv_w.shape[-1])
     return mk.kernel_cache(rings, mk.cache_dtype(mk_params)), mk.workspace(mk_params)
+
+
+def _megakernel_runs(model, mesh, quantize) -> bool:
+    """Engine(megakernel="auto"): whether the CUDA megakernel runs for this model here (checked on the packed
+    weights' shapes; builds the kernel once per model size, ≈ 15 s, where it can)."""
+    if jax.default_backend() != "gpu" or (mesh is not None and mesh.size > 1):
+        return False
+    from mamba_jax.inference import megakernel as mk
+
+    if mk.unsupported(model) or jnp.dtype(model.cfg.dtype) == jnp.float32:  # float32: the reference would run
+        return False
+    shapes = jax.eval_shape(lambda m: mk.pack(m, mk.BF16, quantize=quantize), model)
+    return mk.kernel_unsupported(shapes, model.cfg.norm_eps) is None
 
 
 def _unroll_override() -> int:
