@@ -19,7 +19,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh p   # every megakernel gpu test; 2.7B b1 bf16 / fp8 + peer
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh q   # H100 timing: head phase A/B, generate.py b1 + peer
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh r   # stage p's tests, then batch 1 by card (H100: the issue's row)
-#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh s   # the producer cursor's inlining (MK_CURSOR) A/B, best in generate.py
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh s   # the producer cursor's code (MK_CURSOR 0-3) A/B, best in generate.py
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -230,15 +230,15 @@ elif [ "$stage" = r ]; then  # ≈ 9.5 minutes: one call when machines are scarc
         step generate_b1_mk 250 python3 generate.py --model mamba2_2_7b --batch 1 --state-dtype bfloat16 --peer \
             --decode-impl megakernel --quantize none,fp8 --out "$OUT/generate_2_7b_b1_megakernel_fp8_$gpu.json"
     fi
-elif [ "$stage" = s ]; then  # ≈ 5 minutes: MK_CURSOR 0 / 1 / 2 in the probe (modes 5, 8), then the fastest in the engine
+elif [ "$stage" = s ]; then  # ≈ 6 minutes: MK_CURSOR 0-3 in the probe (modes 5, 8), then the fastest in the engine
     find_nvcc
     nv=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
-    for v in 0 1 2; do
+    for v in 0 1 2 3; do
         "$nv" -O3 -std=c++17 -arch=sm_90a --fmad=false -DMK_CURSOR=$v -o /tmp/mk_cursor$v benchmarks/megakernel_probe.cu &
     done
     wait
     for r in 1 2; do
-        for v in 0 1 2; do
+        for v in 0 1 2 3; do
             timeout 60 /tmp/mk_cursor$v --layers 64 --tokens 20 --trace 1 --configs 5:40960:5:2,8:40960:5:2 |
                 sed "s/^{/{\"cursor\": $v, \"round\": $r, /" >>"$OUT/megakernel_probe_cursor_$gpu.jsonl"
         done
@@ -258,6 +258,9 @@ print(min(t, key=lambda v: sum(t[v]) / len(t[v])))
 " "$OUT/megakernel_probe_cursor_$gpu.jsonl")
     echo "fastest MK_CURSOR: $best"
     sed -i "s/^#define MK_CURSOR 0$/#define MK_CURSOR $best/" kernels/megakernel.cuh
+    # the FFI built with it: the 2.7B cases (modes 5 and 10, the graph target, the LM head phase)
+    step megakernel_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_megakernel.py \
+        -k "head_phase or (2_7b and None)"
     cd benchmarks || exit 1
     step generate_2_7b_b1 200 python3 generate.py --model mamba2_2_7b --batch 1 --state-dtype bfloat16 --peer \
         --decode-impl megakernel --out "$OUT/generate_2_7b_b1_megakernel_cursor${best}_$gpu.json"
