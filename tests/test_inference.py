@@ -149,3 +149,18 @@ def test_compiler_options_reach_the_generation_loop(hybrid):
     assert tuned.tokens == plain.tokens
     with pytest.raises(Exception, match="no_such_option"):
         Engine(hybrid, compiler_options={"no_such_option": 1}).generate([[5, 6, 7]], params)
+
+
+def test_decode_knobs_key_the_compiled_loop(hybrid, monkeypatch):
+    """The decode kernels' A/B variables are read when the loop is traced: a changed one gets a loop of its
+    own instead of the one compiled under the old setting."""
+    from mamba_jax.inference.engine import _generate_fn
+
+    engine, params = Engine(hybrid), SamplingParams(max_new_tokens=2, temperature=0.0)
+    want = engine.generate([[5, 6, 7]], params)
+    misses = _generate_fn.cache_info().misses
+    engine.generate([[5, 6, 7]], params)
+    assert _generate_fn.cache_info().misses == misses  # same settings: the same loop
+    monkeypatch.setenv("MAMBA_JAX_DECODE_PREFETCH", "0.5")
+    assert engine.generate([[5, 6, 7]], params).tokens == want.tokens
+    assert _generate_fn.cache_info().misses == misses + 1

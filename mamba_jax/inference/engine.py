@@ -182,6 +182,7 @@ class Engine:
             self.state_dtype,
             default_options(len(prompts), self.quantize) if self.compiler_options is None else self.compiler_options,
             self.mk_options if (megakernel := self.mk_params is not None and len(prompts) == 1) else None,
+            _decode_knobs(),
         )
         args = (self.state, jnp.asarray(ids), jnp.asarray(start), jax.random.key(params.seed))
         args += ((self.mk_params, self.mk_head) if megakernel else None,)
@@ -316,6 +317,14 @@ def _megakernel_decode(model, mk, tok_B, cache, pos, options):
     return model._logits(model.norm_f(h_D[None])), (mk_cache, work)
 
 
+def _decode_knobs() -> tuple:
+    """The decode kernels' A/B variables (MAMBA_JAX_DECODE_* and MAMBA_JAX_SKINNY_*, read when the loop is
+    traced), as part of the compiled loop's cache key: a loop traced under other settings is not reused."""
+    return tuple(
+        sorted((k, v) for k, v in os.environ.items() if k.startswith(("MAMBA_JAX_DECODE_", "MAMBA_JAX_SKINNY_")))
+    )
+
+
 @functools.lru_cache(maxsize=32)
 def _generate_fn(
     graphdef,
@@ -326,9 +335,10 @@ def _generate_fn(
     state_dtype: str,
     compiler_options: tuple = (),
     megakernel: tuple | None = None,
+    knobs: tuple = (),
 ):
     """The compiled generation loop. `megakernel`: None, or the Engine's megakernel options (mode, graph,
-    unroll override) for batch 1 through it."""
+    unroll override) for batch 1 through it. `knobs`: `_decode_knobs()` (only a cache key)."""
     T = params.max_new_tokens
     # Steps per iteration of the loop. The megakernel is an FFI call XLA cannot put in a command buffer, so
     # the loop runs from the host: each iteration the host reads the loop's predicate back before it launches
