@@ -250,6 +250,10 @@ def main() -> int:
                     "fraction_of_nominal_roofline": decode / nominal,
                     "mamba_ssm": peer,
                 }
+                if mk:  # the kernel's A/B variables (benchmarks/README.md), where set
+                    row["megakernel_env"] = {
+                        k: v for k, v in os.environ.items() if k.startswith("MAMBA_JAX_MEGAKERNEL")
+                    }
                 if base is not out:
                     row["agreement_with_" + base_impl] = agreement(out, base)
                 rows.append(row)

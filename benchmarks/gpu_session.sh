@@ -257,7 +257,7 @@ for v, us in sorted(t.items()):
 print(min(t, key=lambda v: sum(t[v]) / len(t[v])))
 " "$OUT/megakernel_probe_cursor_$gpu.jsonl")
     echo "fastest MK_CURSOR: $best"
-    sed -i "s/^#define MK_CURSOR 0$/#define MK_CURSOR $best/" kernels/megakernel.cuh
+    export MAMBA_JAX_MEGAKERNEL_CURSOR=$best  # the engine's build of the kernel takes it (-DMK_CURSOR)
     # the FFI built with it: the 2.7B cases (modes 5 and 10, the graph target, the LM head phase)
     step megakernel_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_megakernel.py \
         -k "head_phase or (2_7b and None)"

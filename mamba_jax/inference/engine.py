@@ -146,8 +146,8 @@ class Engine:
             if head == "1":  # experimental: the final norm and LM head as the kernel's last phase
                 self.mk_head = mk.pack_head(model, mk_dtype)
             # the A/B variables, read once here (a cached trace of the loop would not see them change)
-            self.mk_options = (mk.kernel_mode(), mk.kernel_graph(), _unroll_override())
-            if why := mk.kernel_unsupported(self.mk_params, model.cfg.norm_eps):
+            self.mk_options = (mk.kernel_mode(), mk.kernel_graph(), _unroll_override(), mk.kernel_cursor())
+            if why := mk.kernel_unsupported(self.mk_params, model.cfg.norm_eps, cursor=self.mk_options[3]):
                 note_once(f"megakernel=True: the CUDA megakernel does not run here ({why}); batch 1 decodes "
                           "through its JAX reference instead (the same arithmetic, not faster).")  # fmt: skip
         if self.quantize is not None:
@@ -290,7 +290,7 @@ def _megakernel_runs(model, mesh, quantize) -> bool:
     if mk.unsupported(model) or jnp.dtype(model.cfg.dtype) == jnp.float32:  # float32: the reference would run
         return False
     shapes = jax.eval_shape(lambda m: mk.pack(m, mk.BF16, quantize=quantize), model)
-    return mk.kernel_unsupported(shapes, model.cfg.norm_eps) is None
+    return mk.kernel_unsupported(shapes, model.cfg.norm_eps, cursor=mk.kernel_cursor()) is None
 
 
 def _unroll_override() -> int:
@@ -303,13 +303,14 @@ def _unroll_override() -> int:
 
 def _megakernel_decode(model, mk, tok_B, cache, pos, options):
     """One token of batch 1 through the megakernel, with the embedding and (unless the kernel runs it as its
-    last phase, `mk_head`) the final norm and head around it. `options`: the Engine's (mode, graph, unroll)."""
+    last phase, `mk_head`) the final norm and head around it. `options`: the Engine's (mode, graph, unroll,
+    cursor)."""
     from mamba_jax.inference import megakernel
 
     mk_params, mk_head = mk
     mk_cache, work = cache
     h_D = model._embed(tok_B)[0].astype(jnp.float32)
-    kw = {"eps": model.cfg.norm_eps, "mode": options[0], "graph": options[1]}
+    kw = {"eps": model.cfg.norm_eps, "mode": options[0], "graph": options[1], "cursor": options[3]}
     if mk_head is not None:
         h_D, mk_cache, work, logits_V = megakernel.step(mk_params, mk_cache, h_D, pos, work, head=mk_head, **kw)
         return logits_V[None], (mk_cache, work)
@@ -338,7 +339,7 @@ def _generate_fn(
     knobs: tuple = (),
 ):
     """The compiled generation loop. `megakernel`: None, or the Engine's megakernel options (mode, graph,
-    unroll override) for batch 1 through it. `knobs`: `_decode_knobs()` (only a cache key)."""
+    unroll override, cursor variant) for batch 1 through it. `knobs`: `_decode_knobs()` (only a cache key)."""
     T = params.max_new_tokens
     # Steps per iteration of the loop. The megakernel is an FFI call XLA cannot put in a command buffer, so
     # the loop runs from the host: each iteration the host reads the loop's predicate back before it launches
