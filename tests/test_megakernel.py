@@ -391,6 +391,14 @@ def test_engine_with_the_megakernel_generates_as_without():
     assert streamed == wants[8].tokens[0]
     # "auto" (the default) takes the kernel only where the CUDA build runs: not on this CPU
     assert Engine(model).mk_params is None and Engine(model, megakernel="auto").mk_params is None
+    with pytest.MonkeyPatch.context() as mp:  # past the backend check, on the Engine's unstacked, folded model
+        seen = []
+        mp.setattr(jax, "default_backend", lambda: "gpu")
+        mp.setattr(mk, "kernel_unsupported", lambda shapes, *a, **k: seen.append(shapes) or "no kernel here")
+        bf16 = _model(seed=7, dtype="bfloat16")
+        assert Engine(bf16, megakernel="auto").mk_params is None and seen[0].win.dtype == jnp.bfloat16
+        mp.setattr(mk, "kernel_unsupported", lambda *a, **k: None)  # as on an H100 with nvcc
+        assert Engine(bf16, megakernel="auto").mk_params is not None
     with pytest.raises(ValueError, match="megakernel='yes'"):
         Engine(model, megakernel="yes")
     with pytest.raises(ValueError, match="does not cover"):
