@@ -230,7 +230,7 @@ elif [ "$stage" = r ]; then  # ≈ 9.5 minutes: one call when machines are scarc
         step generate_b1_mk 250 python3 generate.py --model mamba2_2_7b --batch 1 --state-dtype bfloat16 --peer \
             --decode-impl megakernel --quantize none,fp8 --out "$OUT/generate_2_7b_b1_megakernel_fp8_$gpu.json"
     fi
-elif [ "$stage" = s ]; then  # ≈ 6 minutes: MK_CURSOR 0-3 in the probe (modes 5, 8), then the fastest in the engine
+elif [ "$stage" = s ]; then  # ≈ 6 minutes: MK_CURSOR 0-3 in the probe (mode 5), then the fastest in the engine
     find_nvcc
     nv=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
     for v in 0 1 2 3; do
@@ -239,7 +239,7 @@ elif [ "$stage" = s ]; then  # ≈ 6 minutes: MK_CURSOR 0-3 in the probe (modes 
     wait
     for r in 1 2; do
         for v in 0 1 2 3; do
-            timeout 60 /tmp/mk_cursor$v --layers 64 --tokens 20 --trace 1 --configs 5:40960:5:2,8:40960:5:2 |
+            timeout 60 /tmp/mk_cursor$v --layers 64 --tokens 20 --trace 1 --configs 5:40960:5:2 |
                 sed "s/^{/{\"cursor\": $v, \"round\": $r, /" >>"$OUT/megakernel_probe_cursor_$gpu.jsonl"
         done
     done
