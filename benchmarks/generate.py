@@ -83,12 +83,7 @@ def megakernel_skip(model, batch: int, quantize: str = "none") -> str | None:
     None."""
     from mamba_jax.inference import megakernel as mk
 
-    if batch != 1:
-        return "it decodes batch 1"
-    if reason := mk.unsupported(model):
-        return reason
-    shapes = jax.eval_shape(lambda m: mk.pack(m, quantize=quantize), model)
-    return mk.kernel_unsupported(shapes, model.cfg.norm_eps)
+    return "it decodes batch 1" if batch != 1 else mk.not_here(model, quantize)
 
 
 def cache_bytes_per_step(model, batch: int, prompt_len: int, new_tokens: int, state_dtype: str) -> int:

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -126,8 +127,10 @@ class Engine:
             model = fold_norm_weights(model)  # the unstacked view's own arrays (see mamba_jax.inference.fold)
         self.quantize = None if quantize in (None, "none") else quantize
         self.mk_params = self.mk_head = self.mk_options = None
-        if megakernel == "auto":
-            megakernel = _megakernel_runs(model, mesh, self.quantize)
+        if megakernel == "auto":  # where the CUDA kernel runs for this model (one device), else off
+            from mamba_jax.inference.megakernel import not_here
+
+            megakernel = (mesh is None or mesh.size == 1) and not_here(model, self.quantize) is None
         elif megakernel not in (True, False):
             raise ValueError(f"megakernel={megakernel!r}: want 'auto', True or False.")
         if megakernel:
@@ -146,8 +149,9 @@ class Engine:
             if head == "1":  # experimental: the final norm and LM head as the kernel's last phase
                 self.mk_head = mk.pack_head(model, mk_dtype)
             # the A/B variables, read once here (a cached trace of the loop would not see them change)
-            self.mk_options = (mk.kernel_mode(), mk.kernel_graph(), _unroll_override(), mk.kernel_cursor())
-            if why := mk.kernel_unsupported(self.mk_params, model.cfg.norm_eps, cursor=self.mk_options[3]):
+            self.mk_options = _MegakernelOptions(mk.kernel_mode(), mk.kernel_graph(), _unroll_override(),
+                                                 mk.kernel_cursor())  # fmt: skip
+            if why := mk.kernel_unsupported(self.mk_params, model.cfg.norm_eps, cursor=self.mk_options.cursor):
                 note_once(f"megakernel=True: the CUDA megakernel does not run here ({why}); batch 1 decodes "
                           "through its JAX reference instead (the same arithmetic, not faster).")  # fmt: skip
         if self.quantize is not None:
@@ -280,17 +284,13 @@ def _megakernel_cache(mk_params, cache, length: int):
     return mk.kernel_cache(rings, mk.cache_dtype(mk_params)), mk.workspace(mk_params)
 
 
-def _megakernel_runs(model, mesh, quantize) -> bool:
-    """Engine(megakernel="auto"): whether the CUDA megakernel runs for this model here (checked on the packed
-    weights' shapes; builds the kernel once per model size, ≈ 15 s, where it can)."""
-    if jax.default_backend() != "gpu" or (mesh is not None and mesh.size > 1):
-        return False
-    from mamba_jax.inference import megakernel as mk
+class _MegakernelOptions(NamedTuple):
+    """The megakernel's A/B variables as the Engine read them when built (part of its loop's cache key)."""
 
-    if mk.unsupported(model) or jnp.dtype(model.cfg.dtype) == jnp.float32:  # float32: the reference would run
-        return False
-    shapes = jax.eval_shape(lambda m: mk.pack(m, mk.BF16, quantize=quantize), model)
-    return mk.kernel_unsupported(shapes, model.cfg.norm_eps, cursor=mk.kernel_cursor()) is None
+    mode: tuple[int, int]  # kernel_mode(): (MODE, SLACK)
+    graph: bool  # kernel_graph()
+    unroll: int  # _unroll_override(): tokens per loop iteration, 0 for the default
+    cursor: int | None  # kernel_cursor()
 
 
 def _unroll_override() -> int:
@@ -303,14 +303,13 @@ def _unroll_override() -> int:
 
 def _megakernel_decode(model, mk, tok_B, cache, pos, options):
     """One token of batch 1 through the megakernel, with the embedding and (unless the kernel runs it as its
-    last phase, `mk_head`) the final norm and head around it. `options`: the Engine's (mode, graph, unroll,
-    cursor)."""
+    last phase, `mk_head`) the final norm and head around it. `options`: the Engine's `_MegakernelOptions`."""
     from mamba_jax.inference import megakernel
 
     mk_params, mk_head = mk
     mk_cache, work = cache
     h_D = model._embed(tok_B)[0].astype(jnp.float32)
-    kw = {"eps": model.cfg.norm_eps, "mode": options[0], "graph": options[1], "cursor": options[3]}
+    kw = {"eps": model.cfg.norm_eps, "mode": options.mode, "graph": options.graph, "cursor": options.cursor}
     if mk_head is not None:
         h_D, mk_cache, work, logits_V = megakernel.step(mk_params, mk_cache, h_D, pos, work, head=mk_head, **kw)
         return logits_V[None], (mk_cache, work)
@@ -335,11 +334,11 @@ def _generate_fn(
     vocab_size: int | None,
     state_dtype: str,
     compiler_options: tuple = (),
-    megakernel: tuple | None = None,
+    megakernel: _MegakernelOptions | None = None,
     knobs: tuple = (),
 ):
-    """The compiled generation loop. `megakernel`: None, or the Engine's megakernel options (mode, graph,
-    unroll override, cursor variant) for batch 1 through it. `knobs`: `_decode_knobs()` (only a cache key)."""
+    """The compiled generation loop. `megakernel`: None, or the Engine's `_MegakernelOptions` for batch 1
+    through it. `knobs`: `_decode_knobs()` (only a cache key)."""
     T = params.max_new_tokens
     # Steps per iteration of the loop. The megakernel is an FFI call XLA cannot put in a command buffer, so
     # the loop runs from the host: each iteration the host reads the loop's predicate back before it launches
@@ -347,8 +346,8 @@ def _generate_fn(
     # kernel, the head and the sampling: cheap to repeat). A finished batch then stops at the iteration's end;
     # the extra tokens are EOS, cut on the host.
     unroll = next((u for u in (4, 2) if T % u == 0), 1) if megakernel else 1
-    if megakernel and megakernel[2]:  # MAMBA_JAX_MEGAKERNEL_UNROLL: A/B of the above
-        unroll = math.gcd(megakernel[2], T)  # a divisor of T: no step past the last token
+    if megakernel and megakernel.unroll:  # MAMBA_JAX_MEGAKERNEL_UNROLL: A/B of the above
+        unroll = math.gcd(megakernel.unroll, T)  # a divisor of T: no step past the last token
 
     def run(state, ids_BL, start_B, key, mk):  # mk: (the megakernel's packed layers, its head or None)
         model = nnx.merge(graphdef, state)

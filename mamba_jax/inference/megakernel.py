@@ -300,6 +300,21 @@ def kernel_unsupported(params: Params, eps: float, head=None, graph: bool = Fals
     return load("megakernel", symbol, _target(d, h, head is not None, graph, fp8, cursor), flags)
 
 
+def not_here(model, quantize: str | None = None) -> str | None:
+    """Why the CUDA kernel would not run `model`'s batch-1 decode here (`Engine(megakernel="auto")` takes it
+    where this is None), checked on the packed weights' shapes: a GPU, a model the design covers, bf16 or float8
+    rows (a float32 model packs float32: its reference runs), then `kernel_unsupported` (which builds the
+    kernel for the model's size and MAMBA_JAX_MEGAKERNEL_CURSOR, once, where it can)."""
+    if jax.default_backend() != "gpu":
+        return "not a GPU"
+    if reason := unsupported(model):
+        return reason
+    if jnp.dtype(model.cfg.dtype) == jnp.float32:
+        return "a float32 model (the kernel streams bf16 or float8 rows)"
+    shapes = jax.eval_shape(lambda m: pack(m, BF16, quantize=quantize), model)
+    return kernel_unsupported(shapes, model.cfg.norm_eps, cursor=kernel_cursor())
+
+
 def _target(d: int, h: int, head: bool, graph: bool, fp8: bool = False, cursor=None) -> str:
     """The FFI target of the (d_model, heads[, float8][, cursor variant]) build: one library per model size,
     weight type and variant, its handlers registered under names of their own."""
@@ -403,6 +418,7 @@ __all__ = [
     "kernel_cursor",
     "kernel_dims_unsupported",
     "kernel_unsupported",
+    "not_here",
     "pack",
     "reference_logits",
     "reference_step",
