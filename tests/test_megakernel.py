@@ -390,15 +390,21 @@ def test_engine_with_the_megakernel_generates_as_without():
     assert eng.generate(prompt, sp8, stream=lambda t: streamed.append(int(t[0]))).tokens == [streamed]
     assert streamed == wants[8].tokens[0]
     # "auto" (the default) takes the kernel only where the CUDA build runs: not on this CPU
-    assert Engine(model).mk_params is None and Engine(model, megakernel="auto").mk_params is None
+    assert not Engine(model).megakernel and not Engine(model, megakernel="auto").megakernel
     with pytest.MonkeyPatch.context() as mp:  # past the backend check, on the Engine's unstacked, folded model
         seen = []
         mp.setattr(jax, "default_backend", lambda: "gpu")
         mp.setattr(mk, "kernel_unsupported", lambda shapes, *a, **k: seen.append(shapes) or "no kernel here")
         bf16 = _model(seed=7, dtype="bfloat16")
-        assert Engine(bf16, megakernel="auto").mk_params is None and seen[0].win.dtype == jnp.bfloat16
+        assert not Engine(bf16, megakernel="auto").megakernel and seen[0].win.dtype == jnp.bfloat16
         mp.setattr(mk, "kernel_unsupported", lambda *a, **k: None)  # as on an H100 with nvcc
-        assert Engine(bf16, megakernel="auto").mk_params is not None
+        auto = Engine(bf16, megakernel="auto")
+    assert auto.megakernel and auto.mk_params is None  # packed on the first batch-1 generate, not before
+    sp2 = SamplingParams(max_new_tokens=2, temperature=0.0)
+    auto.generate(two, sp2)
+    assert auto.mk_params is None
+    auto.generate(prompt, sp2)  # (the kernel's JAX reference here)
+    assert auto.mk_params is not None
     with pytest.raises(ValueError, match="megakernel='yes'"):
         Engine(model, megakernel="yes")
     with pytest.raises(ValueError, match="does not cover"):

@@ -113,10 +113,10 @@ class Engine:
         channel (`mamba_jax.inference.quantize`: half the bytes of bf16 per decode step; logits within a few
         per cent); None or "none" keeps them as they are. `megakernel` (pure Mamba2 models): decode batch 1
         with one launch per token through every layer (`mamba_jax.inference.megakernel`; it keeps a packed
-        copy of the layer weights; other batches decode as without it). "auto" (default): where the CUDA
-        kernel runs for this model (a Hopper GPU with nvcc, bf16 weights or quantize="fp8", one device), else
-        off; True: always (its JAX reference where the kernel does not run: same arithmetic, not faster;
-        a model it does not cover is an error); False: never."""
+        copy of the layer weights, made by the first batch-1 `generate`; other batches decode as without
+        it). "auto" (default): where the CUDA kernel runs for this model (a Hopper GPU with nvcc, bf16 weights
+        or quantize="fp8", one device), else off; True: always (its JAX reference where the kernel does not
+        run: same arithmetic, not faster; a model it does not cover is an error); False: never."""
         if dtype is not None:
             model = nnx.merge(*_cast_state(nnx.split(model), dtype))
         if unstack:
@@ -126,7 +126,7 @@ class Engine:
         if unstack and _fused_decode_possible(model.cfg.decode_impl, mesh):
             model = fold_norm_weights(model)  # the unstacked view's own arrays (see mamba_jax.inference.fold)
         self.quantize = None if quantize in (None, "none") else quantize
-        self.mk_params = self.mk_head = self.mk_options = None
+        self.mk_params = self.mk_head = self.mk_options = self._mk_pack = None
         if megakernel == "auto":  # where the CUDA kernel runs for this model (one device), else off
             from mamba_jax.inference.megakernel import not_here
 
@@ -142,18 +142,22 @@ class Engine:
             # quantize="fp8" float8 rows packed from the unquantized weights (the norms folded in first), while
             # prefill's XLA path gets the model's own float8 weights below: two roundings of the same model
             mk_dtype = jnp.float32 if jnp.dtype(model.cfg.dtype) == jnp.float32 else mk.BF16
-            self.mk_params = mk.pack(model, mk_dtype, quantize=self.quantize)
             head = os.environ.get("MAMBA_JAX_MEGAKERNEL_HEAD", "0")
             if head not in ("0", "1"):
                 raise ValueError(f"MAMBA_JAX_MEGAKERNEL_HEAD={head!r}: want 1 (the LM head inside the kernel) or 0.")
-            if head == "1":  # experimental: the final norm and LM head as the kernel's last phase
-                self.mk_head = mk.pack_head(model, mk_dtype)
+            # The packed copy (as large as the layer weights) is made on the first batch-1 generate, so that a
+            # server that only decodes batches never holds it; with quantize="fp8" now, from the weights that
+            # quantize_weights below replaces.
+            self._mk_pack = functools.partial(_pack_megakernel, model, mk_dtype, self.quantize, head == "1")
             # the A/B variables, read once here (a cached trace of the loop would not see them change)
             self.mk_options = _MegakernelOptions(mk.kernel_mode(), mk.kernel_graph(), _unroll_override(),
                                                  mk.kernel_cursor())  # fmt: skip
-            if why := mk.kernel_unsupported(self.mk_params, model.cfg.norm_eps, cursor=self.mk_options.cursor):
+            shapes = jax.eval_shape(lambda m: mk.pack(m, mk_dtype, quantize=self.quantize), model)
+            if why := mk.kernel_unsupported(shapes, model.cfg.norm_eps, cursor=self.mk_options.cursor):
                 note_once(f"megakernel=True: the CUDA megakernel does not run here ({why}); batch 1 decodes "
                           "through its JAX reference instead (the same arithmetic, not faster).")  # fmt: skip
+            if self.quantize is not None:
+                self._pack_megakernel()
         if self.quantize is not None:
             model = model if (unstack or dtype is not None) else nnx.clone(model)  # never the caller's modules
             quantize_weights(model, self.quantize)
@@ -162,6 +166,15 @@ class Engine:
         self.mesh = mesh
         self.state_dtype = jnp.dtype(state_dtype).name
         self.compiler_options = None if compiler_options is None else tuple(sorted(compiler_options.items()))
+
+    @property
+    def megakernel(self) -> bool:
+        """Whether batch 1 decodes through the megakernel (its packed weights are made on first use)."""
+        return self.mk_options is not None
+
+    def _pack_megakernel(self):
+        self.mk_params, self.mk_head = self._mk_pack()
+        self._mk_pack = None  # holds the model it packed from
 
     def generate(
         self,
@@ -185,10 +198,12 @@ class Engine:
             vocab_size,
             self.state_dtype,
             default_options(len(prompts), self.quantize) if self.compiler_options is None else self.compiler_options,
-            self.mk_options if (megakernel := self.mk_params is not None and len(prompts) == 1) else None,
+            self.mk_options if (megakernel := self.megakernel and len(prompts) == 1) else None,
             _decode_knobs(),
         )
         args = (self.state, jnp.asarray(ids), jnp.asarray(start), jax.random.key(params.seed))
+        if megakernel and self.mk_params is None:
+            self._pack_megakernel()
         args += ((self.mk_params, self.mk_head) if megakernel else None,)
         if stream is not None:
             _STREAM[0] = stream
@@ -273,6 +288,13 @@ def _cast_ssm_states(cache, dtype: str):
         return leaf.astype(dtype) if name == "ssm" else leaf
 
     return jax.tree_util.tree_map_with_path(cast, cache)
+
+
+def _pack_megakernel(model, dtype, quantize, head: bool):
+    """The megakernel's packed layers and (MAMBA_JAX_MEGAKERNEL_HEAD=1) LM head for `Engine`."""
+    from mamba_jax.inference import megakernel as mk
+
+    return mk.pack(model, dtype, quantize=quantize), mk.pack_head(model, dtype) if head else None
 
 
 def _megakernel_cache(mk_params, cache, length: int):
