@@ -258,12 +258,13 @@ print(min(t, key=lambda v: sum(t[v]) / len(t[v])))
 " "$OUT/megakernel_probe_cursor_$gpu.jsonl")
     echo "fastest MK_CURSOR: $best"
     export MAMBA_JAX_MEGAKERNEL_CURSOR=$best  # the engine's build of the kernel takes it (-DMK_CURSOR)
-    # the FFI built with it: the 2.7B cases (modes 5 and 10, the graph target, the LM head phase)
+    # the issue's figure first (its rows check the kernel's tokens against the loop's), then the FFI built with
+    # it in the 2.7B gpu tests (modes 5 and 10, the graph target, the LM head phase)
+    (cd benchmarks && step generate_2_7b_b1 200 python3 generate.py --model mamba2_2_7b --batch 1 \
+        --state-dtype bfloat16 --peer --decode-impl megakernel \
+        --out "$OUT/generate_2_7b_b1_megakernel_cursor${best}_$gpu.json")
     step megakernel_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_megakernel.py \
         -k "head_phase or (2_7b and None)"
-    cd benchmarks || exit 1
-    step generate_2_7b_b1 200 python3 generate.py --model mamba2_2_7b --batch 1 --state-dtype bfloat16 --peer \
-        --decode-impl megakernel --out "$OUT/generate_2_7b_b1_megakernel_cursor${best}_$gpu.json"
 else
     echo "unknown stage $stage (a … s)" >&2
     exit 2
