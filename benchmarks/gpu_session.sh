@@ -263,6 +263,11 @@ print(min(t, key=lambda v: sum(t[v]) / len(t[v])))
     (cd benchmarks && step generate_2_7b_b1 200 python3 generate.py --model mamba2_2_7b --batch 1 \
         --state-dtype bfloat16 --peer --decode-impl megakernel \
         --out "$OUT/generate_2_7b_b1_megakernel_cursor${best}_$gpu.json")
+    # batch 32: both projections in one persistent launch per token (benchmarks/batch32_probe.cu; first run)
+    "$nv" -O3 -std=c++17 -arch=sm_90a -o /tmp/b32 benchmarks/batch32_probe.cu &&
+        timeout 90 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 0,1,2,3 --check 1 |
+        tee "$OUT/batch32_probe_$gpu.jsonl"
+    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 4 --modes 0,2 --check 0 | tee -a "$OUT/batch32_probe_$gpu.jsonl"
     step megakernel_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_megakernel.py \
         -k "head_phase or (2_7b and None)"
 else
