@@ -669,8 +669,11 @@ struct Cursor {
 // divisions; the Params and the Cursor then live in local memory: a 336-byte stack frame), 1 both inlined,
 // 2 the per-slot step inlined and only the once-per-phase entry out of line, 3 as 2 with the entry taking
 // and returning its values by value (a small CursorCfg instead of the Params: no stack frame for them).
+// Measured on an H100 (2026-12-06, mode 5, 2.7B; results/megakernel_probe_cursor_h100.jsonl): 0 and 2 34.85 µs
+// per layer, 1 and 3 32.5 (the step's slot and out_proj's g waited on the out-of-line entry's local memory):
+// 1 is the default.
 #ifndef MK_CURSOR
-#define MK_CURSOR 0
+#define MK_CURSOR 1
 #endif
 // The fields of the Params a cursor reads (MK_CURSOR 3 passes these by value).
 struct CursorCfg {
