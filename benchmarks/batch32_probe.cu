@@ -25,7 +25,9 @@
 //
 // Modes (--modes): 0 the above; 1 the same without the products (ring, adds of zeros, barriers, converts);
 // 2 products without barriers or converts (the projections' stream alone; x is stale, not checked);
-// 3 the ring alone (slots released unread). Correctness (--check 1): one layer of mode 0 against a float64
+// 3 the ring alone (slots released unread); diagnostics of mode 2 (not checked): 4 without the products
+// (the ring and the adds alone), 5 plain float2 stores instead of the adds, 6 without the adds; 7 and 8:
+// modes 2 and 0 with one float4 red.add per lane and tile (lanes exchange halves) instead of two float2. Correctness (--check 1): one layer of mode 0 against a float64
 // host product of the same bf16 inputs, the intermediate rounded to bf16 as the kernel rounds it.
 //
 // Build and run (an H100; nvcc 12.4+):
@@ -196,7 +198,7 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
       for (int gi = 0; gi < 2; ++gi) {
         const Proj pr = proj(p, l, gi);
         const unsigned char* x = reinterpret_cast<const unsigned char*>(gi == 0 ? p.x_in : p.x_mid);
-        if (p.mode <= 1) {  // x published by the convert before this projection
+        if (p.mode <= 1 || p.mode == 8) {  // x published by the convert before this projection
           const unsigned target = (unsigned)G * (base + 4u * l + 2u * gi);
           while (ld_acquire(p.bar) < target) {
           }
@@ -217,6 +219,9 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
         }
       }
   } else if (warp < CW) {  // ------------------------------------------------------------ the consumers
+    const bool products = p.mode == 0 || p.mode == 2 || p.mode >= 5, barriers = p.mode <= 1 || p.mode == 8;
+    // none, float2 red.add, plain stores, float4 red.add
+    const int adds = p.mode == 3 || p.mode == 6 ? 0 : p.mode == 5 ? 2 : p.mode >= 7 ? 3 : 1;
     for (int l = 0; l < p.layers; ++l)
       for (int gi = 0; gi < 2; ++gi) {
         const Proj pr = proj(p, l, gi);
@@ -232,9 +237,23 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
 #pragma unroll
             for (int u = 0; u < 2; ++u) {
               const int col = (g * GU + warp + 8 * u) * 8 + (lane % 4) * 2, r = mt * 16 + lane / 4;
-              atomicAdd(reinterpret_cast<float2*>(y + (long)r * ystride + col), make_float2(acc[mt][u][0], acc[mt][u][1]));
-              atomicAdd(reinterpret_cast<float2*>(y + (long)(r + 8) * ystride + col),
-                        make_float2(acc[mt][u][2], acc[mt][u][3]));
+              float2* y0 = reinterpret_cast<float2*>(y + (long)r * ystride + col);
+              float2* y1 = reinterpret_cast<float2*>(y + (long)(r + 8) * ystride + col);
+              if (adds == 3) {  // even lanes add row r's 4 columns, odd lanes row r + 8's
+                const bool odd = lane & 1;
+                const float2 mine = odd ? make_float2(acc[mt][u][0], acc[mt][u][1]) : make_float2(acc[mt][u][2], acc[mt][u][3]);
+                const float2 got = make_float2(__shfl_xor_sync(~0u, mine.x, 1), __shfl_xor_sync(~0u, mine.y, 1));
+                if (odd)
+                  atomicAdd(reinterpret_cast<float4*>(y1 - 1), make_float4(got.x, got.y, acc[mt][u][2], acc[mt][u][3]));
+                else
+                  atomicAdd(reinterpret_cast<float4*>(y0), make_float4(acc[mt][u][0], acc[mt][u][1], got.x, got.y));
+              } else if (adds == 1) {
+                atomicAdd(y0, make_float2(acc[mt][u][0], acc[mt][u][1]));
+                atomicAdd(y1, make_float2(acc[mt][u][2], acc[mt][u][3]));
+              } else {
+                *y0 = make_float2(acc[mt][u][0], acc[mt][u][1]);
+                *y1 = make_float2(acc[mt][u][2], acc[mt][u][3]);
+              }
 #pragma unroll
               for (int e = 0; e < 4; ++e) acc[mt][u][e] = 0.f;
             }
@@ -244,13 +263,13 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
           const unsigned par = (unsigned)((k / S) & 1);
           mbar_wait(&wfull[s], par);
           mbar_wait(&xfull[s], par);
-          if (p.mode == 0 || p.mode == 2) {
+          if (products) {
             const unsigned char* sw = ring + (long)s * slot;
             const unsigned char* sx = sw + p.cps * CELL_W;
             for (int j = 0; j < n; ++j) {
               const int gj = (int)((i + j) / pr.ksteps);
               if (gj != g) {
-                flush();
+                if (adds) flush();
                 g = gj;
               }
               const uint4 bw = *reinterpret_cast<const uint4*>(sw + j * CELL_W + (warp * 32 + lane) * 16);
@@ -265,8 +284,16 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
           __syncwarp();
           if (lane == 0) mbar_arrive(&empty[s]);
         }
-        if (p.mode <= 2 && a < b) flush();
-        if (p.mode <= 1) {
+        if (adds && a < b) {
+          if (!products)  // modes 1 and 4: the adds of a run as the products would make them (one per group)
+            for (long gg = a / pr.ksteps; gg < (b - 1) / pr.ksteps; ++gg) {
+              g = (int)gg;
+              flush();
+            }
+          g = (int)((b - 1) / pr.ksteps);
+          flush();
+        }
+        if (barriers) {
           const long gt = (long)c * CW * 32 + tid, gs = (long)G * CW * 32;
           const unsigned e = base + 4u * l + 2u * gi;
           grid_sync(p.bar, (unsigned)G * (e + 1), tid);
@@ -421,9 +448,10 @@ int main(int argc, char** argv) {
     CK(cudaLaunchCooperativeKernel((const void*)probe, G, NT, args, smem, 0));
   };
   const double wbytes = (double)(in_b + out_b);
-  if (check) {  // one layer of mode 0 against float64 products of the same bf16 inputs
+  for (int cm : {0, 8}) {  // one layer of modes 0 and 8 against float64 products of the same bf16 inputs
+    if (!check) break;
     reset();
-    launch(1, 0, 0);
+    launch(1, cm, 0);
     CK(cudaDeviceSynchronize());
     std::vector<uint16_t> got(xf.size());
     CK(cudaMemcpy(got.data(), x_in, got.size() * 2, cudaMemcpyDeviceToHost));
@@ -458,8 +486,8 @@ int main(int argc, char** argv) {
     const double rms = std::sqrt(ss / (32.0 * D)), rel = err / rms;
     // bf16 output (2^-8 relative) plus the intermediate's roundings where float32 and float64 sums differ
     const bool ok = rel < 0.03 && std::isfinite(rel);
-    printf("{\"kind\": \"check\", \"ok\": %s, \"max_abs_err\": %.4g, \"rms\": %.4g, \"max_err_over_rms\": %.4g}\n",
-           ok ? "true" : "false", err, rms, rel);
+    printf("{\"kind\": \"check\", \"mode\": %d, \"ok\": %s, \"max_abs_err\": %.4g, \"rms\": %.4g, "
+           "\"max_err_over_rms\": %.4g}\n", cm, ok ? "true" : "false", err, rms, rel);
     fflush(stdout);
   }
   for (size_t a = 0; a < modes.size();) {
