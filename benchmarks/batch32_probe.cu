@@ -27,7 +27,9 @@
 // 2 products without barriers or converts (the projections' stream alone; x is stale, not checked);
 // 3 the ring alone (slots released unread); diagnostics of mode 2 (not checked): 4 without the products
 // (the ring and the adds alone), 5 plain float2 stores instead of the adds, 6 without the adds; 7 and 8:
-// modes 2 and 0 with one float4 red.add per lane and tile (lanes exchange halves) instead of two float2. Correctness (--check 1): one layer of mode 0 against a float64
+// modes 2 and 0 with one float4 red.add per lane and tile (lanes exchange halves) instead of two float2;
+// 9 mode 0 with no atomics: each CTA stores its partial sums of a group in a slot of its own ([group][split]),
+// and the convert sums a group's splits in a fixed order (deterministic; checked like 0). Correctness (--check 1): one layer of mode 0 against a float64
 // host product of the same bf16 inputs, the intermediate rounded to bf16 as the kernel rounds it.
 //
 // Build and run (an H100; nvcc 12.4+):
@@ -62,6 +64,7 @@ constexpr int CELL_W = GU * 8 * 16 * 2;  // weight bytes of a cell (16 units × 
 constexpr int CELL_X = 2 * 16 * 16 * 2;  // x bytes of a k16 step (2 m16 tiles × 16 k, bf16): 1 KB
 constexpr int MAX_STAGES = 16;
 constexpr int HEAD = 1024;  // the mbarriers, then the ring
+constexpr int MAX_SPLIT = 16;  // CTAs sharing a group (mode 9's partial slots): ≈ 3 for in_proj, 8 for out_proj
 
 struct Proj {           // one projection of one layer
   const uint4* w;       // its cells, [group][k step][warp][lane] of 16 bytes
@@ -77,6 +80,8 @@ struct Params {
   float* y_in[2];   // in_proj's sums (32, 128 · in_groups), float32, alternating by layer (the other zeroed)
   float* y_out[2];  // out_proj's sums (32, 128 · out_groups)
   unsigned* bar;    // grid barrier arrivals (never reset: targets grow with epoch)
+  float* part_in;   // mode 9: partial sums [group][split][32][128], float32
+  float* part_out;
 };
 
 __device__ __forceinline__ uint32_t sa(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
@@ -119,7 +124,7 @@ __device__ __forceinline__ void mma(float* d, const uint4& a, uint32_t b0, uint3
 }
 
 // The run of cells CTA c of G owns in a projection of `cells`.
-__device__ __forceinline__ void run_of(long cells, int c, int G, long& a, long& b) {
+__host__ __device__ __forceinline__ void run_of(long cells, int c, int G, long& a, long& b) {
   a = cells * c / G;
   b = cells * (c + 1) / G;
 }
@@ -127,6 +132,9 @@ __device__ __forceinline__ Proj proj(const Params& p, int l, int gi) {
   if (gi == 0) return {p.w_in + (long)l * p.in_groups * p.in_ksteps * (CELL_W / 16), p.in_groups, p.in_ksteps};
   return {p.w_out + (long)l * p.out_groups * p.out_ksteps * (CELL_W / 16), p.out_groups, p.out_ksteps};
 }
+
+// The CTA whose run holds cell i (runs as run_of makes them: every run non-empty when cells ≥ G).
+__host__ __device__ __forceinline__ int owner(long i, long cells, int G) { return (int)(((i + 1) * G + cells - 1) / cells) - 1; }
 
 // Consumer threads only (named barrier 1): all CTAs' consumers meet; arrivals count up in *bar.
 __device__ void grid_sync(unsigned* bar, unsigned target, int tid) {
@@ -155,6 +163,28 @@ __device__ void convert(const float* y, int ystride, int ksteps, uint4* x, float
     x[it] = make_uint4(w[0], w[1], w[2], w[3]);
   }
   for (long i = gt; i < n / 4; i += gs) reinterpret_cast<float4*>(zero)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+}
+
+// Mode 9: as `convert`, summing each group's partial slots (split 0 first) instead of reading a sum.
+__device__ void convert_parts(const float* part, int ks_src, long cells, int G, int ksteps, uint4* x, long gt,
+                              long gs) {
+  for (long it = gt; it < (long)ksteps * 64; it += gs) {
+    const int t = (int)(it >> 6), mt = (int)(it >> 5) & 1, ln = (int)it & 31;
+    const int g = t / 8, f = owner((long)g * ks_src, cells, G), n = owner((long)(g + 1) * ks_src - 1, cells, G) - f + 1;
+    uint32_t w[4];
+    for (int q = 0; q < 4; ++q) {
+      const int r = mt * 16 + ln / 4 + (q & 1) * 8, col = (t % 8) * 16 + (ln % 4) * 2 + (q >> 1) * 8;
+      float2 v = make_float2(0.f, 0.f);
+      for (int sp = 0; sp < n; ++sp) {
+        const float2 u = __ldcg(reinterpret_cast<const float2*>(part + (((long)g * MAX_SPLIT + sp) * 32 + r) * 128 + col));
+        v.x += u.x;
+        v.y += u.y;
+      }
+      __nv_bfloat162 h = __floats2bfloat162_rn(v.x, v.y);
+      w[q] = *reinterpret_cast<uint32_t*>(&h);
+    }
+    x[it] = make_uint4(w[0], w[1], w[2], w[3]);
+  }
 }
 
 __global__ void __launch_bounds__(NT, 1) probe(Params p) {
@@ -198,7 +228,7 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
       for (int gi = 0; gi < 2; ++gi) {
         const Proj pr = proj(p, l, gi);
         const unsigned char* x = reinterpret_cast<const unsigned char*>(gi == 0 ? p.x_in : p.x_mid);
-        if (p.mode <= 1 || p.mode == 8) {  // x published by the convert before this projection
+        if (p.mode <= 1 || p.mode >= 8) {  // x published by the convert before this projection
           const unsigned target = (unsigned)G * (base + 4u * l + 2u * gi);
           while (ld_acquire(p.bar) < target) {
           }
@@ -219,16 +249,18 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
         }
       }
   } else if (warp < CW) {  // ------------------------------------------------------------ the consumers
-    const bool products = p.mode == 0 || p.mode == 2 || p.mode >= 5, barriers = p.mode <= 1 || p.mode == 8;
-    // none, float2 red.add, plain stores, float4 red.add
-    const int adds = p.mode == 3 || p.mode == 6 ? 0 : p.mode == 5 ? 2 : p.mode >= 7 ? 3 : 1;
+    const bool products = p.mode == 0 || p.mode == 2 || p.mode >= 5, barriers = p.mode <= 1 || p.mode >= 8;
+    // none, float2 red.add, plain stores, float4 red.add, partial slots
+    const int adds = p.mode == 3 || p.mode == 6 ? 0 : p.mode == 5 ? 2 : p.mode == 9 ? 4 : p.mode >= 7 ? 3 : 1;
     for (int l = 0; l < p.layers; ++l)
       for (int gi = 0; gi < 2; ++gi) {
         const Proj pr = proj(p, l, gi);
         float* y = gi == 0 ? ((l & 1) ? p.y_in[1] : p.y_in[0]) : ((l & 1) ? p.y_out[1] : p.y_out[0]);  // (no dynamic index into the parameters: that copies them to local memory)
         const int ystride = pr.groups * GU * 8;
+        const long cells = (long)pr.groups * pr.ksteps;
+        float* part = gi == 0 ? p.part_in : p.part_out;
         long a, b;
-        run_of((long)pr.groups * pr.ksteps, c, G, a, b);
+        run_of(cells, c, G, a, b);
         float acc[2][2][4] = {};
         int g = (int)(a / pr.ksteps);
         auto flush = [&]() {
@@ -239,7 +271,12 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
               const int col = (g * GU + warp + 8 * u) * 8 + (lane % 4) * 2, r = mt * 16 + lane / 4;
               float2* y0 = reinterpret_cast<float2*>(y + (long)r * ystride + col);
               float2* y1 = reinterpret_cast<float2*>(y + (long)(r + 8) * ystride + col);
-              if (adds == 3) {  // even lanes add row r's 4 columns, odd lanes row r + 8's
+              if (adds == 4) {  // this CTA's slot of the group
+                const int sp = c - owner((long)g * pr.ksteps, cells, G), cg = col - g * GU * 8;
+                float* base = part + ((long)g * MAX_SPLIT + sp) * 32 * 128;
+                *reinterpret_cast<float2*>(base + r * 128 + cg) = make_float2(acc[mt][u][0], acc[mt][u][1]);
+                *reinterpret_cast<float2*>(base + (r + 8) * 128 + cg) = make_float2(acc[mt][u][2], acc[mt][u][3]);
+              } else if (adds == 3) {  // even lanes add row r's 4 columns, odd lanes row r + 8's
                 const bool odd = lane & 1;
                 const float2 mine = odd ? make_float2(acc[mt][u][0], acc[mt][u][1]) : make_float2(acc[mt][u][2], acc[mt][u][3]);
                 const float2 got = make_float2(__shfl_xor_sync(~0u, mine.x, 1), __shfl_xor_sync(~0u, mine.y, 1));
@@ -297,7 +334,10 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
           const long gt = (long)c * CW * 32 + tid, gs = (long)G * CW * 32;
           const unsigned e = base + 4u * l + 2u * gi;
           grid_sync(p.bar, (unsigned)G * (e + 1), tid);
-          if (gi == 0)  // y_in's first out_ksteps × 16 columns → out_proj's x; zero next layer's y_in
+          if (adds == 4)
+            convert_parts(part, pr.ksteps, cells, G, gi == 0 ? p.out_ksteps : p.in_ksteps, gi == 0 ? p.x_mid : p.x_in,
+                          gt, gs);
+          else if (gi == 0)  // y_in's first out_ksteps × 16 columns → out_proj's x; zero next layer's y_in
             convert(y, ystride, p.out_ksteps, p.x_mid, (l & 1) ? p.y_in[0] : p.y_in[1], 32L * ystride, gt, gs);
           else
             convert(y, ystride, p.in_ksteps, p.x_in, (l & 1) ? p.y_out[0] : p.y_out[1], 32L * ystride, gt, gs);
@@ -386,6 +426,22 @@ int main(int argc, char** argv) {
 
   const int in_groups = (NIN + 127) / 128, out_groups = D / 128, in_ks = D / 16, out_ks = DI / 16;
   const size_t in_cells = (size_t)in_groups * in_ks, out_cells = (size_t)out_groups * out_ks;
+  for (auto [groups, ks] : {std::pair<int, int>{in_groups, in_ks}, {out_groups, out_ks}}) {
+    const long cells = (long)groups * ks;  // owner() inverts run_of; mode 9 has MAX_SPLIT slots per group
+    for (int c = 0; c < G; ++c) {
+      long a, b;
+      run_of(cells, c, G, a, b);
+      if (a >= b || owner(a, cells, G) != c || owner(b - 1, cells, G) != c) {
+        fprintf(stderr, "CTA %d's run [%ld, %ld) of %ld cells: owner() disagrees\n", c, a, b, cells);
+        return 1;
+      }
+    }
+    for (int g = 0; g < groups; ++g)
+      if (owner((long)(g + 1) * ks - 1, cells, G) - owner((long)g * ks, cells, G) + 1 > MAX_SPLIT) {
+        fprintf(stderr, "group %d is split over more than %d CTAs\n", g, MAX_SPLIT);
+        return 1;
+      }
+  }
   // One layer's weights on the host, ~ U(-1, 1) · sqrt(3 / K) (unit variance through each product)
   std::vector<uint16_t> Win((size_t)D * NIN), Wout((size_t)DI * D), x0((size_t)32 * D);
   for (auto& v : Win) v = bf16_bits(urand() * sqrtf(3.f / D));
@@ -419,6 +475,9 @@ int main(int argc, char** argv) {
   const size_t yin_n = (size_t)32 * in_groups * 128, yout_n = (size_t)32 * out_groups * 128;
   CK(cudaMalloc(&ybuf, (2 * yin_n + 2 * yout_n) * 4));
   CK(cudaMalloc(&bar, 4));
+  float *part_in, *part_out;
+  CK(cudaMalloc(&part_in, (size_t)in_groups * MAX_SPLIT * 32 * 128 * 4));
+  CK(cudaMalloc(&part_out, (size_t)out_groups * MAX_SPLIT * 32 * 128 * 4));
   Params p{};
   p.w_in = w_in;
   p.w_out = w_out;
@@ -435,6 +494,8 @@ int main(int argc, char** argv) {
   p.y_out[0] = ybuf + 2 * yin_n;
   p.y_out[1] = ybuf + 2 * yin_n + yout_n;
   p.bar = bar;
+  p.part_in = part_in;
+  p.part_out = part_out;
   auto reset = [&]() {
     CK(cudaMemcpy(x_in, xf.data(), xf.size() * 2, cudaMemcpyHostToDevice));
     CK(cudaMemset(ybuf, 0, (2 * yin_n + 2 * yout_n) * 4));
@@ -448,7 +509,7 @@ int main(int argc, char** argv) {
     CK(cudaLaunchCooperativeKernel((const void*)probe, G, NT, args, smem, 0));
   };
   const double wbytes = (double)(in_b + out_b);
-  for (int cm : {0, 8}) {  // one layer of modes 0 and 8 against float64 products of the same bf16 inputs
+  for (int cm : {0, 8, 9}) {  // one layer of modes 0 and 8 against float64 products of the same bf16 inputs
     if (!check) break;
     reset();
     launch(1, cm, 0);

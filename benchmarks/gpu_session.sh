@@ -20,6 +20,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh q   # H100 timing: head phase A/B, generate.py b1 + peer
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh r   # stage p's tests, then batch 1 by card (H100: the issue's row)
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh s   # the producer cursor's code (MK_CURSOR 0-3) A/B, best in generate.py
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh t   # batch32_probe's modes; generate.py 2.7B b1 (the default) + peer
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -270,7 +271,16 @@ print(min(t, key=lambda v: sum(t[v]) / len(t[v])))
     timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 4 --modes 0,2 --check 0 | tee -a "$OUT/batch32_probe_$gpu.jsonl"
     step megakernel_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_megakernel.py \
         -k "head_phase or (2_7b and None)"
+elif [ "$stage" = t ]; then  # ≈ 4 minutes: where the batch-32 persistent projections lose time; batch 1 again
+    find_nvcc
+    nv=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
+    # modes 0 / 8 / 9 (checked: float2 adds, float4 adds, partial slots), then the diagnostics (header of the .cu)
+    "$nv" -O3 -std=c++17 -arch=sm_90a -o /tmp/b32 benchmarks/batch32_probe.cu &&
+        timeout 120 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 0,8,9,1,2,7,4,5,6,3 --check 1 |
+        tee "$OUT/batch32_probe_modes_$gpu.jsonl"
+    (cd benchmarks && step generate_2_7b_b1 200 python3 generate.py --model mamba2_2_7b --batch 1 \
+        --state-dtype bfloat16 --peer --decode-impl megakernel --out "$OUT/generate_2_7b_b1_megakernel_default_$gpu.json")
 else
-    echo "unknown stage $stage (a … s)" >&2
+    echo "unknown stage $stage (a … t)" >&2
     exit 2
 fi
