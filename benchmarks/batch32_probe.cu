@@ -29,7 +29,11 @@
 // (the ring and the adds alone), 5 plain float2 stores instead of the adds, 6 without the adds; 7 and 8:
 // modes 2 and 0 with one float4 red.add per lane and tile (lanes exchange halves) instead of two float2;
 // 9 mode 0 with no atomics: each CTA stores its partial sums of a group in a slot of its own ([group][split]),
-// and the convert sums a group's splits in a fixed order (deterministic; checked like 0). Correctness (--check 1): one layer of mode 0 against a float64
+// and the convert sums a group's splits in a fixed order (deterministic; checked like 0); 10 mode 9 without
+// grid barriers (dataflow): the last CTA to store a group's partial sums (a counter per group) converts that
+// group's 128 columns and publishes a flag; the x producer waits only for the groups its slot reads. x is
+// double-buffered by layer parity: every CTA owns a share of every projection, so a projection complete
+// means every CTA is past the one before it (checked like 0). Correctness (--check 1): one layer of mode 0 against a float64
 // host product of the same bf16 inputs, the intermediate rounded to bf16 as the kernel rounds it.
 //
 // Build and run (an H100; nvcc 12.4+):
@@ -82,6 +86,12 @@ struct Params {
   unsigned* bar;    // grid barrier arrivals (never reset: targets grow with epoch)
   float* part_in;   // mode 9: partial sums [group][split][32][128], float32
   float* part_out;
+  uint4* x_in1;     // mode 10: the odd layers' x (x_in, x_mid hold the even layers')
+  uint4* x_mid1;
+  unsigned* cnt_in;    // mode 10: per group, the splits that stored their partial sums (grows by layer)
+  unsigned* cnt_out;
+  unsigned* ready_in;  // mode 10: per group, 1 + the layer (counted over launches) whose x it converted
+  unsigned* ready_out;
 };
 
 __device__ __forceinline__ uint32_t sa(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
@@ -166,9 +176,9 @@ __device__ void convert(const float* y, int ystride, int ksteps, uint4* x, float
 }
 
 // Mode 9: as `convert`, summing each group's partial slots (split 0 first) instead of reading a sum.
-__device__ void convert_parts(const float* part, int ks_src, long cells, int G, int ksteps, uint4* x, long gt,
-                              long gs) {
-  for (long it = gt; it < (long)ksteps * 64; it += gs) {
+__device__ void convert_parts(const float* part, int ks_src, long cells, int G, long it0, long it1, uint4* x,
+                              long gt, long gs) {
+  for (long it = it0 + gt; it < it1; it += gs) {
     const int t = (int)(it >> 6), mt = (int)(it >> 5) & 1, ln = (int)it & 31;
     const int g = t / 8, f = owner((long)g * ks_src, cells, G), n = owner((long)(g + 1) * ks_src - 1, cells, G) - f + 1;
     uint32_t w[4];
@@ -227,8 +237,13 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
     for (int l = 0; l < p.layers; ++l)
       for (int gi = 0; gi < 2; ++gi) {
         const Proj pr = proj(p, l, gi);
-        const unsigned char* x = reinterpret_cast<const unsigned char*>(gi == 0 ? p.x_in : p.x_mid);
-        if (p.mode <= 1 || p.mode >= 8) {  // x published by the convert before this projection
+        const long q = (long)p.epoch * p.layers + l;  // the layer counted over launches (mode 10's flags)
+        const uint4* xs = p.mode == 10 && (q & 1) ? (gi == 0 ? p.x_in1 : p.x_mid1) : (gi == 0 ? p.x_in : p.x_mid);
+        const unsigned char* x = reinterpret_cast<const unsigned char*>(xs);
+        // mode 10: x of k step t comes from the previous projection's group t / 8, converted for layer q
+        const unsigned* ready = gi == 0 ? p.ready_out : p.ready_in;
+        const unsigned want = (unsigned)(gi == 0 ? q : q + 1);
+        if (p.mode <= 1 || (p.mode >= 8 && p.mode < 10)) {  // x published by the convert before this projection
           const unsigned target = (unsigned)G * (base + 4u * l + 2u * gi);
           while (ld_acquire(p.bar) < target) {
           }
@@ -239,6 +254,16 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
         for (long i = a; i < b; i += p.cps, ++k) {
           const int s = (int)(k % S), n = (int)(b - i < p.cps ? b - i : p.cps);
           if (k >= S) mbar_wait(&empty[s], (unsigned)((k / S - 1) & 1));
+          if (p.mode == 10) {
+            const long t0 = i % pr.ksteps, t1 = (i + n - 1) % pr.ksteps;  // the slot's k steps wrap at most once
+            for (long gg = 0; gg < (pr.ksteps + 7) / 8; ++gg) {
+              const bool used = t0 <= t1 ? (gg * 8 + 7 >= t0 && gg * 8 <= t1) : (gg * 8 + 7 >= t0 || gg * 8 <= t1);
+              if (used)
+                while (ld_acquire(ready + gg) < want) {
+                }
+            }
+            asm volatile("fence.proxy.async.global;" ::: "memory");
+          }
           mbar_expect(&xfull[s], n * CELL_X);
           unsigned char* dst = ring + (long)s * slot + p.cps * CELL_W;
           for (int j = 0; j < n;) {  // contiguous k steps until the run wraps into the next group
@@ -249,9 +274,11 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
         }
       }
   } else if (warp < CW) {  // ------------------------------------------------------------ the consumers
-    const bool products = p.mode == 0 || p.mode == 2 || p.mode >= 5, barriers = p.mode <= 1 || p.mode >= 8;
+    const bool products = p.mode == 0 || p.mode == 2 || p.mode >= 5;
+    const bool barriers = p.mode <= 1 || p.mode == 8 || p.mode == 9, flow = p.mode == 10;
     // none, float2 red.add, plain stores, float4 red.add, partial slots
-    const int adds = p.mode == 3 || p.mode == 6 ? 0 : p.mode == 5 ? 2 : p.mode == 9 ? 4 : p.mode >= 7 ? 3 : 1;
+    const int adds = p.mode == 3 || p.mode == 6 ? 0 : p.mode == 5 ? 2 : p.mode >= 9 ? 4 : p.mode >= 7 ? 3 : 1;
+    __shared__ int last;  // mode 10: this CTA stored a group's last partial sums
     for (int l = 0; l < p.layers; ++l)
       for (int gi = 0; gi < 2; ++gi) {
         const Proj pr = proj(p, l, gi);
@@ -259,6 +286,7 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
         const int ystride = pr.groups * GU * 8;
         const long cells = (long)pr.groups * pr.ksteps;
         float* part = gi == 0 ? p.part_in : p.part_out;
+        const long q = (long)p.epoch * p.layers + l;
         long a, b;
         run_of(cells, c, G, a, b);
         float acc[2][2][4] = {};
@@ -295,6 +323,29 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
               for (int e = 0; e < 4; ++e) acc[mt][u][e] = 0.f;
             }
         };
+        // mode 10: the group's partial sums stored, the last of its splits converts it and publishes the flag
+        auto group_done = [&]() {
+          asm volatile("bar.sync 1, %0;" ::"n"(CW * 32) : "memory");
+          const long f = owner((long)g * pr.ksteps, cells, G);
+          const unsigned n = (unsigned)(owner((long)(g + 1) * pr.ksteps - 1, cells, G) - f + 1);
+          unsigned* cnt = (gi == 0 ? p.cnt_in : p.cnt_out) + g;
+          if (tid == 0) {
+            __threadfence();
+            last = atomicAdd(cnt, 1u) == n * (unsigned)(q + 1) - 1;
+            __threadfence();
+          }
+          asm volatile("bar.sync 1, %0;" ::"n"(CW * 32) : "memory");
+          const int dst_groups = gi == 0 ? p.out_ksteps / 8 : p.in_ksteps / 8;  // the columns the next one reads
+          if (last && g < dst_groups) {
+            uint4* xd = gi == 0 ? ((q & 1) ? p.x_mid1 : p.x_mid) : ((q & 1) ? p.x_in : p.x_in1);  // x of q / q + 1
+            convert_parts(part, pr.ksteps, cells, G, g * 512L, (g + 1) * 512L, xd, tid, CW * 32);
+            asm volatile("bar.sync 1, %0;" ::"n"(CW * 32) : "memory");
+            if (tid == 0) {
+              __threadfence();
+              atomicMax((gi == 0 ? p.ready_in : p.ready_out) + g, (unsigned)(q + 1));
+            }
+          }
+        };
         for (long i = a; i < b; i += p.cps, ++k) {
           const int s = (int)(k % S), n = (int)(b - i < p.cps ? b - i : p.cps);
           const unsigned par = (unsigned)((k / S) & 1);
@@ -307,6 +358,7 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
               const int gj = (int)((i + j) / pr.ksteps);
               if (gj != g) {
                 if (adds) flush();
+                if (flow) group_done();
                 g = gj;
               }
               const uint4 bw = *reinterpret_cast<const uint4*>(sw + j * CELL_W + (warp * 32 + lane) * 16);
@@ -329,14 +381,15 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
             }
           g = (int)((b - 1) / pr.ksteps);
           flush();
+          if (flow) group_done();
         }
         if (barriers) {
           const long gt = (long)c * CW * 32 + tid, gs = (long)G * CW * 32;
           const unsigned e = base + 4u * l + 2u * gi;
           grid_sync(p.bar, (unsigned)G * (e + 1), tid);
           if (adds == 4)
-            convert_parts(part, pr.ksteps, cells, G, gi == 0 ? p.out_ksteps : p.in_ksteps, gi == 0 ? p.x_mid : p.x_in,
-                          gt, gs);
+            convert_parts(part, pr.ksteps, cells, G, 0, (gi == 0 ? p.out_ksteps : p.in_ksteps) * 64L,
+                          gi == 0 ? p.x_mid : p.x_in, gt, gs);
           else if (gi == 0)  // y_in's first out_ksteps × 16 columns → out_proj's x; zero next layer's y_in
             convert(y, ystride, p.out_ksteps, p.x_mid, (l & 1) ? p.y_in[0] : p.y_in[1], 32L * ystride, gt, gs);
           else
@@ -416,7 +469,9 @@ int main(int argc, char** argv) {
   CK(cudaGetDeviceProperties(&prop, 0));
   const int G = prop.multiProcessorCount;
   const int slot = cps * (CELL_W + CELL_X);
-  const int stages = std::min<int>(MAX_STAGES, ((int)prop.sharedMemPerBlockOptin - HEAD) / slot);
+  cudaFuncAttributes fa;
+  CK(cudaFuncGetAttributes(&fa, probe));  // (its static shared memory counts against the same 227 KB)
+  const int stages = std::min<int>(MAX_STAGES, ((int)prop.sharedMemPerBlockOptin - (int)fa.sharedSizeBytes - HEAD) / slot);
   if (stages < 2) {
     fprintf(stderr, "cps %d: a slot of %d bytes leaves fewer than 2 stages\n", cps, slot);
     return 2;
@@ -476,6 +531,11 @@ int main(int argc, char** argv) {
   CK(cudaMalloc(&ybuf, (2 * yin_n + 2 * yout_n) * 4));
   CK(cudaMalloc(&bar, 4));
   float *part_in, *part_out;
+  uint4 *x_in1, *x_mid1;
+  unsigned* flags;  // cnt_in, cnt_out, ready_in, ready_out
+  CK(cudaMalloc(&x_in1, (size_t)in_ks * CELL_X));
+  CK(cudaMalloc(&x_mid1, (size_t)out_ks * CELL_X));
+  CK(cudaMalloc(&flags, (size_t)2 * (in_groups + out_groups) * 4));
   CK(cudaMalloc(&part_in, (size_t)in_groups * MAX_SPLIT * 32 * 128 * 4));
   CK(cudaMalloc(&part_out, (size_t)out_groups * MAX_SPLIT * 32 * 128 * 4));
   Params p{};
@@ -496,10 +556,17 @@ int main(int argc, char** argv) {
   p.bar = bar;
   p.part_in = part_in;
   p.part_out = part_out;
+  p.x_in1 = x_in1;
+  p.x_mid1 = x_mid1;
+  p.cnt_in = flags;
+  p.cnt_out = flags + in_groups;
+  p.ready_in = flags + in_groups + out_groups;
+  p.ready_out = flags + 2 * in_groups + out_groups;
   auto reset = [&]() {
     CK(cudaMemcpy(x_in, xf.data(), xf.size() * 2, cudaMemcpyHostToDevice));
     CK(cudaMemset(ybuf, 0, (2 * yin_n + 2 * yout_n) * 4));
     CK(cudaMemset(bar, 0, 4));
+    CK(cudaMemset(flags, 0, (size_t)2 * (in_groups + out_groups) * 4));
   };
   auto launch = [&](int layers, int mode, int epoch) {
     p.layers = layers;
@@ -509,13 +576,14 @@ int main(int argc, char** argv) {
     CK(cudaLaunchCooperativeKernel((const void*)probe, G, NT, args, smem, 0));
   };
   const double wbytes = (double)(in_b + out_b);
-  for (int cm : {0, 8, 9}) {  // one layer of modes 0 and 8 against float64 products of the same bf16 inputs
+  for (int cm : {0, 8, 9, 10}) {  // one layer of modes 0 and 8 against float64 products of the same bf16 inputs
     if (!check) break;
     reset();
     launch(1, cm, 0);
     CK(cudaDeviceSynchronize());
     std::vector<uint16_t> got(xf.size());
-    CK(cudaMemcpy(got.data(), x_in, got.size() * 2, cudaMemcpyDeviceToHost));
+    // (mode 10 double-buffers x by layer: layer 0's out_proj writes layer 1's, the odd buffer)
+    CK(cudaMemcpy(got.data(), cm == 10 ? x_in1 : x_in, got.size() * 2, cudaMemcpyDeviceToHost));
     std::vector<float> mid((size_t)32 * DI), want((size_t)32 * D);
     for (int r = 0; r < 32; ++r) {
       std::vector<double> acc(NIN, 0.0);
