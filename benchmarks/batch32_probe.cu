@@ -33,13 +33,15 @@
 // grid barriers (dataflow): the last CTA to store a group's partial sums (a counter per group) converts that
 // group's 128 columns and publishes a flag; the x producer waits only for the groups its slot reads. x is
 // double-buffered by layer parity: every CTA owns a share of every projection, so a projection complete
-// means every CTA is past the one before it (checked like 0). Correctness (--check 1): one layer of mode 0 against a float64
+// means every CTA is past the one before it (checked like 0).
+// Correctness (--check 1): one layer of each checked mode named in --modes (0, 8, 9, 10) against a float64
 // host product of the same bf16 inputs, the intermediate rounded to bf16 as the kernel rounds it.
+// First H100 run (modes 0–3): benchmarks/README.md, results/batch32_probe_h100.jsonl.
 //
 // Build and run (an H100; nvcc 12.4+):
 //   nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/b32 benchmarks/batch32_probe.cu
-//   /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 0,1,2,3 --check 1
-// One JSON line per mode (µs per layer, weight TB/s) and one for the check.
+//   /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 0,8,9,1,2,7,4,5,6,3 --check 1
+// One JSON line per mode (µs per layer, weight TB/s) and one per check.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
