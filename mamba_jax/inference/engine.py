@@ -127,7 +127,8 @@ class Engine:
             model = fold_norm_weights(model)  # the unstacked view's own arrays (see mamba_jax.inference.fold)
         self.quantize = None if quantize in (None, "none") else quantize
         self.mk_params = self.mk_head = self.mk_options = self._mk_pack = None
-        if megakernel == "auto":  # where the CUDA kernel runs for this model (one device), else off
+        auto = megakernel == "auto"
+        if auto:  # where the CUDA kernel runs for this model (one device), else off
             from mamba_jax.inference.megakernel import not_here
 
             megakernel = (mesh is None or mesh.size == 1) and not_here(model, self.quantize) is None
@@ -152,10 +153,11 @@ class Engine:
             # the A/B variables, read once here (a cached trace of the loop would not see them change)
             self.mk_options = _MegakernelOptions(mk.kernel_mode(), mk.kernel_graph(), _unroll_override(),
                                                  mk.kernel_cursor())  # fmt: skip
-            shapes = jax.eval_shape(lambda m: mk.pack(m, mk_dtype, quantize=self.quantize), model)
-            if why := mk.kernel_unsupported(shapes, model.cfg.norm_eps, cursor=self.mk_options.cursor):
-                note_once(f"megakernel=True: the CUDA megakernel does not run here ({why}); batch 1 decodes "
-                          "through its JAX reference instead (the same arithmetic, not faster).")  # fmt: skip
+            if not auto:  # (auto took it only where not_here found that the kernel runs)
+                shapes = jax.eval_shape(lambda m: mk.pack(m, mk_dtype, quantize=self.quantize), model)
+                if why := mk.kernel_unsupported(shapes, model.cfg.norm_eps, cursor=self.mk_options.cursor):
+                    note_once(f"megakernel=True: the CUDA megakernel does not run here ({why}); batch 1 decodes "
+                              "through its JAX reference instead (the same arithmetic, not faster).")  # fmt: skip
             if self.quantize is not None:
                 self._pack_megakernel()
         if self.quantize is not None:
