@@ -433,6 +433,16 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   const int G = prop.multiProcessorCount;
+  {  // the run: machine, CUDA versions, command line (results/ keep it beside the numbers)
+    int rt = 0, drv = 0;
+    CK(cudaRuntimeGetVersion(&rt));
+    CK(cudaDriverGetVersion(&drv));
+    std::string cmd;
+    for (int i = 0; i < argc; ++i) cmd += (i ? " " : "") + std::string(argv[i]);
+    const char* rev = getenv("GIT_REVISION");
+    printf("{\"kind\": \"run\", \"device\": \"%s\", \"sms\": %d, \"cuda_runtime\": %d, \"cuda_driver\": %d, "
+           "\"git_revision\": \"%s\", \"command\": \"%s\"}\n", prop.name, G, rt, drv, rev ? rev : "", cmd.c_str());
+  }
   const int slot = cps * (CELL_W + CELL_X);
   cudaFuncAttributes fa;
   CK(cudaFuncGetAttributes(&fa, probe));  // (its static shared memory counts against the same 227 KB)
