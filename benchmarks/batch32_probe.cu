@@ -34,13 +34,18 @@
 // group's 128 columns and publishes a flag; the x producer waits only for the groups its slot reads. x is
 // double-buffered by layer parity: every CTA owns a share of every projection, so a projection complete
 // means every CTA is past the one before it (checked like 0).
+// The consumers walk a slot's cells in runs within one group, four cells' fragments loaded before their 16
+// products, even and odd cells in two sets of accumulators (the first version, at 0841341, loaded and
+// multiplied one cell at a time after a 64-bit division for the cell's group: 4 HMMA in the whole kernel).
+// --clock 1: one thread per role adds up where its cycles go (waiting for a free slot, for x, for the weights,
+// in products and adds, in barriers and converts) and a "cycles" line gives the means over CTAs per layer.
 // Correctness (--check 1): one layer of each checked mode named in --modes (0, 8, 9, 10) against a float64
 // host product of the same bf16 inputs, the intermediate rounded to bf16 as the kernel rounds it.
 // First H100 run (modes 0–3): benchmarks/README.md, results/batch32_probe_h100.jsonl.
 //
 // Build and run (an H100; nvcc 12.4+):
 //   nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/b32 benchmarks/batch32_probe.cu
-//   /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 0,8,9,1,2,7,4,5,6,3 --check 1
+//   /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 0,8,9,1,2,7,4,5,6,3 --check 1 [--clock 1]
 // One JSON line per mode (µs per layer, weight TB/s) and one per check.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -89,6 +94,7 @@ struct Params {
   unsigned* cnt_out;
   unsigned* ready_in;  // mode 10: per group, 1 + the layer (counted over launches) whose x it converted
   unsigned* ready_out;
+  unsigned long long* cycles;  // --clock 1: [CTA][8] cycles by role and cause, summed over launches
 };
 
 __device__ __forceinline__ void mma(float* d, const uint4& a, uint32_t b0, uint32_t b1) {
@@ -163,6 +169,51 @@ __device__ void convert_parts(const float* part, int ks_src, long cells, int G, 
   }
 }
 
+// A role's position in the ring: the slot, its phase parity, and whether every slot has been used once (no 64-bit
+// divisions by the depth per slot).
+struct Cursor {
+  int s = 0;
+  unsigned ph = 0;
+  bool wrapped = false;
+  __device__ __forceinline__ void next(int S) {
+    if (++s == S) s = 0, ph ^= 1u, wrapped = true;
+  }
+};
+
+// m consecutive cells of one group (this lane's weight fragments at sw, its x fragments at sx, one cell apart
+// by CELL_W / CELL_X): four cells' loads before their products, and two sets of accumulators (even cells in
+// acc, odd in acc2) so that no mma waits on the one before it.
+__device__ __forceinline__ void mma_cells(float (&acc)[2][2][4], float (&acc2)[2][2][4], const unsigned char* sw,
+                                      const unsigned char* sx, int m) {
+  int j = 0;
+  for (; j + 4 <= m; j += 4) {
+    uint4 bw[4], a0[4], a1[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      bw[q] = *reinterpret_cast<const uint4*>(sw + (j + q) * CELL_W);
+      a0[q] = *reinterpret_cast<const uint4*>(sx + (j + q) * CELL_X);
+      a1[q] = *reinterpret_cast<const uint4*>(sx + (j + q) * CELL_X + 512);
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      float(&d)[2][2][4] = q & 1 ? acc2 : acc;
+      mma(d[0][0], a0[q], bw[q].x, bw[q].y);
+      mma(d[1][0], a1[q], bw[q].x, bw[q].y);
+      mma(d[0][1], a0[q], bw[q].z, bw[q].w);
+      mma(d[1][1], a1[q], bw[q].z, bw[q].w);
+    }
+  }
+  for (; j < m; ++j) {
+    const uint4 bw = *reinterpret_cast<const uint4*>(sw + j * CELL_W);
+    const uint4 a0 = *reinterpret_cast<const uint4*>(sx + j * CELL_X);
+    const uint4 a1 = *reinterpret_cast<const uint4*>(sx + j * CELL_X + 512);
+    mma(acc[0][0], a0, bw.x, bw.y);
+    mma(acc[1][0], a1, bw.x, bw.y);
+    mma(acc[0][1], a0, bw.z, bw.w);
+    mma(acc[1][1], a1, bw.z, bw.w);
+  }
+}
+
 __global__ void __launch_bounds__(NT, 1) probe(Params p) {
   extern __shared__ __align__(1024) unsigned char smem[];
   uint64_t* wfull = reinterpret_cast<uint64_t*>(smem);
@@ -181,7 +232,10 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
   }
   __syncthreads();
   const unsigned base = (unsigned)p.epoch * 4u * p.layers;  // barrier episodes before this launch
-  long k = 0;                                               // slots so far (every role counts alike)
+  Cursor cur;                     // this role's slot in the ring (every role walks the same slots)
+  const bool clk = p.cycles != nullptr;  // --clock 1: where each role's cycles go (see cycle_names)
+  long long cyc[4] = {};
+  const long long start = clk ? clock64() : 0;
   if (warp == CW && lane == 0) {  // ---------------------------------------------- the weight producer
     uint64_t pol;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
@@ -190,9 +244,13 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
         const Proj pr = proj(p, l, gi);
         long a, b;
         run_of((long)pr.groups * pr.ksteps, c, G, a, b);
-        for (long i = a; i < b; i += p.cps, ++k) {
-          const int s = (int)(k % S), n = (int)(b - i < p.cps ? b - i : p.cps);
-          if (k >= S) mbar_wait(&empty[s], (unsigned)((k / S - 1) & 1));
+        for (long i = a; i < b; i += p.cps, cur.next(S)) {
+          const int s = cur.s, n = (int)(b - i < p.cps ? b - i : p.cps);
+          if (cur.wrapped) {
+            const long long t0 = clk ? clock64() : 0;
+            mbar_wait(&empty[s], cur.ph ^ 1u);
+            if (clk) cyc[0] += clock64() - t0;
+          }
           mbar_expect(&wfull[s], n * CELL_W);
           bulk_load(ring + (long)s * slot, pr.w + i * (CELL_W / 16), n * CELL_W, &wfull[s], pol);
         }
@@ -211,23 +269,31 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
         const unsigned want = (unsigned)(gi == 0 ? q : q + 1);
         if (p.mode <= 1 || (p.mode >= 8 && p.mode < 10)) {  // x published by the convert before this projection
           const unsigned target = (unsigned)G * (base + 4u * l + 2u * gi);
+          const long long t0 = clk ? clock64() : 0;
           while (ld_acquire(p.bar) < target) {
           }
+          if (clk) cyc[1] += clock64() - t0;
           asm volatile("fence.proxy.async.global;" ::: "memory");  // generic stores → the bulk copies' reads
         }
         long a, b;
         run_of((long)pr.groups * pr.ksteps, c, G, a, b);
-        for (long i = a; i < b; i += p.cps, ++k) {
-          const int s = (int)(k % S), n = (int)(b - i < p.cps ? b - i : p.cps);
-          if (k >= S) mbar_wait(&empty[s], (unsigned)((k / S - 1) & 1));
+        for (long i = a; i < b; i += p.cps, cur.next(S)) {
+          const int s = cur.s, n = (int)(b - i < p.cps ? b - i : p.cps);
+          if (cur.wrapped) {
+            const long long t0 = clk ? clock64() : 0;
+            mbar_wait(&empty[s], cur.ph ^ 1u);
+            if (clk) cyc[0] += clock64() - t0;
+          }
           if (p.mode == 10) {
             const long t0 = i % pr.ksteps, t1 = (i + n - 1) % pr.ksteps;  // the slot's k steps wrap at most once
+            const long long c0 = clk ? clock64() : 0;
             for (long gg = 0; gg < (pr.ksteps + 7) / 8; ++gg) {
               const bool used = t0 <= t1 ? (gg * 8 + 7 >= t0 && gg * 8 <= t1) : (gg * 8 + 7 >= t0 || gg * 8 <= t1);
               if (used)
                 while (ld_acquire(ready + gg) < want) {
                 }
             }
+            if (clk) cyc[1] += clock64() - c0;
             asm volatile("fence.proxy.async.global;" ::: "memory");
           }
           mbar_expect(&xfull[s], n * CELL_X);
@@ -255,7 +321,7 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
         const long q = (long)p.epoch * p.layers + l;
         long a, b;
         run_of(cells, c, G, a, b);
-        float acc[2][2][4] = {};
+        float acc[2][2][4] = {}, acc2[2][2][4] = {};
         int g = (int)(a / pr.ksteps);
         auto flush = [&]() {
 #pragma unroll
@@ -265,6 +331,8 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
               const int col = (g * GU + warp + 8 * u) * 8 + (lane % 4) * 2, r = mt * 16 + lane / 4;
               float2* y0 = reinterpret_cast<float2*>(y + (long)r * ystride + col);
               float2* y1 = reinterpret_cast<float2*>(y + (long)(r + 8) * ystride + col);
+#pragma unroll
+              for (int e = 0; e < 4; ++e) acc[mt][u][e] += acc2[mt][u][e], acc2[mt][u][e] = 0.f;
               if (adds == 4) {  // this CTA's slot of the group
                 const int sp = c - owner((long)g * pr.ksteps, cells, G), cg = col - g * GU * 8;
                 float* base = part + ((long)g * MAX_SPLIT + sp) * 32 * 128;
@@ -312,29 +380,30 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
             }
           }
         };
-        for (long i = a; i < b; i += p.cps, ++k) {
-          const int s = (int)(k % S), n = (int)(b - i < p.cps ? b - i : p.cps);
-          const unsigned par = (unsigned)((k / S) & 1);
-          mbar_wait(&wfull[s], par);
-          mbar_wait(&xfull[s], par);
+        int t = (int)(a % pr.ksteps);  // the k step of the next cell within group g
+        for (long i = a; i < b; i += p.cps, cur.next(S)) {
+          const int s = cur.s, n = (int)(b - i < p.cps ? b - i : p.cps);
+          long long t0 = clk ? clock64() : 0;
+          mbar_wait(&wfull[s], cur.ph);
+          if (clk) cyc[0] += clock64() - t0, t0 = clock64();
+          mbar_wait(&xfull[s], cur.ph);
+          if (clk) cyc[1] += clock64() - t0, t0 = clock64();
           if (products) {
-            const unsigned char* sw = ring + (long)s * slot;
-            const unsigned char* sx = sw + p.cps * CELL_W;
-            for (int j = 0; j < n; ++j) {
-              const int gj = (int)((i + j) / pr.ksteps);
-              if (gj != g) {
+            const unsigned char* sw = ring + (long)s * slot + (warp * 32 + lane) * 16;
+            const unsigned char* sx = ring + (long)s * slot + p.cps * CELL_W + lane * 16;
+            for (int j = 0; j < n;) {  // runs of cells within one group
+              if (t == pr.ksteps) {
                 if (adds) flush();
                 if (flow) group_done();
-                g = gj;
+                ++g;
+                t = 0;
               }
-              const uint4 bw = *reinterpret_cast<const uint4*>(sw + j * CELL_W + (warp * 32 + lane) * 16);
-              const uint4 a0 = *reinterpret_cast<const uint4*>(sx + j * CELL_X + lane * 16);
-              const uint4 a1 = *reinterpret_cast<const uint4*>(sx + j * CELL_X + (32 + lane) * 16);
-              mma(acc[0][0], a0, bw.x, bw.y);
-              mma(acc[1][0], a1, bw.x, bw.y);
-              mma(acc[0][1], a0, bw.z, bw.w);
-              mma(acc[1][1], a1, bw.z, bw.w);
+              const int m = n - j < pr.ksteps - t ? n - j : pr.ksteps - t;
+              mma_cells(acc, acc2, sw + j * CELL_W, sx + j * CELL_X, m);
+              j += m;
+              t += m;
             }
+            if (clk) cyc[2] += clock64() - t0;
           }
           __syncwarp();
           if (lane == 0) mbar_arrive(&empty[s]);
@@ -352,6 +421,7 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
         if (barriers) {
           const long gt = (long)c * CW * 32 + tid, gs = (long)G * CW * 32;
           const unsigned e = base + 4u * l + 2u * gi;
+          const long long t0 = clk ? clock64() : 0;
           grid_sync(p.bar, (unsigned)G * (e + 1), tid);
           if (adds == 4)
             convert_parts(part, pr.ksteps, cells, G, 0, (gi == 0 ? p.out_ksteps : p.in_ksteps) * 64L,
@@ -361,8 +431,21 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
           else
             convert(y, ystride, p.in_ksteps, p.x_in, (l & 1) ? p.y_out[0] : p.y_out[1], 32L * ystride, gt, gs);
           grid_sync(p.bar, (unsigned)G * (e + 2), tid);
+          if (clk) cyc[3] += clock64() - t0;
         }
       }
+  }
+  if (clk) {  // one thread of each role: see cycle_names on the host
+    unsigned long long* o = p.cycles + (long)c * 8;
+    if (warp == CW && lane == 0) {
+      atomicAdd(o, (unsigned long long)cyc[0]);
+    } else if (warp == CW + 1 && lane == 0) {
+      atomicAdd(o + 1, (unsigned long long)cyc[0]);
+      atomicAdd(o + 2, (unsigned long long)cyc[1]);
+    } else if (tid == 0) {
+      for (int r = 0; r < 4; ++r) atomicAdd(o + 3 + r, (unsigned long long)cyc[r]);
+      atomicAdd(o + 7, (unsigned long long)(clock64() - start));
+    }
   }
 }
 
@@ -408,7 +491,7 @@ static void frag_pos(size_t i, int& r, int& col) {
 }
 
 int main(int argc, char** argv) {
-  int L = 64, tokens = 10, cps = 8, check = 1, D = 2560, NIN = 10576, DI = 5120;
+  int L = 64, tokens = 10, cps = 8, check = 1, clock = 0, D = 2560, NIN = 10576, DI = 5120;
   std::string modes = "0,1,2,3";
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!strcmp(argv[i], "--layers")) L = atoi(argv[i + 1]);
@@ -416,6 +499,7 @@ int main(int argc, char** argv) {
     else if (!strcmp(argv[i], "--cps")) cps = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "--modes")) modes = argv[i + 1];
     else if (!strcmp(argv[i], "--check")) check = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--clock")) clock = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "--dims")) sscanf(argv[i + 1], "%d,%d,%d", &D, &NIN, &DI);
     else {
       fprintf(stderr, "unknown argument %s\n", argv[i]);
@@ -510,6 +594,8 @@ int main(int argc, char** argv) {
   CK(cudaMalloc(&flags, (size_t)2 * (in_groups + out_groups) * 4));
   CK(cudaMalloc(&part_in, (size_t)in_groups * MAX_SPLIT * 32 * 128 * 4));
   CK(cudaMalloc(&part_out, (size_t)out_groups * MAX_SPLIT * 32 * 128 * 4));
+  unsigned long long* cycles = nullptr;
+  if (clock) CK(cudaMalloc(&cycles, (size_t)G * 8 * 8));
   Params p{};
   p.w_in = w_in;
   p.w_out = w_out;
@@ -598,8 +684,11 @@ int main(int argc, char** argv) {
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
+    if (clock) CK(cudaMemset(cycles, 0, (size_t)G * 8 * 8));
     CK(cudaEventRecord(e0));
+    p.cycles = cycles;  // (the warm-up and the checks run without the clock reads)
     for (int t = 1; t <= tokens; ++t) launch(L, mode, t);
+    p.cycles = nullptr;
     CK(cudaEventRecord(e1));
     CK(cudaEventSynchronize(e1));
     float ms;
@@ -607,8 +696,24 @@ int main(int argc, char** argv) {
     const double us = ms * 1e3 / ((double)tokens * L);
     printf("{\"kind\": \"batch32\", \"mode\": %d, \"layers\": %d, \"tokens\": %d, \"cps\": %d, \"stages\": %d, "
            "\"ctas\": %d, \"dims\": [%d, %d, %d], \"weight_mb_per_layer\": %.2f, \"us_per_layer\": %.3f, "
-           "\"weight_tb_s\": %.3f}\n",
-           mode, L, tokens, cps, stages, G, D, NIN, DI, wbytes / 1e6, us, wbytes / us / 1e6);
+           "\"weight_tb_s\": %.3f, \"clock\": %d}\n",
+           mode, L, tokens, cps, stages, G, D, NIN, DI, wbytes / 1e6, us, wbytes / us / 1e6, clock);
+    if (clock) {  // per role and cause, the mean over CTAs in µs per layer
+      static const char* cycle_names[8] = {"weights_wait_empty", "x_wait_empty", "x_wait_published",
+                                           "cons0_wait_weights", "cons0_wait_x", "cons0_products_adds",
+                                           "cons0_barriers_converts", "cons0_total"};
+      std::vector<unsigned long long> cy((size_t)G * 8);
+      CK(cudaMemcpy(cy.data(), cycles, cy.size() * 8, cudaMemcpyDeviceToHost));
+      int khz = 0;
+      CK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0));
+      printf("{\"kind\": \"cycles\", \"mode\": %d, \"clock_khz\": %d", mode, khz);
+      for (int r = 0; r < 8; ++r) {
+        double sum = 0;
+        for (int c = 0; c < G; ++c) sum += (double)cy[(size_t)c * 8 + r];
+        printf(", \"%s_us\": %.3f", cycle_names[r], sum / G / ((double)tokens * L) / (khz * 1e-3));
+      }
+      printf("}\n");
+    }
     fflush(stdout);
     if (b == std::string::npos) break;
     a = b + 1;

@@ -21,6 +21,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh r   # stage p's tests, then batch 1 by card (H100: the issue's row)
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh s   # the producer cursor's code (MK_CURSOR 0-3) A/B, best in generate.py
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh t   # batch32_probe's modes; generate.py 2.7B b1 (the default) + peer
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh u   # batch32_probe's unrolled consumers (A/B, cycles); generate.py b1
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -282,7 +283,23 @@ elif [ "$stage" = t ]; then  # ≈ 4 minutes: where the batch-32 persistent proj
     timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 10 --check 1 | tee -a "$OUT/batch32_probe_modes_$gpu.jsonl"
     (cd benchmarks && step generate_2_7b_b1 200 python3 generate.py --model mamba2_2_7b --batch 1 \
         --state-dtype bfloat16 --peer --decode-impl megakernel --out "$OUT/generate_2_7b_b1_megakernel_default_$gpu.json")
+elif [ "$stage" = u ]; then  # ≈ 6 minutes: batch32_probe's consumers unrolled (A/B against .ab/, cycle counts)
+    find_nvcc
+    nv=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
+    f="$OUT/batch32_probe_unrolled_$gpu.jsonl"
+    "$nv" -O3 -std=c++17 -arch=sm_90a -o /tmp/b32 benchmarks/batch32_probe.cu &&
+        timeout 90 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 0,8,9,2,6,3 --check 1 | tee "$f"
+    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 10 --check 1 | tee -a "$f"
+    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 0,9,6,3 --check 0 --clock 1 | tee -a "$f"
+    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 4 --modes 0,6 --check 0 | tee -a "$f"
+    # the same machine's numbers of the consumers before (.ab/: a copy of the file at an earlier commit, git-ignored)
+    for old in .ab/batch32_probe_*.cu; do
+        [ -f "$old" ] && "$nv" -O3 -std=c++17 -arch=sm_90a -I benchmarks -o /tmp/b32_old "$old" &&
+            timeout 60 /tmp/b32_old --layers 64 --tokens 10 --cps 8 --modes 0,6,3 --check 0 | tee -a "$f"
+    done
+    (cd benchmarks && step generate_2_7b_b1 330 python3 -u generate.py --model mamba2_2_7b --batch 1 \
+        --state-dtype bfloat16 --peer --decode-impl megakernel --out "$OUT/generate_2_7b_b1_megakernel_default_$gpu.json")
 else
-    echo "unknown stage $stage (a … t)" >&2
+    echo "unknown stage $stage (a … u)" >&2
     exit 2
 fi
