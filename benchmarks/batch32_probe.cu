@@ -39,7 +39,13 @@
 // multiplied one cell at a time after a 64-bit division for the cell's group: 4 HMMA in the whole kernel).
 // --clock 1: one thread per role adds up where its cycles go (waiting for a free slot, for x, for the weights,
 // in products and adds, in barriers and converts) and a "cycles" line gives the means over CTAs per layer.
-// Correctness (--check 1): one layer of each checked mode named in --modes (0, 8, 9, 10) against a float64
+// 11: mode 0 whose consumers only arrive at the barrier after a convert (the x producer of the next projection
+// waits for every CTA's arrival; the consumers go on to the weights already in the ring); 12: mode 11 with a
+// state phase in place of in_proj's convert — the SSM state update of the layer at batch 32 (state_phase:
+// 42 MB of bf16 states read through the same ring and written back, y into out_proj's x), i.e. a whole layer's
+// bytes. --pf N: the weight producer prefetches N slots beyond the ring into L2 (cp.async.bulk.prefetch), so
+// that DRAM keeps streaming while the consumers stand at a barrier.
+// Correctness (--check 1): one layer of each checked mode named in --modes (0, 8, 9, 10, 11, 12) against a float64
 // host product of the same bf16 inputs, the intermediate rounded to bf16 as the kernel rounds it.
 // First H100 run (modes 0–3): benchmarks/README.md, results/batch32_probe_h100.jsonl.
 //
@@ -95,7 +101,20 @@ struct Params {
   unsigned* ready_in;  // mode 10: per group, 1 + the layer (counted over launches) whose x it converted
   unsigned* ready_out;
   unsigned long long* cycles;  // --clock 1: [CTA][8] cycles by role and cause, summed over launches
+  int pf;                      // --pf: slots of weights the weight producer prefetches into L2 beyond the ring
+  const uint4* state;  // mode 12: the SSM states, [layer][row][head][64 p][128 n] bf16: chunks of 16 p rows (4 KB)
+  int heads;           // d_inner / 64
 };
+
+constexpr int CHUNKS_PER_HEAD = 4;  // mode 12: a head's 64 × 128 state as 4 chunks of 16 rows, 4 KB each like a cell
+__host__ __device__ __forceinline__ long state_chunks(int heads) { return 32L * heads * CHUNKS_PER_HEAD; }
+
+// The index (in bf16 elements) of x's element (row r, column col) in the A fragments ([k step][m tile][lane][8]).
+__device__ __forceinline__ int frag_index(int r, int col) {
+  const int t = col >> 4, c16 = col & 15, mt = r >> 4, r16 = r & 15;
+  const int q = (c16 >> 3) * 2 + (r16 >> 3), ln = (r16 & 7) * 4 + ((c16 & 7) >> 1);
+  return ((t * 2 + mt) * 32 + ln) * 8 + q * 2 + (c16 & 1);
+}
 
 __device__ __forceinline__ void mma(float* d, const uint4& a, uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -128,6 +147,14 @@ __device__ void grid_sync(unsigned* bar, unsigned target, int tid) {
     }
   }
   asm volatile("bar.sync 1, %0;" ::"n"(CW * 32) : "memory");
+}
+// Modes 11 and 12: this CTA's consumers arrive (their stores before it) without waiting for the others.
+__device__ void grid_arrive(unsigned* bar, int tid) {
+  asm volatile("bar.sync 1, %0;" ::"n"(CW * 32) : "memory");
+  if (tid == 0) {
+    __threadfence();
+    atomicAdd(bar, 1u);
+  }
 }
 
 // y (32, ystride) float32 → the A fragments of the next projection's x (ksteps × 16 columns of y), then zero
@@ -167,6 +194,41 @@ __device__ void convert_parts(const float* part, int ks_src, long cells, int G, 
     }
     x[it] = make_uint4(w[0], w[1], w[2], w[3]);
   }
+}
+
+// The weight producer's sequence of slots, phase by phase (0 in_proj, 1 the states in mode 12, 2 out_proj), for
+// the L2 prefetch running ahead of it.
+struct Walk {
+  int l = 0, ph = 0;
+  long i = 0, b = 0;
+  bool done = false;
+};
+__device__ __forceinline__ long phase_cells(const Params& p, int ph) {
+  return ph == 0 ? (long)p.in_groups * p.in_ksteps : ph == 1 ? state_chunks(p.heads) : (long)p.out_groups * p.out_ksteps;
+}
+__device__ __forceinline__ const uint4* phase_base(const Params& p, int l, int ph) {
+  return ph == 0 ? p.w_in + (long)l * p.in_groups * p.in_ksteps * (CELL_W / 16)
+         : ph == 1 ? p.state + (long)l * state_chunks(p.heads) * (CELL_W / 16)
+                   : p.w_out + (long)l * p.out_groups * p.out_ksteps * (CELL_W / 16);
+}
+__device__ void walk_next(Walk& w, const Params& p, int c, int G, bool first = false) {
+  if (!first) w.i += p.cps;
+  while (first || w.i >= w.b) {
+    if (!first) {
+      w.ph = w.ph == 0 ? (p.mode == 12 ? 1 : 2) : w.ph + 1;
+      if (w.ph == 3 && (w.ph = 0, ++w.l == p.layers)) {
+        w.done = true;
+        return;
+      }
+    }
+    first = false;
+    long a;
+    run_of(phase_cells(p, w.ph), c, G, a, w.b);
+    w.i = a;
+  }
+}
+__device__ __forceinline__ void prefetch_l2(const void* src, unsigned bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
 }
 
 // A role's position in the ring: the slot, its phase parity, and whether every slot has been used once (no 64-bit
@@ -214,6 +276,82 @@ __device__ __forceinline__ void mma_cells(float (&acc)[2][2][4], float (&acc2)[2
   }
 }
 
+// Mode 12: the SSM state update of layer l between the projections, its states streamed through the same ring
+// (chunks of 16 p rows × 128 n of one (row, head), 4 KB like a cell). From in_proj's sums y_in (float32; no conv
+// here): x = y[d_inner + 64 h + p], B = y[2 d_inner + n], C = y[2 d_inner + 128 + n], dt = softplus(y[2 d_inner
+// + 256 + h]); s ← s · exp(−dt · A_h) + dt · x · B (A_h = 1 + h / 100), stored back in place as bf16; y_h,p =
+// Σ_n s · C + x (D = 1) → out_proj's x fragments (bf16). Warp w takes rows 2w, 2w + 1 of every chunk, a lane 4 n.
+__device__ __forceinline__ void state_phase(const Params& p, int l, int c, int G, int tid, unsigned char* ring, int slot,
+                            uint64_t* wfull, uint64_t* xfull, uint64_t* empty, Cursor& cur, bool clk, long long* cyc) {
+  constexpr int MAXC = 8;  // cells per slot at most (the host checks --cps)
+  const int warp = tid / 32, lane = tid % 32, S = p.stages, H = p.heads, DI = p.out_ksteps * 16;
+  const float* yi = (l & 1) ? p.y_in[1] : p.y_in[0];
+  const long ys = (long)p.in_groups * GU * 8;
+  const int xo = DI, bo = 2 * DI, co = 2 * DI + 128, dto = 2 * DI + 256;
+  unsigned char* st = reinterpret_cast<unsigned char*>(const_cast<uint4*>(phase_base(p, l, 1)));
+  unsigned* xm = reinterpret_cast<unsigned*>(p.x_mid);
+  long a, b;
+  run_of(state_chunks(H), c, G, a, b);
+  int cb = -1;
+  float4 Bv = make_float4(0.f, 0.f, 0.f, 0.f), Cv = Bv;
+  for (long i = a; i < b; i += p.cps, cur.next(S)) {
+    const int s = cur.s, n = (int)(b - i < p.cps ? b - i : p.cps);
+    float dtr[MAXC];
+    float2 xv[MAXC];
+#pragma unroll
+    for (int j = 0; j < MAXC; ++j)  // the slot's scalars from L2 before its chunks land
+      if (j < n) {
+        const int kk = (int)(i + j), bh = kk >> 2, bb = bh / H, h = bh - bb * H;
+        const float* yr = yi + bb * ys;
+        dtr[j] = __ldcg(yr + dto + h);
+        xv[j] = __ldcg(reinterpret_cast<const float2*>(yr + xo + h * 64 + (kk & 3) * 16 + 2 * warp));
+      }
+    long long t0 = clk ? clock64() : 0;
+    mbar_wait(&wfull[s], cur.ph);
+    if (clk) cyc[0] += clock64() - t0, t0 = clock64();
+    mbar_wait(&xfull[s], cur.ph);
+    if (clk) cyc[1] += clock64() - t0, t0 = clock64();
+    const unsigned char* sw = ring + (long)s * slot;
+#pragma unroll
+    for (int j = 0; j < MAXC; ++j) {
+      if (j >= n) break;
+      const int kk = (int)(i + j), bh = kk >> 2, bb = bh / H, h = bh - bb * H, p0 = (kk & 3) * 16 + 2 * warp;
+      if (bb != cb) {  // B and C of row bb (this lane's 4 n): once per row of the batch
+        Bv = __ldcg(reinterpret_cast<const float4*>(yi + bb * ys + bo + lane * 4));
+        Cv = __ldcg(reinterpret_cast<const float4*>(yi + bb * ys + co + lane * 4));
+        cb = bb;
+      }
+      const float dt = log1pf(__expf(dtr[j])), dA = __expf(-dt * (1.f + 0.01f * h));
+      float ysum[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int off = kk * CELL_W + (2 * warp + r) * 256 + lane * 8;
+        const uint2 raw = *reinterpret_cast<const uint2*>(sw + (long)j * CELL_W + (2 * warp + r) * 256 + lane * 8);
+        const float2 s01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+        const float2 s23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+        const float dx = dt * (r ? xv[j].y : xv[j].x);
+        const float n0 = s01.x * dA + dx * Bv.x, n1 = s01.y * dA + dx * Bv.y;
+        const float n2 = s23.x * dA + dx * Bv.z, n3 = s23.y * dA + dx * Bv.w;
+        float acc = n0 * Cv.x + n1 * Cv.y + n2 * Cv.z + n3 * Cv.w;
+        __nv_bfloat162 h01 = __floats2bfloat162_rn(n0, n1), h23 = __floats2bfloat162_rn(n2, n3);
+        *reinterpret_cast<uint2*>(st + off) =
+            make_uint2(*reinterpret_cast<unsigned*>(&h01), *reinterpret_cast<unsigned*>(&h23));
+#pragma unroll
+        for (int o = 16; o; o >>= 1) acc += __shfl_xor_sync(~0u, acc, o);
+        ysum[r] = acc;
+      }
+      if (lane == 0) {
+        __nv_bfloat162 hv = __floats2bfloat162_rn(ysum[0] + xv[j].x, ysum[1] + xv[j].y);
+        xm[frag_index(bb, h * 64 + p0) >> 1] = *reinterpret_cast<unsigned*>(&hv);
+      }
+    }
+    if (clk) cyc[2] += clock64() - t0;
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[s]);
+  }
+  grid_arrive(p.bar, tid);  // y published: out_proj's x producer waits for every CTA's arrival (episode 4l + 2)
+}
+
 __global__ void __launch_bounds__(NT, 1) probe(Params p) {
   extern __shared__ __align__(1024) unsigned char smem[];
   uint64_t* wfull = reinterpret_cast<uint64_t*>(smem);
@@ -239,27 +377,43 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
   if (warp == CW && lane == 0) {  // ---------------------------------------------- the weight producer
     uint64_t pol;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-    for (int l = 0; l < p.layers; ++l)
-      for (int gi = 0; gi < 2; ++gi) {
-        const Proj pr = proj(p, l, gi);
-        long a, b;
-        run_of((long)pr.groups * pr.ksteps, c, G, a, b);
-        for (long i = a; i < b; i += p.cps, cur.next(S)) {
-          const int s = cur.s, n = (int)(b - i < p.cps ? b - i : p.cps);
-          if (cur.wrapped) {
-            const long long t0 = clk ? clock64() : 0;
-            mbar_wait(&empty[s], cur.ph ^ 1u);
-            if (clk) cyc[0] += clock64() - t0;
-          }
-          mbar_expect(&wfull[s], n * CELL_W);
-          bulk_load(ring + (long)s * slot, pr.w + i * (CELL_W / 16), n * CELL_W, &wfull[s], pol);
-        }
+    Walk w, pf;  // the slot to load; the slot to prefetch into L2 (--pf slots beyond the ring)
+    walk_next(w, p, c, G, true);
+    walk_next(pf, p, c, G, true);
+    for (int k = 0; k < S + p.pf && !pf.done; ++k) {
+      if (k >= S) prefetch_l2(phase_base(p, pf.l, pf.ph) + pf.i * (CELL_W / 16), (unsigned)(pf.b - pf.i < p.cps ? pf.b - pf.i : p.cps) * CELL_W);
+      walk_next(pf, p, c, G);
+    }
+    for (; !w.done; walk_next(w, p, c, G), cur.next(S)) {
+      const int s = cur.s, n = (int)(w.b - w.i < p.cps ? w.b - w.i : p.cps);
+      if (cur.wrapped) {
+        const long long t0 = clk ? clock64() : 0;
+        mbar_wait(&empty[s], cur.ph ^ 1u);
+        if (clk) cyc[0] += clock64() - t0;
       }
+      mbar_expect(&wfull[s], n * CELL_W);
+      bulk_load(ring + (long)s * slot, phase_base(p, w.l, w.ph) + w.i * (CELL_W / 16), n * CELL_W, &wfull[s], pol);
+      if (p.pf && !pf.done) {
+        prefetch_l2(phase_base(p, pf.l, pf.ph) + pf.i * (CELL_W / 16), (unsigned)(pf.b - pf.i < p.cps ? pf.b - pf.i : p.cps) * CELL_W);
+        walk_next(pf, p, c, G);
+      }
+    }
   } else if (warp == CW + 1 && lane == 0) {  // --------------------------------------- the x producer
     uint64_t pol;
     asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(pol));
     for (int l = 0; l < p.layers; ++l)
-      for (int gi = 0; gi < 2; ++gi) {
+      for (int ph = 0; ph < 3; ++ph) {
+        if (ph == 1) {  // mode 12's state chunks: nothing to copy beside them, the slot's x barrier just arrives
+          if (p.mode != 12) continue;
+          long a, b;
+          run_of(state_chunks(p.heads), c, G, a, b);
+          for (long i = a; i < b; i += p.cps, cur.next(S)) {
+            if (cur.wrapped) mbar_wait(&empty[cur.s], cur.ph ^ 1u);
+            mbar_arrive(&xfull[cur.s]);
+          }
+          continue;
+        }
+        const int gi = ph >> 1;
         const Proj pr = proj(p, l, gi);
         const long q = (long)p.epoch * p.layers + l;  // the layer counted over launches (mode 10's flags)
         const uint4* xs = p.mode == 10 && (q & 1) ? (gi == 0 ? p.x_in1 : p.x_mid1) : (gi == 0 ? p.x_in : p.x_mid);
@@ -267,7 +421,7 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
         // mode 10: x of k step t comes from the previous projection's group t / 8, converted for layer q
         const unsigned* ready = gi == 0 ? p.ready_out : p.ready_in;
         const unsigned want = (unsigned)(gi == 0 ? q : q + 1);
-        if (p.mode <= 1 || (p.mode >= 8 && p.mode < 10)) {  // x published by the convert before this projection
+        if (p.mode <= 1 || p.mode == 8 || p.mode == 9 || p.mode >= 11) {  // x published before this projection
           const unsigned target = (unsigned)G * (base + 4u * l + 2u * gi);
           const long long t0 = clk ? clock64() : 0;
           while (ld_acquire(p.bar) < target) {
@@ -307,12 +461,19 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
       }
   } else if (warp < CW) {  // ------------------------------------------------------------ the consumers
     const bool products = p.mode == 0 || p.mode == 2 || p.mode >= 5;
-    const bool barriers = p.mode <= 1 || p.mode == 8 || p.mode == 9, flow = p.mode == 10;
+    const bool barriers = p.mode <= 1 || p.mode == 8 || p.mode == 9 || p.mode >= 11, flow = p.mode == 10;
+    const bool arrive_only = p.mode >= 11;  // the barrier after a convert: arrive, do not wait (see the header)
     // none, float2 red.add, plain stores, float4 red.add, partial slots
-    const int adds = p.mode == 3 || p.mode == 6 ? 0 : p.mode == 5 ? 2 : p.mode >= 9 ? 4 : p.mode >= 7 ? 3 : 1;
+    const int adds = p.mode == 3 || p.mode == 6 ? 0 : p.mode == 5 ? 2 : p.mode == 9 || p.mode == 10 ? 4
+                   : p.mode == 7 || p.mode == 8 ? 3 : 1;
     __shared__ int last;  // mode 10: this CTA stored a group's last partial sums
     for (int l = 0; l < p.layers; ++l)
-      for (int gi = 0; gi < 2; ++gi) {
+      for (int ph = 0; ph < 3; ++ph) {
+        if (ph == 1) {
+          if (p.mode == 12) state_phase(p, l, c, G, tid, ring, slot, wfull, xfull, empty, cur, clk, cyc);
+          continue;
+        }
+        const int gi = ph >> 1;
         const Proj pr = proj(p, l, gi);
         float* y = gi == 0 ? ((l & 1) ? p.y_in[1] : p.y_in[0]) : ((l & 1) ? p.y_out[1] : p.y_out[0]);  // (no dynamic index into the parameters: that copies them to local memory)
         const int ystride = pr.groups * GU * 8;
@@ -423,6 +584,10 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
           const unsigned e = base + 4u * l + 2u * gi;
           const long long t0 = clk ? clock64() : 0;
           grid_sync(p.bar, (unsigned)G * (e + 1), tid);
+          if (p.mode == 12 && gi == 0) {  // the state phase reads y_in itself and arrives at e + 2
+            if (clk) cyc[3] += clock64() - t0;
+            continue;
+          }
           if (adds == 4)
             convert_parts(part, pr.ksteps, cells, G, 0, (gi == 0 ? p.out_ksteps : p.in_ksteps) * 64L,
                           gi == 0 ? p.x_mid : p.x_in, gt, gs);
@@ -430,7 +595,14 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
             convert(y, ystride, p.out_ksteps, p.x_mid, (l & 1) ? p.y_in[0] : p.y_in[1], 32L * ystride, gt, gs);
           else
             convert(y, ystride, p.in_ksteps, p.x_in, (l & 1) ? p.y_out[0] : p.y_out[1], 32L * ystride, gt, gs);
-          grid_sync(p.bar, (unsigned)G * (e + 2), tid);
+          if (p.mode == 12 && gi == 1) {  // (no convert of y_in in this mode: zero the next layer's here)
+            float4* z = reinterpret_cast<float4*>((l & 1) ? p.y_in[0] : p.y_in[1]);
+            for (long i = gt; i < 32L * p.in_groups * GU * 8 / 4; i += gs) z[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+          }
+          if (arrive_only)
+            grid_arrive(p.bar, tid);
+          else
+            grid_sync(p.bar, (unsigned)G * (e + 2), tid);
           if (clk) cyc[3] += clock64() - t0;
         }
       }
@@ -491,7 +663,7 @@ static void frag_pos(size_t i, int& r, int& col) {
 }
 
 int main(int argc, char** argv) {
-  int L = 64, tokens = 10, cps = 8, check = 1, clock = 0, D = 2560, NIN = 10576, DI = 5120;
+  int L = 64, tokens = 10, cps = 8, check = 1, clock = 0, pf = 0, D = 2560, NIN = 10576, DI = 5120;
   std::string modes = "0,1,2,3";
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!strcmp(argv[i], "--layers")) L = atoi(argv[i + 1]);
@@ -500,6 +672,7 @@ int main(int argc, char** argv) {
     else if (!strcmp(argv[i], "--modes")) modes = argv[i + 1];
     else if (!strcmp(argv[i], "--check")) check = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "--clock")) clock = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--pf")) pf = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "--dims")) sscanf(argv[i + 1], "%d,%d,%d", &D, &NIN, &DI);
     else {
       fprintf(stderr, "unknown argument %s\n", argv[i]);
@@ -510,8 +683,14 @@ int main(int argc, char** argv) {
     fprintf(stderr, "--layers %d: want an even number\n", L);
     return 2;
   }
-  if (D % 128 || DI % 128 || DI > NIN || cps < 1) {
-    fprintf(stderr, "want d_model and d_inner multiples of 128, d_inner <= in_proj's width, cps >= 1\n");
+  if (D % 128 || DI % 128 || DI > NIN || cps < 1 || pf < 0) {
+    fprintf(stderr, "want d_model and d_inner multiples of 128, d_inner <= in_proj's width, cps >= 1, pf >= 0\n");
+    return 2;
+  }
+  const int heads = DI / 64;
+  const bool states = ("," + modes + ",").find(",12,") != std::string::npos;
+  if (states && (cps > 8 || NIN < 2 * DI + 256 + heads)) {
+    fprintf(stderr, "mode 12 wants --cps <= 8 and in_proj's width >= 2 d_inner + 256 + heads (z, x, B, C, dt)\n");
     return 2;
   }
   cudaDeviceProp prop;
@@ -594,6 +773,16 @@ int main(int argc, char** argv) {
   CK(cudaMalloc(&flags, (size_t)2 * (in_groups + out_groups) * 4));
   CK(cudaMalloc(&part_in, (size_t)in_groups * MAX_SPLIT * 32 * 128 * 4));
   CK(cudaMalloc(&part_out, (size_t)out_groups * MAX_SPLIT * 32 * 128 * 4));
+  // mode 12: every layer's states (32 rows × heads × 64 × 128, bf16), each a copy of layer 0's ~ U(-1, 1)
+  const size_t st_n = (size_t)32 * heads * 64 * 128;
+  std::vector<uint16_t> S0(states ? st_n : 0);
+  for (auto& v : S0) v = bf16_bits(urand());
+  uint4* sbuf = nullptr;
+  if (states) {
+    CK(cudaMalloc(&sbuf, st_n * 2 * L));
+    CK(cudaMemcpy(sbuf, S0.data(), st_n * 2, cudaMemcpyHostToDevice));
+    for (int l = 1; l < L; ++l) CK(cudaMemcpy((char*)sbuf + st_n * 2 * l, sbuf, st_n * 2, cudaMemcpyDeviceToDevice));
+  }
   unsigned long long* cycles = nullptr;
   if (clock) CK(cudaMalloc(&cycles, (size_t)G * 8 * 8));
   Params p{};
@@ -604,6 +793,9 @@ int main(int argc, char** argv) {
   p.out_groups = out_groups;
   p.out_ksteps = out_ks;
   p.cps = cps;
+  p.pf = pf;
+  p.state = sbuf;
+  p.heads = heads;
   p.stages = stages;
   p.x_in = x_in;
   p.x_mid = x_mid;
@@ -625,6 +817,7 @@ int main(int argc, char** argv) {
     CK(cudaMemset(ybuf, 0, (2 * yin_n + 2 * yout_n) * 4));
     CK(cudaMemset(bar, 0, 4));
     CK(cudaMemset(flags, 0, (size_t)2 * (in_groups + out_groups) * 4));
+    if (states) CK(cudaMemcpy(sbuf, S0.data(), st_n * 2, cudaMemcpyHostToDevice));  // (updated in place)
   };
   auto launch = [&](int layers, int mode, int epoch) {
     p.layers = layers;
@@ -635,7 +828,7 @@ int main(int argc, char** argv) {
   };
   const double wbytes = (double)(in_b + out_b);
   // one layer of each checked mode in --modes against float64 products of the same bf16 inputs
-  for (int cm : {0, 8, 9, 10}) {
+  for (int cm : {0, 8, 9, 10, 11, 12}) {
     if (!check || ("," + modes + ",").find("," + std::to_string(cm) + ",") == std::string::npos) continue;
     reset();
     launch(1, cm, 0);
@@ -649,9 +842,20 @@ int main(int argc, char** argv) {
       for (int kk = 0; kk < D; ++kk) {
         const double xv = bf16_val(x0[(size_t)r * D + kk]);
         const uint16_t* wr = &Win[(size_t)kk * NIN];
-        for (int n = 0; n < DI; ++n) acc[n] += xv * bf16_val(wr[n]);
+        for (int n = 0; n < (cm == 12 ? NIN : DI); ++n) acc[n] += xv * bf16_val(wr[n]);
       }
       for (int n = 0; n < DI; ++n) mid[(size_t)r * DI + n] = bf16_val(bf16_bits((float)acc[n]));
+      if (cm == 12)  // the state update between the projections (state_phase's arithmetic, in float64)
+        for (int h = 0; h < heads; ++h) {
+          const double dt = std::log1p(std::exp(acc[2 * DI + 256 + h])), dA = std::exp(-dt * (1.0 + 0.01 * h));
+          for (int q = 0; q < 64; ++q) {
+            const double xv = acc[DI + h * 64 + q];
+            double y = xv;
+            const uint16_t* s0 = &S0[(((size_t)r * heads + h) * 64 + q) * 128];
+            for (int n = 0; n < 128; ++n) y += (bf16_val(s0[n]) * dA + dt * xv * acc[2 * DI + n]) * acc[2 * DI + 128 + n];
+            mid[(size_t)r * DI + h * 64 + q] = bf16_val(bf16_bits((float)y));
+          }
+        }
       std::vector<double> o(D, 0.0);
       for (int kk = 0; kk < DI; ++kk) {
         const double xv = mid[(size_t)r * DI + kk];
@@ -694,10 +898,12 @@ int main(int argc, char** argv) {
     float ms;
     CK(cudaEventElapsedTime(&ms, e0, e1));
     const double us = ms * 1e3 / ((double)tokens * L);
+    const double sbytes = mode == 12 ? 4.0 * st_n : 0.0;  // the states read and written
     printf("{\"kind\": \"batch32\", \"mode\": %d, \"layers\": %d, \"tokens\": %d, \"cps\": %d, \"stages\": %d, "
            "\"ctas\": %d, \"dims\": [%d, %d, %d], \"weight_mb_per_layer\": %.2f, \"us_per_layer\": %.3f, "
-           "\"weight_tb_s\": %.3f, \"clock\": %d}\n",
-           mode, L, tokens, cps, stages, G, D, NIN, DI, wbytes / 1e6, us, wbytes / us / 1e6, clock);
+           "\"weight_tb_s\": %.3f, \"state_mb_per_layer\": %.2f, \"bytes_tb_s\": %.3f, \"pf\": %d, \"clock\": %d}\n",
+           mode, L, tokens, cps, stages, G, D, NIN, DI, wbytes / 1e6, us, wbytes / us / 1e6, sbytes / 1e6,
+           (wbytes + sbytes) / us / 1e6, pf, clock);
     if (clock) {  // per role and cause, the mean over CTAs in µs per layer
       static const char* cycle_names[8] = {"weights_wait_empty", "x_wait_empty", "x_wait_published",
                                            "cons0_wait_weights", "cons0_wait_x", "cons0_products_adds",

@@ -22,6 +22,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh s   # the producer cursor's code (MK_CURSOR 0-3) A/B, best in generate.py
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh t   # batch32_probe's modes; generate.py 2.7B b1 (the default) + peer
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh u   # batch32_probe's unrolled consumers (A/B, cycles); generate.py b1
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh v   # batch32_probe: arrive-only barriers, the state phase, L2 prefetch
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -299,7 +300,19 @@ elif [ "$stage" = u ]; then  # ≈ 6 minutes: batch32_probe's consumers unrolled
     done
     (cd benchmarks && step generate_2_7b_b1 330 python3 -u generate.py --model mamba2_2_7b --batch 1 \
         --state-dtype bfloat16 --peer --decode-impl megakernel --out "$OUT/generate_2_7b_b1_megakernel_default_$gpu.json")
+elif [ "$stage" = v ]; then  # ≈ 2 minutes: a whole 2.7B layer's bytes at batch 32 in one launch per token
+    find_nvcc
+    nv=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
+    f="$OUT/batch32_probe_state_$gpu.jsonl"
+    "$nv" -O3 -std=c++17 -arch=sm_90a -o /tmp/b32 benchmarks/batch32_probe.cu &&
+        timeout 120 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 0,11,12,2,3 --check 1 | tee "$f"
+    for pf in 2 4 8; do
+        timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 11,12 --check 0 --pf $pf | tee -a "$f"
+    done
+    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 11,12 --check 0 --clock 1 | tee -a "$f"
+    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 4 --modes 12 --check 0 | tee -a "$f"
+    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 4 --modes 12 --check 0 --pf 8 | tee -a "$f"
 else
-    echo "unknown stage $stage (a … u)" >&2
+    echo "unknown stage $stage (a … v)" >&2
     exit 2
 fi
