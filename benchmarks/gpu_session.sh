@@ -19,7 +19,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh p   # every megakernel gpu test; 2.7B b1 bf16 / fp8 + peer
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh q   # H100 timing: head phase A/B, generate.py b1 + peer
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh r   # stage p's tests, then batch 1 by card (H100: the issue's row)
-#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh s   # the producer cursor's code (MK_CURSOR 0-3) A/B, best in generate.py
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh s   # (retired: the cursor A/B of 2026-12-06 is done, variants removed)
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh t   # batch32_probe's modes; generate.py 2.7B b1 (the default) + peer
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh u   # batch32_probe's unrolled consumers (A/B, cycles); generate.py b1
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh v   # batch32_probe: arrive-only barriers, the state phase, L2 prefetch
@@ -233,46 +233,11 @@ elif [ "$stage" = r ]; then  # ≈ 9.5 minutes: one call when machines are scarc
         step generate_b1_mk 250 python3 generate.py --model mamba2_2_7b --batch 1 --state-dtype bfloat16 --peer \
             --decode-impl megakernel --quantize none,fp8 --out "$OUT/generate_2_7b_b1_megakernel_fp8_$gpu.json"
     fi
-elif [ "$stage" = s ]; then  # ≈ 6 minutes: MK_CURSOR 0-3 in the probe (mode 5), then the fastest in the engine
-    find_nvcc
-    nv=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
-    for v in 0 1 2 3; do
-        "$nv" -O3 -std=c++17 -arch=sm_90a --fmad=false -DMK_CURSOR=$v -o /tmp/mk_cursor$v benchmarks/megakernel_probe.cu &
-    done
-    wait
-    for r in 1 2; do
-        for v in 0 1 2 3; do
-            timeout 60 /tmp/mk_cursor$v --layers 64 --tokens 20 --trace 1 --configs 5:40960:5:2 |
-                sed "s/^{/{\"cursor\": $v, \"round\": $r, /" >>"$OUT/megakernel_probe_cursor_$gpu.jsonl"
-        done
-    done
-    best=$(python3 -c "
-import json, sys, collections
-t = collections.defaultdict(list)
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    if r.get('kind') == 'megakernel' and r['mode'] == 5:
-        t[r['cursor']].append(r['us_per_layer'])
-    if r.get('kind') == 'check' and not r['ok']:
-        t[r['cursor']].append(1e9)
-for v, us in sorted(t.items()):
-    print(v, us, file=sys.stderr)
-print(min(t, key=lambda v: sum(t[v]) / len(t[v])))
-" "$OUT/megakernel_probe_cursor_$gpu.jsonl")
-    echo "fastest MK_CURSOR: $best"
-    export MAMBA_JAX_MEGAKERNEL_CURSOR=$best  # the engine's build of the kernel takes it (-DMK_CURSOR)
-    # the issue's figure first (its rows check the kernel's tokens against the loop's), then the FFI built with
-    # it in the 2.7B gpu tests (modes 5 and 10, the graph target, the LM head phase)
-    (cd benchmarks && step generate_2_7b_b1 200 python3 generate.py --model mamba2_2_7b --batch 1 \
-        --state-dtype bfloat16 --peer --decode-impl megakernel \
-        --out "$OUT/generate_2_7b_b1_megakernel_cursor${best}_$gpu.json")
-    # batch 32: both projections in one persistent launch per token (benchmarks/batch32_probe.cu; first run)
-    "$nv" -O3 -std=c++17 -arch=sm_90a -o /tmp/b32 benchmarks/batch32_probe.cu &&
-        timeout 90 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 0,1,2,3 --check 1 |
-        tee "$OUT/batch32_probe_$gpu.jsonl"
-    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 4 --modes 0,2 --check 0 | tee -a "$OUT/batch32_probe_$gpu.jsonl"
-    step megakernel_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_megakernel.py \
-        -k "head_phase or (2_7b and None)"
+elif [ "$stage" = s ]; then
+    # the producer cursor's A/B of 2026-12-06 (MK_CURSOR 0-3, results/megakernel_probe_cursor_h100.jsonl) is done:
+    # variant 1 (both cursor functions inlined) is the kernel's only code now, the variants and their switch removed
+    echo "stage s: the cursor A/B of 2026-12-06 is done and its variants removed (kernels/megakernel.cuh inlines both)"
+    exit 0
 elif [ "$stage" = t ]; then  # ≈ 4 minutes: where the batch-32 persistent projections lose time; batch 1 again
     find_nvcc
     nv=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")

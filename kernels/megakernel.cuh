@@ -632,27 +632,14 @@ struct Cursor {
   int l, ph, r0, hi, R, rb;
   const unsigned char* base;
 };
-// MK_CURSOR (an A/B of the producer's code): 0 both cursor functions out of line (one copy of the integer
-// divisions; the Params and the Cursor then live in local memory: a 336-byte stack frame), 1 both inlined,
-// 2 the per-slot step inlined and only the once-per-phase entry out of line, 3 as 2 with the entry taking
-// and returning its values by value (a small CursorCfg instead of the Params: no stack frame for them).
-// Measured on an H100 (2026-12-06, mode 5, 2.7B; results/megakernel_probe_cursor_h100.jsonl): 0 and 2 34.85 µs
-// per layer, 1 and 3 32.5 (the step's slot and out_proj's g waited on the out-of-line entry's local memory):
-// 1 is the default.
-#ifndef MK_CURSOR
-#define MK_CURSOR 1
-#endif
-// The fields of the Params a cursor reads (MK_CURSOR 3 passes these by value).
-struct CursorCfg {
-  const wt* win;
-  const wt* wout;
-  const bf16* head;
-  int layers, vocab, slot;
-};
-// Enter phase (u.l, u.ph) at its first slot, skipping empty ones; false past the last layer. P: Params or
-// CursorCfg. MODE is the kernel's (the producer's code holds only its own mode's paths).
-template <int MODE, class P>
-__device__ __forceinline__ bool cursor_enter_impl(Cursor& u, const P& p, int c, int G) {
+// cursor_enter and cursor_next are both inlined: out of line, the entry took the Params by reference, which
+// put them (and the Cursor) in local memory, and the step's slot and out_proj's g waited on it (measured on an
+// H100, 2026-12-06, mode 5, 2.7B: 34.85 µs per layer out of line against 32.5 inlined;
+// benchmarks/results/megakernel_probe_cursor_h100.jsonl).
+// Enter phase (u.l, u.ph) at its first slot, skipping empty ones; false past the last layer. MODE is the
+// kernel's (the producer's code holds only its own mode's paths).
+template <int MODE>
+__device__ __forceinline__ bool cursor_enter_impl(Cursor& u, const Params& p, int c, int G) {
   while (u.l < p.layers + (p.head ? 1 : 0)) {
     if (u.l == p.layers) {  // the LM head: one phase, this CTA's vocabulary rows (K = D)
       if (u.ph == 0) {
@@ -689,38 +676,12 @@ __device__ __forceinline__ bool cursor_enter_impl(Cursor& u, const P& p, int c, 
   }
   return false;
 }
-#if MK_CURSOR == 3
-// Out of line, every value in registers: the Cursor in and out (l = -1 past the last layer).
-template <int MODE>
-__device__ __noinline__ Cursor cursor_enter_v(Cursor u, CursorCfg cfg, int c, int G) {
-  if (!cursor_enter_impl<MODE>(u, cfg, c, G)) u.l = -1;
-  return u;
-}
 template <int MODE>
 __device__ __forceinline__ bool cursor_enter(Cursor& u, const Params& p, int c, int G) {
-  u = cursor_enter_v<MODE>(u, CursorCfg{p.win, p.wout, p.head, p.layers, p.vocab, p.slot}, c, G);
-  return u.l >= 0;
-}
-#else
-#if MK_CURSOR == 1
-#define MK_CURSOR_ENTER __forceinline__
-#else
-#define MK_CURSOR_ENTER __noinline__
-#endif
-// Not inlined (MK_CURSOR 0 and 2): one copy of the producer's integer divisions rather than one per call
-// site (the instruction cache is shared with the consumers, whose once-per-layer code is on the critical path).
-template <int MODE>
-__device__ MK_CURSOR_ENTER bool cursor_enter(Cursor& u, const Params& p, int c, int G) {
   return cursor_enter_impl<MODE>(u, p, c, G);
 }
-#endif
-#if MK_CURSOR == 0
-#define MK_CURSOR_NEXT __noinline__
-#else
-#define MK_CURSOR_NEXT __forceinline__
-#endif
 template <int MODE>
-__device__ MK_CURSOR_NEXT bool cursor_next(Cursor& u, const Params& p, int c, int G) {
+__device__ __forceinline__ bool cursor_next(Cursor& u, const Params& p, int c, int G) {
   u.r0 += u.R;
   if (u.r0 < u.hi) return true;
   if (++u.ph == 4) u.ph = 0, ++u.l;

@@ -124,12 +124,6 @@ def test_rings_pass_through_and_kernel_mode(monkeypatch):
     monkeypatch.setenv("MAMBA_JAX_MEGAKERNEL_GRAPH", "yes")
     with pytest.raises(ValueError, match="MAMBA_JAX_MEGAKERNEL_GRAPH"):
         mk.kernel_graph()
-    for raw, want in (("", None), ("3", 3)):
-        monkeypatch.setenv("MAMBA_JAX_MEGAKERNEL_CURSOR", raw)
-        assert mk.kernel_cursor() == want
-    monkeypatch.setenv("MAMBA_JAX_MEGAKERNEL_CURSOR", "4")
-    with pytest.raises(ValueError, match="MAMBA_JAX_MEGAKERNEL_CURSOR"):
-        mk.kernel_cursor()
     with pytest.raises(ValueError, match=r"mode=\(7, 1\)"):  # step's explicit mode is checked as the variable is
         mk.step(mk.pack(model), mk.kernel_cache(rings), jnp.zeros(model.cfg.d_model), l, None, eps=1e-5, mode=(7, 1),
                 graph=False)  # fmt: skip
@@ -187,7 +181,6 @@ def test_every_mamba2_checkpoint_size_builds(recipe):
     shapes8 = jax.eval_shape(lambda m: mk.pack(m, quantize="fp8"), model)  # float8 rows: a build of their own
     assert shapes8.win.dtype == jnp.float8_e4m3fn and "Hopper" in mk.kernel_unsupported(shapes8, cfg.norm_eps)
     assert mk._target(d, h, True, True, True) == f"mamba_jax_megakernel_head_d{d}_h{h}_fp8_graph"
-    assert mk._target(d, h, False, False, False, 3) == f"mamba_jax_megakernel_d{d}_h{h}_c3"  # a cursor variant
 
 
 @pytest.mark.parametrize("dims,what", [
@@ -242,9 +235,8 @@ def test_kernel_matches_the_reference_on_gpu(mode, graph, recipe, quantize, monk
     cfg = model.cfg
     params, cache = mk.pack(model, quantize=quantize), mk.kernel_cache(rings)
     eps = cfg.norm_eps
-    cursor = mk.kernel_cursor()  # MAMBA_JAX_MEGAKERNEL_CURSOR: a producer-cursor variant (gpu_session.sh s)
-    assert (why := mk.kernel_unsupported(params, eps, graph=graph == "1", cursor=cursor)) is None, why
-    target = mk._target(cfg.d_model, params.a_log.shape[1], False, graph == "1", quantize == "fp8", cursor)
+    assert (why := mk.kernel_unsupported(params, eps, graph=graph == "1")) is None, why
+    target = mk._target(cfg.d_model, params.a_log.shape[1], False, graph == "1", quantize == "fp8")
     kernel = functools.partial(jax.jit(mk.step, static_argnames=("eps", "mode", "graph")), **options)
     assert target in kernel.func.lower(params, cache, jnp.zeros(cfg.d_model), l, mk.workspace(params), eps=eps,
                                        **options).as_text()  # fmt: skip
@@ -286,7 +278,7 @@ def test_kernel_head_phase_on_gpu():
     model, rings, l = _two_layers(1)
     params, cache, head = mk.pack(model), mk.kernel_cache(rings), mk.pack_head(model)
     eps = model.cfg.norm_eps
-    assert mk.kernel_unsupported(params, eps, head, cursor=mk.kernel_cursor()) is None
+    assert mk.kernel_unsupported(params, eps, head) is None
     h = model._embed(jnp.asarray([7]))[0].astype(jnp.float32)
     step = jax.jit(mk.step, static_argnames="eps")
     got_h, _, _, logits = step(params, cache, h, l, mk.workspace(params), eps=eps, head=head)

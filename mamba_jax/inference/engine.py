@@ -151,11 +151,10 @@ class Engine:
             # quantize_weights below replaces.
             self._mk_pack = functools.partial(_pack_megakernel, model, mk_dtype, self.quantize, head == "1")
             # the A/B variables, read once here (a cached trace of the loop would not see them change)
-            self.mk_options = _MegakernelOptions(mk.kernel_mode(), mk.kernel_graph(), _unroll_override(),
-                                                 mk.kernel_cursor())  # fmt: skip
+            self.mk_options = _MegakernelOptions(mk.kernel_mode(), mk.kernel_graph(), _unroll_override())
             if not auto:  # (auto took it only where not_here found that the kernel runs)
                 shapes = jax.eval_shape(lambda m: mk.pack(m, mk_dtype, quantize=self.quantize), model)
-                if why := mk.kernel_unsupported(shapes, model.cfg.norm_eps, cursor=self.mk_options.cursor):
+                if why := mk.kernel_unsupported(shapes, model.cfg.norm_eps):
                     note_once(f"megakernel=True: the CUDA megakernel does not run here ({why}); batch 1 decodes "
                               "through its JAX reference instead (the same arithmetic, not faster).")  # fmt: skip
             if self.quantize is not None:
@@ -314,7 +313,6 @@ class _MegakernelOptions(NamedTuple):
     mode: tuple[int, int]  # kernel_mode(): (MODE, SLACK)
     graph: bool  # kernel_graph()
     unroll: int  # _unroll_override(): tokens per loop iteration, 0 for the default
-    cursor: int | None  # kernel_cursor()
 
 
 def _unroll_override() -> int:
@@ -333,7 +331,7 @@ def _megakernel_decode(model, mk, tok_B, cache, pos, options):
     mk_params, mk_head = mk
     mk_cache, work = cache
     h_D = model._embed(tok_B)[0].astype(jnp.float32)
-    kw = {"eps": model.cfg.norm_eps, "mode": options.mode, "graph": options.graph, "cursor": options.cursor}
+    kw = {"eps": model.cfg.norm_eps, "mode": options.mode, "graph": options.graph}
     if mk_head is not None:
         h_D, mk_cache, work, logits_V = megakernel.step(mk_params, mk_cache, h_D, pos, work, head=mk_head, **kw)
         return logits_V[None], (mk_cache, work)

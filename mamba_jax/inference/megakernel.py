@@ -279,10 +279,10 @@ def kernel_dims_unsupported(d: int, h: int, p: int, n: int, k: int, eps: float) 
     return None
 
 
-def kernel_unsupported(params: Params, eps: float, head=None, graph: bool = False, cursor=None) -> str | None:
+def kernel_unsupported(params: Params, eps: float, head=None, graph: bool = False) -> str | None:
     """Why `step` computes with `reference_step` rather than the CUDA kernel here, or None. `graph`: the
-    command-buffer compatible targets (`kernel_graph`); `cursor`: a producer-cursor variant (`kernel_cursor`;
-    None: the header's). The kernel is built once per (d_model, heads) and variant."""
+    command-buffer compatible targets (`kernel_graph`). The kernel is built once per (d_model, heads) and
+    weight type."""
     _, nin, d = params.win.shape
     h, hp, k = params.a_log.shape[1], params.wout.shape[2], params.conv_w.shape[2]
     n = (nin - 2 * hp - h) // 2
@@ -296,15 +296,15 @@ def kernel_unsupported(params: Params, eps: float, head=None, graph: bool = Fals
     from mamba_jax.kernels.cuda_build import load  # lazy: only where a GPU may run it
 
     symbol = ("MambaJaxMegakernelHead" if head is not None else "MambaJaxMegakernel") + "Graph" * graph
-    flags = (f"-DMK_D={d}", f"-DMK_H={h}") + ("-DMK_FP8=1",) * fp8 + (f"-DMK_CURSOR={cursor}",) * (cursor is not None)
-    return load("megakernel", symbol, _target(d, h, head is not None, graph, fp8, cursor), flags)
+    flags = (f"-DMK_D={d}", f"-DMK_H={h}") + ("-DMK_FP8=1",) * fp8
+    return load("megakernel", symbol, _target(d, h, head is not None, graph, fp8), flags)
 
 
 def not_here(model, quantize: str | None = None) -> str | None:
     """Why the CUDA kernel would not run `model`'s batch-1 decode here (`Engine(megakernel="auto")` takes it
     where this is None), checked on the packed weights' shapes: a GPU, a model the design covers, bf16 or float8
     rows (a float32 model packs float32: its reference runs), then `kernel_unsupported` (which builds the
-    kernel for the model's size and MAMBA_JAX_MEGAKERNEL_CURSOR, once, where it can)."""
+    kernel for the model's size, once, where it can)."""
     if jax.default_backend() != "gpu":
         return "not a GPU"
     if reason := unsupported(model):
@@ -312,23 +312,13 @@ def not_here(model, quantize: str | None = None) -> str | None:
     if jnp.dtype(model.cfg.dtype) == jnp.float32:
         return "a float32 model (the kernel streams bf16 or float8 rows)"
     shapes = jax.eval_shape(lambda m: pack(m, BF16, quantize=quantize), model)
-    return kernel_unsupported(shapes, model.cfg.norm_eps, cursor=kernel_cursor())
+    return kernel_unsupported(shapes, model.cfg.norm_eps)
 
 
-def _target(d: int, h: int, head: bool, graph: bool, fp8: bool = False, cursor=None) -> str:
-    """The FFI target of the (d_model, heads[, float8][, cursor variant]) build: one library per model size,
-    weight type and variant, its handlers registered under names of their own."""
-    name = (TARGET_HEAD if head else TARGET) + f"_d{d}_h{h}" + "_fp8" * fp8 + "_graph" * graph
-    return name + ("" if cursor is None else f"_c{cursor}")
-
-
-def kernel_cursor() -> int | None:
-    """The producer cursor's variant (kernels/megakernel.cuh, MK_CURSOR 0-3: how its code is inlined; an A/B of
-    benchmarks/README.md) from MAMBA_JAX_MEGAKERNEL_CURSOR, or None (unset: the header's default)."""
-    raw = os.environ.get("MAMBA_JAX_MEGAKERNEL_CURSOR", "")
-    if raw not in ("", "0", "1", "2", "3"):
-        raise ValueError(f"MAMBA_JAX_MEGAKERNEL_CURSOR={raw!r}: want 0, 1, 2 or 3 (kernels/megakernel.cuh).")
-    return int(raw) if raw else None
+def _target(d: int, h: int, head: bool, graph: bool, fp8: bool = False) -> str:
+    """The FFI target of the (d_model, heads[, float8]) build: one library per model size and weight type, its
+    handlers registered under names of their own."""
+    return (TARGET_HEAD if head else TARGET) + f"_d{d}_h{h}" + "_fp8" * fp8 + "_graph" * graph
 
 
 def kernel_mode() -> tuple[int, int]:
@@ -366,17 +356,16 @@ def kernel_graph() -> bool:
     return raw == "1"
 
 
-def step(params: Params, cache: Cache, h_D, pos, work, *, eps: float, head=None, mode=None, graph=None, cursor=None):
+def step(params: Params, cache: Cache, h_D, pos, work, *, eps: float, head=None, mode=None, graph=None):
     """One token through every layer: (the residual after the last layer, the new cache, the workspace), and
     with `head` (`pack_head`) the logits (V,) float32 as well. The CUDA kernel where `kernel_unsupported`
     allows (the caches and workspace updated in place; the head as its last phase), else `reference_step`
-    (and `reference_head`). `mode` ((MODE, SLACK)), `graph` and `cursor` default to `kernel_mode()` /
-    `kernel_graph()` / `kernel_cursor()`, read when traced: under jit pass them as static arguments, since jax
-    reuses a function's trace whatever the environment says by then (the Engine reads them once, when built)."""
+    (and `reference_head`). `mode` ((MODE, SLACK)) and `graph` default to `kernel_mode()` / `kernel_graph()`,
+    read when traced: under jit pass them as static arguments, since jax reuses a function's trace whatever
+    the environment says by then (the Engine reads them once, when built)."""
     graph = kernel_graph() if graph is None else bool(graph)
     mode, slack = kernel_mode() if mode is None else _checked_mode(mode)
-    cursor = kernel_cursor() if cursor is None else cursor
-    if kernel_unsupported(params, eps, head, graph, cursor) is None:
+    if kernel_unsupported(params, eps, head, graph) is None:
         shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (cache.ring, cache.state, h_D, work)]
         d, h, fp8 = params.win.shape[2], params.a_log.shape[1], params.win_scale is not None
         if mode == 10 and ((d, h) != MEASURED_DIMS or fp8):
@@ -386,13 +375,13 @@ def step(params: Params, cache: Cache, h_D, pos, work, *, eps: float, head=None,
         n = len(weights)  # ring, state, h and work (after pos) are updated in place
         aliases = {n + 1: 0, n + 2: 1, n + 3: 2, n + 4: 3}
         if head is None:
-            call = jax.ffi.ffi_call(_target(d, h, False, graph, fp8, cursor), shapes, input_output_aliases=aliases)
+            call = jax.ffi.ffi_call(_target(d, h, False, graph, fp8), shapes, input_output_aliases=aliases)
             ring, state, h_D, work = call(*args, mode=np.int32(mode), slack=np.int32(slack))
             return h_D, Cache(ring, state), work
         if mode != 5:
             raise ValueError(f"megakernel: the LM head phase runs in mode 5 (MAMBA_JAX_MEGAKERNEL_MODE={mode}).")
         shapes.append(jax.ShapeDtypeStruct((head.shape[0],), jnp.float32))
-        call = jax.ffi.ffi_call(_target(d, h, True, graph, fp8, cursor), shapes, input_output_aliases=aliases)
+        call = jax.ffi.ffi_call(_target(d, h, True, graph, fp8), shapes, input_output_aliases=aliases)
         ring, state, h_D, work, logits = call(*args, head, mode=np.int32(mode), slack=np.int32(slack))
         return h_D, Cache(ring, state), work, logits
     h_D, cache = reference_step(params, cache, h_D, pos, eps=eps)
@@ -415,7 +404,6 @@ __all__ = [
     "cache_dtype",
     "engine_cache",
     "kernel_cache",
-    "kernel_cursor",
     "kernel_dims_unsupported",
     "kernel_unsupported",
     "not_here",
