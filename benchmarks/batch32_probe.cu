@@ -211,7 +211,7 @@ __device__ __forceinline__ const uint4* phase_base(const Params& p, int l, int p
          : ph == 1 ? p.state + (long)l * state_chunks(p.heads) * (CELL_W / 16)
                    : p.w_out + (long)l * p.out_groups * p.out_ksteps * (CELL_W / 16);
 }
-__device__ void walk_next(Walk& w, const Params& p, int c, int G, bool first = false) {
+__device__ __forceinline__ void walk_next(Walk& w, const Params& p, int c, int G, bool first = false) {
   if (!first) w.i += p.cps;
   while (first || w.i >= w.b) {
     if (!first) {
@@ -283,65 +283,50 @@ __device__ __forceinline__ void mma_cells(float (&acc)[2][2][4], float (&acc2)[2
 // Σ_n s · C + x (D = 1) → out_proj's x fragments (bf16). Warp w takes rows 2w, 2w + 1 of every chunk, a lane 4 n.
 __device__ __forceinline__ void state_phase(const Params& p, int l, int c, int G, int tid, unsigned char* ring, int slot,
                             uint64_t* wfull, uint64_t* xfull, uint64_t* empty, Cursor& cur, bool clk, long long* cyc) {
-  constexpr int MAXC = 8;  // cells per slot at most (the host checks --cps)
-  const int warp = tid / 32, lane = tid % 32, S = p.stages, H = p.heads, DI = p.out_ksteps * 16;
-  const float* yi = (l & 1) ? p.y_in[1] : p.y_in[0];
-  const long ys = (long)p.in_groups * GU * 8;
-  const int xo = DI, bo = 2 * DI, co = 2 * DI + 128, dto = 2 * DI + 256;
+  const int warp = tid / 32, lane = tid % 32, S = p.stages, H = p.heads;
   unsigned char* st = reinterpret_cast<unsigned char*>(const_cast<uint4*>(phase_base(p, l, 1)));
   unsigned* xm = reinterpret_cast<unsigned*>(p.x_mid);
+  const int H4 = H * CHUNKS_PER_HEAD, row_floats = 256 + H;
   long a, b;
   run_of(state_chunks(H), c, G, a, b);
-  int cb = -1;
-  float4 Bv = make_float4(0.f, 0.f, 0.f, 0.f), Cv = Bv;
   for (long i = a; i < b; i += p.cps, cur.next(S)) {
     const int s = cur.s, n = (int)(b - i < p.cps ? b - i : p.cps);
-    float dtr[MAXC];
-    float2 xv[MAXC];
-#pragma unroll
-    for (int j = 0; j < MAXC; ++j)  // the slot's scalars from L2 before its chunks land
-      if (j < n) {
-        const int kk = (int)(i + j), bh = kk >> 2, bb = bh / H, h = bh - bb * H;
-        const float* yr = yi + bb * ys;
-        dtr[j] = __ldcg(yr + dto + h);
-        xv[j] = __ldcg(reinterpret_cast<const float2*>(yr + xo + h * 64 + (kk & 3) * 16 + 2 * warp));
-      }
     long long t0 = clk ? clock64() : 0;
     mbar_wait(&wfull[s], cur.ph);
     if (clk) cyc[0] += clock64() - t0, t0 = clock64();
     mbar_wait(&xfull[s], cur.ph);
     if (clk) cyc[1] += clock64() - t0, t0 = clock64();
     const unsigned char* sw = ring + (long)s * slot;
-#pragma unroll
-    for (int j = 0; j < MAXC; ++j) {
-      if (j >= n) break;
-      const int kk = (int)(i + j), bh = kk >> 2, bb = bh / H, h = bh - bb * H, p0 = (kk & 3) * 16 + 2 * warp;
-      if (bb != cb) {  // B and C of row bb (this lane's 4 n): once per row of the batch
-        Bv = __ldcg(reinterpret_cast<const float4*>(yi + bb * ys + bo + lane * 4));
-        Cv = __ldcg(reinterpret_cast<const float4*>(yi + bb * ys + co + lane * 4));
-        cb = bb;
-      }
-      const float dt = log1pf(__expf(dtr[j])), dA = __expf(-dt * (1.f + 0.01f * h));
+    const float* sx = reinterpret_cast<const float*>(sw + p.cps * CELL_W);  // the x producer's inputs
+    const int b0 = (int)(i / H4);
+    int kr = (int)(i - (long)b0 * H4);  // the chunk's index within its row of the batch
+    for (int j = 0; j < n; ++j, ++kr) {
+      const int r = kr >= H4, bb = b0 + r, h = (kr - r * H4) >> 2, p0 = ((kr - r * H4) & 3) * 16 + 2 * warp;
+      const float* rowp = sx + 128 + r * row_floats;  // B (128), C (128), dt (H) of row bb
+      const float4 Bv = *reinterpret_cast<const float4*>(rowp + lane * 4);
+      const float4 Cv = *reinterpret_cast<const float4*>(rowp + 128 + lane * 4);
+      const float2 xv = *reinterpret_cast<const float2*>(sx + j * 16 + 2 * warp);
+      const float dt = log1pf(__expf(rowp[256 + h])), dA = __expf(-dt * (1.f + 0.01f * h));
       float ysum[2];
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int off = kk * CELL_W + (2 * warp + r) * 256 + lane * 8;
-        const uint2 raw = *reinterpret_cast<const uint2*>(sw + (long)j * CELL_W + (2 * warp + r) * 256 + lane * 8);
+      for (int q = 0; q < 2; ++q) {
+        const long kk = i + j;
+        const uint2 raw = *reinterpret_cast<const uint2*>(sw + (long)j * CELL_W + (2 * warp + q) * 256 + lane * 8);
         const float2 s01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
         const float2 s23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
-        const float dx = dt * (r ? xv[j].y : xv[j].x);
+        const float dx = dt * (q ? xv.y : xv.x);
         const float n0 = s01.x * dA + dx * Bv.x, n1 = s01.y * dA + dx * Bv.y;
         const float n2 = s23.x * dA + dx * Bv.z, n3 = s23.y * dA + dx * Bv.w;
         float acc = n0 * Cv.x + n1 * Cv.y + n2 * Cv.z + n3 * Cv.w;
         __nv_bfloat162 h01 = __floats2bfloat162_rn(n0, n1), h23 = __floats2bfloat162_rn(n2, n3);
-        *reinterpret_cast<uint2*>(st + off) =
+        *reinterpret_cast<uint2*>(st + kk * CELL_W + (2 * warp + q) * 256 + lane * 8) =
             make_uint2(*reinterpret_cast<unsigned*>(&h01), *reinterpret_cast<unsigned*>(&h23));
 #pragma unroll
         for (int o = 16; o; o >>= 1) acc += __shfl_xor_sync(~0u, acc, o);
-        ysum[r] = acc;
+        ysum[q] = acc;
       }
       if (lane == 0) {
-        __nv_bfloat162 hv = __floats2bfloat162_rn(ysum[0] + xv[j].x, ysum[1] + xv[j].y);
+        __nv_bfloat162 hv = __floats2bfloat162_rn(ysum[0] + xv.x, ysum[1] + xv.y);
         xm[frag_index(bb, h * 64 + p0) >> 1] = *reinterpret_cast<unsigned*>(&hv);
       }
     }
@@ -403,13 +388,31 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
     asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(pol));
     for (int l = 0; l < p.layers; ++l)
       for (int ph = 0; ph < 3; ++ph) {
-        if (ph == 1) {  // mode 12's state chunks: nothing to copy beside them, the slot's x barrier just arrives
+        if (ph == 1) {  // mode 12: beside a slot's state chunks, their inputs from in_proj's sums (state_inputs)
           if (p.mode != 12) continue;
+          const float* yi = (l & 1) ? p.y_in[1] : p.y_in[0];
+          const long ys = (long)p.in_groups * GU * 8;
+          const int H4 = p.heads * CHUNKS_PER_HEAD, DI = p.out_ksteps * 16;
+          const long long t0 = clk ? clock64() : 0;
+          while (ld_acquire(p.bar) < (unsigned)G * (base + 4u * l + 1u)) {  // in_proj's sums complete
+          }
+          if (clk) cyc[1] += clock64() - t0;
+          asm volatile("fence.proxy.async.global;" ::: "memory");
           long a, b;
           run_of(state_chunks(p.heads), c, G, a, b);
           for (long i = a; i < b; i += p.cps, cur.next(S)) {
-            if (cur.wrapped) mbar_wait(&empty[cur.s], cur.ph ^ 1u);
-            mbar_arrive(&xfull[cur.s]);
+            const int s = cur.s, n = (int)(b - i < p.cps ? b - i : p.cps);
+            if (cur.wrapped) mbar_wait(&empty[s], cur.ph ^ 1u);
+            const int b0 = (int)(i / H4), b1 = (int)((i + n - 1) / H4), rows = b1 - b0 + 1;
+            const unsigned row_bytes = (unsigned)(256 + p.heads) * 4;  // B, C and dt: contiguous in y_in
+            mbar_expect(&xfull[s], (unsigned)n * 64u + rows * row_bytes);
+            unsigned char* dst = ring + (long)s * slot + p.cps * CELL_W;
+            for (int r = 0; r < rows; ++r) {  // x: 16 floats per chunk, contiguous within a row of the batch
+              const long k0 = r ? (long)b1 * H4 : i, k1 = r ? i + n : (rows > 1 ? (long)b1 * H4 : i + n);
+              bulk_load(dst + (k0 - i) * 64, yi + (b0 + r) * ys + DI + (k0 % H4) * 16, (unsigned)(k1 - k0) * 64,
+                        &xfull[s], pol);
+              bulk_load(dst + 512 + r * row_bytes, yi + (b0 + r) * ys + 2 * DI, row_bytes, &xfull[s], pol);
+            }
           }
           continue;
         }
@@ -689,8 +692,9 @@ int main(int argc, char** argv) {
   }
   const int heads = DI / 64;
   const bool states = ("," + modes + ",").find(",12,") != std::string::npos;
-  if (states && (cps > 8 || NIN < 2 * DI + 256 + heads)) {
-    fprintf(stderr, "mode 12 wants --cps <= 8 and in_proj's width >= 2 d_inner + 256 + heads (z, x, B, C, dt)\n");
+  if (states && (cps > 8 || NIN < 2 * DI + 256 + heads || heads % 4)) {
+    fprintf(stderr, "mode 12 wants --cps <= 8, in_proj's width >= 2 d_inner + 256 + heads (z, x, B, C, dt) and "
+            "heads a multiple of 4\n");
     return 2;
   }
   cudaDeviceProp prop;

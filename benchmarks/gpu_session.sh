@@ -268,15 +268,17 @@ elif [ "$stage" = u ]; then  # ≈ 6 minutes: batch32_probe's consumers unrolled
 elif [ "$stage" = v ]; then  # ≈ 2 minutes: a whole 2.7B layer's bytes at batch 32 in one launch per token
     find_nvcc
     nv=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
-    f="$OUT/batch32_probe_state_$gpu.jsonl"
+    f="$OUT/batch32_probe_state2_$gpu.jsonl"
     "$nv" -O3 -std=c++17 -arch=sm_90a -o /tmp/b32 benchmarks/batch32_probe.cu &&
         timeout 120 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 0,11,12,2,3 --check 1 | tee "$f"
-    for pf in 2 4 8; do
-        timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 11,12 --check 0 --pf $pf | tee -a "$f"
-    done
+    # (the L2 prefetch, --pf 2 / 4 / 8, slowed every mode at 96b4795: results/batch32_probe_state_h100.jsonl)
     timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 11,12 --check 0 --clock 1 | tee -a "$f"
-    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 4 --modes 12 --check 0 | tee -a "$f"
-    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 4 --modes 12 --check 0 --pf 8 | tee -a "$f"
+    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 4 --modes 0,12 --check 0 | tee -a "$f"
+    # the same machine's numbers of the consumers before (.ab/: copies of the file at earlier commits)
+    for old in .ab/batch32_probe_*.cu; do
+        [ -f "$old" ] && "$nv" -O3 -std=c++17 -arch=sm_90a -I benchmarks -o /tmp/b32_old "$old" &&
+            timeout 60 /tmp/b32_old --layers 64 --tokens 10 --cps 8 --modes 0,2,3 --check 0 | tee -a "$f"
+    done
 else
     echo "unknown stage $stage (a … v)" >&2
     exit 2
