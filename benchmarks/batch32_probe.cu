@@ -300,6 +300,7 @@ __device__ __forceinline__ void state_phase(const Params& p, int l, int c, int G
     const float* sx = reinterpret_cast<const float*>(sw + p.cps * CELL_W);  // the x producer's inputs
     const int b0 = (int)(i / H4);
     int kr = (int)(i - (long)b0 * H4);  // the chunk's index within its row of the batch
+#pragma unroll 2  // two chunks' shuffle chains and exponentials in flight
     for (int j = 0; j < n; ++j, ++kr) {
       const int r = kr >= H4, bb = b0 + r, h = (kr - r * H4) >> 2, p0 = ((kr - r * H4) & 3) * 16 + 2 * warp;
       const float* rowp = sx + 128 + r * row_floats;  // B (128), C (128), dt (H) of row bb
