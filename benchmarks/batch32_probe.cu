@@ -104,6 +104,7 @@ struct Params {
   int pf;                      // --pf: slots of weights the weight producer prefetches into L2 beyond the ring
   const uint4* state;  // mode 12: the SSM states, [layer][row][head][64 p][128 n] bf16: chunks of 16 p rows (4 KB)
   int heads;           // d_inner / 64
+  int bulk_store;      // --bulk-store 1: mode 12 writes each slot's new states back by one bulk copy (TMA)
 };
 
 constexpr int CHUNKS_PER_HEAD = 4;  // mode 12: a head's 64 × 128 state as 4 chunks of 16 rows, 4 KB each like a cell
@@ -320,8 +321,11 @@ __device__ __forceinline__ void state_phase(const Params& p, int l, int c, int G
         const float n2 = s23.x * dA + dx * Bv.z, n3 = s23.y * dA + dx * Bv.w;
         float acc = n0 * Cv.x + n1 * Cv.y + n2 * Cv.z + n3 * Cv.w;
         __nv_bfloat162 h01 = __floats2bfloat162_rn(n0, n1), h23 = __floats2bfloat162_rn(n2, n3);
-        *reinterpret_cast<uint2*>(st + kk * CELL_W + (2 * warp + q) * 256 + lane * 8) =
-            make_uint2(*reinterpret_cast<unsigned*>(&h01), *reinterpret_cast<unsigned*>(&h23));
+        const uint2 out = make_uint2(*reinterpret_cast<unsigned*>(&h01), *reinterpret_cast<unsigned*>(&h23));
+        if (p.bulk_store)  // back into the slot, stored to global by one bulk copy per slot below
+          *reinterpret_cast<uint2*>(const_cast<unsigned char*>(sw) + (long)j * CELL_W + (2 * warp + q) * 256 + lane * 8) = out;
+        else
+          *reinterpret_cast<uint2*>(st + kk * CELL_W + (2 * warp + q) * 256 + lane * 8) = out;
 #pragma unroll
         for (int o = 16; o; o >>= 1) acc += __shfl_xor_sync(~0u, acc, o);
         ysum[q] = acc;
@@ -331,10 +335,22 @@ __device__ __forceinline__ void state_phase(const Params& p, int l, int c, int G
         xm[frag_index(bb, h * 64 + p0) >> 1] = *reinterpret_cast<unsigned*>(&hv);
       }
     }
+    if (p.bulk_store) {  // the slot's new states: one bulk copy shared → global once every warp has written
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      asm volatile("bar.sync 1, %0;" ::"n"(CW * 32) : "memory");
+      if (tid == 0) {
+        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(st + i * CELL_W),
+                     "r"(sa(sw)), "r"(n * CELL_W)
+                     : "memory");
+        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // the slot read: it may be refilled
+      }
+    }
     if (clk) cyc[2] += clock64() - t0;
     __syncwarp();
     if (lane == 0) mbar_arrive(&empty[s]);
   }
+  if (p.bulk_store && tid == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // stores complete
   grid_arrive(p.bar, tid);  // y published: out_proj's x producer waits for every CTA's arrival (episode 4l + 2)
 }
 
@@ -667,7 +683,7 @@ static void frag_pos(size_t i, int& r, int& col) {
 }
 
 int main(int argc, char** argv) {
-  int L = 64, tokens = 10, cps = 8, check = 1, clock = 0, pf = 0, D = 2560, NIN = 10576, DI = 5120;
+  int L = 64, tokens = 10, cps = 8, check = 1, clock = 0, pf = 0, bulk_store = 0, D = 2560, NIN = 10576, DI = 5120;
   std::string modes = "0,1,2,3";
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!strcmp(argv[i], "--layers")) L = atoi(argv[i + 1]);
@@ -677,6 +693,7 @@ int main(int argc, char** argv) {
     else if (!strcmp(argv[i], "--check")) check = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "--clock")) clock = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "--pf")) pf = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--bulk-store")) bulk_store = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "--dims")) sscanf(argv[i + 1], "%d,%d,%d", &D, &NIN, &DI);
     else {
       fprintf(stderr, "unknown argument %s\n", argv[i]);
@@ -801,6 +818,7 @@ int main(int argc, char** argv) {
   p.pf = pf;
   p.state = sbuf;
   p.heads = heads;
+  p.bulk_store = bulk_store;
   p.stages = stages;
   p.x_in = x_in;
   p.x_mid = x_mid;
@@ -841,7 +859,7 @@ int main(int argc, char** argv) {
     std::vector<uint16_t> got(xf.size());
     // (mode 10 double-buffers x by layer: layer 0's out_proj writes layer 1's, the odd buffer)
     CK(cudaMemcpy(got.data(), cm == 10 ? x_in1 : x_in, got.size() * 2, cudaMemcpyDeviceToHost));
-    std::vector<float> mid((size_t)32 * DI), want((size_t)32 * D);
+    std::vector<float> mid((size_t)32 * DI), want((size_t)32 * D), want_state(cm == 12 ? st_n : 0);
     for (int r = 0; r < 32; ++r) {
       std::vector<double> acc(NIN, 0.0);
       for (int kk = 0; kk < D; ++kk) {
@@ -857,7 +875,12 @@ int main(int argc, char** argv) {
             const double xv = acc[DI + h * 64 + q];
             double y = xv;
             const uint16_t* s0 = &S0[(((size_t)r * heads + h) * 64 + q) * 128];
-            for (int n = 0; n < 128; ++n) y += (bf16_val(s0[n]) * dA + dt * xv * acc[2 * DI + n]) * acc[2 * DI + 128 + n];
+            float* ws = &want_state[(((size_t)r * heads + h) * 64 + q) * 128];
+            for (int n = 0; n < 128; ++n) {
+              const double sn = bf16_val(s0[n]) * dA + dt * xv * acc[2 * DI + n];
+              ws[n] = (float)sn;
+              y += sn * acc[2 * DI + 128 + n];
+            }
             mid[(size_t)r * DI + h * 64 + q] = bf16_val(bf16_bits((float)y));
           }
         }
@@ -879,9 +902,20 @@ int main(int argc, char** argv) {
     }
     const double rms = std::sqrt(ss / (32.0 * D)), rel = err / rms;
     // bf16 output (2^-8 relative) plus the intermediate's roundings where float32 and float64 sums differ
-    const bool ok = rel < 0.03 && std::isfinite(rel);
+    double st_err = 0, st_ss = 0;  // mode 12: the states written back (bf16) against the float64 update
+    if (cm == 12) {
+      std::vector<uint16_t> gs(st_n);
+      CK(cudaMemcpy(gs.data(), sbuf, st_n * 2, cudaMemcpyDeviceToHost));
+      for (size_t i = 0; i < st_n; ++i) {
+        st_err = std::max(st_err, std::fabs((double)bf16_val(gs[i]) - want_state[i]));
+        st_ss += (double)want_state[i] * want_state[i];
+      }
+    }
+    const double st_rel = cm == 12 ? st_err / std::sqrt(st_ss / st_n) : 0.0;
+    const bool ok = rel < 0.03 && std::isfinite(rel) && st_rel < 0.03 && std::isfinite(st_rel);
     printf("{\"kind\": \"check\", \"mode\": %d, \"ok\": %s, \"max_abs_err\": %.4g, \"rms\": %.4g, "
-           "\"max_err_over_rms\": %.4g}\n", cm, ok ? "true" : "false", err, rms, rel);
+           "\"max_err_over_rms\": %.4g, \"state_max_err_over_rms\": %.4g, \"bulk_store\": %d}\n", cm,
+           ok ? "true" : "false", err, rms, rel, st_rel, bulk_store);
     fflush(stdout);
   }
   for (size_t a = 0; a < modes.size();) {
@@ -906,9 +940,10 @@ int main(int argc, char** argv) {
     const double sbytes = mode == 12 ? 4.0 * st_n : 0.0;  // the states read and written
     printf("{\"kind\": \"batch32\", \"mode\": %d, \"layers\": %d, \"tokens\": %d, \"cps\": %d, \"stages\": %d, "
            "\"ctas\": %d, \"dims\": [%d, %d, %d], \"weight_mb_per_layer\": %.2f, \"us_per_layer\": %.3f, "
-           "\"weight_tb_s\": %.3f, \"state_mb_per_layer\": %.2f, \"bytes_tb_s\": %.3f, \"pf\": %d, \"clock\": %d}\n",
+           "\"weight_tb_s\": %.3f, \"state_mb_per_layer\": %.2f, \"bytes_tb_s\": %.3f, \"pf\": %d, \"bulk_store\": %d, "
+           "\"clock\": %d}\n",
            mode, L, tokens, cps, stages, G, D, NIN, DI, wbytes / 1e6, us, wbytes / us / 1e6, sbytes / 1e6,
-           (wbytes + sbytes) / us / 1e6, pf, clock);
+           (wbytes + sbytes) / us / 1e6, pf, bulk_store, clock);
     if (clock) {  // per role and cause, the mean over CTAs in µs per layer
       static const char* cycle_names[8] = {"weights_wait_empty", "x_wait_empty", "x_wait_published",
                                            "cons0_wait_weights", "cons0_wait_x", "cons0_products_adds",
