@@ -43,7 +43,8 @@
 // waits for every CTA's arrival; the consumers go on to the weights already in the ring); 12: mode 11 with a
 // state phase in place of in_proj's convert — the SSM state update of the layer at batch 32 (state_phase:
 // 42 MB of bf16 states read through the same ring and written back, y into out_proj's x), i.e. a whole layer's
-// bytes. --pf N: the weight producer prefetches N slots beyond the ring into L2 (cp.async.bulk.prefetch), so
+// bytes; 13: mode 12's state phases alone (a grid barrier before each, as after in_proj; no projections).
+// --pf N: the weight producer prefetches N slots beyond the ring into L2 (cp.async.bulk.prefetch), so
 // that DRAM keeps streaming while the consumers stand at a barrier.
 // Correctness (--check 1): one layer of each checked mode named in --modes (0, 8, 9, 10, 11, 12) against a float64
 // host product of the same bf16 inputs, the intermediate rounded to bf16 as the kernel rounds it.
@@ -212,17 +213,21 @@ __device__ __forceinline__ const uint4* phase_base(const Params& p, int l, int p
          : ph == 1 ? p.state + (long)l * state_chunks(p.heads) * (CELL_W / 16)
                    : p.w_out + (long)l * p.out_groups * p.out_ksteps * (CELL_W / 16);
 }
+// Whether phase ph runs in this mode: the states only in modes 12 and 13, the projections in all but 13.
+__device__ __forceinline__ bool phase_on(const Params& p, int ph) {
+  return p.mode == 13 ? ph == 1 : ph != 1 || p.mode == 12;
+}
 __device__ __forceinline__ void walk_next(Walk& w, const Params& p, int c, int G, bool first = false) {
   if (!first) w.i += p.cps;
-  while (first || w.i >= w.b) {
-    if (!first) {
-      w.ph = w.ph == 0 ? (p.mode == 12 ? 1 : 2) : w.ph + 1;
-      if (w.ph == 3 && (w.ph = 0, ++w.l == p.layers)) {
+  while (first || w.i >= w.b || !phase_on(p, w.ph)) {
+    if (!first || !phase_on(p, w.ph)) {
+      if (++w.ph == 3 && (w.ph = 0, ++w.l == p.layers)) {
         w.done = true;
         return;
       }
     }
     first = false;
+    if (!phase_on(p, w.ph)) continue;
     long a;
     run_of(phase_cells(p, w.ph), c, G, a, w.b);
     w.i = a;
@@ -406,7 +411,7 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
     for (int l = 0; l < p.layers; ++l)
       for (int ph = 0; ph < 3; ++ph) {
         if (ph == 1) {  // mode 12: beside a slot's state chunks, their inputs from in_proj's sums (state_inputs)
-          if (p.mode != 12) continue;
+          if (p.mode != 12 && p.mode != 13) continue;
           const float* yi = (l & 1) ? p.y_in[1] : p.y_in[0];
           const long ys = (long)p.in_groups * GU * 8;
           const int H4 = p.heads * CHUNKS_PER_HEAD, DI = p.out_ksteps * 16;
@@ -433,6 +438,7 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
           }
           continue;
         }
+        if (p.mode == 13) continue;
         const int gi = ph >> 1;
         const Proj pr = proj(p, l, gi);
         const long q = (long)p.epoch * p.layers + l;  // the layer counted over launches (mode 10's flags)
@@ -490,7 +496,14 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
     for (int l = 0; l < p.layers; ++l)
       for (int ph = 0; ph < 3; ++ph) {
         if (ph == 1) {
-          if (p.mode == 12) state_phase(p, l, c, G, tid, ring, slot, wfull, xfull, empty, cur, clk, cyc);
+          if (p.mode >= 12) state_phase(p, l, c, G, tid, ring, slot, wfull, xfull, empty, cur, clk, cyc);
+          continue;
+        }
+        if (p.mode == 13) {  // the state phases alone, with the barrier before each and 4 arrivals per layer
+          if (ph == 0)
+            grid_sync(p.bar, (unsigned)G * (base + 4u * l + 1u), tid);
+          else
+            grid_arrive(p.bar, tid), grid_arrive(p.bar, tid);
           continue;
         }
         const int gi = ph >> 1;
@@ -709,9 +722,10 @@ int main(int argc, char** argv) {
     return 2;
   }
   const int heads = DI / 64;
-  const bool states = ("," + modes + ",").find(",12,") != std::string::npos;
+  const bool states = ("," + modes + ",").find(",12,") != std::string::npos ||
+                      ("," + modes + ",").find(",13,") != std::string::npos;
   if (states && (cps > 8 || NIN < 2 * DI + 256 + heads || heads % 4)) {
-    fprintf(stderr, "mode 12 wants --cps <= 8, in_proj's width >= 2 d_inner + 256 + heads (z, x, B, C, dt) and "
+    fprintf(stderr, "modes 12 and 13 want --cps <= 8, in_proj's width >= 2 d_inner + 256 + heads (z, x, B, C, dt) and "
             "heads a multiple of 4\n");
     return 2;
   }
@@ -849,7 +863,7 @@ int main(int argc, char** argv) {
     void* args[] = {&p};
     CK(cudaLaunchCooperativeKernel((const void*)probe, G, NT, args, smem, 0));
   };
-  const double wbytes = (double)(in_b + out_b);
+  const double wbytes_all = (double)(in_b + out_b);
   // one layer of each checked mode in --modes against float64 products of the same bf16 inputs
   for (int cm : {0, 8, 9, 10, 11, 12}) {
     if (!check || ("," + modes + ",").find("," + std::to_string(cm) + ",") == std::string::npos) continue;
@@ -906,15 +920,15 @@ int main(int argc, char** argv) {
     if (cm == 12) {
       std::vector<uint16_t> gs(st_n);
       CK(cudaMemcpy(gs.data(), sbuf, st_n * 2, cudaMemcpyDeviceToHost));
-      for (size_t i = 0; i < st_n; ++i) {
-        st_err = std::max(st_err, std::fabs((double)bf16_val(gs[i]) - want_state[i]));
-        st_ss += (double)want_state[i] * want_state[i];
-      }
+      for (size_t i = 0; i < st_n; ++i) st_ss += (double)want_state[i] * want_state[i];
+      const double floor = 1e-3 * std::sqrt(st_ss / st_n);
+      for (size_t i = 0; i < st_n; ++i)  // elementwise: bf16's rounding is relative (values reach ≈ 30× the rms)
+        st_err = std::max(st_err, std::fabs((double)bf16_val(gs[i]) - want_state[i]) / (std::fabs(want_state[i]) + floor));
     }
-    const double st_rel = cm == 12 ? st_err / std::sqrt(st_ss / st_n) : 0.0;
-    const bool ok = rel < 0.03 && std::isfinite(rel) && st_rel < 0.03 && std::isfinite(st_rel);
+    const double st_rel = st_err;  // ≤ 2^-8 for a correct rounding, plus float32 against float64
+    const bool ok = rel < 0.03 && std::isfinite(rel) && st_rel < 1.0 / 128 && std::isfinite(st_rel);
     printf("{\"kind\": \"check\", \"mode\": %d, \"ok\": %s, \"max_abs_err\": %.4g, \"rms\": %.4g, "
-           "\"max_err_over_rms\": %.4g, \"state_max_err_over_rms\": %.4g, \"bulk_store\": %d}\n", cm,
+           "\"max_err_over_rms\": %.4g, \"state_max_rel_err\": %.4g, \"bulk_store\": %d}\n", cm,
            ok ? "true" : "false", err, rms, rel, st_rel, bulk_store);
     fflush(stdout);
   }
@@ -937,7 +951,8 @@ int main(int argc, char** argv) {
     float ms;
     CK(cudaEventElapsedTime(&ms, e0, e1));
     const double us = ms * 1e3 / ((double)tokens * L);
-    const double sbytes = mode == 12 ? 4.0 * st_n : 0.0;  // the states read and written
+    const double sbytes = mode >= 12 ? 4.0 * st_n : 0.0;  // the states read and written
+    const double wbytes = mode == 13 ? 0.0 : wbytes_all;
     printf("{\"kind\": \"batch32\", \"mode\": %d, \"layers\": %d, \"tokens\": %d, \"cps\": %d, \"stages\": %d, "
            "\"ctas\": %d, \"dims\": [%d, %d, %d], \"weight_mb_per_layer\": %.2f, \"us_per_layer\": %.3f, "
            "\"weight_tb_s\": %.3f, \"state_mb_per_layer\": %.2f, \"bytes_tb_s\": %.3f, \"pf\": %d, \"bulk_store\": %d, "

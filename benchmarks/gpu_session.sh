@@ -24,6 +24,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh u   # batch32_probe's unrolled consumers (A/B, cycles); generate.py b1
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh v   # batch32_probe: arrive-only barriers, the state phase, L2 prefetch
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh w   # batch32_probe mode 12: the states written back by bulk copies
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh x   # batch32_probe mode 13 (the state phase alone); mode 12's check
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -289,7 +290,15 @@ elif [ "$stage" = w ]; then  # ≈ 1 minute: mode 12's state write-back by the T
     timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 12 --check 1 --bulk-store 0 | tee -a "$f"
     timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 12 --check 0 --bulk-store 1 --clock 1 | tee -a "$f"
     timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 4 --modes 12 --check 0 --bulk-store 1 | tee -a "$f"
+elif [ "$stage" = x ]; then  # ≈ 1 minute: can the in-kernel state phase match XLA's 27.2 µs per layer?
+    find_nvcc
+    nv=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
+    f="$OUT/batch32_probe_state_alone_$gpu.jsonl"
+    "$nv" -O3 -std=c++17 -arch=sm_90a -o /tmp/b32 benchmarks/batch32_probe.cu &&
+        timeout 90 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 13,12,11 --check 1 | tee "$f"
+    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 13 --check 0 --clock 1 | tee -a "$f"
+    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 4 --modes 13 --check 0 | tee -a "$f"
 else
-    echo "unknown stage $stage (a … w)" >&2
+    echo "unknown stage $stage (a … x)" >&2
     exit 2
 fi
