@@ -20,11 +20,12 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh q   # H100 timing: head phase A/B, generate.py b1 + peer
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh r   # stage p's tests, then batch 1 by card (H100: the issue's row)
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh s   # (retired: the cursor A/B of 2026-12-06 is done, variants removed)
-#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh t   # batch32_probe's modes; generate.py 2.7B b1 (the default) + peer
-#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh u   # batch32_probe's unrolled consumers (A/B, cycles); generate.py b1
-#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh v   # batch32_probe: arrive-only barriers, the state phase, L2 prefetch
-#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh w   # batch32_probe mode 12: the states written back by bulk copies
-#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh x   # batch32_probe mode 13 (the state phase alone); mode 12's check
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh t   # (done) batch32_probe's modes; generate.py 2.7B b1 (the default) + peer
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh u   # (done) batch32_probe's unrolled consumers (A/B, cycles); generate.py b1
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh v   # (done) batch32_probe: arrive-only barriers, the state phase, L2 prefetch
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh w   # (done) batch32_probe mode 12: the states written back by bulk copies
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh x   # (done) batch32_probe mode 13 (the state phase alone); mode 12's check
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh y   # batch32_probe's kept modes after the trim (checks, cycle counts)
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -240,57 +241,22 @@ elif [ "$stage" = s ]; then
     # variant 1 (both cursor functions inlined) is the kernel's only code now, the variants and their switch removed
     echo "stage s: the cursor A/B of 2026-12-06 is done and its variants removed (kernels/megakernel.cuh inlines both)"
     exit 0
-elif [ "$stage" = t ]; then  # ≈ 4 minutes: where the batch-32 persistent projections lose time; batch 1 again
-    find_nvcc
-    nv=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
-    # modes 0 / 8 / 9 / 10 (checked: float2 adds, float4 adds, partial slots, dataflow), then the diagnostics (header of the .cu)
-    "$nv" -O3 -std=c++17 -arch=sm_90a -o /tmp/b32 benchmarks/batch32_probe.cu &&
-        timeout 120 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 0,8,9,1,2,7,4,5,6,3 --check 1 |
-        tee "$OUT/batch32_probe_modes_$gpu.jsonl"
-    # the dataflow mode in a process of its own (a hang there must not cost the others' numbers)
-    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 10 --check 1 | tee -a "$OUT/batch32_probe_modes_$gpu.jsonl"
-    (cd benchmarks && step generate_2_7b_b1 200 python3 generate.py --model mamba2_2_7b --batch 1 \
-        --state-dtype bfloat16 --peer --decode-impl megakernel --out "$OUT/generate_2_7b_b1_megakernel_default_$gpu.json")
-elif [ "$stage" = u ]; then  # ≈ 6 minutes: batch32_probe's consumers unrolled (A/B against .ab/, cycle counts)
-    find_nvcc
-    nv=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
-    f="$OUT/batch32_probe_unrolled_$gpu.jsonl"
-    "$nv" -O3 -std=c++17 -arch=sm_90a -o /tmp/b32 benchmarks/batch32_probe.cu &&
-        timeout 90 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 0,8,9,2,6,3 --check 1 | tee "$f"
-    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 10 --check 1 | tee -a "$f"
-    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 0,9,6,3 --check 0 --clock 1 | tee -a "$f"
-    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 4 --modes 0,6 --check 0 | tee -a "$f"
-    # the same machine's numbers of the consumers before (.ab/: a copy of the file at an earlier commit, git-ignored)
-    for old in .ab/batch32_probe_*.cu; do
-        [ -f "$old" ] && "$nv" -O3 -std=c++17 -arch=sm_90a -I benchmarks -o /tmp/b32_old "$old" &&
-            timeout 60 /tmp/b32_old --layers 64 --tokens 10 --cps 8 --modes 0,6,3 --check 0 | tee -a "$f"
-    done
-    (cd benchmarks && step generate_2_7b_b1 330 python3 -u generate.py --model mamba2_2_7b --batch 1 \
-        --state-dtype bfloat16 --peer --decode-impl megakernel --out "$OUT/generate_2_7b_b1_megakernel_default_$gpu.json")
-elif [ "$stage" = v ]; then  # ≈ 2 minutes: a whole 2.7B layer's bytes at batch 32 in one launch per token
-    find_nvcc
-    nv=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
-    f="$OUT/batch32_probe_state2_$gpu.jsonl"
-    "$nv" -O3 -std=c++17 -arch=sm_90a -o /tmp/b32 benchmarks/batch32_probe.cu &&
-        timeout 120 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 0,11,12,2,3 --check 1 | tee "$f"
-    # (the L2 prefetch, --pf 2 / 4 / 8, slowed every mode at 96b4795: results/batch32_probe_state_h100.jsonl)
-    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 11,12 --check 0 --clock 1 | tee -a "$f"
-    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 4 --modes 0,12 --check 0 | tee -a "$f"
-    # the same machine's numbers of the consumers before (.ab/: copies of the file at earlier commits)
-    for old in .ab/batch32_probe_*.cu; do
-        [ -f "$old" ] && "$nv" -O3 -std=c++17 -arch=sm_90a -I benchmarks -o /tmp/b32_old "$old" &&
-            timeout 60 /tmp/b32_old --layers 64 --tokens 10 --cps 8 --modes 0,2,3 --check 0 | tee -a "$f"
-    done
-elif [ "$stage" = w ]; then  # ≈ 1 minute: mode 12's state write-back by the TMA instead of per-lane stores
-    find_nvcc
-    nv=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
-    f="$OUT/batch32_probe_bulk_store_$gpu.jsonl"
-    "$nv" -O3 -std=c++17 -arch=sm_90a -o /tmp/b32 benchmarks/batch32_probe.cu &&
-        timeout 90 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 12,11 --check 1 --bulk-store 1 | tee "$f"
-    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 12 --check 1 --bulk-store 0 | tee -a "$f"
-    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 12 --check 0 --bulk-store 1 --clock 1 | tee -a "$f"
-    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 4 --modes 12 --check 0 --bulk-store 1 | tee -a "$f"
+elif [ "$stage" = t ]; then  # (done) where the batch-32 persistent projections lose time; batch 1 again
+    # (its modes 1, 4, 5, 7-10 are gone from batch32_probe.cu: their code is at 21af4dc; its batch-1 run hit its
+    # limit and was repeated in stage u)
+    echo "stage t: done on 2026-12-06 at 0841341 (numbers in benchmarks/README.md; its batch32_probe_modes jsonl is not in benchmarks/results/); its modes were removed since"
+    exit 0
+elif [ "$stage" = u ]; then  # (done) batch32_probe's consumers unrolled (A/B against .ab/, cycle counts)
+    echo "stage u: done on 2026-12-06 at e88e7ca (results in benchmarks/results/batch32_probe_unrolled_h100.jsonl, generate_2_7b_b1_megakernel_default_h100.json); modes 8, 9, 10 were removed since"
+    exit 0
+elif [ "$stage" = v ]; then  # (done) a whole 2.7B layer's bytes at batch 32 in one launch per token
+    echo "stage v: done on 2026-12-06 at 31be137 and a56573b (results in benchmarks/results/batch32_probe_state_h100.jsonl, batch32_probe_state2_h100.jsonl); --pf was removed since"
+    exit 0
+elif [ "$stage" = w ]; then  # (done) mode 12's state write-back by the TMA instead of per-lane stores
+    echo "stage w: done on 2026-12-06 at 1428718 (results in benchmarks/results/batch32_probe_bulk_store_h100.jsonl); --bulk-store was removed since"
+    exit 0
 elif [ "$stage" = x ]; then  # ≈ 1 minute: can the in-kernel state phase match XLA's 27.2 µs per layer?
+    # (done on 2026-12-06 at 21af4dc: results/batch32_probe_state_alone_h100.jsonl; runs as it did on the trimmed probe)
     find_nvcc
     nv=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
     f="$OUT/batch32_probe_state_alone_$gpu.jsonl"
@@ -298,7 +264,15 @@ elif [ "$stage" = x ]; then  # ≈ 1 minute: can the in-kernel state phase match
         timeout 90 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 13,12,11 --check 1 | tee "$f"
     timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 13 --check 0 --clock 1 | tee -a "$f"
     timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 4 --modes 13 --check 0 | tee -a "$f"
+elif [ "$stage" = y ]; then  # ≈ 1 minute: the trimmed probe (device code in batch32_probe_kernel.cuh), its kept modes
+    find_nvcc
+    nv=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
+    f="$OUT/batch32_probe_trimmed_$gpu.jsonl"
+    # the checks of modes 0, 11 and 12 and every kept mode's time, then the cycle counts of 11, 12 and 13
+    "$nv" -O3 -std=c++17 -arch=sm_90a -o /tmp/b32 benchmarks/batch32_probe.cu &&
+        timeout 120 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 0,11,12,13,2,6,3 --check 1 | tee "$f"
+    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 11,12,13 --check 0 --clock 1 | tee -a "$f"
 else
-    echo "unknown stage $stage (a … x)" >&2
+    echo "unknown stage $stage (a … y)" >&2
     exit 2
 fi
