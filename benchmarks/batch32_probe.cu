@@ -55,7 +55,7 @@
 //
 // Measured on H100 80GB HBM3 (benchmarks/README.md gives the numbers and what follows from them):
 //   gpu_session s at e03e77e, modes 0–3, the first consumer loop: results/batch32_probe_h100.jsonl;
-//   t at 0841341, modes 0–10, the first loop: in benchmarks/README.md (its jsonl is not in results/);
+//   t at 0841341, modes 0–10, the first loop: results/batch32_probe_modes_h100.jsonl;
 //   u at e88e7ca, the unrolled consumers (modes 0, 2, 3, 6, 8–10, cycles): results/batch32_probe_unrolled_h100.jsonl;
 //   v at 31be137, modes 11, 12 and --pf: results/batch32_probe_state_h100.jsonl;
 //   v at a56573b, mode 12 with its inputs copied into the slot: results/batch32_probe_state2_h100.jsonl;

@@ -244,7 +244,7 @@ elif [ "$stage" = s ]; then
 elif [ "$stage" = t ]; then  # (done) where the batch-32 persistent projections lose time; batch 1 again
     # (its modes 1, 4, 5, 7-10 are gone from batch32_probe.cu: their code is at 21af4dc; its batch-1 run hit its
     # limit and was repeated in stage u)
-    echo "stage t: done on 2026-12-06 at 0841341 (numbers in benchmarks/README.md; its batch32_probe_modes jsonl is not in benchmarks/results/); its modes were removed since"
+    echo "stage t: done on 2026-12-06 at 0841341 (benchmarks/results/batch32_probe_modes_h100.jsonl); its modes were removed since"
     exit 0
 elif [ "$stage" = u ]; then  # (done) batch32_probe's consumers unrolled (A/B against .ab/, cycle counts)
     echo "stage u: done on 2026-12-06 at e88e7ca (results in benchmarks/results/batch32_probe_unrolled_h100.jsonl, generate_2_7b_b1_megakernel_default_h100.json); modes 8, 9, 10 were removed since"
