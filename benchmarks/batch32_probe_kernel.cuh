@@ -11,7 +11,13 @@
 //   0   products, adds, grid barriers and converts;   2  products and adds only (no barriers, x stale);
 //   3   the ring alone (slots released unread);        6  mode 2 without the adds;
 //   11  mode 0, the consumers only arrive at the barrier after a convert;
-//   12  mode 11 with the state phase in place of in_proj's convert;   13  the state phases alone.
+//   12  mode 11 with the state phase in place of in_proj's convert;   13  the state phases alone;
+//   14, 15  in_proj (14) or out_proj (15) alone, ONE LAUNCH PER PROJECTION (layers = 1, the host steps the
+//       weights): what a standalone GEMM of this design would take in the Engine's loop of separate kernels —
+//       its ramp and tail included. y is zeroed by the consumers (after griddepcontrol.wait), who arrive on the
+//       barrier counter and wait for every CTA's arrival only before their first add; the weight producer
+//       streams from the start (under programmatic dependent launch, while the launch before finishes) and
+//       lets the next launch begin once its last copy is issued; x is read after griddepcontrol.wait.
 // Grid barrier episodes per layer l (counted over launches from base = epoch × 4 × layers): 4l + 1 in_proj's
 // sums complete, 4l + 2 out_proj's x published, 4l + 3 out_proj's sums complete, 4l + 4 in_proj's next x.
 #pragma once
@@ -133,7 +139,7 @@ __device__ __forceinline__ const uint4* phase_base(const Params& p, int l, int p
 }
 // Whether phase ph runs in this mode: the states only in modes 12 and 13, the projections in all but 13.
 __device__ __forceinline__ bool phase_on(const Params& p, int ph) {
-  return p.mode == 13 ? ph == 1 : ph != 1 || p.mode == 12;
+  return p.mode == 13 ? ph == 1 : p.mode == 14 ? ph == 0 : p.mode == 15 ? ph == 2 : ph != 1 || p.mode == 12;
 }
 __device__ __forceinline__ void walk_next(Walk& w, const Params& p, int c, int G, bool first = false) {
   if (!first) w.i += p.cps;
@@ -296,6 +302,7 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
       mbar_expect(&wfull[s], n * CELL_W);
       bulk_load(ring + (long)s * slot, phase_base(p, w.l, w.ph) + w.i * (CELL_W / 16), n * CELL_W, &wfull[s], pol);
     }
+    if (p.mode >= 14) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");  // (no-op without PDL)
   } else if (warp == CW + 1 && lane == 0) {  // --------------------------------------- the x producer
     uint64_t pol;
     asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(pol));
@@ -329,11 +336,12 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
           }
           continue;
         }
-        if (p.mode == 13) continue;
+        if (!phase_on(p, ph)) continue;
+        if (p.mode >= 14) asm volatile("griddepcontrol.wait;" ::: "memory");  // x: the launch before complete
         const int gi = ph >> 1;
         const Proj pr = proj(p, l, gi);
         const unsigned char* x = reinterpret_cast<const unsigned char*>(gi == 0 ? p.x_in : p.x_mid);
-        if (p.mode == 0 || p.mode >= 11) {  // x published before this projection (modes 2, 6: x stale, no wait)
+        if (p.mode == 0 || (p.mode >= 11 && p.mode <= 13)) {  // x published before this projection (else stale)
           const unsigned target = (unsigned)G * (base + 4u * l + 2u * gi);
           const long long t0 = clk ? clock64() : 0;
           while (ld_acquire(p.bar) < target) {
@@ -362,7 +370,7 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
   } else if (warp < CW) {  // ------------------------------------------------------------ the consumers
     const bool products = p.mode != 3;                  // mode 3: the ring alone, slots released unread
     const bool adds = p.mode != 3 && p.mode != 6;       // each group's partial sums into y by float2 atomic adds
-    const bool barriers = p.mode == 0 || p.mode >= 11;  // modes 2, 3, 6: the projections' stream alone
+    const bool barriers = p.mode == 0 || (p.mode >= 11 && p.mode <= 13);  // 2, 3, 6, 14, 15: no converts
     const bool arrive_only = p.mode >= 11;  // the barrier after a convert: arrive, do not wait (see the header)
     for (int l = 0; l < p.layers; ++l)
       for (int ph = 0; ph < 3; ++ph) {
@@ -377,6 +385,7 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
             grid_arrive(p.bar, tid), grid_arrive(p.bar, tid);
           continue;
         }
+        if (!phase_on(p, ph)) continue;
         const int gi = ph >> 1;
         const Proj pr = proj(p, l, gi);
         float* y = gi == 0 ? ((l & 1) ? p.y_in[1] : p.y_in[0]) : ((l & 1) ? p.y_out[1] : p.y_out[0]);  // (no dynamic index into the parameters: that copies them to local memory)
@@ -386,7 +395,21 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
         run_of(cells, c, G, a, b);
         float acc[2][2][4] = {}, acc2[2][2][4] = {};
         int g = (int)(a / pr.ksteps);
+        bool zeroed = p.mode < 14;  // modes 14, 15: every CTA's share of y zeroed (waited for before the first add)
+        if (!zeroed) {
+          asm volatile("griddepcontrol.wait;" ::: "memory");  // the launch before may still read y
+          const long n4 = 32L * ystride / 4, gt = (long)c * CW * 32 + tid, gs = (long)G * CW * 32;
+          for (long i = gt; i < n4; i += gs) reinterpret_cast<float4*>(y)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+          grid_arrive(p.bar, tid);
+        }
         auto flush = [&]() {
+          if (!zeroed) {
+            if (lane == 0)
+              while (ld_acquire(p.bar) < (unsigned)G * (unsigned)p.epoch) {
+              }
+            __syncwarp();
+            zeroed = true;
+          }
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt)
 #pragma unroll

@@ -264,7 +264,7 @@ elif [ "$stage" = x ]; then  # ≈ 1 minute: can the in-kernel state phase match
         timeout 90 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 13,12,11 --check 1 | tee "$f"
     timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 13 --check 0 --clock 1 | tee -a "$f"
     timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 4 --modes 13 --check 0 | tee -a "$f"
-elif [ "$stage" = y ]; then  # ≈ 1 minute: the trimmed probe (device code in batch32_probe_kernel.cuh), its kept modes
+elif [ "$stage" = y ]; then  # ≈ 2 minutes: the trimmed probe's modes; 14 / 15, the projections as standalone GEMMs
     find_nvcc
     nv=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
     f="$OUT/batch32_probe_trimmed_$gpu.jsonl"
@@ -272,6 +272,10 @@ elif [ "$stage" = y ]; then  # ≈ 1 minute: the trimmed probe (device code in b
     "$nv" -O3 -std=c++17 -arch=sm_90a -o /tmp/b32 benchmarks/batch32_probe.cu &&
         timeout 120 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 0,11,12,13,2,6,3 --check 1 | tee "$f"
     timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 11,12,13 --check 0 --clock 1 | tee -a "$f"
+    # in_proj / out_proj as standalone launches of this design (with and without PDL; mode 14 checked)
+    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 14,15 --check 1 | tee -a "$f"
+    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 14,15 --check 0 --pdl 0 | tee -a "$f"
+    timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 4 --modes 14,15 --check 0 | tee -a "$f"
 else
     echo "unknown stage $stage (a … y)" >&2
     exit 2
