@@ -191,6 +191,7 @@ int main(int argc, char** argv) {
     const char* rev = getenv("GIT_REVISION");
     printf("{\"kind\": \"run\", \"device\": \"%s\", \"sms\": %d, \"cuda_runtime\": %d, \"cuda_driver\": %d, "
            "\"git_revision\": \"%s\", \"command\": \"%s\"}\n", prop.name, G, rt, drv, rev ? rev : "", cmd.c_str());
+    fflush(stdout);  // (piped: a run that hangs still says what it was)
   }
   const int slot = cps * (CELL_W + CELL_X);
   cudaFuncAttributes fa;
@@ -423,7 +424,7 @@ int main(int argc, char** argv) {
     float ms;
     CK(cudaEventElapsedTime(&ms, e0, e1));
     const double us = ms * 1e3 / ((double)tokens * L);
-    const double sbytes = mode >= 12 ? 4.0 * st_n : 0.0;  // the states read and written
+    const double sbytes = mode == 12 || mode == 13 ? 4.0 * st_n : 0.0;  // the states read and written
     const double wbytes = mode == 13 ? 0.0 : mode == 14 ? (double)in_b : mode == 15 ? (double)out_b : wbytes_all;
     printf("{\"kind\": \"batch32\", \"mode\": %d, \"layers\": %d, \"tokens\": %d, \"cps\": %d, \"stages\": %d, "
            "\"ctas\": %d, \"dims\": [%d, %d, %d], \"weight_mb_per_layer\": %.2f, \"us_per_layer\": %.3f, "

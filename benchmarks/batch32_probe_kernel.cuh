@@ -371,11 +371,11 @@ __global__ void __launch_bounds__(NT, 1) probe(Params p) {
     const bool products = p.mode != 3;                  // mode 3: the ring alone, slots released unread
     const bool adds = p.mode != 3 && p.mode != 6;       // each group's partial sums into y by float2 atomic adds
     const bool barriers = p.mode == 0 || (p.mode >= 11 && p.mode <= 13);  // 2, 3, 6, 14, 15: no converts
-    const bool arrive_only = p.mode >= 11;  // the barrier after a convert: arrive, do not wait (see the header)
+    const bool arrive_only = p.mode >= 11 && p.mode <= 13;  // the barrier after a convert: arrive, do not wait (see the header)
     for (int l = 0; l < p.layers; ++l)
       for (int ph = 0; ph < 3; ++ph) {
         if (ph == 1) {
-          if (p.mode >= 12) state_phase(p, l, c, G, tid, ring, slot, wfull, xfull, empty, cur, clk, cyc);
+          if (p.mode == 12 || p.mode == 13) state_phase(p, l, c, G, tid, ring, slot, wfull, xfull, empty, cur, clk, cyc);
           continue;
         }
         if (p.mode == 13) {  // the state phases alone, with the barrier before each and 4 arrivals per layer

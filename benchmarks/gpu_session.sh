@@ -26,6 +26,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh w   # (done) batch32_probe mode 12: the states written back by bulk copies
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh x   # (done) batch32_probe mode 13 (the state phase alone); mode 12's check
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh y   # batch32_probe's kept modes after the trim (checks, cycle counts)
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh z   # batch32_probe modes 14 / 15 only (the standalone projections)
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -276,7 +277,14 @@ elif [ "$stage" = y ]; then  # ≈ 2 minutes: the trimmed probe's modes; 14 / 15
     timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 14,15 --check 1 | tee -a "$f"
     timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 14,15 --check 0 --pdl 0 | tee -a "$f"
     timeout 60 /tmp/b32 --layers 64 --tokens 10 --cps 4 --modes 14,15 --check 0 | tee -a "$f"
+elif [ "$stage" = z ]; then  # ≈ 1 minute: modes 14 / 15 (stage y's run of them at b0147e0 hung: the consumers entered the state phase)
+    find_nvcc
+    nv=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
+    f="$OUT/batch32_probe_standalone_$gpu.jsonl"
+    "$nv" -O3 -std=c++17 -arch=sm_90a -o /tmp/b32 benchmarks/batch32_probe.cu &&
+        timeout 30 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 14,15,11 --check 1 | tee "$f"
+    timeout 20 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 14,15 --check 0 --pdl 0 | tee -a "$f"
 else
-    echo "unknown stage $stage (a … y)" >&2
+    echo "unknown stage $stage (a … z)" >&2
     exit 2
 fi
