@@ -60,6 +60,18 @@ def small_hybrid(**changes) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def full_forward_rows(model, seqs):
+    """The model's logits over each token sequence of `seqs`, from one jitted forward of them right-padded
+    into a batch: the model is causal, so a row's logits up to its own length never see the padding after
+    it and are that sequence's forward alone (one compile for every length, where each sequence alone would
+    compile, or run op by op, per length)."""
+    ids = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+    for row, seq in zip(ids, seqs, strict=True):
+        row[: len(seq)] = seq
+    logits = np.asarray(jax.jit(lambda m, i: m(i))(model, jnp.asarray(ids)))
+    return [logits[b, : len(seq)] for b, seq in enumerate(seqs)]
+
+
 def assert_mesh_generation_equals_single_device(cfg, mesh_config, prompts, *, new_tokens, seed, **engine_kwargs):
     """Greedy generation by the model built from `seed` on one device and on the mesh of `mesh_config` (a
     MeshConfig): the same tokens, log-probabilities within 1e-4. Returns the mesh's Engine."""

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import rel_err, small_hybrid
+from helpers import full_forward_rows, rel_err, small_hybrid
 
 from mamba_jax.inference.engine import Engine, SamplingParams, _with_decode_impl, pad_prompts
 from mamba_jax.inference.fold import fold_norm_weights
@@ -300,9 +300,9 @@ def test_kernel_decoding_equals_full_forward(monkeypatch, pattern, batch, fold, 
         logits, cache = decode(jnp.array([c[t] for c in cont]), cache, l + t)
         steps.append(logits)
     inc = np.stack(steps, axis=1)
-    for b, (p, c) in enumerate(zip(prompts, cont, strict=True)):
-        full = reference(jnp.asarray([p + c[:3]]))[0, len(p) - 1 :]
-        assert rel_err(inc[b], full) <= 1e-4, b
+    fulls = full_forward_rows(reference, [p + c[:3] for p, c in zip(prompts, cont, strict=True)])
+    for b, (p, full) in enumerate(zip(prompts, fulls, strict=True)):
+        assert rel_err(inc[b], full[len(p) - 1 :]) <= 1e-4, b
 
 
 @pytest.mark.parametrize("gemm,step", [("1,1", None), ("2,2", "1,0,4,1"), ("0,2", None)])
@@ -336,9 +336,9 @@ def test_kernel_decoding_with_the_mosaic_out_proj_equals_full_forward(monkeypatc
     decode = jax.jit(lambda t, c, pos: model.decode(t, c, pos=pos, start=jnp.asarray(start)))
     assert "InterpretGPUParams" in str(jax.make_jaxpr(decode)(jnp.zeros(2, jnp.int32), cache, l))  # the GEMV ran
     inc = _teacher_forced_logits(model, prompts, cont, 3)
-    for b, (p, c) in enumerate(zip(prompts, cont, strict=True)):
-        full = reference(jnp.asarray([p + c]))[0, len(p) :]
-        assert rel_err(inc[b], full) <= 1e-4, b
+    fulls = full_forward_rows(reference, [p + c for p, c in zip(prompts, cont, strict=True)])
+    for b, (p, full) in enumerate(zip(prompts, fulls, strict=True)):
+        assert rel_err(inc[b], full[len(p) :]) <= 1e-4, b
 
 
 def test_windowed_decoding_equals_full_forward(monkeypatch):
@@ -354,9 +354,9 @@ def test_windowed_decoding_equals_full_forward(monkeypatch):
     _, cache, l, _ = _prefill(model, prompts, 9)
     assert l % 5 == 4 and cache[0][0]["win_x"].shape[1] == 5  # decoding starts in a window's last slot
     inc = _teacher_forced_logits(model, prompts, cont, 9)
-    for b, (p, c) in enumerate(zip(prompts, cont, strict=True)):
-        full = reference(jnp.asarray([p + c]))[0, len(p) :]
-        assert rel_err(inc[b], full) <= 1e-4, b
+    fulls = full_forward_rows(reference, [p + c for p, c in zip(prompts, cont, strict=True)])
+    for b, (p, full) in enumerate(zip(prompts, fulls, strict=True)):
+        assert rel_err(inc[b], full[len(p) :]) <= 1e-4, b
     params = SamplingParams(max_new_tokens=9, temperature=0.0)
     fused = Engine(reference, decode_impl="pallas").generate(prompts, params)
     xla = Engine(reference, decode_impl="xla").generate(prompts, params)
