@@ -78,8 +78,8 @@ def test_no_weight_decay_on_marked_parameters():
     assert np.allclose(mixer_new["in_proj"][...], 0.9 * mixer_old["in_proj"][...], rtol=1e-5)
 
 
-def _step_fn(cfg, tcfg, accum, params, dynamic=False):
-    graphdef = nnx.graphdef(init_model(cfg, seed=0))
+def _step_fn(graphdef, tcfg, accum, params, dynamic=False):
+    # (the graphdef of the model that `params` come from: building another model only for it compiled its init)
     ocfg = OptimConfig(lr=1e-3, warmup_steps=0, min_lr=1e-3)
     tx = make_optimizer(ocfg, params, tcfg.steps)
     step = jax.jit(make_train_step(graphdef, tx, tcfg, accum=accum, dynamic_scale=dynamic, schedule=schedule(ocfg, 10)))
@@ -88,11 +88,11 @@ def _step_fn(cfg, tcfg, accum, params, dynamic=False):
 
 def test_gradient_accumulation_equals_large_batch():
     cfg = small_hybrid()
-    _, params = nnx.split(init_model(cfg, seed=1))
+    graphdef, params = nnx.split(init_model(cfg, seed=1))
     batch = _batch(3, 8, 24, cfg.vocab_size, docs=True)
     tcfg = TrainConfig(steps=10, global_batch_size=8)
-    one, s1 = _step_fn(cfg, tcfg, 1, params)
-    four, s4 = _step_fn(cfg, TrainConfig(steps=10, global_batch_size=8, micro_batch_size=2), 4, params)
+    one, s1 = _step_fn(graphdef, tcfg, 1, params)
+    four, s4 = _step_fn(graphdef, TrainConfig(steps=10, global_batch_size=8, micro_batch_size=2), 4, params)
     s1, m1 = one(s1, batch)
     s4, m4 = four(s4, batch)
     assert rel_err(m4["loss"], m1["loss"]) <= 1e-6
@@ -104,13 +104,14 @@ def test_gradient_accumulation_equals_large_batch():
 def test_accumulated_loss_equals_direct_loss():
     cfg = small_hybrid()
     model = init_model(cfg, seed=2)
-    _, params = nnx.split(model)
+    graphdef, params = nnx.split(model)
     batch = _batch(4, 4, 20, cfg.vocab_size)
-    s, n = lm_loss_sums(model, batch, chunk=7)
-    logits = model(batch["input_ids"])
+    # (jitted: run op by op, these two forwards took most of the test's time)
+    s, n = jax.jit(lambda m, b: lm_loss_sums(m, b, chunk=7))(model, batch)
+    logits = jax.jit(lambda m, i: m(i))(model, batch["input_ids"])
     direct = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
     assert rel_err(s / n, jnp.sum(direct * batch["loss_mask"]) / jnp.sum(batch["loss_mask"])) <= 1e-6
-    step, st = _step_fn(cfg, TrainConfig(steps=10, global_batch_size=4, micro_batch_size=1), 4, params)
+    step, st = _step_fn(graphdef, TrainConfig(steps=10, global_batch_size=4, micro_batch_size=1), 4, params)
     _, m = step(st, batch)
     assert rel_err(m["loss"], s / n) <= 1e-6
 
@@ -126,16 +127,17 @@ def test_remat_gives_the_same_gradients(remat):
         s, n = lm_loss_sums(nnx.merge(graphdef, params), batch, chunk=8, remat=remat)
         return s / n
 
-    g0 = jax.grad(loss)(params, "none")
-    g1 = jax.jit(jax.grad(loss), static_argnums=1)(params, remat)
+    grad = jax.jit(jax.grad(loss), static_argnums=1)  # (the reference jitted too: op by op it took ~15 s)
+    g0 = grad(params, "none")
+    g1 = grad(params, remat)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
         assert rel_err(a, b) <= 1e-5
 
 
 def test_nonfinite_step_is_skipped_and_counted():
     cfg = small_hybrid()
-    _, params = nnx.split(init_model(cfg, seed=4))
-    step, st = _step_fn(cfg, TrainConfig(steps=10, global_batch_size=2), 1, params)
+    graphdef, params = nnx.split(init_model(cfg, seed=4))
+    step, st = _step_fn(graphdef, TrainConfig(steps=10, global_batch_size=2), 1, params)
     good = _batch(6, 2, 16, cfg.vocab_size)
     st, m = step(st, good)
     assert m["nonfinite_run"] == 0 and st.step == 1
@@ -155,8 +157,8 @@ def test_nonfinite_step_is_skipped_and_counted():
 
 def test_dynamic_loss_scale_halves_on_overflow_and_float16_trains():
     cfg = small_hybrid(dtype="float16")
-    _, params = nnx.split(init_model(cfg, seed=5))
-    step, st = _step_fn(cfg, TrainConfig(steps=10, global_batch_size=2), 1, params, dynamic=True)
+    graphdef, params = nnx.split(init_model(cfg, seed=5))
+    step, st = _step_fn(graphdef, TrainConfig(steps=10, global_batch_size=2), 1, params, dynamic=True)
     assert float(st.loss_scale) == 2.0**15
     batch = _batch(7, 2, 16, cfg.vocab_size)
     huge = st.replace(loss_scale=jnp.float32(1e38))  # guaranteed overflow in the scaled gradients
@@ -194,9 +196,15 @@ def test_packed_documents_have_the_per_token_losses_of_each_alone():
     assert row["seq_idx"].tolist() == [0] * 23 + [1] * 17
     assert row["loss_mask"][22] == 0 and row["loss_mask"].sum() == 39
 
+    @jax.jit  # (op by op, the three forwards took most of the test's time)
+    def _losses(ids, labels, seq_idx):
+        h = model.hidden_states(ids[None], seq_idx=None if seq_idx is None else seq_idx[None])
+        return token_losses(h, model.head_weight(), labels[None], chunk=16)[0]
+
     def losses(ids, labels, seq_idx=None):
-        h = model.hidden_states(jnp.asarray(ids)[None], seq_idx=None if seq_idx is None else jnp.asarray(seq_idx)[None])
-        return np.asarray(token_losses(h, model.head_weight(), jnp.asarray(labels)[None], chunk=16))[0]
+        return np.asarray(
+            _losses(jnp.asarray(ids), jnp.asarray(labels), None if seq_idx is None else jnp.asarray(seq_idx))
+        )
 
     packed = losses(row["input_ids"], row["labels"], row["seq_idx"])
     alone_a = losses(a[:-1], a[1:])
