@@ -93,8 +93,11 @@ def test_sigkill_after_second_checkpoint_resumes_bitwise(tmp_path):
 
 @pytest.mark.slow
 def test_kill_during_checkpoint_save_keeps_previous(tmp_path):
-    # A wider model so that writing a checkpoint takes long enough to be interrupted.
-    big = ["--config.model.d_model=512", "--config.model.ffn_hidden_size=4096", "--config.train.steps=30"]
+    # A wider model so that writing a checkpoint takes long enough to be interrupted. The schedule's length
+    # fixed (it follows train.steps otherwise): the resumed run of fewer steps then is the same program, and
+    # loads the compiled step from the persistent cache instead of compiling the wide model again.
+    big = ["--config.model.d_model=512", "--config.model.ffn_hidden_size=4096", "--config.train.steps=30",
+           "--config.optim.decay_steps=30"]  # fmt: skip
     work = tmp_path / "w"
     proc = subprocess.Popen(
         _cmd(work, *big), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
