@@ -44,7 +44,8 @@ def _prefill(model, prompt, steps):
     view = unstack_layers(model)
     ids = jnp.asarray([prompt])
     l = ids.shape[1]
-    logits, caches = view.prefill(ids, seq_idx=jnp.ones((1, l), jnp.int32), cache_len=l + steps)
+    # (jitted here and below: op by op, these short loops spent most of their time compiling each op)
+    logits, caches = jax.jit(lambda i: view.prefill(i, seq_idx=jnp.ones((1, l), jnp.int32), cache_len=l + steps))(ids)
     return view, logits, caches, mk.ring_caches(caches, l, model.cfg.mamba_d_conv), l
 
 
@@ -54,11 +55,13 @@ def _decode_both(model, prompt, cont, *, dtype=jnp.bfloat16, perturb=None):
     params, cache = mk.pack(model, dtype), mk.kernel_cache(rings, dtype)
     if perturb:
         cache = perturb(cache)
+    decode = jax.jit(lambda tok, caches, pos: view.decode(tok, caches, pos=pos, start=jnp.zeros(1, jnp.int32)))
+    reference = jax.jit(lambda params, cache, tok, pos: mk.reference_logits(view, params, cache, tok, pos))
     out_model, out_ref = [], []
     for t, tok in enumerate(cont):
-        logits, caches = view.decode(jnp.asarray([tok]), caches, pos=l + t, start=jnp.zeros(1, jnp.int32))
+        logits, caches = decode(jnp.asarray([tok]), caches, l + t)
         out_model.append(logits[0])
-        logits, cache = mk.reference_logits(view, params, cache, tok, l + t)
+        logits, cache = reference(params, cache, tok, l + t)
         out_ref.append(logits)
     return np.stack(out_model), np.stack(out_ref)
 
