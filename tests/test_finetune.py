@@ -23,6 +23,10 @@ from mamba_jax.train.sft_eval import evaluate_generation, squad_scores
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["apple", "river", "stone", "cloud"]
 FILLER = ["the", "cat", "sat", "on", "a", "mat", "while", "birds", "sang", "over", "green", "hills"]
+# Held-out examples answered by generation for exact match (of the 40 held out): two full batches of
+# evaluate_generation's 16, so one compiled generation loop serves every evaluation (24 left a batch of 8: a
+# second compile each time).
+N_EVAL = 32
 
 
 def _cfg(**sections):
@@ -53,7 +57,7 @@ def task(tmp_path_factory):
             "eval_fraction": 0.1}  # fmt: skip
     base = from_pretrained(str(tmp / "base"))
     tokenizer, _, held_out = load_split(data["paths"], tok.path, SQUAD_TEMPLATE, 0.1)
-    start_em = evaluate_generation(base, tokenizer, held_out[:24], max_new_tokens=6)["exact_match"]
+    start_em = evaluate_generation(base, tokenizer, held_out[:N_EVAL], max_new_tokens=6)["exact_match"]
     return tmp, data, start_em
 
 
@@ -67,7 +71,7 @@ def _finetune(task, name, peft, lr, steps):
             "steps": steps,
             "init_from": str(tmp / "base"),
             "eval_every": steps,
-            "eval_generate": 24,
+            "eval_generate": N_EVAL,
             "eval_max_new_tokens": 6,
             "log_every": 20,
         },
@@ -93,18 +97,19 @@ def test_lora_raises_exact_match_and_saves_only_adapters(task):
     tmp, data, _ = task
     tuned = from_pretrained(str(work))
     tokenizer, _, held_out = load_split(data["paths"], data["tokenizer"], SQUAD_TEMPLATE, 0.1)
-    again = evaluate_generation(tuned, tokenizer, held_out[:24], max_new_tokens=6)
+    again = evaluate_generation(tuned, tokenizer, held_out[:N_EVAL], max_new_tokens=6)
     assert again["exact_match"] == last["eval_exact_match"]
     ids = jnp.asarray([tokenizer.encode(held_out[0].prompt)])
-    base_logits = from_pretrained(str(tmp / "base"))(ids)
-    tuned_logits = tuned(ids)
+    forward = jax.jit(lambda m, i: m(i))  # (op by op, these forwards took several seconds)
+    base_logits = forward(from_pretrained(str(tmp / "base")), ids)
+    tuned_logits = forward(tuned, ids)
     assert rel_err(tuned_logits, base_logits) > 1e-3  # the adapter changes the model …
     merged = nnx.clone(tuned)
     merge_lora(merged)
     assert not any(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(nnx.state(merged)))
-    assert rel_err(merged(ids), tuned_logits) <= 1e-5  # … and merges into the base weights exactly
+    assert rel_err(forward(merged, ids), tuned_logits) <= 1e-5  # … and merges into the base weights exactly
     exported = export_hf(tuned, str(tmp / "lora_hf"))  # merged on the way out
-    assert rel_err(from_pretrained(exported)(ids), tuned_logits) <= 1e-5
+    assert rel_err(forward(from_pretrained(exported), ids), tuned_logits) <= 1e-5
 
 
 def test_full_finetune_raises_exact_match(task):
