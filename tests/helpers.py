@@ -1,4 +1,7 @@
-"""Helpers shared by the tests: relative error, random SSD inputs, a small hybrid config, sharded generation."""
+"""Helpers shared by the tests: relative error, random SSD inputs, a small hybrid config, sharded generation,
+subprocess flags."""
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -86,3 +89,10 @@ def assert_mesh_generation_equals_single_device(cfg, mesh_config, prompts, *, ne
     assert sharded.tokens == single.tokens
     assert rel_err(np.array(sharded.logprobs), np.array(single.logprobs)) <= 1e-4
     return engine
+
+
+def one_device_xla_flags() -> str:
+    """XLA_FLAGS for a subprocess (a CLI run): conftest's flags but the 8 fake devices, so that it runs on one
+    CPU device (quicker) and compiles as the test process does."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    return " ".join(f for f in flags if "xla_force_host_platform_device_count" not in f)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import one_device_xla_flags
 
 from mamba_jax import config as mjc
 from mamba_jax.inference import generate
@@ -33,7 +34,7 @@ def workdir(tmp_path_factory):
 
 
 def _cli(*args):
-    env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, XLA_FLAGS=one_device_xla_flags(), PYTHONUNBUFFERED="1")
     return subprocess.run(
         [sys.executable, "-m", "mamba_jax.generate", *args], env=env, cwd=ROOT, capture_output=True, text=True
     )

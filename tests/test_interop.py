@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import rel_err
+from helpers import one_device_xla_flags, rel_err
 
 from mamba_jax.data import load_tokenizer
 from mamba_jax.interop import ConversionError, export_hf, from_pretrained, save_native
@@ -248,7 +248,7 @@ def test_one_group_model_cannot_split_over_tensor():
 # The convert CLI and mamba_jax checkpoints
 # ------------------------------------------------------------------------------------------------------------
 def _convert(*args):
-    env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1")  # one CPU device per subprocess: quicker
+    env = dict(os.environ, XLA_FLAGS=one_device_xla_flags(), PYTHONUNBUFFERED="1")  # one CPU device: quicker
     out = subprocess.run(
         [sys.executable, "-m", "mamba_jax.convert", *args], env=env, capture_output=True, text=True, cwd=ROOT
     )

@@ -12,6 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from helpers import one_device_xla_flags
 
 from mamba_jax import config as mjc
 from mamba_jax.train.checkpoint import CheckpointMismatch
@@ -23,7 +24,7 @@ TINY = os.path.join(ROOT, "tests", "recipes", "tiny.py")
 
 def _env():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = ""  # one CPU device per subprocess: quicker, and the mesh resolves to it
+    env["XLA_FLAGS"] = one_device_xla_flags()  # one CPU device per subprocess: quicker, and the mesh resolves to it
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -1,0 +1,64 @@
+"""The split decode step's state update with a write-back window as a CUDA kernel behind an XLA FFI call.
+
+`ssm_update.cu` says what it computes and why: the second launch of `kernels.decode`'s split step
+(`ssm_step(split=True, window=…)`), same inputs, outputs and rounding as the Pallas `_update_kernel`, with the
+window's B rows and x values staged once per CTA. `kernels.decode._split_step` calls `update_window` where
+`unsupported` allows — a Hopper GPU with nvcc, bf16 activations and window buffers — and runs the Pallas
+kernel elsewhere (off the GPU in interpret mode: the tests, CI). MAMBA_JAX_DECODE_WINDOW_KERNEL=pallas picks
+the Pallas kernel on the GPU too, for A/B runs (read at trace time).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mamba_jax.kernels.cuda_build import load
+
+TARGET = "mamba_jax_ssm_update_window"
+NT = 128  # threads per CTA (ssm_update.cu)
+MAX_W, MAX_S = 16, 256
+
+
+def unsupported(*, state_dtype, act_dtype, g_dtype, param_dtypes, window: int, head_dim: int, state_size: int,
+                block_p: int) -> str | None:  # fmt: skip
+    """Why `update_window` would not run for these shapes and dtypes here, or None when it runs."""
+    if os.environ.get("MAMBA_JAX_DECODE_WINDOW_KERNEL", "cuda") == "pallas":
+        return "MAMBA_JAX_DECODE_WINDOW_KERNEL=pallas"
+    if jax.default_backend() != "gpu":
+        return "not a GPU"
+    f32_bf16 = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+    if jnp.dtype(act_dtype) != jnp.bfloat16:
+        return f"{jnp.dtype(act_dtype).name} activations (it reads bfloat16)"
+    if any(jnp.dtype(d) not in f32_bf16 for d in (state_dtype, g_dtype, *param_dtypes)):
+        return "a state, g or parameter dtype other than float32 / bfloat16"
+    if not 1 <= window <= MAX_W or state_size > MAX_S:
+        return f"window {window} / state size {state_size} (it takes W ≤ {MAX_W}, S ≤ {MAX_S})"
+    if NT % block_p or head_dim % block_p or state_size // (NT // block_p) not in (16, 32, 64):
+        return f"block_p {block_p} with state size {state_size} (it needs S / (128 / block_p) in 16, 32, 64)"
+    return load("ssm_update", "MambaJaxSsmUpdateWindow", TARGET)
+
+
+def update_window(zx_BGW, xbc_BGF, scale_B, ssm_BHPS, A_log_H, D_H, dt_bias_H, pos, window, *, block_p, dt_limit,
+                  g_dtype, g_rows, pdl=False):  # fmt: skip
+    """For the token at position `pos`: (g (g_rows, H·P), ss (B, H, P / block_p), the state, the window
+    buffers) as `_update_kernel` with a window returns them; the state and the buffers are updated in place
+    (donate them)."""
+    bsz, heads, p, _ = ssm_BHPS.shape
+    out = (
+        jax.ShapeDtypeStruct((g_rows, heads * p), g_dtype),
+        jax.ShapeDtypeStruct((bsz, heads, p // block_p), jnp.float32),
+        jax.ShapeDtypeStruct(ssm_BHPS.shape, ssm_BHPS.dtype),
+        *(jax.ShapeDtypeStruct(w.shape, w.dtype) for w in window),
+    )
+    call = jax.ffi.ffi_call(TARGET, out, input_output_aliases={3: 2, 8: 3, 9: 4, 10: 5})
+    lo, hi = dt_limit
+    g, ss, ssm, *win = call(
+        zx_BGW, xbc_BGF, scale_B, ssm_BHPS, A_log_H, D_H, dt_bias_H, jnp.reshape(jnp.asarray(pos, jnp.int32), (1,)),
+        *window,
+        bp=np.int64(block_p), dt_lo=np.float32(lo), dt_hi=np.float32(hi), pdl=bool(pdl),
+    )  # fmt: skip
+    return g, ss, ssm, tuple(win)
