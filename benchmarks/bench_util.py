@@ -71,6 +71,8 @@ def provenance() -> dict:
         "jax": jax.__version__,
         "versions": versions(),
         "git_revision": git_revision(),
+        # the trace-time knobs (kernels/decode.py's MAMBA_JAX_DECODE_*, …) the run was given
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MAMBA_JAX_")},
     }
 
 

@@ -85,10 +85,16 @@ OUT_SPLITS = 2
 # With the step in two launches, the state may be written back every W tokens rather than every token
 # (`ssm_step(window=…)`): between write-backs each step reads the state once and adds the window's tokens
 # from a small buffer. 2.7B at batch 32: 84 → ≈ 50 MB of state traffic per layer and step (bf16 states, W 8).
-# Off (0): timed on an H100 at batch 32 it decodes 19 % slower than the per-token write (5,382 against
-# 6,637 tok/s, benchmarks/results/decode_variants_window_2_7b_b32_h100.json); MAMBA_JAX_DECODE_WINDOW=8
-# turns it on at trace time (benchmarks/README.md, "State write-back window").
-STATE_WINDOW = 0
+# On from batch 32 with the CUDA update of kernels/ssm_update.py: 2.7B batch 32 on an H100 6,994 tok/s
+# against 6,612 for the per-token write (+5.8 %, benchmarks/results/decode_variants_cuda_window_v3_2_7b_b32_h100.json);
+# the Pallas update with the window was 19 % slower (5,382 against 6,637), so where the CUDA kernel cannot run
+# (`ssm_update.unsupported`) the window is off. Batches 8–31 not measured: off there.
+# MAMBA_JAX_DECODE_WINDOW=W sets it at trace time (benchmarks/README.md, "State write-back window").
+STATE_WINDOW = 8
+WINDOW_MIN_BATCH = 32
+# The CUDA window update under programmatic dependent launch: measured slower (6,852 against 6,929 tok/s, 2.7B
+# batch 32, results/decode_variants_cuda_window_v2_2_7b_b32_h100.json), so off.
+WINDOW_PDL = False
 # The projections as the CUDA skinny GEMM (`kernels/skinny_gemm.py`: every SM streams its share of the weight
 # through a ring of TMA copies) from this batch on, with these (in_proj, out_proj) K splits; 0 keeps XLA's.
 # Off: on an H100 the 2.7B at batch 32 decoded 5,481 tok/s with it against 6,627 with XLA's GEMMs
@@ -309,9 +315,9 @@ def _step_body(
 # launch every program also does that small, latency-bound work in front of its state read, and the state
 # traffic runs at ≈ 2.0 TB/s against ≈ 2.6 for the update alone (benchmarks/state_probe.py).
 def _prep_kernel(zx_ref, conv_ref, cw_ref, cb_ref, u_ref, slot_ref, xbc_ref, scale_ref, conv_out_ref, *, rp, bc,
-                 taps, norm_eps, cdtype):  # fmt: skip
+                 taps, norm_eps, cdtype, trigger):  # fmt: skip
     b, grp, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    scale = _inv_rms(u_ref, b, norm_eps, False)
+    scale = _inv_rms(u_ref, b, norm_eps, trigger)
     slot = jnp.sum(slot_ref[...])
     ch = c * bc
     zx = _scaled_cols(zx_ref, b, grp, scale, cdtype)
@@ -431,7 +437,15 @@ def _split_step(zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H
     bc = 1024
     while f % bc:  # f = R·P + 2S: a multiple of 16 (ssm_step_unsupported)
         bc //= 2
-    prep = functools.partial(_prep_kernel, rp=heads // g * p, bc=bc, taps=k - 1, norm_eps=norm_eps, cdtype=cdtype)
+    nwin = 0 if window is None else window[0].shape[1]
+    # With the window, the update as the CUDA kernel of kernels/ssm_update.py where it runs (the Pallas one
+    # below elsewhere); under programmatic dependent launch (WINDOW_PDL) its state reads overlap this prep
+    # kernel, which then signals launch_dependents first thing.
+    cuda_update = nwin and zx_BGW.ndim == 3 and _cuda_update_unsupported(zx_BGW, ssm_BHPS, A_log_H, D_H, dt_bias_H,
+                                                                          g_dtype, nwin, bp) is None  # fmt: skip
+    pdl = bool(cuda_update) and _window_pdl()
+    prep = functools.partial(_prep_kernel, rp=heads // g * p, bc=bc, taps=k - 1, norm_eps=norm_eps, cdtype=cdtype,
+                             trigger=pdl)  # fmt: skip
     xbc_BGF, scale_B, conv = pl.pallas_call(
         prep,
         out_shape=(
@@ -445,7 +459,14 @@ def _split_step(zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H
         interpret=_interpret(),
         name="ssm_step_prep",
     )(zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, norm_in_BD, slot)
-    nwin = 0 if window is None else window[0].shape[1]
+    if cuda_update:
+        from mamba_jax.kernels.ssm_update import update_window
+
+        g_BF, ss_BHJ, ssm, win = update_window(
+            zx_BGW, xbc_BGF, scale_B, ssm_BHPS, A_log_H, D_H, dt_bias_H, pos, window, block_p=bp,
+            dt_limit=dt_limit, g_dtype=g_dtype, g_rows=g_rows, pdl=pdl,
+        )  # fmt: skip
+        return g_BF, ss_BHJ, conv, ssm, win
     update = functools.partial(
         _update_kernel, r_heads=heads // g, hp=hp, p=p, bp=bp, s=s, nwin=nwin, dt_limit=tuple(dt_limit),
         cdtype=cdtype, trigger=trigger,
@@ -473,6 +494,22 @@ def _split_step(zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H
     if nwin:
         return g_BF, ss_BHJ, conv, ssm, tuple(win)
     return g_BF, ss_BHJ, conv, ssm
+
+
+def _cuda_update_unsupported(zx_BGW, ssm_BHPS, A_log_H, D_H, dt_bias_H, g_dtype, nwin, bp) -> str | None:
+    from mamba_jax.kernels.ssm_update import unsupported
+
+    _, _, p, s = ssm_BHPS.shape
+    dtypes = (A_log_H.dtype, D_H.dtype, dt_bias_H.dtype)
+    return unsupported(state_dtype=ssm_BHPS.dtype, act_dtype=zx_BGW.dtype, g_dtype=g_dtype, param_dtypes=dtypes,
+                       window=nwin, head_dim=p, state_size=s, block_p=bp)  # fmt: skip
+
+
+def _window_pdl() -> bool:
+    """Whether the CUDA window update runs under programmatic dependent launch (WINDOW_PDL;
+    MAMBA_JAX_DECODE_WINDOW_PDL=0|1 overrides it at trace time, for A/B runs)."""
+    env = os.environ.get("MAMBA_JAX_DECODE_WINDOW_PDL")
+    return WINDOW_PDL if env is None else env != "0"
 
 
 def ssm_step_unsupported(p: int, s: int) -> str | None:
@@ -606,11 +643,14 @@ def state_window(batch, heads, head_dim, groups, state_size, size, x_dtype, b_dt
     )
 
 
-def window_size(split: bool) -> int:
-    """The state write-back window `Mamba2Mixer` decodes with: with the split step (large batch, where the
-    state's traffic counts) STATE_WINDOW or MAMBA_JAX_DECODE_WINDOW, read at trace time (0 or 1: off);
-    else 0 (the state written every token)."""
-    size = STATE_WINDOW
+def window_size(split: bool, batch: int, dtype=jnp.bfloat16) -> int:
+    """The state write-back window `Mamba2Mixer` decodes with: with the split step from WINDOW_MIN_BATCH rows
+    (large batch, where the state's traffic counts) STATE_WINDOW where the CUDA update runs (a GPU, nvcc,
+    `dtype` bf16: with the Pallas update the window is slower); MAMBA_JAX_DECODE_WINDOW, read at trace time,
+    sets it at any batch of the split step (0 or 1: off); else 0 (the state written every token)."""
+    from mamba_jax.kernels.ssm_update import available
+
+    size = STATE_WINDOW if batch >= WINDOW_MIN_BATCH and split and available(dtype) else 0
     if env := _env_ints("MAMBA_JAX_DECODE_WINDOW", 1, "one integer, the window in tokens (0: off)"):
         size = env[0]
     return size if split and size > 1 else 0

@@ -1,11 +1,12 @@
 """The split decode step's state update with a write-back window as a CUDA kernel behind an XLA FFI call.
 
 `ssm_update.cu` says what it computes and why: the second launch of `kernels.decode`'s split step
-(`ssm_step(split=True, window=…)`), same inputs, outputs and rounding as the Pallas `_update_kernel`, with the
-window's B rows and x values staged once per CTA. `kernels.decode._split_step` calls `update_window` where
-`unsupported` allows — a Hopper GPU with nvcc, bf16 activations and window buffers — and runs the Pallas
-kernel elsewhere (off the GPU in interpret mode: the tests, CI). MAMBA_JAX_DECODE_WINDOW_KERNEL=pallas picks
-the Pallas kernel on the GPU too, for A/B runs (read at trace time).
+(`ssm_step(split=True, window=…)`), same inputs, outputs and rounding as the Pallas `_update_kernel`, as two
+CUDA launches: the window's coefficients per (row, head), then the state as a plain stream.
+`kernels.decode._split_step` calls `update_window` where `unsupported` allows — a Hopper GPU with nvcc, bf16
+activations and window buffers — and runs the Pallas kernel elsewhere (off the GPU in interpret mode: the
+tests, CI). MAMBA_JAX_DECODE_WINDOW_KERNEL=pallas picks the Pallas kernel on the GPU too, for A/B runs (read
+at trace time).
 """
 
 from __future__ import annotations
@@ -23,6 +24,22 @@ NT = 128  # threads per CTA (ssm_update.cu)
 MAX_W, MAX_S = 16, 256
 
 
+# State rows per CTA of the stream launch (0: block_p, the Pallas kernel's); MAMBA_JAX_DECODE_WINDOW_ROWS overrides
+# it at trace time, for A/B runs.
+ROWS_PER_CTA = 0
+
+
+def rows_per_cta(block_p: int) -> int:
+    return int(os.environ.get("MAMBA_JAX_DECODE_WINDOW_ROWS", ROWS_PER_CTA)) or block_p
+
+
+def available(act_dtype) -> bool:
+    """Whether the kernel runs here for these activations (the shapes are checked per call: `unsupported`)."""
+    if os.environ.get("MAMBA_JAX_DECODE_WINDOW_KERNEL", "cuda") == "pallas" or jax.default_backend() != "gpu":
+        return False
+    return jnp.dtype(act_dtype) == jnp.bfloat16 and load("ssm_update", "MambaJaxSsmUpdateWindow", TARGET) is None
+
+
 def unsupported(*, state_dtype, act_dtype, g_dtype, param_dtypes, window: int, head_dim: int, state_size: int,
                 block_p: int) -> str | None:  # fmt: skip
     """Why `update_window` would not run for these shapes and dtypes here, or None when it runs."""
@@ -37,8 +54,18 @@ def unsupported(*, state_dtype, act_dtype, g_dtype, param_dtypes, window: int, h
         return "a state, g or parameter dtype other than float32 / bfloat16"
     if not 1 <= window <= MAX_W or state_size > MAX_S:
         return f"window {window} / state size {state_size} (it takes W ≤ {MAX_W}, S ≤ {MAX_S})"
-    if NT % block_p or head_dim % block_p or state_size // (NT // block_p) not in (16, 32, 64):
-        return f"block_p {block_p} with state size {state_size} (it needs S / (128 / block_p) in 16, 32, 64)"
+    cb = rows_per_cta(block_p)
+    if (
+        NT % cb
+        or head_dim % cb
+        or cb % block_p
+        or block_p % max(cb // 4, 1)
+        or state_size // (NT // cb) not in (16, 32, 64)
+    ):
+        return (
+            f"block_p {block_p}, {cb} rows per CTA, state size {state_size} (it needs cb | 128, cb | head dim, "
+            "block_p | cb, cb / 4 | block_p and S / (128 / cb) in 16, 32, 64)"
+        )
     return load("ssm_update", "MambaJaxSsmUpdateWindow", TARGET)
 
 
@@ -53,12 +80,17 @@ def update_window(zx_BGW, xbc_BGF, scale_B, ssm_BHPS, A_log_H, D_H, dt_bias_H, p
         jax.ShapeDtypeStruct((bsz, heads, p // block_p), jnp.float32),
         jax.ShapeDtypeStruct(ssm_BHPS.shape, ssm_BHPS.dtype),
         *(jax.ShapeDtypeStruct(w.shape, w.dtype) for w in window),
+        # scratch from the coefficient launch to the state stream (ssm_update.cu): d₀, extra, wᵢ
+        jax.ShapeDtypeStruct((bsz, heads), jnp.float32),
+        jax.ShapeDtypeStruct((bsz, heads, p), jnp.float32),
+        jax.ShapeDtypeStruct((bsz, heads, window[0].shape[1]), jnp.float32),
     )
     call = jax.ffi.ffi_call(TARGET, out, input_output_aliases={3: 2, 8: 3, 9: 4, 10: 5})
     lo, hi = dt_limit
-    g, ss, ssm, *win = call(
+    g, ss, ssm, *win, _, _, _ = call(
         zx_BGW, xbc_BGF, scale_B, ssm_BHPS, A_log_H, D_H, dt_bias_H, jnp.reshape(jnp.asarray(pos, jnp.int32), (1,)),
         *window,
-        bp=np.int64(block_p), dt_lo=np.float32(lo), dt_hi=np.float32(hi), pdl=bool(pdl),
+        bp=np.int64(block_p), cb=np.int64(rows_per_cta(block_p)), dt_lo=np.float32(lo), dt_hi=np.float32(hi),
+        pdl=bool(pdl),
     )  # fmt: skip
     return g, ss, ssm, tuple(win)

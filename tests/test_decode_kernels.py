@@ -241,6 +241,61 @@ def test_windowed_state_write_back_equals_the_per_token_step(groups, state_dtype
             assert not np.allclose(np.asarray(state, np.float32), np.asarray(plain[1])), t  # not written back
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("groups,window,pos0,state_dtype,rows", [
+    (1, 8, 13, jnp.bfloat16, 32),  # starts mid-window (slot 5)
+    (2, 5, 10, jnp.float32, 64),  # two groups, a window of 5, starts on a boundary; 64 state rows per CTA
+    (1, 16, 3, jnp.bfloat16, 64),
+])  # fmt: skip
+def test_cuda_window_update_equals_pallas_on_gpu(monkeypatch, groups, window, pos0, state_dtype, rows):
+    """The CUDA window update (kernels/ssm_update.cu, the default on a GPU) against the Pallas kernel it
+    replaces, compiled, bf16 at Mamba2 widths (head dim 64, state 128) over 2½ windows: g, Σ g², the state
+    written back, the window buffers; and `window_state` of both against the per-token step."""
+    from mamba_jax.kernels.ssm_update import unsupported
+
+    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_ROWS", str(rows))
+    assert unsupported(state_dtype=state_dtype, act_dtype=jnp.bfloat16, g_dtype=jnp.bfloat16,
+                       param_dtypes=(jnp.float32,) * 3, window=window, head_dim=64, state_size=128,
+                       block_p=32) is None  # fmt: skip
+    b, h, p, s, taps, steps = 5, 16, 64, 128, 3, 2 * window + window // 2 + 1
+    r = h // groups
+    f, w = r * p + 2 * s, 2 * r * p + 2 * s + r
+    ks = iter(jax.random.split(jax.random.key(pos0), 8 + steps))
+    bf = jnp.bfloat16
+    ring = kd.conv_ring(jax.random.normal(next(ks), (b, taps, groups, f), jnp.float32).astype(bf), pos0)
+    cw = (jax.random.normal(next(ks), (taps + 1, groups, f), jnp.float32) / 2).astype(bf)
+    cb = (jax.random.normal(next(ks), (groups, f), jnp.float32) / 4).astype(bf)
+    ssm = jax.random.normal(next(ks), (b, h, p, s), jnp.float32).astype(state_dtype)
+    a_log = jnp.log(jax.random.uniform(next(ks), (h,), jnp.float32, 1, 16))
+    dvec, dtb = jax.random.normal(next(ks), (2, h), jnp.float32)
+    u = jax.random.normal(next(ks), (b, 1024), jnp.float32) * 2
+    kw = dict(heads=h, dt_limit=(0.0, float("inf")), norm_eps=1e-5, split=True, block_p=32, g_dtype=bf)
+    zxs = [jax.random.normal(next(ks), (b, groups, w), jnp.float32).astype(bf) for _ in range(steps)]
+    runs = {}
+    for impl in ("pallas", "cuda"):
+        monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_KERNEL", impl)
+        jax.clear_caches()  # the kernel is chosen at trace time
+        st = (ring, ssm, kd.state_window(b, h, p, groups, s, window, bf))
+        outs = []
+        for t in range(steps):
+            g, ss, conv, state, buffers = kd.ssm_step(zxs[t], st[0], cw, cb, st[1], a_log, dvec, dtb, pos0 + t, u,
+                                                     window=st[2], **kw)  # fmt: skip
+            st = (conv, state, buffers)
+            current = kd.window_state(state, buffers, pos0 + t + 1, a_log)
+            outs.append([np.asarray(v, np.float32) for v in (g, ss, conv, state, *buffers, current)])
+        runs[impl] = outs
+    plain = (ring, ssm.astype(jnp.float32))
+    for t in range(steps):
+        *_, conv, state = kd.ssm_step(zxs[t], plain[0], cw, cb, plain[1], a_log, dvec, dtb, pos0 + t, u, **kw)
+        plain = (conv, state)
+        got, want = runs["cuda"][t], runs["pallas"][t]
+        names = ("g", "ss", "conv", "state", "win_x", "win_B", "win_dt", "current")
+        for name, a, b_ in zip(names, got, want, strict=True):
+            # The same roundings; float32 summation order differs (a bf16 ulp where a value sits on a tie).
+            assert rel_err(a, b_) <= (1e-5 if name in ("conv", "win_x", "win_B", "win_dt") else 4e-3), (t, name)
+        assert rel_err(got[-1], plain[1]) <= 2e-2, t  # bf16 rounding every token on the plain path
+
+
 def test_windowed_step_rejects_mismatched_buffers():
     ring = jnp.zeros((1, 4, 1, 48))
     args = (jnp.zeros((1, 1, 81)), ring, jnp.zeros((4, 1, 48)), jnp.zeros((1, 48)), jnp.zeros((1, 1, 16, 16)),

@@ -223,10 +223,10 @@ class Mamba2Mixer(nnx.Module):
 
         cfg = self.cfg
         h, p, g = cfg.mamba_heads, cfg.mamba_head_dim, cfg.mamba_num_groups
-        size = kd.window_size(kd.step_config(batch, h // g, p)["split"])
+        dtype = jnp.dtype(cfg.dtype)
+        size = kd.window_size(kd.step_config(batch, h // g, p)["split"], batch, dtype)
         if not size:
             return {}
-        dtype = jnp.dtype(cfg.dtype)
         return dict(zip(WINDOW_KEYS, kd.state_window(batch, h, p, g, cfg.mamba_d_state, size, dtype), strict=True))
 
     def _decode_kernel_unsupported(self) -> str | None:
