@@ -16,6 +16,12 @@
 //      loads first (they depend on nothing the launches before write, so under programmatic dependent launch
 //      they overlap kernel 1), then y = d₀ (h₀ · C) + extra, the gate, Σ g², and every W-th step the write-back.
 //
+// Two FFI targets: MambaJaxSsmUpdateWindow runs behind the Pallas prep kernel (its conv outputs and 1/rms in),
+// the default; MambaJaxSsmStepWindow (opt-in, kernels/ssm_update.py's FUSED_PREP) does the prep's work in
+// kernel 1 (fused_prep: the 1/rms per CTA, the conv of the head's x and the group's B, C, the ring's update):
+// one launch less, but measured slower (6,605 against 6,965 tok/s, 2.7B batch 32, H100) — kernel 1's chain
+// grows by the norm's reduction and the conv's loads.
+//
 // Per token (slot wj = pos mod W of the window; slots after wj hold no token of this window: dt 0):
 //   dt   = clip(softplus(round(zx_dt · scale) + dt_bias)),  A = −exp(A_log)
 //   wᵢ   = exp(A Σ_{m>i} dtₘ) dtᵢ,  d₀ = exp(A Σ dtₘ)                    (i, m ≤ wj)
@@ -55,10 +61,46 @@ struct Params {
   int B, H, G, P, S, BP, CB, W, ZW, F;  // BP: ss's rows per block; CB: kernel 2's rows per CTA
   float dt_lo, dt_hi;
   int clip, alog_f32, dskip_f32, dtb_f32, g_f32;
+  // Kernel 2 reads C at c + (b · G + grp) · c_stride (+ the column): xbc's C columns, or kernel 1's copy.
+  const __nv_bfloat16* c;
+  int c_stride;
+  // The fused prep (MambaJaxSsmStepWindow: kernel 1 does the prep kernel's work for its head): the conv ring
+  // (B, K, G, F) updated in place, its weights (K, G, F) and bias (G, F), the input norm's input (B, D), and
+  // kernel 1's outputs for kernel 2, the 1/rms and C (B, G, S).
+  int fused, K, D, convw_f32, convb_f32, norm_f32;
+  __nv_bfloat16* ring;
+  const void *convw, *convb, *norm_in;
+  float eps;
+  float* scale_out;
+  __nv_bfloat16* c_out;
 };
 
 __device__ __forceinline__ float param(const void* p, int i, int f32) {
   return f32 ? reinterpret_cast<const float*>(p)[i] : __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p)[i]);
+}
+// 8 floats rounded to bf16, as one 16-byte store.
+__device__ __forceinline__ uint4 pack8(const float* v) {
+  uint4 o;
+  uint32_t* w = reinterpret_cast<uint32_t*>(&o);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    __nv_bfloat162 h2 = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+    w[k] = *reinterpret_cast<uint32_t*>(&h2);
+  }
+  return o;
+}
+// 8 consecutive values of a bf16 or float32 array from element i (a multiple of 8), as floats.
+__device__ __forceinline__ void load8(float* dst, const void* base, long i, int f32) {
+  if (f32) {
+    const float4* q = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(base) + i);
+    const float4 a = q[0], b = q[1];
+    dst[0] = a.x, dst[1] = a.y, dst[2] = a.z, dst[3] = a.w, dst[4] = b.x, dst[5] = b.y, dst[6] = b.z, dst[7] = b.w;
+  } else {
+    const uint4 v = *reinterpret_cast<const uint4*>(reinterpret_cast<const __nv_bfloat16*>(base) + i);
+    const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) dst[k] = __bfloat162float(h[k]);
+  }
 }
 __device__ __forceinline__ float bf(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
 __device__ __forceinline__ float silu(float v) { return v / (1.f + expf(-v)); }
@@ -81,16 +123,7 @@ struct Row<E, __nv_bfloat16> {
   __device__ __forceinline__ static void store(void* base, long off, const float* v) {
     uint4* p = reinterpret_cast<uint4*>(reinterpret_cast<__nv_bfloat16*>(base) + off);
 #pragma unroll
-    for (int q = 0; q < E / 8; ++q) {
-      uint4 o;
-      uint32_t* w = reinterpret_cast<uint32_t*>(&o);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        __nv_bfloat162 h2 = __floats2bfloat162_rn(v[q * 8 + 2 * k], v[q * 8 + 2 * k + 1]);
-        w[k] = *reinterpret_cast<uint32_t*>(&h2);
-      }
-      __stcs(p + q, o);
-    }
+    for (int q = 0; q < E / 8; ++q) __stcs(p + q, pack8(v + q * 8));
   }
 };
 template <int E>
@@ -134,6 +167,54 @@ __device__ __forceinline__ void stage_rows(float* dst, int stride, int n, int le
   }
 }
 
+// Kernel 1's prep (the fused target): the input norm's 1/rms of row b (the CTA's four warps, one row: H % 4
+// == 0), then as kernels/decode.py's `_conv`: new = round(zx · scale), out = round(SiLU(round(bias + new ·
+// w_K + Σ_t ring_t · w_t))) for this head's x channels and the group's B and C channels (into x_dst, b_dst,
+// c_dst in shared memory); new goes to the ring's slot pos mod K (B and C by the group's first head, which
+// also writes C and the 1/rms for kernel 2). Returns the 1/rms.
+__device__ float fused_prep(const Params& p, int b, int h, int grp, int r, int lane, int warp, float* x_dst,
+                            float* b_dst, float* c_dst) {
+  __shared__ float red[NT / 32];
+  float sq = 0.f;
+  for (int i = threadIdx.x; i < p.D; i += NT) {
+    const float u = param(p.norm_in, b * p.D + i, p.norm_f32);
+    sq += u * u;
+  }
+#pragma unroll
+  for (int o = 16; o; o >>= 1) sq += __shfl_xor_sync(~0u, sq, o);
+  if (lane == 0) red[warp] = sq;
+  __syncthreads();
+  const float scale = rsqrtf((red[0] + red[1] + red[2] + red[3]) / p.D + p.eps);
+  const int P = p.P, S = p.S, RP = (p.H / p.G) * P, K = p.K, slot = *p.pos % K;
+  const int nx = P / 8, nb = S / 8, total = nx + 2 * nb;
+  const __nv_bfloat16* zrow = p.zx + ((long)b * p.G + grp) * p.ZW + RP;  // the conv channels' columns
+  for (int idx = lane; idx < total; idx += 32) {
+    const int ch = idx < nx ? r * P + idx * 8 : RP + (idx - nx) * 8;  // conv channel of the 8
+    float nw[8], acc[8], w[8];
+    load8(nw, zrow, ch, 0);
+    load8(acc, p.convb, (long)grp * p.F + ch, p.convb_f32);
+    load8(w, p.convw, ((long)(K - 1) * p.G + grp) * p.F + ch, p.convw_f32);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) nw[k] = bf(nw[k] * scale), acc[k] += nw[k] * w[k];
+    for (int t = 0; t < K - 1; ++t) {
+      float v[8];
+      load8(v, p.ring, (((long)b * K + (slot + 1 + t) % K) * p.G + grp) * p.F + ch, 0);
+      load8(w, p.convw, ((long)t * p.G + grp) * p.F + ch, p.convw_f32);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) acc[k] += v[k] * w[k];
+    }
+    float* dst = idx < nx ? x_dst + idx * 8 : idx < nx + nb ? b_dst + (idx - nx) * 8 : c_dst + (idx - nx - nb) * 8;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) dst[k] = bf(silu(bf(acc[k])));
+    if (idx < nx || r == 0)  // the ring's new input (B and C: the group's first head)
+      *reinterpret_cast<uint4*>(p.ring + (((long)b * K + slot) * p.G + grp) * p.F + ch) = pack8(nw);
+    if (r == 0 && idx >= nx + nb)  // C for kernel 2
+      *reinterpret_cast<uint4*>(p.c_out + ((long)b * p.G + grp) * S + (idx - nx - nb) * 8) = pack8(dst);
+  }
+  if (h == 0 && lane == 0) p.scale_out[b] = scale;
+  return scale;
+}
+
 __global__ void __launch_bounds__(NT) window_coef(Params p) {
   extern __shared__ float smem[];  // per warp: sx (W, P), sB (W + 1, S + 1: the last row C), padded rows
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -155,11 +236,15 @@ __global__ void __launch_bounds__(NT) window_coef(Params p) {
   });
   asm volatile("griddepcontrol.wait;" ::: "memory");  // the prep kernel's outputs
   const __nv_bfloat16* zrow = p.zx + ((long)b * p.G + grp) * p.ZW;
-  const __nv_bfloat16* xrow = p.xbc + ((long)b * p.G + grp) * p.F;
-  const float scale = p.scale[b], zdt = __bfloat162float(zrow[2 * RP + 2 * S + r]);
+  const float zdt = __bfloat162float(zrow[2 * RP + 2 * S + r]);
   const float dtb = param(p.dtb, h, p.dtb_f32), alog = param(p.alog, h, p.alog_f32);
   const float dskip = param(p.dskip, h, p.dskip_f32);
-  {  // this token's x (into slot wj), B (slot wj) and C (row wj + 1 ≤ W, never read as a slot): loads together
+  float scale;
+  if (p.fused) {
+    scale = fused_prep(p, b, h, grp, r, lane, warp, sx + wj * P, sB + wj * SB, sB + (wj + 1) * SB);
+  } else {  // this token's x (into slot wj), B (slot wj) and C (row wj + 1 ≤ W, never a slot): loads together
+    const __nv_bfloat16* xrow = p.xbc + ((long)b * p.G + grp) * p.F;
+    scale = p.scale[b];
     const int nx = P / 8, nb = S / 8, total = nx + 2 * nb;
     uint4 v[4];
 #pragma unroll
@@ -227,9 +312,8 @@ __global__ void __launch_bounds__(NT) window_update(Params p) {
   const long soff = ((long)bh * p.P + prow) * S + n0;
   st.load(p.state, soff);
   asm volatile("griddepcontrol.wait;" ::: "memory");  // kernel 1 (and with it the prep kernel) complete
-  const __nv_bfloat16* xrow = p.xbc + ((long)b * p.G + grp) * p.F;
   Row<E, __nv_bfloat16> c;
-  c.load(xrow, R * p.P + S + n0);
+  c.load(p.c + ((long)b * p.G + grp) * p.c_stride, n0);
   const float d0 = p.d0[bh], extra = p.extra[(long)bh * p.P + prow];
   const float z = bf(__bfloat162float(p.zx[((long)b * p.G + grp) * p.ZW + r * p.P + prow]) * p.scale[b]);
   float acc = 0.f;
@@ -311,48 +395,42 @@ cudaError_t launch_pair(const Params& p, bool f32_state, int E, cudaStream_t str
 
 bool f32_or_bf16(ffi::AnyBuffer x) { return x.element_type() == ffi::F32 || x.element_type() == ffi::BF16; }
 
-}  // namespace
+using Buf = ffi::AnyBuffer;
+using Out = ffi::Result<ffi::AnyBuffer>;
 
-ffi::Error SsmUpdateWindowImpl(cudaStream_t stream, ffi::AnyBuffer zx, ffi::AnyBuffer xbc, ffi::AnyBuffer scale,
-                               ffi::AnyBuffer ssm, ffi::AnyBuffer alog, ffi::AnyBuffer dskip, ffi::AnyBuffer dtb,
-                               ffi::AnyBuffer pos, ffi::AnyBuffer wx, ffi::AnyBuffer wb, ffi::AnyBuffer wdt,
-                               ffi::Result<ffi::AnyBuffer> g, ffi::Result<ffi::AnyBuffer> ss,
-                               ffi::Result<ffi::AnyBuffer> ssm_out, ffi::Result<ffi::AnyBuffer> wx_out,
-                               ffi::Result<ffi::AnyBuffer> wb_out, ffi::Result<ffi::AnyBuffer> wdt_out,
-                               ffi::Result<ffi::AnyBuffer> d0, ffi::Result<ffi::AnyBuffer> extra,
-                               ffi::Result<ffi::AnyBuffer> wts, int64_t bp, int64_t cb,
-                               float dt_lo, float dt_hi, bool pdl) {
-  auto err = [](const std::string& m) { return ffi::Error::InvalidArgument("ssm_update_window: " + m); };
-  const auto sd = ssm.dimensions(), zd = zx.dimensions(), xd = xbc.dimensions(), wd = wx.dimensions(),
-             bd = wb.dimensions();
-  if (sd.size() != 4 || zd.size() != 3 || xd.size() != 3 || wd.size() != 4 || bd.size() != 4)
-    return err("want ssm (B, H, P, S), zx (B, G, ZW), xbc (B, G, F), win_x (B, W, H, P), win_B (B, W, G, S)");
-  if (zx.element_type() != ffi::BF16 || xbc.element_type() != ffi::BF16 || wx.element_type() != ffi::BF16 ||
-      wb.element_type() != ffi::BF16 || scale.element_type() != ffi::F32 || wdt.element_type() != ffi::F32 ||
-      pos.element_type() != ffi::S32 || ss->element_type() != ffi::F32)
-    return err("zx, xbc, win_x and win_B must be bfloat16; scale, win_dt and ss float32; pos int32");
+// What both targets share: the state, the parameters, the window buffers, the outputs and the scratch; F is the
+// conv channels per group (from xbc or the conv ring). Returns an error message, or "" with p filled.
+std::string setup(Params& p, Buf zx, Buf ssm, Buf alog, Buf dskip, Buf dtb, Buf pos, Buf wx, Buf wb, Buf wdt, Out g,
+                  Out ss, Out ssm_out, Out wx_out, Out wb_out, Out wdt_out, Out d0, Out extra, Out wts, int64_t F,
+                  int64_t bp, int64_t cb, float dt_lo, float dt_hi) {
+  const auto sd = ssm.dimensions(), zd = zx.dimensions(), wd = wx.dimensions(), bd = wb.dimensions();
+  if (sd.size() != 4 || zd.size() != 3 || wd.size() != 4 || bd.size() != 4)
+    return "want ssm (B, H, P, S), zx (B, G, ZW), win_x (B, W, H, P), win_B (B, W, G, S)";
+  if (zx.element_type() != ffi::BF16 || wx.element_type() != ffi::BF16 || wb.element_type() != ffi::BF16 ||
+      wdt.element_type() != ffi::F32 || pos.element_type() != ffi::S32 || ss->element_type() != ffi::F32)
+    return "zx, win_x and win_B must be bfloat16; win_dt and ss float32; pos int32";
   if (!f32_or_bf16(ssm) || !f32_or_bf16(alog) || !f32_or_bf16(dskip) || !f32_or_bf16(dtb) || !f32_or_bf16(*g))
-    return err("the state, A_log, D, dt_bias and g must be float32 or bfloat16");
-  Params p{};
+    return "the state, A_log, D, dt_bias and g must be float32 or bfloat16";
   const int B = (int)sd[0];
-  p.H = (int)sd[1], p.P = (int)sd[2], p.S = (int)sd[3], p.G = (int)zd[1], p.ZW = (int)zd[2], p.F = (int)xd[2];
+  p.B = B, p.H = (int)sd[1], p.P = (int)sd[2], p.S = (int)sd[3], p.G = (int)zd[1], p.ZW = (int)zd[2], p.F = (int)F;
   p.W = (int)wd[1], p.BP = (int)bp, p.CB = cb > 0 ? (int)cb : (int)bp;
   const int R = p.G ? p.H / p.G : 0;
   if (p.G < 1 || p.H % p.G || p.ZW != 2 * R * p.P + 2 * p.S + R || p.F != R * p.P + 2 * p.S || zd[0] != B ||
-      xd[0] != B || wd[0] != B || wd[2] != p.H || wd[3] != p.P || bd[0] != B || bd[1] != p.W || bd[2] != p.G ||
-      bd[3] != p.S)
-    return err("inconsistent shapes");
+      wd[0] != B || wd[2] != p.H || wd[3] != p.P || bd[0] != B || bd[1] != p.W || bd[2] != p.G || bd[3] != p.S)
+    return "inconsistent shapes";
   if (p.W < 1 || p.W > MAX_W || p.S > MAX_S || p.S % 8 || p.P % 8 || p.BP < 1 || p.P % p.BP || p.CB < 4 ||
       p.CB > NT || NT % p.CB || p.P % p.CB || p.CB % p.BP || p.BP % (p.CB / 4))
-    return err("needs W ≤ 16, S ≤ 256, and blocks of state rows (bp for ss, cb ≥ 4 per CTA) with cb | 128, "
-               "cb | P, bp | cb and cb / 4 | bp");
+    return "needs W ≤ 16, S ≤ 256, and blocks of state rows (bp for ss, cb ≥ 4 per CTA) with cb | 128, cb | P, "
+           "bp | cb and cb / 4 | bp";
+  const int E = p.S / (NT / p.CB);
+  if (E != 16 && E != 32 && E != 64) return "needs S / (128 / cb) in {16, 32, 64} state columns per thread";
   if (ssm_out->untyped_data() != ssm.untyped_data() || wx_out->untyped_data() != wx.untyped_data() ||
       wb_out->untyped_data() != wb.untyped_data() || wdt_out->untyped_data() != wdt.untyped_data())
-    return err("the state and the window buffers must be updated in place (aliased outputs)");
-  const int E = p.S / (NT / p.CB);
+    return "the state and the window buffers must be updated in place (aliased outputs)";
+  if (d0->element_count() != (size_t)B * p.H || extra->element_count() != (size_t)B * p.H * p.P ||
+      wts->element_count() != (size_t)B * p.H * p.W)
+    return "the scratch outputs d0 (B, H), extra (B, H, P) and wts (B, H, W) have the wrong sizes";
   p.zx = reinterpret_cast<const __nv_bfloat16*>(zx.untyped_data());
-  p.xbc = reinterpret_cast<const __nv_bfloat16*>(xbc.untyped_data());
-  p.scale = reinterpret_cast<const float*>(scale.untyped_data());
   p.state = ssm_out->untyped_data();
   p.alog = alog.untyped_data(), p.dskip = dskip.untyped_data(), p.dtb = dtb.untyped_data();
   p.alog_f32 = alog.element_type() == ffi::F32, p.dskip_f32 = dskip.element_type() == ffi::F32;
@@ -363,47 +441,100 @@ ffi::Error SsmUpdateWindowImpl(cudaStream_t stream, ffi::AnyBuffer zx, ffi::AnyB
   p.wdt = reinterpret_cast<float*>(wdt_out->untyped_data());
   p.g = g->untyped_data();
   p.ss = reinterpret_cast<float*>(ss->untyped_data());
-  p.dt_lo = dt_lo, p.dt_hi = dt_hi, p.clip = dt_lo > 0.f || dt_hi < INFINITY;
-  const bool f32 = ssm.element_type() == ffi::F32;
-  if (E != 16 && E != 32 && E != 64) return err("needs S / (128 / cb) in {16, 32, 64} state columns per thread");
-  if (d0->element_count() != (size_t)B * p.H || extra->element_count() != (size_t)B * p.H * p.P ||
-      wts->element_count() != (size_t)B * p.H * p.W)
-    return err("the scratch outputs d0 (B, H), extra (B, H, P) and wts (B, H, W) have the wrong sizes");
-  p.B = B;
   p.d0 = reinterpret_cast<float*>(d0->untyped_data());
   p.extra = reinterpret_cast<float*>(extra->untyped_data());
   p.wts = reinterpret_cast<float*>(wts->untyped_data());
-  const cudaError_t e = launch_pair(p, f32, E, stream, pdl);
-  if (e != cudaSuccess) return ffi::Error::Internal(std::string("ssm_update_window: ") + cudaGetErrorString(e));
+  p.dt_lo = dt_lo, p.dt_hi = dt_hi, p.clip = dt_lo > 0.f || dt_hi < INFINITY;
+  return "";
+}
+
+ffi::Error run(const Params& p, Buf ssm, cudaStream_t stream, bool pdl, const char* name) {
+  const cudaError_t e = launch_pair(p, ssm.element_type() == ffi::F32, p.S / (NT / p.CB), stream, pdl);
+  if (e != cudaSuccess) return ffi::Error::Internal(std::string(name) + ": " + cudaGetErrorString(e));
   return ffi::Error::Success();
 }
 
+}  // namespace
+
+// After the Pallas prep kernel (kernels/decode.py's `ssm_step_prep`): its conv outputs xbc and 1/rms scale.
+ffi::Error SsmUpdateWindowImpl(cudaStream_t stream, Buf zx, Buf xbc, Buf scale, Buf ssm, Buf alog, Buf dskip, Buf dtb,
+                               Buf pos, Buf wx, Buf wb, Buf wdt, Out g, Out ss, Out ssm_out, Out wx_out, Out wb_out,
+                               Out wdt_out, Out d0, Out extra, Out wts, int64_t bp, int64_t cb, float dt_lo,
+                               float dt_hi, bool pdl) {
+  Params p{};
+  const auto xd = xbc.dimensions();
+  std::string m = xd.size() != 3 || xbc.element_type() != ffi::BF16 || scale.element_type() != ffi::F32
+                      ? "want xbc (B, G, F) bfloat16 and scale (B,) float32"
+                      : setup(p, zx, ssm, alog, dskip, dtb, pos, wx, wb, wdt, g, ss, ssm_out, wx_out, wb_out, wdt_out,
+                              d0, extra, wts, xd[2], bp, cb, dt_lo, dt_hi);
+  if (!m.empty()) return ffi::Error::InvalidArgument("ssm_update_window: " + m);
+  p.xbc = reinterpret_cast<const __nv_bfloat16*>(xbc.untyped_data());
+  p.scale = reinterpret_cast<const float*>(scale.untyped_data());
+  p.c = p.xbc + (p.H / p.G) * p.P + p.S, p.c_stride = p.F;  // xbc's C columns
+  return run(p, ssm, stream, pdl, "ssm_update_window");
+}
+
+// The whole split step (the fused target): kernel 1 does the prep's work for its head (fused_prep).
+ffi::Error SsmStepWindowImpl(cudaStream_t stream, Buf zx, Buf ring, Buf convw, Buf convb, Buf norm_in, Buf ssm,
+                             Buf alog, Buf dskip, Buf dtb, Buf pos, Buf wx, Buf wb, Buf wdt, Out g, Out ss,
+                             Out ring_out, Out ssm_out, Out wx_out, Out wb_out, Out wdt_out, Out d0, Out extra, Out wts,
+                             Out scale, Out c, int64_t bp, int64_t cb, float dt_lo, float dt_hi, float eps) {
+  Params p{};
+  const auto rd = ring.dimensions(), nd = norm_in.dimensions();
+  std::string m;
+  if (rd.size() != 4 || ring.element_type() != ffi::BF16 || nd.size() != 2 || !f32_or_bf16(norm_in) ||
+      !f32_or_bf16(convw) || !f32_or_bf16(convb) || scale->element_type() != ffi::F32 || c->element_type() != ffi::BF16)
+    m = "want the conv ring (B, K, G, F) bfloat16, norm_in (B, D), conv weights float32 or bfloat16";
+  else
+    m = setup(p, zx, ssm, alog, dskip, dtb, pos, wx, wb, wdt, g, ss, ssm_out, wx_out, wb_out, wdt_out, d0, extra,
+              wts, rd[3], bp, cb, dt_lo, dt_hi);
+  if (m.empty() && (p.H % (NT / 32) || rd[0] != p.B || rd[2] != p.G || nd[0] != p.B ||
+                    convw.element_count() != (size_t)rd[1] * p.G * p.F || convb.element_count() != (size_t)p.G * p.F ||
+                    scale->element_count() != (size_t)p.B || c->element_count() != (size_t)p.B * p.G * p.S))
+    m = "needs heads % 4 == 0 and consistent conv ring, weights, norm input and scratch shapes";
+  if (m.empty() && ring_out->untyped_data() != ring.untyped_data()) m = "the conv ring must be updated in place";
+  if (!m.empty()) return ffi::Error::InvalidArgument("ssm_step_window: " + m);
+  p.fused = 1, p.K = (int)rd[1], p.D = (int)nd[1], p.eps = eps;
+  p.ring = reinterpret_cast<__nv_bfloat16*>(ring_out->untyped_data());
+  p.convw = convw.untyped_data(), p.convb = convb.untyped_data(), p.norm_in = norm_in.untyped_data();
+  p.convw_f32 = convw.element_type() == ffi::F32, p.convb_f32 = convb.element_type() == ffi::F32;
+  p.norm_f32 = norm_in.element_type() == ffi::F32;
+  p.scale_out = reinterpret_cast<float*>(scale->untyped_data());
+  p.scale = p.scale_out;
+  p.c_out = reinterpret_cast<__nv_bfloat16*>(c->untyped_data());
+  p.c = p.c_out, p.c_stride = p.S;
+  return run(p, ssm, stream, false, "ssm_step_window");
+}
+
+#define MJ_ARGS(n) .Arg<ffi::AnyBuffer>()
+#define MJ_RETS(n) .Ret<ffi::AnyBuffer>()
+// zx, xbc, scale, ssm, A_log, D, dt_bias, pos, win_x, win_B, win_dt → g, ss, ssm, win_x, win_B, win_dt (aliased),
+// d0, extra, wts (scratch)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaJaxSsmUpdateWindow, SsmUpdateWindowImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // zx
-                                  .Arg<ffi::AnyBuffer>()  // xbc
-                                  .Arg<ffi::AnyBuffer>()  // scale
-                                  .Arg<ffi::AnyBuffer>()  // ssm
-                                  .Arg<ffi::AnyBuffer>()  // A_log
-                                  .Arg<ffi::AnyBuffer>()  // D
-                                  .Arg<ffi::AnyBuffer>()  // dt_bias
-                                  .Arg<ffi::AnyBuffer>()  // pos
-                                  .Arg<ffi::AnyBuffer>()  // win_x
-                                  .Arg<ffi::AnyBuffer>()  // win_B
-                                  .Arg<ffi::AnyBuffer>()  // win_dt
-                                  .Ret<ffi::AnyBuffer>()  // g
-                                  .Ret<ffi::AnyBuffer>()  // ss
-                                  .Ret<ffi::AnyBuffer>()  // ssm (aliased)
-                                  .Ret<ffi::AnyBuffer>()  // win_x (aliased)
-                                  .Ret<ffi::AnyBuffer>()  // win_B (aliased)
-                                  .Ret<ffi::AnyBuffer>()  // win_dt (aliased)
-                                  .Ret<ffi::AnyBuffer>()  // d0 (scratch)
-                                  .Ret<ffi::AnyBuffer>()  // extra (scratch)
-                                  .Ret<ffi::AnyBuffer>()  // wts (scratch)
+                                  MJ_ARGS(1) MJ_ARGS(2) MJ_ARGS(3) MJ_ARGS(4) MJ_ARGS(5) MJ_ARGS(6) MJ_ARGS(7)
+                                  MJ_ARGS(8) MJ_ARGS(9) MJ_ARGS(10) MJ_ARGS(11)
+                                  MJ_RETS(1) MJ_RETS(2) MJ_RETS(3) MJ_RETS(4) MJ_RETS(5) MJ_RETS(6) MJ_RETS(7)
+                                  MJ_RETS(8) MJ_RETS(9)
                                   .Attr<int64_t>("bp")
                                   .Attr<int64_t>("cb")
                                   .Attr<float>("dt_lo")
                                   .Attr<float>("dt_hi")
                                   .Attr<bool>("pdl"),
+                              {ffi::Traits::kCmdBufferCompatible});
+// zx, conv ring, conv_w, conv_b, norm_in, ssm, A_log, D, dt_bias, pos, win_x, win_B, win_dt → g, ss, ring, ssm,
+// win_x, win_B, win_dt (aliased), d0, extra, wts, scale, C (scratch)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaJaxSsmStepWindow, SsmStepWindowImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  MJ_ARGS(1) MJ_ARGS(2) MJ_ARGS(3) MJ_ARGS(4) MJ_ARGS(5) MJ_ARGS(6) MJ_ARGS(7)
+                                  MJ_ARGS(8) MJ_ARGS(9) MJ_ARGS(10) MJ_ARGS(11) MJ_ARGS(12) MJ_ARGS(13)
+                                  MJ_RETS(1) MJ_RETS(2) MJ_RETS(3) MJ_RETS(4) MJ_RETS(5) MJ_RETS(6) MJ_RETS(7)
+                                  MJ_RETS(8) MJ_RETS(9) MJ_RETS(10) MJ_RETS(11) MJ_RETS(12)
+                                  .Attr<int64_t>("bp")
+                                  .Attr<int64_t>("cb")
+                                  .Attr<float>("dt_lo")
+                                  .Attr<float>("dt_hi")
+                                  .Attr<float>("eps"),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -20,6 +20,7 @@ import numpy as np
 from mamba_jax.kernels.cuda_build import load
 
 TARGET = "mamba_jax_ssm_update_window"
+FUSED_TARGET = "mamba_jax_ssm_step_window"
 NT = 128  # threads per CTA (ssm_update.cu)
 MAX_W, MAX_S = 16, 256
 
@@ -38,6 +39,24 @@ def available(act_dtype) -> bool:
     if os.environ.get("MAMBA_JAX_DECODE_WINDOW_KERNEL", "cuda") == "pallas" or jax.default_backend() != "gpu":
         return False
     return jnp.dtype(act_dtype) == jnp.bfloat16 and load("ssm_update", "MambaJaxSsmUpdateWindow", TARGET) is None
+
+
+# The prep kernel's work in the CUDA step's first launch (`step_window`): one launch less, but measured slower
+# (2.7B batch 32, H100: 6,605 against 6,965 tok/s with the Pallas prep kernel in front of `update_window`,
+# benchmarks/results/decode_variants_window_fused_2_7b_b32_h100.json): off; MAMBA_JAX_DECODE_WINDOW_PREP=cuda
+# turns it on at trace time.
+FUSED_PREP = False
+
+
+def fused_unsupported(heads: int) -> str | None:
+    """Why `step_window` (the prep fused in) would not run where `update_window` does, or None: FUSED_PREP or
+    MAMBA_JAX_DECODE_WINDOW_PREP=cuda|pallas (read at trace time) picks it."""
+    env = os.environ.get("MAMBA_JAX_DECODE_WINDOW_PREP")
+    if env != "cuda" and (env == "pallas" or not FUSED_PREP):
+        return "the Pallas prep kernel (FUSED_PREP, MAMBA_JAX_DECODE_WINDOW_PREP)"
+    if heads % (NT // 32):
+        return f"{heads} heads (the fused prep takes a multiple of {NT // 32})"
+    return load("ssm_update", "MambaJaxSsmStepWindow", FUSED_TARGET)
 
 
 def unsupported(*, state_dtype, act_dtype, g_dtype, param_dtypes, window: int, head_dim: int, state_size: int,
@@ -94,3 +113,33 @@ def update_window(zx_BGW, xbc_BGF, scale_B, ssm_BHPS, A_log_H, D_H, dt_bias_H, p
         pdl=bool(pdl),
     )  # fmt: skip
     return g, ss, ssm, tuple(win)
+
+
+def step_window(zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, norm_in_BD, ssm_BHPS, A_log_H, D_H, dt_bias_H, pos, window,
+                *, block_p, dt_limit, norm_eps, g_dtype, g_rows):  # fmt: skip
+    """The whole split step with the window in two CUDA launches, the prep kernel's work (the input norm's
+    1/rms, the conv, the conv ring's update) in the first: (g, ss, the conv ring, the state, the window
+    buffers) as `kernels.decode._split_step` returns them; the ring, the state and the buffers in place."""
+    bsz, heads, p, s = ssm_BHPS.shape
+    g = zx_BGW.shape[1]
+    out = (
+        jax.ShapeDtypeStruct((g_rows, heads * p), g_dtype),
+        jax.ShapeDtypeStruct((bsz, heads, p // block_p), jnp.float32),
+        jax.ShapeDtypeStruct(conv_BKGF.shape, conv_BKGF.dtype),
+        jax.ShapeDtypeStruct(ssm_BHPS.shape, ssm_BHPS.dtype),
+        *(jax.ShapeDtypeStruct(w.shape, w.dtype) for w in window),
+        jax.ShapeDtypeStruct((bsz, heads), jnp.float32),  # scratch: d₀, extra, wᵢ, the 1/rms, C
+        jax.ShapeDtypeStruct((bsz, heads, p), jnp.float32),
+        jax.ShapeDtypeStruct((bsz, heads, window[0].shape[1]), jnp.float32),
+        jax.ShapeDtypeStruct((bsz,), jnp.float32),
+        jax.ShapeDtypeStruct((bsz, g, s), jnp.bfloat16),
+    )
+    call = jax.ffi.ffi_call(FUSED_TARGET, out, input_output_aliases={1: 2, 5: 3, 10: 4, 11: 5, 12: 6})
+    lo, hi = dt_limit
+    gv, ss, conv, ssm, *rest = call(
+        zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, norm_in_BD, ssm_BHPS, A_log_H, D_H, dt_bias_H,
+        jnp.reshape(jnp.asarray(pos, jnp.int32), (1,)), *window,
+        bp=np.int64(block_p), cb=np.int64(rows_per_cta(block_p)), dt_lo=np.float32(lo), dt_hi=np.float32(hi),
+        eps=np.float32(norm_eps),
+    )  # fmt: skip
+    return gv, ss, conv, ssm, tuple(rest[:3])

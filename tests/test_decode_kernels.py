@@ -242,18 +242,21 @@ def test_windowed_state_write_back_equals_the_per_token_step(groups, state_dtype
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("groups,window,pos0,state_dtype,rows", [
-    (1, 8, 13, jnp.bfloat16, 32),  # starts mid-window (slot 5)
-    (2, 5, 10, jnp.float32, 64),  # two groups, a window of 5, starts on a boundary; 64 state rows per CTA
-    (1, 16, 3, jnp.bfloat16, 64),
+@pytest.mark.parametrize("groups,window,pos0,state_dtype,rows,prep", [
+    (1, 8, 13, jnp.bfloat16, 32, "cuda"),  # starts mid-window (slot 5)
+    (2, 5, 10, jnp.float32, 64, "pallas"),  # two groups, a window of 5, starts on a boundary; 64 rows per CTA
+    (1, 16, 3, jnp.bfloat16, 64, "cuda"),
+    (2, 8, 7, jnp.bfloat16, 32, "pallas"),
 ])  # fmt: skip
-def test_cuda_window_update_equals_pallas_on_gpu(monkeypatch, groups, window, pos0, state_dtype, rows):
-    """The CUDA window update (kernels/ssm_update.cu, the default on a GPU) against the Pallas kernel it
-    replaces, compiled, bf16 at Mamba2 widths (head dim 64, state 128) over 2½ windows: g, Σ g², the state
-    written back, the window buffers; and `window_state` of both against the per-token step."""
+def test_cuda_window_update_equals_pallas_on_gpu(monkeypatch, groups, window, pos0, state_dtype, rows, prep):
+    """The CUDA window step (kernels/ssm_update.cu, the default on a GPU: with the prep fused in, or after the
+    Pallas prep kernel) against the Pallas kernels it replaces, compiled, bf16 at Mamba2 widths (head dim 64,
+    state 128) over 2½ windows: g, Σ g², the conv ring, the state written back, the window buffers; and
+    `window_state` of both against the per-token step."""
     from mamba_jax.kernels.ssm_update import unsupported
 
     monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_ROWS", str(rows))
+    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_PREP", prep)
     assert unsupported(state_dtype=state_dtype, act_dtype=jnp.bfloat16, g_dtype=jnp.bfloat16,
                        param_dtypes=(jnp.float32,) * 3, window=window, head_dim=64, state_size=128,
                        block_p=32) is None  # fmt: skip
@@ -292,7 +295,8 @@ def test_cuda_window_update_equals_pallas_on_gpu(monkeypatch, groups, window, po
         names = ("g", "ss", "conv", "state", "win_x", "win_B", "win_dt", "current")
         for name, a, b_ in zip(names, got, want, strict=True):
             # The same roundings; float32 summation order differs (a bf16 ulp where a value sits on a tie).
-            assert rel_err(a, b_) <= (1e-5 if name in ("conv", "win_x", "win_B", "win_dt") else 4e-3), (t, name)
+            # (The fused prep's 1/rms sums in another order: a rare bf16 flip in the conv's input or output.)
+            assert rel_err(a, b_) <= (2e-3 if name in ("conv", "win_x", "win_B", "win_dt") else 4e-3), (t, name)
         assert rel_err(got[-1], plain[1]) <= 2e-2, t  # bf16 rounding every token on the plain path
 
 
