@@ -27,7 +27,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh x   # (done) batch32_probe mode 13 (the state phase alone); mode 12's check
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh y   # batch32_probe's kept modes after the trim (checks, cycle counts)
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh z   # batch32_probe modes 14 / 15 only (the standalone projections)
-#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window   # the CUDA window update: tests, batch-32 A/B, generate.py b32
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window   # the CUDA window step: tests, profile, b32 A/B (VARIANTS_ONLY=1 stops there), generate.py b32
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -285,20 +285,22 @@ elif [ "$stage" = z ]; then  # ≈ 1 minute: modes 14 / 15 (stage y's run of the
     "$nv" -O3 -std=c++17 -arch=sm_90a -o /tmp/b32 benchmarks/batch32_probe.cu &&
         timeout 30 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 14,15,11 --check 1 | tee "$f"
     timeout 20 /tmp/b32 --layers 64 --tokens 10 --cps 8 --modes 14,15 --check 0 --pdl 0 | tee -a "$f"
-elif [ "$stage" = window ]; then  # ≈ 10 minutes: the CUDA window update (kernels/ssm_update.cu): tests, A/B, generate
+elif [ "$stage" = window ]; then  # ≈ 9 minutes: the CUDA window step (kernels/ssm_update.cu): tests, profile, A/B
     find_nvcc
+    # the kernel tests first (both targets, tiles and persistent stream; the stream kernel was refactored
+    # after its last GPU run, f4d7fea → next), then the model at real widths with the default window
     step window_tests 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decode_kernels.py \
-        -k "cuda_window_update or real_widths_on_gpu and ${WINDOW_TESTS:-1-8-xla-8 or 8-16-xla-8}"
+        -k "cuda_window_update or real_widths_on_gpu and ${WINDOW_TESTS:-1-8-xla-8}"
     cd benchmarks || exit 1
-    [ "${PROFILE:-0}" = 1 ] && MAMBA_JAX_DECODE_WINDOW=8 step profile_window 150 python3 decode_profile.py \
+    [ "${PROFILE:-1}" = 1 ] && step profile_window 150 python3 decode_profile.py \
         --batch 32 --new-tokens 32 --out "$OUT/decode_profile_mamba2_2_7b_b32_window_$gpu.json"
     W=MAMBA_JAX_DECODE_WINDOW P=MAMBA_JAX_DECODE_WINDOW_PDL C=MAMBA_JAX_DECODE_WINDOW_ROWS
+    T=MAMBA_JAX_DECODE_WINDOW_STREAM
     step variants_window_b32 330 python3 decode_variants.py --model mamba2_2_7b --batch 32 --rounds 2 --reps 3 \
-        --variant "per_token:$W=0" --variant "w8_nopdl:$W=8;$P=0;$C=32" --variant "w8_cb64_nopdl:$W=8;$P=0;$C=64" \
-        --variant "w8_cb64:$W=8;$P=1;$C=64" --variant "w16_cb64_nopdl:$W=16;$P=0;$C=64" \
-        --out "$OUT/decode_variants_cuda_window_2_7b_b32_$gpu.json"
+        --variant "per_token:$W=0" --variant "w8:" --variant "w8_persistent:$T=persistent" \
+        --variant "w16:$W=16" --out "$OUT/decode_variants_cuda_window_2_7b_b32_$gpu.json"
     [ "${VARIANTS_ONLY:-0}" = 1 ] && exit 0
-    MAMBA_JAX_DECODE_WINDOW=${WINDOW:-8} step generate_b32 300 python3 generate.py --model mamba2_2_7b --batch 32 \
+    step generate_b32 300 python3 generate.py --model mamba2_2_7b --batch 32 \
         --state-dtype bfloat16 --peer --decode-impl auto --out "$OUT/generate_2_7b_b32_window_$gpu.json"
 else
     echo "unknown stage $stage (a … z, window)" >&2

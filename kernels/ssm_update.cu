@@ -11,7 +11,8 @@
 // the bytes, set its time). Now two launches:
 //   1. window_coef, one warp per (b, h): this token's dt, the window's weights and d₀, the W products Bᵢ · C,
 //      folded into extra[p] (below); this token into slot wj of the window buffers. Small, latency-bound.
-//   2. window_update, one CTA of 128 threads per (b, h, block of CB state rows): thread t takes row t / TPR of
+//   2. window_update, one CTA of 128 threads per (b, h, block of CB state rows) (or, opt-in, a few persistent
+//      CTAs per SM walking those tiles with the next one's state loaded ahead: window_update_persistent): thread t takes row t / TPR of
 //      the block and E = S / TPR consecutive state columns (TPR = 128 / CB). A plain stream: the state's
 //      loads first (they depend on nothing the launches before write, so under programmatic dependent launch
 //      they overlap kernel 1), then y = d₀ (h₀ · C) + extra, the gate, Σ g², and every W-th step the write-back.
@@ -31,6 +32,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -68,6 +70,7 @@ struct Params {
   // (B, K, G, F) updated in place, its weights (K, G, F) and bias (G, F), the input norm's input (B, D), and
   // kernel 1's outputs for kernel 2, the 1/rms and C (B, G, S).
   int fused, K, D, convw_f32, convb_f32, norm_f32;
+  int persist;  // kernel 2 as window_update_persistent
   __nv_bfloat16* ring;
   const void *convw, *convb, *norm_in;
   float eps;
@@ -298,20 +301,22 @@ __global__ void __launch_bounds__(NT) window_coef(Params p) {
     for (int n = lane; n < S; n += 32) p.wb[(((long)b * W + wj) * p.G + grp) * S + n] = __float2bfloat16_rn(sB[wj * SB + n]);
 }
 
-// Kernel 2: the state stream. One CTA per (b, h, block of CB rows); thread t: row t / TPR of the block (TPR =
-// 128 / CB threads per row), E = S / TPR columns. The ss layout's blocks of BP rows may be smaller than CB.
+// Kernel 2: the state stream. A tile is (b, h, block of CB rows); thread t takes row t / TPR of the block
+// (TPR = 128 / CB threads per row) and E = S / TPR columns. The ss layout's blocks of BP rows may be smaller
+// than CB. Tile `tile`'s state offset for this thread:
+__device__ __forceinline__ long tile_offset(const Params& p, int tile) {
+  const int nb = p.P / p.CB, TPR = NT / p.CB;
+  return ((long)(tile / nb) * p.P + (tile % nb) * p.CB + threadIdx.x / TPR) * p.S + (threadIdx.x % TPR) * (p.S / TPR);
+}
+// Everything of a tile after its state (st) arrived: y, the gate, Σ g² (through sss, one __syncthreads), and at
+// the window's last slot the write-back.
 template <int E, typename T>
-__global__ void __launch_bounds__(NT) window_update(Params p) {
-  __shared__ float sss[NT / 32];
+__device__ __forceinline__ void stream_tile(const Params& p, int tile, const Row<E, T>& st, float* sss) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int CB = p.CB, nb = p.P / CB, blk = blockIdx.x % nb, bh = blockIdx.x / nb, h = bh % p.H, b = bh / p.H;
+  const int CB = p.CB, nb = p.P / CB, blk = tile % nb, bh = tile / nb, h = bh % p.H, b = bh / p.H;
   const int R = p.H / p.G, grp = h / R, r = h % R, TPR = NT / CB;
   const int prow = blk * CB + tid / TPR, n0 = (tid % TPR) * E;
   const int W = p.W, S = p.S;
-  Row<E, T> st;  // the state first: nothing the kernels before write
-  const long soff = ((long)bh * p.P + prow) * S + n0;
-  st.load(p.state, soff);
-  asm volatile("griddepcontrol.wait;" ::: "memory");  // kernel 1 (and with it the prep kernel) complete
   Row<E, __nv_bfloat16> c;
   c.load(p.c + ((long)b * p.G + grp) * p.c_stride, n0);
   const float d0 = p.d0[bh], extra = p.extra[(long)bh * p.P + prow];
@@ -333,6 +338,7 @@ __global__ void __launch_bounds__(NT) window_update(Params p) {
   for (int o = 16; o; o >>= 1) sq += __shfl_xor_sync(~0u, sq, o);
   if (lane == 0) sss[warp] = sq;
   if (*p.pos % W == W - 1) {  // the window's last slot: h ← d₀ h₀ + Σᵢ wᵢ xᵢ Bᵢᵀ, in place, 8 columns at a time
+    const long soff = tile_offset(p, tile);
     float ci[MAX_W];
     for (int i = 0; i < W; ++i)
       ci[i] = p.wts[(long)bh * W + i] * __bfloat162float(p.wx[(((long)b * W + i) * p.H + h) * p.P + prow]);
@@ -362,6 +368,57 @@ __global__ void __launch_bounds__(NT) window_update(Params p) {
   }
 }
 
+// One tile per CTA (the default).
+template <int E, typename T>
+__global__ void __launch_bounds__(NT) window_update(Params p) {
+  __shared__ float sss[NT / 32];
+  Row<E, T> st;  // the state first: nothing the kernels before write
+  st.load(p.state, tile_offset(p, blockIdx.x));
+  asm volatile("griddepcontrol.wait;" ::: "memory");  // kernel 1 (and with it the prep kernel) complete
+  stream_tile<E, T>(p, blockIdx.x, st, sss);
+}
+
+// Persistent (opt-in, `persist`): a few CTAs per SM walk the tiles c, c + G, …, the next tile's state loaded
+// before the current one is processed (two register buffers), so every thread keeps a load in flight
+// through its tiles' arithmetic, barriers and stores. sss alternates by tile: its next writer is two tiles
+// (and one __syncthreads) later.
+template <int E, typename T>
+__global__ void __launch_bounds__(NT) window_update_persistent(Params p, int tiles) {
+  __shared__ float sss[2][NT / 32];
+  Row<E, T> a, b;
+  int t = blockIdx.x;
+  if (t < tiles) a.load(p.state, tile_offset(p, t));
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  while (t < tiles) {
+    const int t2 = t + gridDim.x;
+    if (t2 < tiles) b.load(p.state, tile_offset(p, t2));
+    stream_tile<E, T>(p, t, a, sss[0]);
+    if (t2 >= tiles) break;
+    t = t2 + gridDim.x;
+    if (t < tiles) a.load(p.state, tile_offset(p, t));
+    stream_tile<E, T>(p, t2, b, sss[1]);
+  }
+}
+
+template <int E, typename T>
+cudaError_t launch_stream_t(cudaLaunchConfig_t cfg, const Params& p, int tiles) {
+  if (!p.persist) return cudaLaunchKernelEx(&cfg, window_update<E, T>, p);
+  static int sms = 0, per_sm = 0;  // (one device per process here, as the other FFI kernels assume)
+  if (!per_sm) {
+    int dev = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, window_update_persistent<E, T>, NT, 0);
+    if (e != cudaSuccess) return e;
+  }
+  cfg.gridDim = dim3((unsigned)std::min(tiles, std::max(1, sms * per_sm)));
+  return cudaLaunchKernelEx(&cfg, window_update_persistent<E, T>, p, tiles);
+}
+template <int E>
+cudaError_t launch_stream(const cudaLaunchConfig_t& cfg, const Params& p, bool f32_state, int tiles) {
+  return f32_state ? launch_stream_t<E, float>(cfg, p, tiles) : launch_stream_t<E, __nv_bfloat16>(cfg, p, tiles);
+}
+
 cudaError_t launch_pair(const Params& p, bool f32_state, int E, cudaStream_t stream, bool pdl) {
   cudaLaunchAttribute at[1];
   at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -380,16 +437,12 @@ cudaError_t launch_pair(const Params& p, bool f32_state, int E, cudaStream_t str
   }
   cudaError_t e = cudaLaunchKernelEx(&cfg, window_coef, p);
   if (e != cudaSuccess) return e;
-  cfg.gridDim = dim3((unsigned)(p.B * p.H * (p.P / p.CB)));
+  const int tiles = p.B * p.H * (p.P / p.CB);
+  cfg.gridDim = dim3((unsigned)tiles);
   cfg.dynamicSmemBytes = 0;
-#define MJ_LAUNCH(EV)                                                                                       \
-  if (E == EV)                                                                                              \
-    return f32_state ? cudaLaunchKernelEx(&cfg, window_update<EV, float>, p)                                \
-                     : cudaLaunchKernelEx(&cfg, window_update<EV, __nv_bfloat16>, p);
-  MJ_LAUNCH(16)
-  MJ_LAUNCH(32)
-  MJ_LAUNCH(64)
-#undef MJ_LAUNCH
+  if (E == 16) return launch_stream<16>(cfg, p, f32_state, tiles);
+  if (E == 32) return launch_stream<32>(cfg, p, f32_state, tiles);
+  if (E == 64) return launch_stream<64>(cfg, p, f32_state, tiles);
   return cudaErrorInvalidValue;
 }
 
@@ -460,7 +513,7 @@ ffi::Error run(const Params& p, Buf ssm, cudaStream_t stream, bool pdl, const ch
 ffi::Error SsmUpdateWindowImpl(cudaStream_t stream, Buf zx, Buf xbc, Buf scale, Buf ssm, Buf alog, Buf dskip, Buf dtb,
                                Buf pos, Buf wx, Buf wb, Buf wdt, Out g, Out ss, Out ssm_out, Out wx_out, Out wb_out,
                                Out wdt_out, Out d0, Out extra, Out wts, int64_t bp, int64_t cb, float dt_lo,
-                               float dt_hi, bool pdl) {
+                               float dt_hi, bool pdl, bool persist) {
   Params p{};
   const auto xd = xbc.dimensions();
   std::string m = xd.size() != 3 || xbc.element_type() != ffi::BF16 || scale.element_type() != ffi::F32
@@ -471,6 +524,7 @@ ffi::Error SsmUpdateWindowImpl(cudaStream_t stream, Buf zx, Buf xbc, Buf scale, 
   p.xbc = reinterpret_cast<const __nv_bfloat16*>(xbc.untyped_data());
   p.scale = reinterpret_cast<const float*>(scale.untyped_data());
   p.c = p.xbc + (p.H / p.G) * p.P + p.S, p.c_stride = p.F;  // xbc's C columns
+  p.persist = persist;
   return run(p, ssm, stream, pdl, "ssm_update_window");
 }
 
@@ -478,7 +532,8 @@ ffi::Error SsmUpdateWindowImpl(cudaStream_t stream, Buf zx, Buf xbc, Buf scale, 
 ffi::Error SsmStepWindowImpl(cudaStream_t stream, Buf zx, Buf ring, Buf convw, Buf convb, Buf norm_in, Buf ssm,
                              Buf alog, Buf dskip, Buf dtb, Buf pos, Buf wx, Buf wb, Buf wdt, Out g, Out ss,
                              Out ring_out, Out ssm_out, Out wx_out, Out wb_out, Out wdt_out, Out d0, Out extra, Out wts,
-                             Out scale, Out c, int64_t bp, int64_t cb, float dt_lo, float dt_hi, float eps) {
+                             Out scale, Out c, int64_t bp, int64_t cb, float dt_lo, float dt_hi, float eps,
+                             bool persist) {
   Params p{};
   const auto rd = ring.dimensions(), nd = norm_in.dimensions();
   std::string m;
@@ -503,6 +558,7 @@ ffi::Error SsmStepWindowImpl(cudaStream_t stream, Buf zx, Buf ring, Buf convw, B
   p.scale = p.scale_out;
   p.c_out = reinterpret_cast<__nv_bfloat16*>(c->untyped_data());
   p.c = p.c_out, p.c_stride = p.S;
+  p.persist = persist;
   return run(p, ssm, stream, false, "ssm_step_window");
 }
 
@@ -521,7 +577,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaJaxSsmUpdateWindow, SsmUpdateWindowImpl,
                                   .Attr<int64_t>("cb")
                                   .Attr<float>("dt_lo")
                                   .Attr<float>("dt_hi")
-                                  .Attr<bool>("pdl"),
+                                  .Attr<bool>("pdl")
+                                  .Attr<bool>("persist"),
                               {ffi::Traits::kCmdBufferCompatible});
 // zx, conv ring, conv_w, conv_b, norm_in, ssm, A_log, D, dt_bias, pos, win_x, win_B, win_dt → g, ss, ring, ssm,
 // win_x, win_B, win_dt (aliased), d0, extra, wts, scale, C (scratch)
@@ -536,5 +593,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaJaxSsmStepWindow, SsmStepWindowImpl,
                                   .Attr<int64_t>("cb")
                                   .Attr<float>("dt_lo")
                                   .Attr<float>("dt_hi")
-                                  .Attr<float>("eps"),
+                                  .Attr<float>("eps")
+                                  .Attr<bool>("persist"),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -34,6 +34,19 @@ def rows_per_cta(block_p: int) -> int:
     return int(os.environ.get("MAMBA_JAX_DECODE_WINDOW_ROWS", ROWS_PER_CTA)) or block_p
 
 
+# The state stream as persistent CTAs, each loading its next tile's state before it processes the current one
+# (ssm_update.cu's window_update_persistent). Not yet timed: off; MAMBA_JAX_DECODE_WINDOW_STREAM=persistent
+# (or =tiles) picks it at trace time.
+PERSISTENT_STREAM = False
+
+
+def persistent_stream() -> bool:
+    env = os.environ.get("MAMBA_JAX_DECODE_WINDOW_STREAM")
+    if env not in (None, "tiles", "persistent"):
+        raise ValueError(f"MAMBA_JAX_DECODE_WINDOW_STREAM={env!r}: give tiles or persistent")
+    return PERSISTENT_STREAM if env is None else env == "persistent"
+
+
 def available(act_dtype) -> bool:
     """Whether the kernel runs here for these activations (the shapes are checked per call: `unsupported`)."""
     if os.environ.get("MAMBA_JAX_DECODE_WINDOW_KERNEL", "cuda") == "pallas" or jax.default_backend() != "gpu":
@@ -110,7 +123,7 @@ def update_window(zx_BGW, xbc_BGF, scale_B, ssm_BHPS, A_log_H, D_H, dt_bias_H, p
         zx_BGW, xbc_BGF, scale_B, ssm_BHPS, A_log_H, D_H, dt_bias_H, jnp.reshape(jnp.asarray(pos, jnp.int32), (1,)),
         *window,
         bp=np.int64(block_p), cb=np.int64(rows_per_cta(block_p)), dt_lo=np.float32(lo), dt_hi=np.float32(hi),
-        pdl=bool(pdl),
+        pdl=bool(pdl), persist=persistent_stream(),
     )  # fmt: skip
     return g, ss, ssm, tuple(win)
 
@@ -140,6 +153,6 @@ def step_window(zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, norm_in_BD, ssm_BHPS, 
         zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, norm_in_BD, ssm_BHPS, A_log_H, D_H, dt_bias_H,
         jnp.reshape(jnp.asarray(pos, jnp.int32), (1,)), *window,
         bp=np.int64(block_p), cb=np.int64(rows_per_cta(block_p)), dt_lo=np.float32(lo), dt_hi=np.float32(hi),
-        eps=np.float32(norm_eps),
+        eps=np.float32(norm_eps), persist=persistent_stream(),
     )  # fmt: skip
     return gv, ss, conv, ssm, tuple(rest[:3])

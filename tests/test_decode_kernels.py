@@ -242,21 +242,23 @@ def test_windowed_state_write_back_equals_the_per_token_step(groups, state_dtype
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("groups,window,pos0,state_dtype,rows,prep", [
-    (1, 8, 13, jnp.bfloat16, 32, "cuda"),  # starts mid-window (slot 5)
-    (2, 5, 10, jnp.float32, 64, "pallas"),  # two groups, a window of 5, starts on a boundary; 64 rows per CTA
-    (1, 16, 3, jnp.bfloat16, 64, "cuda"),
-    (2, 8, 7, jnp.bfloat16, 32, "pallas"),
+@pytest.mark.parametrize("groups,window,pos0,state_dtype,rows,prep,stream", [
+    (1, 8, 13, jnp.bfloat16, 32, "cuda", "tiles"),  # starts mid-window (slot 5)
+    (2, 5, 10, jnp.float32, 64, "pallas", "persistent"),  # two groups, W 5 from a boundary; 64 rows per CTA
+    (1, 16, 3, jnp.bfloat16, 64, "cuda", "tiles"),
+    (2, 8, 7, jnp.bfloat16, 32, "pallas", "tiles"),
+    (1, 8, 13, jnp.bfloat16, 32, "pallas", "persistent"),
 ])  # fmt: skip
-def test_cuda_window_update_equals_pallas_on_gpu(monkeypatch, groups, window, pos0, state_dtype, rows, prep):
-    """The CUDA window step (kernels/ssm_update.cu, the default on a GPU: with the prep fused in, or after the
-    Pallas prep kernel) against the Pallas kernels it replaces, compiled, bf16 at Mamba2 widths (head dim 64,
-    state 128) over 2½ windows: g, Σ g², the conv ring, the state written back, the window buffers; and
-    `window_state` of both against the per-token step."""
+def test_cuda_window_update_equals_pallas_on_gpu(monkeypatch, groups, window, pos0, state_dtype, rows, prep, stream):
+    """The CUDA window step (kernels/ssm_update.cu, the default on a GPU: after the Pallas prep kernel or with
+    the prep fused in; the state stream one tile per CTA or persistent) against the Pallas kernels it
+    replaces, compiled, bf16 at Mamba2 widths (head dim 64, state 128) over 2½ windows: g, Σ g², the conv
+    ring, the state written back, the window buffers; and `window_state` of both against the per-token step."""
     from mamba_jax.kernels.ssm_update import unsupported
 
     monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_ROWS", str(rows))
     monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_PREP", prep)
+    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_STREAM", stream)
     assert unsupported(state_dtype=state_dtype, act_dtype=jnp.bfloat16, g_dtype=jnp.bfloat16,
                        param_dtypes=(jnp.float32,) * 3, window=window, head_dim=64, state_size=128,
                        block_p=32) is None  # fmt: skip
@@ -298,6 +300,33 @@ def test_cuda_window_update_equals_pallas_on_gpu(monkeypatch, groups, window, po
             # (The fused prep's 1/rms sums in another order: a rare bf16 flip in the conv's input or output.)
             assert rel_err(a, b_) <= (2e-3 if name in ("conv", "win_x", "win_B", "win_dt") else 4e-3), (t, name)
         assert rel_err(got[-1], plain[1]) <= 2e-2, t  # bf16 rounding every token on the plain path
+
+
+def test_window_defaults_and_knobs(monkeypatch):
+    """Where the window is on by default (batch ≥ WINDOW_MIN_BATCH, split step, the CUDA update available:
+    never off the GPU, so the CPU decodes without it unless asked), and the knobs' parsing."""
+    from mamba_jax.kernels import ssm_update
+
+    monkeypatch.delenv("MAMBA_JAX_DECODE_WINDOW", raising=False)
+    assert not ssm_update.available(jnp.bfloat16)  # the CPU
+    assert "not a GPU" in ssm_update.unsupported(state_dtype=jnp.bfloat16, act_dtype=jnp.bfloat16,
+                                                 g_dtype=jnp.bfloat16, param_dtypes=(jnp.float32,) * 3, window=8,
+                                                 head_dim=64, state_size=128, block_p=32)  # fmt: skip
+    assert kd.window_size(True, kd.WINDOW_MIN_BATCH) == 0
+    monkeypatch.setattr(ssm_update, "available", lambda dtype: jnp.dtype(dtype) == jnp.bfloat16)
+    assert kd.window_size(True, kd.WINDOW_MIN_BATCH) == kd.STATE_WINDOW > 1
+    assert kd.window_size(True, kd.WINDOW_MIN_BATCH, jnp.float32) == 0  # the Pallas update: slower, off
+    assert kd.window_size(True, kd.WINDOW_MIN_BATCH - 1) == 0 and kd.window_size(False, 64) == 0
+    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW", "4")  # asked for: at any batch of the split step
+    assert kd.window_size(True, 8, jnp.float32) == 4 and kd.window_size(False, 64) == 0
+    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_STREAM", "fast")
+    with pytest.raises(ValueError, match="tiles or persistent"):
+        ssm_update.persistent_stream()
+    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_STREAM", "persistent")
+    assert ssm_update.persistent_stream()
+    assert "Pallas prep" in ssm_update.fused_unsupported(80)  # opt-in
+    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_PREP", "cuda")
+    assert "multiple of 4" in ssm_update.fused_unsupported(6)
 
 
 def test_windowed_step_rejects_mismatched_buffers():
