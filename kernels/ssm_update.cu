@@ -147,26 +147,35 @@ struct Row<E, float> {
 
 // Kernel 1: one warp per (b, h) — this token's dt, the window's weights wᵢ, d₀ and the Bᵢ · C products, folded
 // into extra[p] = D x[p] + Σᵢ wᵢ (Bᵢ · C) xᵢ[p]; and this token into slot wj of the window. Small and latency-
-// bound, so its loads go out together (16-byte vectors, the window's before the wait) and lane i takes slot i.
+// bound, so its loads go out together (16-byte vectors, the window's in one batch before the wait) and lane i
+// takes slot i.
 __device__ __forceinline__ void bf8_to(float* dst, const uint4& v) {
   const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
 #pragma unroll
   for (int k = 0; k < 8; ++k) dst[k] = __bfloat162float(h[k]);
 }
-// Rows `n` of `len` bf16 (len % 8 == 0) from src(i) into dst[i · stride …]: 4 vector loads per lane in flight.
-template <typename Src>
-__device__ __forceinline__ void stage_rows(float* dst, int stride, int n, int len, int lane, Src src) {
-  const int per = len / 8, total = n * per;
-  for (int base = lane; base < total; base += 128) {
-    uint4 v[4];
+// The window's slots before wj (written by earlier steps) into shared memory: x of this head (rows of P) and
+// B of its group (rows of S, stride SB), as one batch of up to 8 vector loads per lane in flight (W 8, P 64,
+// S 128: at most 168 loads over the warp, one batch), then their conversions.
+__device__ __forceinline__ void stage_window(const Params& p, int b, int h, int grp, int wj, float* sx, float* sB,
+                                             int SB, int lane) {
+  // (P and S are powers of two, ssm_step_unsupported: shifts, not divisions, between the loads)
+  const int nx = p.P / 8, nb = p.S / 8, lx = __ffs(nx) - 1, lb = __ffs(nb) - 1, tx = wj * nx, total = tx + wj * nb;
+  for (int base = lane; base < total; base += 256) {
+    uint4 v[8];
+    float* dst[8];
 #pragma unroll
-    for (int k = 0; k < 4; ++k)
-      if (base + 32 * k < total) v[k] = *src((base + 32 * k) / per, (base + 32 * k) % per * 8);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int idx = base + 32 * k;
-      if (idx < total) bf8_to(dst + idx / per * stride + idx % per * 8, v[k]);
+    for (int k = 0; k < 8; ++k) {
+      const int idx = base + 32 * k, j = idx - tx;
+      const int ix = idx >> lx, qx = (idx & (nx - 1)) * 8, ib = j >> lb, qb = (j & (nb - 1)) * 8;
+      const __nv_bfloat16* src = idx < tx ? p.wx + (((long)b * p.W + ix) * p.H + h) * p.P + qx
+                                          : p.wb + (((long)b * p.W + ib) * p.G + grp) * p.S + qb;
+      dst[k] = idx < tx ? sx + ix * p.P + qx : sB + ib * SB + qb;
+      if (idx < total) v[k] = *reinterpret_cast<const uint4*>(src);
     }
+#pragma unroll
+    for (int k = 0; k < 8; ++k)
+      if (base + 32 * k < total) bf8_to(dst[k], v[k]);
   }
 }
 
@@ -218,6 +227,7 @@ __device__ float fused_prep(const Params& p, int b, int h, int grp, int r, int l
   return scale;
 }
 
+template <bool FUSED>  // the fused target's kernel 1 (fused_prep) or the one behind the Pallas prep kernel
 __global__ void __launch_bounds__(NT) window_coef(Params p) {
   extern __shared__ float smem[];  // per warp: sx (W, P), sB (W + 1, S + 1: the last row C), padded rows
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -231,19 +241,14 @@ __global__ void __launch_bounds__(NT) window_coef(Params p) {
   float* sB = sx + W * P;
   // The window's earlier slots (written by earlier steps): before the wait.
   float dt_i = lane < wj ? p.wdt[((long)b * W + lane) * p.H + h] : 0.f;
-  stage_rows(sx, P, wj, P, lane, [&](int i, int q) {
-    return reinterpret_cast<const uint4*>(p.wx + (((long)b * W + i) * p.H + h) * P + q);
-  });
-  stage_rows(sB, SB, wj, S, lane, [&](int i, int q) {
-    return reinterpret_cast<const uint4*>(p.wb + (((long)b * W + i) * p.G + grp) * S + q);
-  });
+  stage_window(p, b, h, grp, wj, sx, sB, SB, lane);
   asm volatile("griddepcontrol.wait;" ::: "memory");  // the prep kernel's outputs
   const __nv_bfloat16* zrow = p.zx + ((long)b * p.G + grp) * p.ZW;
   const float zdt = __bfloat162float(zrow[2 * RP + 2 * S + r]);
   const float dtb = param(p.dtb, h, p.dtb_f32), alog = param(p.alog, h, p.alog_f32);
   const float dskip = param(p.dskip, h, p.dskip_f32);
   float scale;
-  if (p.fused) {
+  if (FUSED) {
     scale = fused_prep(p, b, h, grp, r, lane, warp, sx + wj * P, sB + wj * SB, sB + (wj + 1) * SB);
   } else {  // this token's x (into slot wj), B (slot wj) and C (row wj + 1 ≤ W, never a slot): loads together
     const __nv_bfloat16* xrow = p.xbc + ((long)b * p.G + grp) * p.F;
@@ -430,12 +435,13 @@ cudaError_t launch_pair(const Params& p, bool f32_state, int E, cudaStream_t str
   cfg.stream = stream;
   cfg.attrs = at;
   cfg.numAttrs = pdl ? 1 : 0;
+  auto coef = p.fused ? window_coef<true> : window_coef<false>;
   if (cfg.dynamicSmemBytes > 48 * 1024) {  // above the default limit (W = 16 at P = 64, S = 128: 51 KB)
-    const cudaError_t a = cudaFuncSetAttribute(window_coef, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               (int)cfg.dynamicSmemBytes);
+    const cudaError_t a =
+        cudaFuncSetAttribute(coef, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)cfg.dynamicSmemBytes);
     if (a != cudaSuccess) return a;
   }
-  cudaError_t e = cudaLaunchKernelEx(&cfg, window_coef, p);
+  cudaError_t e = cudaLaunchKernelEx(&cfg, coef, p);
   if (e != cudaSuccess) return e;
   const int tiles = p.B * p.H * (p.P / p.CB);
   cfg.gridDim = dim3((unsigned)tiles);
@@ -471,10 +477,11 @@ std::string setup(Params& p, Buf zx, Buf ssm, Buf alog, Buf dskip, Buf dtb, Buf 
   if (p.G < 1 || p.H % p.G || p.ZW != 2 * R * p.P + 2 * p.S + R || p.F != R * p.P + 2 * p.S || zd[0] != B ||
       wd[0] != B || wd[2] != p.H || wd[3] != p.P || bd[0] != B || bd[1] != p.W || bd[2] != p.G || bd[3] != p.S)
     return "inconsistent shapes";
-  if (p.W < 1 || p.W > MAX_W || p.S > MAX_S || p.S % 8 || p.P % 8 || p.BP < 1 || p.P % p.BP || p.CB < 4 ||
-      p.CB > NT || NT % p.CB || p.P % p.CB || p.CB % p.BP || p.BP % (p.CB / 4))
-    return "needs W ≤ 16, S ≤ 256, and blocks of state rows (bp for ss, cb ≥ 4 per CTA) with cb | 128, cb | P, "
-           "bp | cb and cb / 4 | bp";
+  if (p.W < 1 || p.W > MAX_W || p.S > MAX_S || p.S < 8 || p.P < 8 || (p.S & (p.S - 1)) || (p.P & (p.P - 1)) ||
+      p.BP < 1 || p.P % p.BP || p.CB < 4 || p.CB > NT || NT % p.CB || p.P % p.CB || p.CB % p.BP ||
+      p.BP % (p.CB / 4))
+    return "needs W ≤ 16, P and S powers of two ≥ 8, S ≤ 256, and blocks of state rows (bp for ss, cb ≥ 4 per "
+           "CTA) with cb | 128, cb | P, bp | cb and cb / 4 | bp";
   const int E = p.S / (NT / p.CB);
   if (E != 16 && E != 32 && E != 64) return "needs S / (128 / cb) in {16, 32, 64} state columns per thread";
   if (ssm_out->untyped_data() != ssm.untyped_data() || wx_out->untyped_data() != wx.untyped_data() ||
