@@ -92,6 +92,12 @@ __device__ __forceinline__ uint4 pack8(const float* v) {
   }
   return o;
 }
+// 8 bf16 values (one 16-byte load) as floats.
+__device__ __forceinline__ void bf8_to(float* dst, const uint4& v) {
+  const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) dst[k] = __bfloat162float(h[k]);
+}
 // 8 consecutive values of a bf16 or float32 array from element i (a multiple of 8), as floats.
 __device__ __forceinline__ void load8(float* dst, const void* base, long i, int f32) {
   if (f32) {
@@ -99,10 +105,7 @@ __device__ __forceinline__ void load8(float* dst, const void* base, long i, int 
     const float4 a = q[0], b = q[1];
     dst[0] = a.x, dst[1] = a.y, dst[2] = a.z, dst[3] = a.w, dst[4] = b.x, dst[5] = b.y, dst[6] = b.z, dst[7] = b.w;
   } else {
-    const uint4 v = *reinterpret_cast<const uint4*>(reinterpret_cast<const __nv_bfloat16*>(base) + i);
-    const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) dst[k] = __bfloat162float(h[k]);
+    bf8_to(dst, *reinterpret_cast<const uint4*>(reinterpret_cast<const __nv_bfloat16*>(base) + i));
   }
 }
 __device__ __forceinline__ float bf(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
@@ -149,11 +152,6 @@ struct Row<E, float> {
 // into extra[p] = D x[p] + Σᵢ wᵢ (Bᵢ · C) xᵢ[p]; and this token into slot wj of the window. Small and latency-
 // bound, so its loads go out together (16-byte vectors, the window's in one batch before the wait) and lane i
 // takes slot i.
-__device__ __forceinline__ void bf8_to(float* dst, const uint4& v) {
-  const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
-#pragma unroll
-  for (int k = 0; k < 8; ++k) dst[k] = __bfloat162float(h[k]);
-}
 // The window's slots before wj (written by earlier steps) into shared memory: x of this head (rows of P) and
 // B of its group (rows of S, stride SB), as one batch of up to 8 vector loads per lane in flight (W 8, P 64,
 // S 128: at most 168 loads over the warp, one batch), then their conversions.

@@ -47,11 +47,25 @@ def persistent_stream() -> bool:
     return PERSISTENT_STREAM if env is None else env == "persistent"
 
 
+def _load() -> str | None:
+    """Build, load and register the kernel (kernels/cuda_build.py); None when it is available, else why not."""
+    return load("ssm_update", "MambaJaxSsmUpdateWindow", TARGET)
+
+
+def _not_here(act_dtype) -> str | None:
+    """Why the kernel does not run here for these activations whatever the shapes (before any build), or None."""
+    if os.environ.get("MAMBA_JAX_DECODE_WINDOW_KERNEL", "cuda") == "pallas":
+        return "MAMBA_JAX_DECODE_WINDOW_KERNEL=pallas"
+    if jax.default_backend() != "gpu":
+        return "not a GPU"
+    if jnp.dtype(act_dtype) != jnp.bfloat16:
+        return f"{jnp.dtype(act_dtype).name} activations (it reads bfloat16)"
+    return None
+
+
 def available(act_dtype) -> bool:
     """Whether the kernel runs here for these activations (the shapes are checked per call: `unsupported`)."""
-    if os.environ.get("MAMBA_JAX_DECODE_WINDOW_KERNEL", "cuda") == "pallas" or jax.default_backend() != "gpu":
-        return False
-    return jnp.dtype(act_dtype) == jnp.bfloat16 and load("ssm_update", "MambaJaxSsmUpdateWindow", TARGET) is None
+    return _not_here(act_dtype) is None and _load() is None
 
 
 # The prep kernel's work in the CUDA step's first launch (`step_window`): one launch less, but measured slower
@@ -75,13 +89,9 @@ def fused_unsupported(heads: int) -> str | None:
 def unsupported(*, state_dtype, act_dtype, g_dtype, param_dtypes, window: int, head_dim: int, state_size: int,
                 block_p: int) -> str | None:  # fmt: skip
     """Why `update_window` would not run for these shapes and dtypes here, or None when it runs."""
-    if os.environ.get("MAMBA_JAX_DECODE_WINDOW_KERNEL", "cuda") == "pallas":
-        return "MAMBA_JAX_DECODE_WINDOW_KERNEL=pallas"
-    if jax.default_backend() != "gpu":
-        return "not a GPU"
+    if reason := _not_here(act_dtype):
+        return reason
     f32_bf16 = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-    if jnp.dtype(act_dtype) != jnp.bfloat16:
-        return f"{jnp.dtype(act_dtype).name} activations (it reads bfloat16)"
     if any(jnp.dtype(d) not in f32_bf16 for d in (state_dtype, g_dtype, *param_dtypes)):
         return "a state, g or parameter dtype other than float32 / bfloat16"
     if not 1 <= window <= MAX_W or state_size > MAX_S:
@@ -98,7 +108,30 @@ def unsupported(*, state_dtype, act_dtype, g_dtype, param_dtypes, window: int, h
             f"block_p {block_p}, {cb} rows per CTA, state size {state_size} (it needs cb | 128, cb | head dim, "
             "block_p | cb, cb / 4 | block_p and S / (128 / cb) in 16, 32, 64)"
         )
-    return load("ssm_update", "MambaJaxSsmUpdateWindow", TARGET)
+    return _load()
+
+
+def _shared_outputs(ssm_BHPS, window, block_p, g_dtype, g_rows):
+    """What both targets return around their own outputs: (g, ss) first, then the state and the window
+    buffers (aliased), then the scratch from the coefficient launch to the state stream: d₀, extra, wᵢ."""
+    bsz, heads, p, _ = ssm_BHPS.shape
+    f32 = jnp.float32
+    head = (jax.ShapeDtypeStruct((g_rows, heads * p), g_dtype), jax.ShapeDtypeStruct((bsz, heads, p // block_p), f32))
+    state = (ssm_BHPS, *window)
+    scratch = ((bsz, heads), (bsz, heads, p), (bsz, heads, window[0].shape[1]))
+    return (
+        head,
+        tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in state),
+        tuple(jax.ShapeDtypeStruct(sh, f32) for sh in scratch),
+    )
+
+
+def _shared_attrs(pos, block_p, dt_limit):
+    """The position as the kernels read it and the attributes both targets take."""
+    lo, hi = dt_limit
+    attrs = dict(bp=np.int64(block_p), cb=np.int64(rows_per_cta(block_p)), dt_lo=np.float32(lo),
+                 dt_hi=np.float32(hi), persist=persistent_stream())  # fmt: skip
+    return jnp.reshape(jnp.asarray(pos, jnp.int32), (1,)), attrs
 
 
 def update_window(zx_BGW, xbc_BGF, scale_B, ssm_BHPS, A_log_H, D_H, dt_bias_H, pos, window, *, block_p, dt_limit,
@@ -106,25 +139,12 @@ def update_window(zx_BGW, xbc_BGF, scale_B, ssm_BHPS, A_log_H, D_H, dt_bias_H, p
     """For the token at position `pos`: (g (g_rows, H·P), ss (B, H, P / block_p), the state, the window
     buffers) as `_update_kernel` with a window returns them; the state and the buffers are updated in place
     (donate them)."""
-    bsz, heads, p, _ = ssm_BHPS.shape
-    out = (
-        jax.ShapeDtypeStruct((g_rows, heads * p), g_dtype),
-        jax.ShapeDtypeStruct((bsz, heads, p // block_p), jnp.float32),
-        jax.ShapeDtypeStruct(ssm_BHPS.shape, ssm_BHPS.dtype),
-        *(jax.ShapeDtypeStruct(w.shape, w.dtype) for w in window),
-        # scratch from the coefficient launch to the state stream (ssm_update.cu): d₀, extra, wᵢ
-        jax.ShapeDtypeStruct((bsz, heads), jnp.float32),
-        jax.ShapeDtypeStruct((bsz, heads, p), jnp.float32),
-        jax.ShapeDtypeStruct((bsz, heads, window[0].shape[1]), jnp.float32),
-    )
-    call = jax.ffi.ffi_call(TARGET, out, input_output_aliases={3: 2, 8: 3, 9: 4, 10: 5})
-    lo, hi = dt_limit
+    head, state, scratch = _shared_outputs(ssm_BHPS, window, block_p, g_dtype, g_rows)
+    call = jax.ffi.ffi_call(TARGET, (*head, *state, *scratch), input_output_aliases={3: 2, 8: 3, 9: 4, 10: 5})
+    pos_1, attrs = _shared_attrs(pos, block_p, dt_limit)
     g, ss, ssm, *win, _, _, _ = call(
-        zx_BGW, xbc_BGF, scale_B, ssm_BHPS, A_log_H, D_H, dt_bias_H, jnp.reshape(jnp.asarray(pos, jnp.int32), (1,)),
-        *window,
-        bp=np.int64(block_p), cb=np.int64(rows_per_cta(block_p)), dt_lo=np.float32(lo), dt_hi=np.float32(hi),
-        pdl=bool(pdl), persist=persistent_stream(),
-    )  # fmt: skip
+        zx_BGW, xbc_BGF, scale_B, ssm_BHPS, A_log_H, D_H, dt_bias_H, pos_1, *window, pdl=bool(pdl), **attrs
+    )
     return g, ss, ssm, tuple(win)
 
 
@@ -133,26 +153,15 @@ def step_window(zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, norm_in_BD, ssm_BHPS, 
     """The whole split step with the window in two CUDA launches, the prep kernel's work (the input norm's
     1/rms, the conv, the conv ring's update) in the first: (g, ss, the conv ring, the state, the window
     buffers) as `kernels.decode._split_step` returns them; the ring, the state and the buffers in place."""
-    bsz, heads, p, s = ssm_BHPS.shape
-    g = zx_BGW.shape[1]
-    out = (
-        jax.ShapeDtypeStruct((g_rows, heads * p), g_dtype),
-        jax.ShapeDtypeStruct((bsz, heads, p // block_p), jnp.float32),
-        jax.ShapeDtypeStruct(conv_BKGF.shape, conv_BKGF.dtype),
-        jax.ShapeDtypeStruct(ssm_BHPS.shape, ssm_BHPS.dtype),
-        *(jax.ShapeDtypeStruct(w.shape, w.dtype) for w in window),
-        jax.ShapeDtypeStruct((bsz, heads), jnp.float32),  # scratch: d₀, extra, wᵢ, the 1/rms, C
-        jax.ShapeDtypeStruct((bsz, heads, p), jnp.float32),
-        jax.ShapeDtypeStruct((bsz, heads, window[0].shape[1]), jnp.float32),
-        jax.ShapeDtypeStruct((bsz,), jnp.float32),
-        jax.ShapeDtypeStruct((bsz, g, s), jnp.bfloat16),
-    )
+    bsz, _, _, s = ssm_BHPS.shape
+    head, state, scratch = _shared_outputs(ssm_BHPS, window, block_p, g_dtype, g_rows)
+    ring = jax.ShapeDtypeStruct(conv_BKGF.shape, conv_BKGF.dtype)
+    own = (jax.ShapeDtypeStruct((bsz,), jnp.float32), jax.ShapeDtypeStruct((bsz, zx_BGW.shape[1], s), jnp.bfloat16))
+    out = (*head, ring, *state, *scratch, *own)  # scratch of its own: the 1/rms, C
     call = jax.ffi.ffi_call(FUSED_TARGET, out, input_output_aliases={1: 2, 5: 3, 10: 4, 11: 5, 12: 6})
-    lo, hi = dt_limit
+    pos_1, attrs = _shared_attrs(pos, block_p, dt_limit)
     gv, ss, conv, ssm, *rest = call(
-        zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, norm_in_BD, ssm_BHPS, A_log_H, D_H, dt_bias_H,
-        jnp.reshape(jnp.asarray(pos, jnp.int32), (1,)), *window,
-        bp=np.int64(block_p), cb=np.int64(rows_per_cta(block_p)), dt_lo=np.float32(lo), dt_hi=np.float32(hi),
-        eps=np.float32(norm_eps), persist=persistent_stream(),
+        zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, norm_in_BD, ssm_BHPS, A_log_H, D_H, dt_bias_H, pos_1, *window,
+        eps=np.float32(norm_eps), **attrs,
     )  # fmt: skip
     return gv, ss, conv, ssm, tuple(rest[:3])
