@@ -1,5 +1,5 @@
-"""Helpers shared by the tests: relative error, random SSD inputs, a small hybrid config, sharded generation,
-subprocess flags."""
+"""Helpers shared by the tests: relative error, random SSD inputs, a small hybrid config, a jitted forward,
+sharded generation, subprocess flags."""
 
 import os
 
@@ -63,6 +63,13 @@ def small_hybrid(**changes) -> ModelConfig:
     return ModelConfig(**base)
 
 
+@jax.jit
+def forward(model, ids, seq_idx=None):
+    """The model's logits, jitted (op by op, a small model's forward spends seconds dispatching ops): one
+    function for every test, so that calls on the same model structure and shapes share one compile."""
+    return model(ids, seq_idx=seq_idx)
+
+
 def full_forward_rows(model, seqs):
     """The model's logits over each token sequence of `seqs`, from one jitted forward of them right-padded
     into a batch: the model is causal, so a row's logits up to its own length never see the padding after
@@ -71,7 +78,7 @@ def full_forward_rows(model, seqs):
     ids = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
     for row, seq in zip(ids, seqs, strict=True):
         row[: len(seq)] = seq
-    logits = np.asarray(jax.jit(lambda m, i: m(i))(model, jnp.asarray(ids)))
+    logits = np.asarray(forward(model, jnp.asarray(ids)))
     return [logits[b, : len(seq)] for b, seq in enumerate(seqs)]
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from helpers import rel_err
+from helpers import forward, rel_err
 
 from mamba_jax import config as mjc
 from mamba_jax.data import train_sentencepiece
@@ -100,7 +100,6 @@ def test_lora_raises_exact_match_and_saves_only_adapters(task):
     again = evaluate_generation(tuned, tokenizer, held_out[:N_EVAL], max_new_tokens=6)
     assert again["exact_match"] == last["eval_exact_match"]
     ids = jnp.asarray([tokenizer.encode(held_out[0].prompt)])
-    forward = jax.jit(lambda m, i: m(i))  # (op by op, these forwards took several seconds)
     base_logits = forward(from_pretrained(str(tmp / "base")), ids)
     tuned_logits = forward(tuned, ids)
     assert rel_err(tuned_logits, base_logits) > 1e-3  # the adapter changes the model …

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
-from helpers import rel_err, small_hybrid
+from helpers import forward, rel_err, small_hybrid
 
 from mamba_jax.models import ConfigError, LanguageModel, ModelConfig
 from mamba_jax.models.lm import document_positions
@@ -39,9 +39,8 @@ def test_packed_documents_equal_each_alone(use_rope):
     ids = jax.random.randint(jax.random.key(2), (1, 45), 0, 250)
     cut = 19  # not a multiple of the chunk (16)
     seq_idx = (jnp.arange(45) >= cut).astype(jnp.int32)[None]
-    forward = jax.jit(lambda m, i, s: m(i, seq_idx=s))  # (op by op, the three forwards took ~10 s)
     packed = forward(model, ids, seq_idx)
-    first, second = forward(model, ids[:, :cut], None), forward(model, ids[:, cut:], None)
+    first, second = forward(model, ids[:, :cut]), forward(model, ids[:, cut:])
     assert rel_err(packed[:, :cut], first) <= TOL
     assert rel_err(packed[:, cut:], second) <= TOL
 
@@ -63,7 +62,6 @@ def test_tied_and_untied_heads():
 def test_bf16_compute_and_fp32_residual_track_float32():
     cfg = small_hybrid()
     ids = jax.random.randint(jax.random.key(3), (2, 32), 0, 250)
-    forward = jax.jit(lambda m, i: m(i))  # (op by op, the three forwards took most of the test's time)
     ref = forward(init_model(cfg, seed=4), ids)
     for changes in (dict(dtype="bfloat16"), dict(dtype="bfloat16", residual_in_fp32=True)):
         out = forward(init_model(cfg.replace(**changes), seed=4), ids)

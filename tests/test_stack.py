@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import rel_err, small_hybrid
+from helpers import forward, rel_err, small_hybrid
 
 from mamba_jax.models.stack import segment_pattern
 from mamba_jax.parallel import MeshConfig, init_model, make_mesh, use_mesh
@@ -52,7 +52,6 @@ def test_scanned_equals_unrolled_on_the_same_weights():
     _copy_into_unrolled(scanned, unrolled)
     ids = jax.random.randint(jax.random.key(0), (2, 40), 0, cfg.vocab_size)
     seq_idx = (np.arange(40)[None] >= np.array([[17], [40]])).astype(np.int32)
-    forward = jax.jit(lambda m, i, s: m(i, seq_idx=s))  # (op by op, the four forwards took ~15 s)
     for s in (None, seq_idx):
         assert rel_err(forward(scanned, ids, s), forward(unrolled, ids, s)) <= 1e-5
     assert sum(x.size for x in jax.tree.leaves(nnx.state(scanned))) == sum(

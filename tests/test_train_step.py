@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import rel_err
+from helpers import forward, rel_err
 from helpers import small_hybrid as _small_hybrid
 
 from mamba_jax.parallel import init_model
@@ -108,7 +108,7 @@ def test_accumulated_loss_equals_direct_loss():
     batch = _batch(4, 4, 20, cfg.vocab_size)
     # (jitted: run op by op, these two forwards took most of the test's time)
     s, n = jax.jit(lambda m, b: lm_loss_sums(m, b, chunk=7))(model, batch)
-    logits = jax.jit(lambda m, i: m(i))(model, batch["input_ids"])
+    logits = forward(model, batch["input_ids"])
     direct = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
     assert rel_err(s / n, jnp.sum(direct * batch["loss_mask"]) / jnp.sum(batch["loss_mask"])) <= 1e-6
     step, st = _step_fn(graphdef, TrainConfig(steps=10, global_batch_size=4, micro_batch_size=1), 4, params)
