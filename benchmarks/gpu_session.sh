@@ -28,6 +28,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh y   # batch32_probe's kept modes after the trim (checks, cycle counts)
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh z   # batch32_probe modes 14 / 15 only (the standalone projections)
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window   # the CUDA window step: tests, profile, b32 A/B (VARIANTS_ONLY=1 stops there), generate.py b32
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window2  # its coefficients in registers, the coalesced stream: tests, profile, A/B
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -295,14 +296,22 @@ elif [ "$stage" = window ]; then  # ≈ 9 minutes: the CUDA window step (kernels
     [ "${PROFILE:-1}" = 1 ] && step profile_window 150 python3 decode_profile.py \
         --batch 32 --new-tokens 32 --out "$OUT/decode_profile_mamba2_2_7b_b32_window_$gpu.json"
     W=MAMBA_JAX_DECODE_WINDOW P=MAMBA_JAX_DECODE_WINDOW_PDL C=MAMBA_JAX_DECODE_WINDOW_ROWS
-    T=MAMBA_JAX_DECODE_WINDOW_STREAM
     step variants_window_b32 330 python3 decode_variants.py --model mamba2_2_7b --batch 32 --rounds 2 --reps 3 \
-        --variant "per_token:$W=0" --variant "w8:" --variant "w8_persistent:$T=persistent" \
-        --variant "w16:$W=16" --out "$OUT/decode_variants_cuda_window_2_7b_b32_$gpu.json"
+        --variant "per_token:$W=0" --variant "w8:" --variant "w16:$W=16" --out "$OUT/decode_variants_cuda_window_2_7b_b32_$gpu.json"
     [ "${VARIANTS_ONLY:-0}" = 1 ] && exit 0
     step generate_b32 300 python3 generate.py --model mamba2_2_7b --batch 32 \
         --state-dtype bfloat16 --peer --decode-impl auto --out "$OUT/generate_2_7b_b32_window_$gpu.json"
+elif [ "$stage" = window2 ]; then  # ≈ 8 minutes: the coefficients in registers, the coalesced stream: tests, profile, A/B
+    find_nvcc
+    step window_tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decode_kernels.py -k cuda_window_update
+    cd benchmarks || exit 1
+    V=MAMBA_JAX_DECODE_WINDOW_VARIANT C=MAMBA_JAX_DECODE_WINDOW_ROWS
+    [ "${PROFILE:-1}" = 1 ] && step profile_window 80 env $V=3 python3 decode_profile.py \
+        --batch 32 --new-tokens 32 --out "$OUT/decode_profile_mamba2_2_7b_b32_window_v3_$gpu.json"
+    step variants_window_b32 300 python3 decode_variants.py --model mamba2_2_7b --batch 32 --rounds 2 --reps 3 \
+        --variant "w8:$V=0" --variant "w8_coef_regs:$V=1" --variant "w8_regs_coalesced:$V=3" \
+        --variant "w8_regs_coalesced_cb64:$V=3;$C=64" --out "$OUT/decode_variants_window_regs_coalesced_2_7b_b32_$gpu.json"
 else
-    echo "unknown stage $stage (a … z, window)" >&2
+    echo "unknown stage $stage (a … z, window, window2)" >&2
     exit 2
 fi

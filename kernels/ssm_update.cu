@@ -70,7 +70,7 @@ struct Params {
   // (B, K, G, F) updated in place, its weights (K, G, F) and bias (G, F), the input norm's input (B, D), and
   // kernel 1's outputs for kernel 2, the 1/rms and C (B, G, S).
   int fused, K, D, convw_f32, convb_f32, norm_f32;
-  int persist;  // kernel 2 as window_update_persistent
+  int variant;  // bit 0: window_coef_regs for kernel 1, bit 1: window_stream for kernel 2 (where they fit)
   __nv_bfloat16* ring;
   const void *convw, *convb, *norm_in;
   float eps;
@@ -381,72 +381,272 @@ __global__ void __launch_bounds__(NT) window_update(Params p) {
   stream_tile<E, T>(p, blockIdx.x, st, sss);
 }
 
-// Persistent (opt-in, `persist`): a few CTAs per SM walk the tiles c, c + G, …, the next tile's state loaded
-// before the current one is processed (two register buffers), so every thread keeps a load in flight
-// through its tiles' arithmetic, barriers and stores. sss alternates by tile: its next writer is two tiles
-// (and one __syncthreads) later.
-template <int E, typename T>
-__global__ void __launch_bounds__(NT) window_update_persistent(Params p, int tiles) {
-  __shared__ float sss[2][NT / 32];
-  Row<E, T> a, b;
-  int t = blockIdx.x;
-  if (t < tiles) a.load(p.state, tile_offset(p, t));
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  while (t < tiles) {
-    const int t2 = t + gridDim.x;
-    if (t2 < tiles) b.load(p.state, tile_offset(p, t2));
-    stream_tile<E, T>(p, t, a, sss[0]);
-    if (t2 >= tiles) break;
-    t = t2 + gridDim.x;
-    if (t < tiles) a.load(p.state, tile_offset(p, t));
-    stream_tile<E, T>(p, t2, b, sss[1]);
+// The coalesced stream (variant bit 1): thread t takes the 8-column chunk t % C8 (C8 = S / 8) of rows t / C8 +
+// RPI · q (RPI = 128 / C8 rows per pass, q < NQ), so each load instruction of a warp reads whole rows (512
+// contiguous bytes at S 128) and each thread needs one chunk of C. The NQ row sums are reduced over the C8
+// lanes of a row by halving exchanges (log₂ C8 shuffles in all, not NQ · log₂ C8): lane l ends with the sum
+// of row q = qsel(l), held in full by the lanes whose low log₂(C8 / NQ) bits are zero.
+template <int C8, int NQ>
+__device__ __forceinline__ int qsel_of(int lane) {
+  int q = 0;
+#pragma unroll
+  for (int o = C8 / 2, n = NQ; n > 1; o >>= 1, n >>= 1)
+    if (lane & o) q += n / 2;
+  return q;
+}
+template <int C8, int NQ>
+__device__ __forceinline__ float reduce_rows(float (&v)[NQ], int lane) {
+#pragma unroll
+  for (int o = C8 / 2, n = NQ; o >= 1; o >>= 1) {
+    if (n > 1) {
+      const bool up = lane & o;
+#pragma unroll
+      for (int j = 0; j < n / 2; ++j) {
+        const float send = up ? v[j] : v[j + n / 2], keep = up ? v[j + n / 2] : v[j];
+        v[j] = keep + __shfl_xor_sync(~0u, send, o);
+      }
+      n /= 2;
+    } else {
+      v[0] += __shfl_xor_sync(~0u, v[0], o);
+    }
+  }
+  return v[0];
+}
+
+template <int C8, int NQ, typename T>
+__global__ void __launch_bounds__(NT) window_stream(Params p) {
+  constexpr int RPI = NT / C8, CB = RPI * NQ, S = C8 * 8;
+  __shared__ float srow[CB];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, col = tid % C8, rl = tid / C8;
+  const int nb = p.P / CB, blk = blockIdx.x % nb, bh = blockIdx.x / nb, h = bh % p.H, b = bh / p.H;
+  const int R = p.H / p.G, grp = h / R, r = h % R, W = p.W;
+  const long row0 = (long)bh * p.P + blk * CB;  // the tile's first state row
+  Row<8, T> st[NQ];  // the state first: nothing the kernels before write
+#pragma unroll
+  for (int q = 0; q < NQ; ++q) st[q].load(p.state, (row0 + rl + RPI * q) * S + col * 8);
+  asm volatile("griddepcontrol.wait;" ::: "memory");  // kernel 1 (and with it the prep kernel) complete
+  const int qs = qsel_of<C8, NQ>(lane), prow = blk * CB + rl + RPI * qs;
+  Row<8, __nv_bfloat16> c;
+  c.load(p.c + ((long)b * p.G + grp) * p.c_stride, col * 8);
+  const float d0 = p.d0[bh], extra = p.extra[(long)bh * p.P + prow];
+  const float z = bf(__bfloat162float(p.zx[((long)b * p.G + grp) * p.ZW + r * p.P + prow]) * p.scale[b]);
+  const bool last = *p.pos % W == W - 1;
+  float v[NQ];
+#pragma unroll
+  for (int q = 0; q < NQ; ++q) {
+    float a4[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int k = 0; k < 8; ++k) a4[k & 3] += st[q].at(k) * c.at(k);
+    v[q] = (a4[0] + a4[1]) + (a4[2] + a4[3]);
+  }
+  const float acc = reduce_rows<C8, NQ>(v, lane);
+  const bool holder = (lane & (C8 / NQ - 1)) == 0;
+  const float gated = bf(d0 * acc + extra) * silu(z);
+  if (holder) {
+    const long gi = (long)bh * p.P + prow;
+    if (p.g_f32)
+      reinterpret_cast<float*>(p.g)[gi] = gated;
+    else
+      reinterpret_cast<__nv_bfloat16*>(p.g)[gi] = __float2bfloat16_rn(gated);
+    srow[prow - blk * CB] = gated * gated;
+  }
+  if (last) {  // the window's last slot: h ← d₀ h₀ + Σᵢ wᵢ xᵢ Bᵢᵀ, in place, a row's chunk at a time
+#pragma unroll
+    for (int q = 0; q < NQ; ++q) {
+      const int row = blk * CB + rl + RPI * q;
+      float o[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) o[k] = d0 * st[q].at(k);
+#pragma unroll 4
+      for (int i = 0; i < W; ++i) {
+        const float ci = p.wts[(long)bh * W + i] * __bfloat162float(p.wx[(((long)b * W + i) * p.H + h) * p.P + row]);
+        float bi[8];
+        bf8_to(bi, __ldg(reinterpret_cast<const uint4*>(p.wb + (((long)b * W + i) * p.G + grp) * S + col * 8)));
+#pragma unroll
+        for (int k = 0; k < 8; ++k) o[k] += ci * bi[k];
+      }
+      Row<8, T>::store(p.state, (row0 + rl + RPI * q) * S + col * 8, o);
+    }
+  }
+  __syncthreads();
+  // Σ g² per block of BP rows (CB / BP of them in the tile), a warp per block, in a fixed order
+  const int per = CB / p.BP;
+  for (int j = warp; j < per; j += NT / 32) {
+    float sq = 0.f;
+    for (int k = lane; k < p.BP; k += 32) sq += srow[j * p.BP + k];
+#pragma unroll
+    for (int o = 16; o; o >>= 1) sq += __shfl_xor_sync(~0u, sq, o);
+    if (lane == 0) p.ss[(long)bh * (p.P / p.BP) + blk * per + j] = sq;
   }
 }
 
-template <int E, typename T>
-cudaError_t launch_stream_t(cudaLaunchConfig_t cfg, const Params& p, int tiles) {
-  if (!p.persist) return cudaLaunchKernelEx(&cfg, window_update<E, T>, p);
-  static int sms = 0, per_sm = 0;  // (one device per process here, as the other FFI kernels assume)
-  if (!per_sm) {
-    int dev = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, window_update_persistent<E, T>, NT, 0);
-    if (e != cudaSuccess) return e;
+// The coefficients in registers (variant bit 0): one warp per (b, h), lane l holds columns l·SL … of the
+// window's B rows and C (S = 32 SL) and rows l·PL … of its x rows (P = 32 PL). Every load goes out at once,
+// before the slot wj = pos mod W is known (all W slots; the slots after wj are masked), and the W products
+// Bᵢ · C are reduced over the lanes together by halving exchanges: no shared memory, one round of loads.
+template <int N>
+struct RawT;
+template <>
+struct RawT<2> {
+  using type = uint32_t;
+};
+template <>
+struct RawT<4> {
+  using type = uint2;
+};
+template <>
+struct RawT<8> {
+  using type = uint4;
+};
+template <int N>
+__device__ __forceinline__ typename RawT<N>::type ldraw(const __nv_bfloat16* q) {
+  return *reinterpret_cast<const typename RawT<N>::type*>(q);
+}
+template <int N>
+__device__ __forceinline__ void straw(__nv_bfloat16* q, const typename RawT<N>::type& v) {
+  *reinterpret_cast<typename RawT<N>::type*>(q) = v;
+}
+template <typename V>
+__device__ __forceinline__ float bfat(const V& v, int k) {
+  return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(&v)[k]);
+}
+
+template <int PL, int SL, int WM>
+__global__ void __launch_bounds__(NT) window_coef_regs(Params p) {
+  constexpr int P = 32 * PL, S = 32 * SL;
+  using XR = typename RawT<PL>::type;
+  using BR = typename RawT<SL>::type;
+  const int lane = threadIdx.x & 31, bh = blockIdx.x * (NT / 32) + (threadIdx.x >> 5);
+  if (bh >= p.B * p.H) return;
+  const int h = bh % p.H, b = bh / p.H, R = p.H / p.G, grp = h / R, r = h % R, W = p.W, RP = R * P;
+  const int pos = *p.pos;
+  BR bw[WM];
+  XR xw[WM];
+#pragma unroll
+  for (int i = 0; i < WM; ++i) {
+    if (i < W) {
+      bw[i] = ldraw<SL>(p.wb + (((long)b * W + i) * p.G + grp) * S + lane * SL);
+      xw[i] = ldraw<PL>(p.wx + (((long)b * W + i) * p.H + h) * P + lane * PL);
+    } else {
+      bw[i] = BR{}, xw[i] = XR{};
+    }
   }
-  cfg.gridDim = dim3((unsigned)std::min(tiles, std::max(1, sms * per_sm)));
-  return cudaLaunchKernelEx(&cfg, window_update_persistent<E, T>, p, tiles);
+  const float dt_old = lane < W ? p.wdt[((long)b * W + lane) * p.H + h] : 0.f;
+  const __nv_bfloat16* xrow = p.xbc + ((long)b * p.G + grp) * p.F;
+  const XR xn = ldraw<PL>(xrow + r * P + lane * PL);
+  const BR bn = ldraw<SL>(xrow + RP + lane * SL), cn = ldraw<SL>(xrow + RP + S + lane * SL);
+  const float zdt = __bfloat162float(p.zx[((long)b * p.G + grp) * p.ZW + 2 * RP + 2 * S + r]);
+  const float scale = p.scale[b];
+  const float dtb = param(p.dtb, h, p.dtb_f32), alog = param(p.alog, h, p.alog_f32);
+  const float dskip = param(p.dskip, h, p.dskip_f32);
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  const int wj = pos % W;
+  float dt = bf(zdt * scale) + dtb;
+  dt = dt > 20.f ? dt : log1pf(expf(fminf(dt, 20.f)));
+  if (p.clip) dt = fminf(fmaxf(dt, p.dt_lo), p.dt_hi);
+  const float dt_i = lane < wj ? dt_old : lane == wj ? dt : 0.f;
+  // Σ_{m ≥ i} dtₘ by a suffix scan over the lanes, then wᵢ = exp(A Σ_{m > i} dtₘ) dtᵢ and d₀ = exp(A Σ dtₘ).
+  const float a = -expf(alog);
+  float suf = dt_i;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const float t = __shfl_down_sync(~0u, suf, o);
+    if (lane + o < 32) suf += t;
+  }
+  const float w_i = expf(a * (suf - dt_i)) * dt_i;
+  const float d0 = expf(a * __shfl_sync(~0u, suf, 0));
+  // Bᵢ · C: this lane's SL columns of every slot (slot wj: this token's B), reduced over the lanes together.
+  float c[SL];
+#pragma unroll
+  for (int k = 0; k < SL; ++k) c[k] = bfat(cn, k);
+  float part[WM];
+#pragma unroll
+  for (int i = 0; i < WM; ++i) {
+    const BR bi = i == wj ? bn : bw[i];
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < SL; ++k) s += bfat(bi, k) * c[k];
+    part[i] = i <= wj ? s : 0.f;
+  }
+  const float red = reduce_rows<32, WM>(part, lane);
+  // lane i < WM takes slot i's product from a lane holding it (qsel_of<32, WM>(l) == i)
+  int src = 0;
+#pragma unroll
+  for (int o = 16, n = WM; n > 1; o >>= 1, n >>= 1)
+    if ((lane & (WM - 1)) & (n / 2)) src |= o;
+  const float dot = __shfl_sync(~0u, red, src);
+  const float coef = lane <= wj ? w_i * dot : 0.f;
+  // extra = D x + Σᵢ wᵢ (Bᵢ · C) xᵢ over this lane's PL rows
+  float e[PL];
+#pragma unroll
+  for (int k = 0; k < PL; ++k) e[k] = dskip * bfat(xn, k);
+#pragma unroll
+  for (int i = 0; i < WM; ++i) {
+    const float ci = __shfl_sync(~0u, coef, i);
+    const XR xi = i == wj ? xn : xw[i];
+    if (i <= wj)
+#pragma unroll
+      for (int k = 0; k < PL; ++k) e[k] += ci * bfat(xi, k);
+  }
+#pragma unroll
+  for (int k = 0; k < PL; ++k) p.extra[(long)bh * P + lane * PL + k] = e[k];
+  straw<PL>(p.wx + (((long)b * W + wj) * p.H + h) * P + lane * PL, xn);  // this token into slot wj
+  if (r == 0) straw<SL>(p.wb + (((long)b * W + wj) * p.G + grp) * S + lane * SL, bn);  // the group's B: its first head
+  if (lane == 0) p.d0[bh] = d0, p.wdt[((long)b * W + wj) * p.H + h] = dt;
+  if (lane < W) p.wts[(long)bh * W + lane] = lane <= wj ? w_i : 0.f;
+}
+
+template <int C8, int NQ>
+cudaError_t launch_coalesced(const cudaLaunchConfig_t& cfg, const Params& p, bool f32_state) {
+  return f32_state ? cudaLaunchKernelEx(&cfg, window_stream<C8, NQ, float>, p)
+                   : cudaLaunchKernelEx(&cfg, window_stream<C8, NQ, __nv_bfloat16>, p);
 }
 template <int E>
-cudaError_t launch_stream(const cudaLaunchConfig_t& cfg, const Params& p, bool f32_state, int tiles) {
-  return f32_state ? launch_stream_t<E, float>(cfg, p, tiles) : launch_stream_t<E, __nv_bfloat16>(cfg, p, tiles);
+cudaError_t launch_rowwise(const cudaLaunchConfig_t& cfg, const Params& p, bool f32_state) {
+  return f32_state ? cudaLaunchKernelEx(&cfg, window_update<E, float>, p)
+                   : cudaLaunchKernelEx(&cfg, window_update<E, __nv_bfloat16>, p);
 }
+// Whether the variants run at these shapes (P 64, S 128 or 256; the stream's tile at most 8 rows per thread).
+bool coef_regs_fits(const Params& p) { return !p.fused && p.P == 64 && (p.S == 128 || p.S == 256); }
+bool coalesced_fits(const Params& p) { return (p.S == 128 && (p.CB == 32 || p.CB == 64)) || (p.S == 256 && p.CB == 32); }
 
-cudaError_t launch_pair(const Params& p, bool f32_state, int E, cudaStream_t stream, bool pdl) {
+cudaError_t launch_pair(const Params& p, bool f32_state, cudaStream_t stream, bool pdl) {
   cudaLaunchAttribute at[1];
   at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   at[0].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3((unsigned)((p.B * p.H + NT / 32 - 1) / (NT / 32)));
   cfg.blockDim = dim3(NT);
-  cfg.dynamicSmemBytes = (size_t)(NT / 32) * (p.W * p.P + (p.W + 1) * (p.S + 1)) * 4;
   cfg.stream = stream;
   cfg.attrs = at;
   cfg.numAttrs = pdl ? 1 : 0;
-  auto coef = p.fused ? window_coef<true> : window_coef<false>;
-  if (cfg.dynamicSmemBytes > 48 * 1024) {  // above the default limit (W = 16 at P = 64, S = 128: 51 KB)
-    const cudaError_t a =
-        cudaFuncSetAttribute(coef, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)cfg.dynamicSmemBytes);
-    if (a != cudaSuccess) return a;
+  if (((p.variant & 1) && !coef_regs_fits(p)) || ((p.variant & 2) && !coalesced_fits(p))) return cudaErrorNotSupported;
+  cudaError_t e;
+  if (p.variant & 1) {
+    const bool w8 = p.W <= 8;
+    e = p.S == 128 ? cudaLaunchKernelEx(&cfg, w8 ? window_coef_regs<2, 4, 8> : window_coef_regs<2, 4, 16>, p)
+                   : cudaLaunchKernelEx(&cfg, w8 ? window_coef_regs<2, 8, 8> : window_coef_regs<2, 8, 16>, p);
+  } else {
+    cfg.dynamicSmemBytes = (size_t)(NT / 32) * (p.W * p.P + (p.W + 1) * (p.S + 1)) * 4;
+    auto coef = p.fused ? window_coef<true> : window_coef<false>;
+    if (cfg.dynamicSmemBytes > 48 * 1024) {  // above the default limit (W = 16 at P = 64, S = 128: 51 KB)
+      const cudaError_t a =
+          cudaFuncSetAttribute(coef, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)cfg.dynamicSmemBytes);
+      if (a != cudaSuccess) return a;
+    }
+    e = cudaLaunchKernelEx(&cfg, coef, p);
   }
-  cudaError_t e = cudaLaunchKernelEx(&cfg, coef, p);
   if (e != cudaSuccess) return e;
-  const int tiles = p.B * p.H * (p.P / p.CB);
-  cfg.gridDim = dim3((unsigned)tiles);
+  cfg.gridDim = dim3((unsigned)(p.B * p.H * (p.P / p.CB)));
   cfg.dynamicSmemBytes = 0;
-  if (E == 16) return launch_stream<16>(cfg, p, f32_state, tiles);
-  if (E == 32) return launch_stream<32>(cfg, p, f32_state, tiles);
-  if (E == 64) return launch_stream<64>(cfg, p, f32_state, tiles);
+  if (p.variant & 2) {
+    if (p.S == 256) return launch_coalesced<32, 8>(cfg, p, f32_state);
+    return p.CB == 32 ? launch_coalesced<16, 4>(cfg, p, f32_state) : launch_coalesced<16, 8>(cfg, p, f32_state);
+  }
+  const int E = p.S / (NT / p.CB);
+  if (E == 16) return launch_rowwise<16>(cfg, p, f32_state);
+  if (E == 32) return launch_rowwise<32>(cfg, p, f32_state);
+  if (E == 64) return launch_rowwise<64>(cfg, p, f32_state);
   return cudaErrorInvalidValue;
 }
 
@@ -507,7 +707,7 @@ std::string setup(Params& p, Buf zx, Buf ssm, Buf alog, Buf dskip, Buf dtb, Buf 
 }
 
 ffi::Error run(const Params& p, Buf ssm, cudaStream_t stream, bool pdl, const char* name) {
-  const cudaError_t e = launch_pair(p, ssm.element_type() == ffi::F32, p.S / (NT / p.CB), stream, pdl);
+  const cudaError_t e = launch_pair(p, ssm.element_type() == ffi::F32, stream, pdl);
   if (e != cudaSuccess) return ffi::Error::Internal(std::string(name) + ": " + cudaGetErrorString(e));
   return ffi::Error::Success();
 }
@@ -518,7 +718,7 @@ ffi::Error run(const Params& p, Buf ssm, cudaStream_t stream, bool pdl, const ch
 ffi::Error SsmUpdateWindowImpl(cudaStream_t stream, Buf zx, Buf xbc, Buf scale, Buf ssm, Buf alog, Buf dskip, Buf dtb,
                                Buf pos, Buf wx, Buf wb, Buf wdt, Out g, Out ss, Out ssm_out, Out wx_out, Out wb_out,
                                Out wdt_out, Out d0, Out extra, Out wts, int64_t bp, int64_t cb, float dt_lo,
-                               float dt_hi, bool pdl, bool persist) {
+                               float dt_hi, bool pdl, int64_t variant) {
   Params p{};
   const auto xd = xbc.dimensions();
   std::string m = xd.size() != 3 || xbc.element_type() != ffi::BF16 || scale.element_type() != ffi::F32
@@ -529,7 +729,7 @@ ffi::Error SsmUpdateWindowImpl(cudaStream_t stream, Buf zx, Buf xbc, Buf scale, 
   p.xbc = reinterpret_cast<const __nv_bfloat16*>(xbc.untyped_data());
   p.scale = reinterpret_cast<const float*>(scale.untyped_data());
   p.c = p.xbc + (p.H / p.G) * p.P + p.S, p.c_stride = p.F;  // xbc's C columns
-  p.persist = persist;
+  p.variant = (int)variant;
   return run(p, ssm, stream, pdl, "ssm_update_window");
 }
 
@@ -538,7 +738,7 @@ ffi::Error SsmStepWindowImpl(cudaStream_t stream, Buf zx, Buf ring, Buf convw, B
                              Buf alog, Buf dskip, Buf dtb, Buf pos, Buf wx, Buf wb, Buf wdt, Out g, Out ss,
                              Out ring_out, Out ssm_out, Out wx_out, Out wb_out, Out wdt_out, Out d0, Out extra, Out wts,
                              Out scale, Out c, int64_t bp, int64_t cb, float dt_lo, float dt_hi, float eps,
-                             bool persist) {
+                             int64_t variant) {
   Params p{};
   const auto rd = ring.dimensions(), nd = norm_in.dimensions();
   std::string m;
@@ -563,7 +763,7 @@ ffi::Error SsmStepWindowImpl(cudaStream_t stream, Buf zx, Buf ring, Buf convw, B
   p.scale = p.scale_out;
   p.c_out = reinterpret_cast<__nv_bfloat16*>(c->untyped_data());
   p.c = p.c_out, p.c_stride = p.S;
-  p.persist = persist;
+  p.variant = (int)variant;
   return run(p, ssm, stream, false, "ssm_step_window");
 }
 
@@ -583,7 +783,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaJaxSsmUpdateWindow, SsmUpdateWindowImpl,
                                   .Attr<float>("dt_lo")
                                   .Attr<float>("dt_hi")
                                   .Attr<bool>("pdl")
-                                  .Attr<bool>("persist"),
+                                  .Attr<int64_t>("variant"),
                               {ffi::Traits::kCmdBufferCompatible});
 // zx, conv ring, conv_w, conv_b, norm_in, ssm, A_log, D, dt_bias, pos, win_x, win_B, win_dt → g, ss, ring, ssm,
 // win_x, win_B, win_dt (aliased), d0, extra, wts, scale, C (scratch)
@@ -599,5 +799,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaJaxSsmStepWindow, SsmStepWindowImpl,
                                   .Attr<float>("dt_lo")
                                   .Attr<float>("dt_hi")
                                   .Attr<float>("eps")
-                                  .Attr<bool>("persist"),
+                                  .Attr<int64_t>("variant"),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -34,17 +34,18 @@ def rows_per_cta(block_p: int) -> int:
     return int(os.environ.get("MAMBA_JAX_DECODE_WINDOW_ROWS", ROWS_PER_CTA)) or block_p
 
 
-# The state stream as persistent CTAs, each loading its next tile's state before it processes the current one
-# (ssm_update.cu's window_update_persistent). Not yet timed: off; MAMBA_JAX_DECODE_WINDOW_STREAM=persistent
-# (or =tiles) picks it at trace time.
-PERSISTENT_STREAM = False
+# Which kernels of ssm_update.cu run (where the shapes fit them, else the first ones): bit 0 the coefficients in
+# registers (`window_coef_regs`, one round of loads) instead of `window_coef`, bit 1 the coalesced state stream
+# (`window_stream`) instead of the row-wise `window_update`. MAMBA_JAX_DECODE_WINDOW_VARIANT overrides it at
+# trace time, for A/B runs.
+VARIANT = 0
 
 
-def persistent_stream() -> bool:
-    env = os.environ.get("MAMBA_JAX_DECODE_WINDOW_STREAM")
-    if env not in (None, "tiles", "persistent"):
-        raise ValueError(f"MAMBA_JAX_DECODE_WINDOW_STREAM={env!r}: give tiles or persistent")
-    return PERSISTENT_STREAM if env is None else env == "persistent"
+def variant() -> int:
+    env = os.environ.get("MAMBA_JAX_DECODE_WINDOW_VARIANT")
+    if env is not None and env not in ("0", "1", "2", "3"):
+        raise ValueError(f"MAMBA_JAX_DECODE_WINDOW_VARIANT={env!r}: give 0, 1, 2 or 3 (bit 0 coef, bit 1 stream)")
+    return VARIANT if env is None else int(env)
 
 
 def _load() -> str | None:
@@ -130,7 +131,7 @@ def _shared_attrs(pos, block_p, dt_limit):
     """The position as the kernels read it and the attributes both targets take."""
     lo, hi = dt_limit
     attrs = dict(bp=np.int64(block_p), cb=np.int64(rows_per_cta(block_p)), dt_lo=np.float32(lo),
-                 dt_hi=np.float32(hi), persist=persistent_stream())  # fmt: skip
+                 dt_hi=np.float32(hi), variant=np.int64(variant()))  # fmt: skip
     return jnp.reshape(jnp.asarray(pos, jnp.int32), (1,)), attrs
 
 
