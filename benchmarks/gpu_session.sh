@@ -28,7 +28,8 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh y   # batch32_probe's kept modes after the trim (checks, cycle counts)
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh z   # batch32_probe modes 14 / 15 only (the standalone projections)
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window   # the CUDA window step: tests, profile, b32 A/B (VARIANTS_ONLY=1 stops there), generate.py b32
-#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window2  # its coefficients in registers, the coalesced stream: tests, profile, A/B
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window2  # (done) its coefficients in registers, the coalesced stream: A/B
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window3  # the window step's GPU tests, generate.py 2.7B b32 + peer
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -301,17 +302,17 @@ elif [ "$stage" = window ]; then  # ≈ 9 minutes: the CUDA window step (kernels
     [ "${VARIANTS_ONLY:-0}" = 1 ] && exit 0
     step generate_b32 300 python3 generate.py --model mamba2_2_7b --batch 32 \
         --state-dtype bfloat16 --peer --decode-impl auto --out "$OUT/generate_2_7b_b32_window_$gpu.json"
-elif [ "$stage" = window2 ]; then  # ≈ 8 minutes: the coefficients in registers, the coalesced stream: tests, profile, A/B
+elif [ "$stage" = window2 ]; then  # (done) the coefficients in registers, the coalesced stream: tests, profile, A/B
+    echo "stage window2: done on 2026-12-06 at 24c6d2f (results/decode_variants_window_regs_coalesced_2_7b_b32_h100.json, decode_profile_mamba2_2_7b_b32_window_v3_h100.json); the variants it compared were removed since"
+    exit 0
+elif [ "$stage" = window3 ]; then  # ≈ 8 minutes: the kernel and model tests of the default, then generate.py b32 + peer
     find_nvcc
-    step window_tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decode_kernels.py -k cuda_window_update
+    step window_tests 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decode_kernels.py \
+        -k "cuda_window_update or real_widths_on_gpu and 1-8-xla-8"
     cd benchmarks || exit 1
-    V=MAMBA_JAX_DECODE_WINDOW_VARIANT C=MAMBA_JAX_DECODE_WINDOW_ROWS
-    [ "${PROFILE:-1}" = 1 ] && step profile_window 80 env $V=3 python3 decode_profile.py \
-        --batch 32 --new-tokens 32 --out "$OUT/decode_profile_mamba2_2_7b_b32_window_v3_$gpu.json"
-    step variants_window_b32 300 python3 decode_variants.py --model mamba2_2_7b --batch 32 --rounds 2 --reps 3 \
-        --variant "w8:$V=0" --variant "w8_coef_regs:$V=1" --variant "w8_regs_coalesced:$V=3" \
-        --variant "w8_regs_coalesced_cb64:$V=3;$C=64" --out "$OUT/decode_variants_window_regs_coalesced_2_7b_b32_$gpu.json"
+    step generate_b32 330 python3 generate.py --model mamba2_2_7b --batch 32 \
+        --state-dtype bfloat16 --peer --decode-impl auto --out "$OUT/generate_2_7b_b32_window_$gpu.json"
 else
-    echo "unknown stage $stage (a … z, window, window2)" >&2
+    echo "unknown stage $stage (a … z, window, window2, window3)" >&2
     exit 2
 fi

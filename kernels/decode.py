@@ -85,8 +85,9 @@ OUT_SPLITS = 2
 # With the step in two launches, the state may be written back every W tokens rather than every token
 # (`ssm_step(window=…)`): between write-backs each step reads the state once and adds the window's tokens
 # from a small buffer. 2.7B at batch 32: 84 → ≈ 50 MB of state traffic per layer and step (bf16 states, W 8).
-# On from batch 32 with the CUDA update of kernels/ssm_update.py: 2.7B batch 32 on an H100 6,994 tok/s
-# against 6,612 for the per-token write (+5.8 %, benchmarks/results/decode_variants_cuda_window_v3_2_7b_b32_h100.json);
+# On from batch 32 with the CUDA update of kernels/ssm_update.py: 2.7B batch 32 on an H100 7,670 tok/s with
+# it (benchmarks/results/decode_variants_window_regs_coalesced_2_7b_b32_h100.json) where the per-token write
+# made 6,717 (decode_variants_cuda_window_2_7b_b32_h100.json, the same day);
 # the Pallas update with the window was 19 % slower (5,382 against 6,637), so where the CUDA kernel cannot run
 # (`ssm_update.unsupported`) the window is off. Batches 8–31 not measured: off there.
 # MAMBA_JAX_DECODE_WINDOW=W sets it at trace time (benchmarks/README.md, "State write-back window").
@@ -444,14 +445,6 @@ def _split_step(zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H
     cuda_update = nwin and zx_BGW.ndim == 3 and _cuda_update_unsupported(zx_BGW, ssm_BHPS, A_log_H, D_H, dt_bias_H,
                                                                           g_dtype, nwin, bp) is None  # fmt: skip
     pdl = bool(cuda_update) and _window_pdl()
-    if cuda_update and conv_BKGF.dtype == jnp.bfloat16 and not pdl:
-        from mamba_jax.kernels.ssm_update import fused_unsupported, step_window
-
-        if fused_unsupported(heads) is None:  # the prep's work in the CUDA step's first launch (opt-in: slower)
-            return step_window(
-                zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, norm_in_BD, ssm_BHPS, A_log_H, D_H, dt_bias_H, pos, window,
-                block_p=bp, dt_limit=dt_limit, norm_eps=norm_eps, g_dtype=g_dtype, g_rows=g_rows,
-            )  # fmt: skip
     prep = functools.partial(_prep_kernel, rp=heads // g * p, bc=bc, taps=k - 1, norm_eps=norm_eps, cdtype=cdtype,
                              trigger=pdl)  # fmt: skip
     xbc_BGF, scale_B, conv = pl.pallas_call(
@@ -651,14 +644,16 @@ def state_window(batch, heads, head_dim, groups, state_size, size, x_dtype, b_dt
     )
 
 
-def window_size(split: bool, batch: int, dtype=jnp.bfloat16) -> int:
+def window_size(split: bool, batch: int, dtype=jnp.bfloat16, head_dim: int = 64, state_size: int = 128) -> int:
     """The state write-back window `Mamba2Mixer` decodes with: with the split step from WINDOW_MIN_BATCH rows
     (large batch, where the state's traffic counts) STATE_WINDOW where the CUDA update runs (a GPU, nvcc,
-    `dtype` bf16: with the Pallas update the window is slower); MAMBA_JAX_DECODE_WINDOW, read at trace time,
-    sets it at any batch of the split step (0 or 1: off); else 0 (the state written every token)."""
-    from mamba_jax.kernels.ssm_update import available
+    `dtype` bf16, its head dim and state sizes: with the Pallas update the window is slower);
+    MAMBA_JAX_DECODE_WINDOW, read at trace time, sets it at any batch of the split step (0 or 1: off); else 0
+    (the state written every token)."""
+    from mamba_jax.kernels import ssm_update
 
-    size = STATE_WINDOW if batch >= WINDOW_MIN_BATCH and split and available(dtype) else 0
+    fits = head_dim == ssm_update.HEAD_DIM and state_size in ssm_update.STATE_SIZES
+    size = STATE_WINDOW if batch >= WINDOW_MIN_BATCH and split and fits and ssm_update.available(dtype) else 0
     if env := _env_ints("MAMBA_JAX_DECODE_WINDOW", 1, "one integer, the window in tokens (0: off)"):
         size = env[0]
     return size if split and size > 1 else 0

@@ -242,27 +242,22 @@ def test_windowed_state_write_back_equals_the_per_token_step(groups, state_dtype
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("groups,window,pos0,state_dtype,rows,prep,variant,s", [
-    (1, 8, 13, jnp.bfloat16, 32, "cuda", 2, 128),  # starts mid-window (slot 5); the fused prep, coalesced stream
-    (2, 5, 10, jnp.float32, 64, "pallas", 3, 128),  # two groups, W 5 from a boundary; 64 rows per CTA
-    (1, 16, 3, jnp.bfloat16, 64, "cuda", 0, 128),
-    (2, 8, 7, jnp.bfloat16, 32, "pallas", 0, 128),
-    (1, 8, 13, jnp.bfloat16, 32, "pallas", 3, 128),
-    (1, 16, 3, jnp.bfloat16, 32, "pallas", 3, 128),
-    (2, 8, 7, jnp.bfloat16, 64, "pallas", 1, 128),
-    (1, 8, 13, jnp.bfloat16, 32, "pallas", 3, 256),  # Nemotron-H 56B's state size
+@pytest.mark.parametrize("groups,window,pos0,state_dtype,rows,s", [
+    (1, 8, 13, jnp.bfloat16, 32, 128),  # starts mid-window (slot 5)
+    (2, 5, 10, jnp.float32, 64, 128),  # two groups, W 5 from a boundary; 64 rows per CTA
+    (1, 16, 3, jnp.bfloat16, 64, 128),
+    (2, 8, 7, jnp.bfloat16, 32, 128),
+    (1, 16, 3, jnp.bfloat16, 32, 128),
+    (1, 8, 13, jnp.bfloat16, 32, 256),  # Nemotron-H 56B's state size
 ])  # fmt: skip
-def test_cuda_window_update_equals_pallas_on_gpu(monkeypatch, groups, window, pos0, state_dtype, rows, prep, variant,
-                                                 s):  # fmt: skip
-    """The CUDA window step (kernels/ssm_update.cu, the default on a GPU: after the Pallas prep kernel or with
-    the prep fused in; each variant of its two launches) against the Pallas kernels it replaces, compiled,
-    bf16 at Mamba2 widths (head dim 64, state 128 or 256) over 2½ windows: g, Σ g², the conv ring, the state
-    written back, the window buffers; and `window_state` of both against the per-token step."""
+def test_cuda_window_update_equals_pallas_on_gpu(monkeypatch, groups, window, pos0, state_dtype, rows, s):
+    """The CUDA window step (kernels/ssm_update.cu, the default on a GPU behind the Pallas prep kernel: the
+    coefficients, then the state stream with 32 or 64 rows per CTA) against the Pallas kernel it replaces,
+    compiled, bf16 at Mamba2 widths (head dim 64, state 128 or 256) over 2½ windows: g, Σ g², the conv ring,
+    the state written back, the window buffers; and `window_state` of both against the per-token step."""
     from mamba_jax.kernels.ssm_update import unsupported
 
     monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_ROWS", str(rows))
-    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_PREP", prep)
-    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_VARIANT", str(variant))
     assert unsupported(state_dtype=state_dtype, act_dtype=jnp.bfloat16, g_dtype=jnp.bfloat16,
                        param_dtypes=(jnp.float32,) * 3, window=window, head_dim=64, state_size=s,
                        block_p=32) is None  # fmt: skip
@@ -321,16 +316,20 @@ def test_window_defaults_and_knobs(monkeypatch):
     assert kd.window_size(True, kd.WINDOW_MIN_BATCH) == kd.STATE_WINDOW > 1
     assert kd.window_size(True, kd.WINDOW_MIN_BATCH, jnp.float32) == 0  # the Pallas update: slower, off
     assert kd.window_size(True, kd.WINDOW_MIN_BATCH - 1) == 0 and kd.window_size(False, 64) == 0
+    assert kd.window_size(True, 64, jnp.bfloat16, 32, 128) == 0  # shapes the CUDA update does not take
+    assert kd.window_size(True, 64, jnp.bfloat16, 64, 256) == kd.STATE_WINDOW
     monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW", "4")  # asked for: at any batch of the split step
     assert kd.window_size(True, 8, jnp.float32) == 4 and kd.window_size(False, 64) == 0
-    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_VARIANT", "fast")
-    with pytest.raises(ValueError, match="give 0, 1, 2 or 3"):
-        ssm_update.variant()
-    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_VARIANT", "2")
-    assert ssm_update.variant() == 2
-    assert "Pallas prep" in ssm_update.fused_unsupported(80)  # opt-in
-    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_PREP", "cuda")
-    assert "multiple of 4" in ssm_update.fused_unsupported(6)
+    # the CUDA update's shape rules (as if on a GPU with the kernel built)
+    monkeypatch.setattr(ssm_update, "_not_here", lambda dtype: None)
+    monkeypatch.setattr(ssm_update, "_load", lambda: None)
+    kw = dict(state_dtype=jnp.bfloat16, act_dtype=jnp.bfloat16, g_dtype=jnp.bfloat16, param_dtypes=(jnp.float32,) * 3)
+    assert ssm_update.unsupported(**kw, window=8, head_dim=64, state_size=128, block_p=32) is None
+    assert "head dim 32" in ssm_update.unsupported(**kw, window=8, head_dim=32, state_size=128, block_p=32)
+    assert "W ≤ 16" in ssm_update.unsupported(**kw, window=17, head_dim=64, state_size=128, block_p=32)
+    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_ROWS", "64")
+    assert ssm_update.unsupported(**kw, window=8, head_dim=64, state_size=128, block_p=32) is None
+    assert "rows per CTA" in ssm_update.unsupported(**kw, window=8, head_dim=64, state_size=256, block_p=32)
 
 
 def test_windowed_step_rejects_mismatched_buffers():

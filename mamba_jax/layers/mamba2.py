@@ -224,7 +224,7 @@ class Mamba2Mixer(nnx.Module):
         cfg = self.cfg
         h, p, g = cfg.mamba_heads, cfg.mamba_head_dim, cfg.mamba_num_groups
         dtype = jnp.dtype(cfg.dtype)
-        size = kd.window_size(kd.step_config(batch, h // g, p)["split"], batch, dtype)
+        size = kd.window_size(kd.step_config(batch, h // g, p)["split"], batch, dtype, p, cfg.mamba_d_state)
         if not size:
             return {}
         return dict(zip(WINDOW_KEYS, kd.state_window(batch, h, p, g, cfg.mamba_d_state, size, dtype), strict=True))
