@@ -30,6 +30,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window   # the CUDA window step: tests, profile, b32 A/B (VARIANTS_ONLY=1 stops there), generate.py b32
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window2  # (done) its coefficients in registers, the coalesced stream: A/B
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window3  # the window step's GPU tests, generate.py 2.7B b32 + peer
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window4  # its stream under PDL (A/B), generate.py b32 + peer again
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -312,7 +313,14 @@ elif [ "$stage" = window3 ]; then  # ≈ 8 minutes: the kernel and model tests o
     cd benchmarks || exit 1
     step generate_b32 330 python3 generate.py --model mamba2_2_7b --batch 32 \
         --state-dtype bfloat16 --peer --decode-impl auto --out "$OUT/generate_2_7b_b32_window_$gpu.json"
+elif [ "$stage" = window4 ]; then  # ≈ 4 minutes: the stream under PDL (one round, A/B), then generate.py b32 + peer again
+    cd benchmarks || exit 1
+    step variants_pdl 150 python3 decode_variants.py --model mamba2_2_7b --batch 32 --rounds 1 --reps 3 \
+        --variant "w8:" --variant "w8_pdl:MAMBA_JAX_DECODE_WINDOW_PDL=1" \
+        --out "$OUT/decode_variants_window_pdl_2_7b_b32_$gpu.json"
+    step generate_b32 200 python3 generate.py --model mamba2_2_7b --batch 32 \
+        --state-dtype bfloat16 --peer --decode-impl auto --out "$OUT/generate_2_7b_b32_window_run2_$gpu.json"
 else
-    echo "unknown stage $stage (a … z, window, window2, window3)" >&2
+    echo "unknown stage $stage (a … z, window, window2, window3, window4)" >&2
     exit 2
 fi

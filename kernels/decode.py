@@ -93,8 +93,9 @@ OUT_SPLITS = 2
 # MAMBA_JAX_DECODE_WINDOW=W sets it at trace time (benchmarks/README.md, "State write-back window").
 STATE_WINDOW = 8
 WINDOW_MIN_BATCH = 32
-# The CUDA window update under programmatic dependent launch: measured slower (6,852 against 6,929 tok/s, 2.7B
-# batch 32, results/decode_variants_cuda_window_v2_2_7b_b32_h100.json), so off.
+# The CUDA window update's state stream under programmatic dependent launch (its loads overlapping the
+# coefficient launch): with the earlier kernels measured slower (6,852 against 6,929 tok/s, 2.7B batch 32,
+# results/decode_variants_cuda_window_v2_2_7b_b32_h100.json, where the prep kernel triggered too), so off.
 WINDOW_PDL = False
 # The projections as the CUDA skinny GEMM (`kernels/skinny_gemm.py`: every SM streams its share of the weight
 # through a ring of TMA copies) from this batch on, with these (in_proj, out_proj) K splits; 0 keeps XLA's.
@@ -440,13 +441,13 @@ def _split_step(zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H
         bc //= 2
     nwin = 0 if window is None else window[0].shape[1]
     # With the window, the update as the CUDA kernel of kernels/ssm_update.py where it runs (the Pallas one
-    # below elsewhere); under programmatic dependent launch (WINDOW_PDL) its state reads overlap this prep
-    # kernel, which then signals launch_dependents first thing.
+    # below elsewhere); under programmatic dependent launch (WINDOW_PDL) its state stream's loads overlap its
+    # coefficient launch.
     cuda_update = nwin and zx_BGW.ndim == 3 and _cuda_update_unsupported(zx_BGW, ssm_BHPS, A_log_H, D_H, dt_bias_H,
                                                                           g_dtype, nwin, bp) is None  # fmt: skip
     pdl = bool(cuda_update) and _window_pdl()
     prep = functools.partial(_prep_kernel, rp=heads // g * p, bc=bc, taps=k - 1, norm_eps=norm_eps, cdtype=cdtype,
-                             trigger=pdl)  # fmt: skip
+                             trigger=False)  # fmt: skip
     xbc_BGF, scale_B, conv = pl.pallas_call(
         prep,
         out_shape=(

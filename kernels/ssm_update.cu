@@ -17,7 +17,8 @@
 //      stream (20.6 µs per layer there, against 22.6 for a row-per-thread layout), then y = d₀ (h₀ · C) +
 //      extra, the gate, Σ g², and every W-th step the write-back.
 // (Measured slower and removed: kernel 1 doing the prep's work too, 6,605 against 6,965 tok/s; a persistent
-// stream loading its next tile ahead, 6,202 against 6,986; programmatic dependent launch between the two.)
+// stream loading its next tile ahead, 6,202 against 6,986. Programmatic dependent launch of kernel 2, its
+// state loads overlapping kernel 1, was slower with the earlier kernels: opt-in, `pdl`.)
 //
 // Per token (slot wj = pos mod W of the window; slots after wj hold no token of this window: dt 0):
 //   dt   = clip(softplus(round(zx_dt · scale) + dt_bias)),  A = −exp(A_log)
@@ -340,12 +341,13 @@ cudaError_t launch_pair(const Params& p, bool f32_state, cudaStream_t stream, bo
   cfg.blockDim = dim3(NT);
   cfg.stream = stream;
   cfg.attrs = at;
-  cfg.numAttrs = pdl ? 1 : 0;
+  cfg.numAttrs = 0;  // kernel 1 reads the prep kernel's outputs from its first instruction
   const bool w8 = p.W <= 8;  // (P 64, S 128 or 256 and the tiles below: setup's checks)
   const cudaError_t e = p.S == 128 ? cudaLaunchKernelEx(&cfg, w8 ? window_coef<2, 4, 8> : window_coef<2, 4, 16>, p)
                                    : cudaLaunchKernelEx(&cfg, w8 ? window_coef<2, 8, 8> : window_coef<2, 8, 16>, p);
   if (e != cudaSuccess) return e;
   cfg.gridDim = dim3((unsigned)(p.B * p.H * (p.P / p.CB)));
+  cfg.numAttrs = pdl ? 1 : 0;  // (opt-in) its state loads start once kernel 1's CTAs have issued theirs
   if (p.S == 256) return launch_stream<32, 8>(cfg, p, f32_state);
   return p.CB == 32 ? launch_stream<16, 4>(cfg, p, f32_state) : launch_stream<16, 8>(cfg, p, f32_state);
 }
