@@ -242,15 +242,16 @@ def test_windowed_state_write_back_equals_the_per_token_step(groups, state_dtype
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("groups,window,pos0,state_dtype,rows,s", [
-    (1, 8, 13, jnp.bfloat16, 32, 128),  # starts mid-window (slot 5)
-    (2, 5, 10, jnp.float32, 64, 128),  # two groups, W 5 from a boundary; 64 rows per CTA
-    (1, 16, 3, jnp.bfloat16, 64, 128),
-    (2, 8, 7, jnp.bfloat16, 32, 128),
-    (1, 16, 3, jnp.bfloat16, 32, 128),
-    (1, 8, 13, jnp.bfloat16, 32, 256),  # Nemotron-H 56B's state size
+@pytest.mark.parametrize("groups,window,pos0,state_dtype,rows,s,pdl", [
+    (1, 8, 13, jnp.bfloat16, 32, 128, "0"),  # starts mid-window (slot 5)
+    (2, 5, 10, jnp.float32, 64, 128, "0"),  # two groups, W 5 from a boundary; 64 rows per CTA
+    (1, 16, 3, jnp.bfloat16, 64, 128, "0"),
+    (2, 8, 7, jnp.bfloat16, 32, 128, "0"),
+    (1, 16, 3, jnp.bfloat16, 32, 128, "0"),
+    (1, 8, 13, jnp.bfloat16, 32, 256, "0"),  # Nemotron-H 56B's state size
+    (2, 8, 7, jnp.bfloat16, 32, 128, "1"),  # the stream under programmatic dependent launch (opt-in)
 ])  # fmt: skip
-def test_cuda_window_update_equals_pallas_on_gpu(monkeypatch, groups, window, pos0, state_dtype, rows, s):
+def test_cuda_window_update_equals_pallas_on_gpu(monkeypatch, groups, window, pos0, state_dtype, rows, s, pdl):
     """The CUDA window step (kernels/ssm_update.cu, the default on a GPU behind the Pallas prep kernel: the
     coefficients, then the state stream with 32 or 64 rows per CTA) against the Pallas kernel it replaces,
     compiled, bf16 at Mamba2 widths (head dim 64, state 128 or 256) over 2½ windows: g, Σ g², the conv ring,
@@ -258,6 +259,7 @@ def test_cuda_window_update_equals_pallas_on_gpu(monkeypatch, groups, window, po
     from mamba_jax.kernels.ssm_update import unsupported
 
     monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_ROWS", str(rows))
+    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_PDL", pdl)
     assert unsupported(state_dtype=state_dtype, act_dtype=jnp.bfloat16, g_dtype=jnp.bfloat16,
                        param_dtypes=(jnp.float32,) * 3, window=window, head_dim=64, state_size=s,
                        block_p=32) is None  # fmt: skip
