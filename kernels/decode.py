@@ -93,10 +93,12 @@ OUT_SPLITS = 2
 # MAMBA_JAX_DECODE_WINDOW=W sets it at trace time (benchmarks/README.md, "State write-back window").
 STATE_WINDOW = 8
 WINDOW_MIN_BATCH = 32
-# The CUDA window update's state stream under programmatic dependent launch (its loads overlapping the
-# coefficient launch): with the earlier kernels measured slower (6,852 against 6,929 tok/s, 2.7B batch 32,
-# results/decode_variants_cuda_window_v2_2_7b_b32_h100.json, where the prep kernel triggered too), so off.
-WINDOW_PDL = False
+# The CUDA window update under programmatic dependent launch: 1, its state stream (loads overlapping the
+# coefficient launch); 2, its coefficient launch too (window loads overlapping the prep kernel, which then
+# triggers first thing). With the earlier kernels 2 measured slower (6,852 against 6,929 tok/s, 2.7B batch 32,
+# results/decode_variants_cuda_window_v2_2_7b_b32_h100.json); with the current ones 1 read 7,656 against 7,567
+# in one round (results/decode_variants_window_pdl_2_7b_b32_h100.json): not yet settled, so 0.
+WINDOW_PDL = 0
 # The projections as the CUDA skinny GEMM (`kernels/skinny_gemm.py`: every SM streams its share of the weight
 # through a ring of TMA copies) from this batch on, with these (in_proj, out_proj) K splits; 0 keeps XLA's.
 # Off: on an H100 the 2.7B at batch 32 decoded 5,481 tok/s with it against 6,627 with XLA's GEMMs
@@ -442,12 +444,12 @@ def _split_step(zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H
     nwin = 0 if window is None else window[0].shape[1]
     # With the window, the update as the CUDA kernel of kernels/ssm_update.py where it runs (the Pallas one
     # below elsewhere); under programmatic dependent launch (WINDOW_PDL) its state stream's loads overlap its
-    # coefficient launch.
+    # coefficient launch (1), whose window loads overlap this prep kernel (2: the prep kernel triggers).
     cuda_update = nwin and zx_BGW.ndim == 3 and _cuda_update_unsupported(zx_BGW, ssm_BHPS, A_log_H, D_H, dt_bias_H,
                                                                           g_dtype, nwin, bp) is None  # fmt: skip
-    pdl = bool(cuda_update) and _window_pdl()
+    pdl = _window_pdl() if cuda_update else 0
     prep = functools.partial(_prep_kernel, rp=heads // g * p, bc=bc, taps=k - 1, norm_eps=norm_eps, cdtype=cdtype,
-                             trigger=False)  # fmt: skip
+                             trigger=pdl >= 2)  # fmt: skip
     xbc_BGF, scale_B, conv = pl.pallas_call(
         prep,
         out_shape=(
@@ -507,11 +509,14 @@ def _cuda_update_unsupported(zx_BGW, ssm_BHPS, A_log_H, D_H, dt_bias_H, g_dtype,
                        window=nwin, head_dim=p, state_size=s, block_p=bp)  # fmt: skip
 
 
-def _window_pdl() -> bool:
-    """Whether the CUDA window update runs under programmatic dependent launch (WINDOW_PDL;
-    MAMBA_JAX_DECODE_WINDOW_PDL=0|1 overrides it at trace time, for A/B runs)."""
+def _window_pdl() -> int:
+    """How much of the CUDA window update runs under programmatic dependent launch (WINDOW_PDL: 0 none, 1 the
+    state stream, 2 the coefficient launch too); MAMBA_JAX_DECODE_WINDOW_PDL=0|1|2 overrides it at trace
+    time, for A/B runs."""
     env = os.environ.get("MAMBA_JAX_DECODE_WINDOW_PDL")
-    return WINDOW_PDL if env is None else env != "0"
+    if env is not None and env not in ("0", "1", "2"):
+        raise ValueError(f"MAMBA_JAX_DECODE_WINDOW_PDL={env!r}: give 0 (off), 1 (the state stream) or 2 (both)")
+    return WINDOW_PDL if env is None else int(env)
 
 
 def ssm_step_unsupported(p: int, s: int) -> str | None:

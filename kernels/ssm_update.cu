@@ -17,8 +17,9 @@
 //      stream (20.6 µs per layer there, against 22.6 for a row-per-thread layout), then y = d₀ (h₀ · C) +
 //      extra, the gate, Σ g², and every W-th step the write-back.
 // (Measured slower and removed: kernel 1 doing the prep's work too, 6,605 against 6,965 tok/s; a persistent
-// stream loading its next tile ahead, 6,202 against 6,986. Programmatic dependent launch of kernel 2, its
-// state loads overlapping kernel 1, was slower with the earlier kernels: opt-in, `pdl`.)
+// stream loading its next tile ahead, 6,202 against 6,986. Programmatic dependent launch was slower with the
+// earlier kernels: opt-in, `pdl` 1 for kernel 2 (its state loads overlapping kernel 1), 2 for kernel 1 too
+// (its window loads overlapping the prep kernel, which then triggers first thing).)
 //
 // Per token (slot wj = pos mod W of the window; slots after wj hold no token of this window: dt 0):
 //   dt   = clip(softplus(round(zx_dt · scale) + dt_bias)),  A = −exp(A_log)
@@ -171,7 +172,7 @@ __device__ __forceinline__ float bfat(const V& v, int k) {
   return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(&v)[k]);
 }
 
-template <int PL, int SL, int WM>
+template <int PL, int SL, int WM, bool PDL>
 __global__ void __launch_bounds__(NT) window_coef(Params p) {
   constexpr int P = 32 * PL, S = 32 * SL;
   using XR = typename RawT<PL>::type;
@@ -192,13 +193,16 @@ __global__ void __launch_bounds__(NT) window_coef(Params p) {
     }
   }
   const float dt_old = lane < W ? p.wdt[((long)b * W + lane) * p.H + h] : 0.f;
+  const float zdt = __bfloat162float(p.zx[((long)b * p.G + grp) * p.ZW + 2 * RP + 2 * S + r]);
+  const float dtb = param(p.dtb, h, p.dtb_f32), alog = param(p.alog, h, p.alog_f32);
+  const float dskip = param(p.dskip, h, p.dskip_f32);
+  // Above, nothing the prep kernel writes; below, its outputs: launched under programmatic dependent launch
+  // (opt-in, pdl 2) the loads above overlap the prep kernel.
+  if (PDL) asm volatile("griddepcontrol.wait;" ::: "memory");
   const __nv_bfloat16* xrow = p.xbc + ((long)b * p.G + grp) * p.F;
   const XR xn = ldraw<PL>(xrow + r * P + lane * PL);
   const BR bn = ldraw<SL>(xrow + RP + lane * SL), cn = ldraw<SL>(xrow + RP + S + lane * SL);
-  const float zdt = __bfloat162float(p.zx[((long)b * p.G + grp) * p.ZW + 2 * RP + 2 * S + r]);
   const float scale = p.scale[b];
-  const float dtb = param(p.dtb, h, p.dtb_f32), alog = param(p.alog, h, p.alog_f32);
-  const float dskip = param(p.dskip, h, p.dskip_f32);
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   const int wj = pos % W;
   float dt = bf(zdt * scale) + dtb;
@@ -332,7 +336,18 @@ cudaError_t launch_stream(const cudaLaunchConfig_t& cfg, const Params& p, bool f
                    : cudaLaunchKernelEx(&cfg, window_stream<C8, NQ, __nv_bfloat16>, p);
 }
 
-cudaError_t launch_pair(const Params& p, bool f32_state, cudaStream_t stream, bool pdl) {
+template <bool PDL>
+cudaError_t launch_coef_t(const cudaLaunchConfig_t& cfg, const Params& p) {
+  const bool w8 = p.W <= 8;  // (P 64, S 128 or 256 and the tiles below: setup's checks)
+  return p.S == 128
+             ? cudaLaunchKernelEx(&cfg, w8 ? window_coef<2, 4, 8, PDL> : window_coef<2, 4, 16, PDL>, p)
+             : cudaLaunchKernelEx(&cfg, w8 ? window_coef<2, 8, 8, PDL> : window_coef<2, 8, 16, PDL>, p);
+}
+cudaError_t launch_coef(const cudaLaunchConfig_t& cfg, const Params& p, bool pdl) {
+  return pdl ? launch_coef_t<true>(cfg, p) : launch_coef_t<false>(cfg, p);
+}
+
+cudaError_t launch_pair(const Params& p, bool f32_state, cudaStream_t stream, int pdl) {
   cudaLaunchAttribute at[1];
   at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   at[0].val.programmaticStreamSerializationAllowed = 1;
@@ -341,13 +356,11 @@ cudaError_t launch_pair(const Params& p, bool f32_state, cudaStream_t stream, bo
   cfg.blockDim = dim3(NT);
   cfg.stream = stream;
   cfg.attrs = at;
-  cfg.numAttrs = 0;  // kernel 1 reads the prep kernel's outputs from its first instruction
-  const bool w8 = p.W <= 8;  // (P 64, S 128 or 256 and the tiles below: setup's checks)
-  const cudaError_t e = p.S == 128 ? cudaLaunchKernelEx(&cfg, w8 ? window_coef<2, 4, 8> : window_coef<2, 4, 16>, p)
-                                   : cudaLaunchKernelEx(&cfg, w8 ? window_coef<2, 8, 8> : window_coef<2, 8, 16>, p);
+  cfg.numAttrs = pdl >= 2 ? 1 : 0;  // (opt-in) kernel 1's window loads overlap the prep kernel
+  const cudaError_t e = launch_coef(cfg, p, pdl >= 2);
   if (e != cudaSuccess) return e;
   cfg.gridDim = dim3((unsigned)(p.B * p.H * (p.P / p.CB)));
-  cfg.numAttrs = pdl ? 1 : 0;  // (opt-in) its state loads start once kernel 1's CTAs have issued theirs
+  cfg.numAttrs = pdl >= 1 ? 1 : 0;  // (opt-in) its state loads start once kernel 1's CTAs have issued theirs
   if (p.S == 256) return launch_stream<32, 8>(cfg, p, f32_state);
   return p.CB == 32 ? launch_stream<16, 4>(cfg, p, f32_state) : launch_stream<16, 8>(cfg, p, f32_state);
 }
@@ -416,12 +429,12 @@ std::string setup(Params& p, Buf zx, Buf xbc, Buf scale, Buf ssm, Buf alog, Buf 
 ffi::Error SsmUpdateWindowImpl(cudaStream_t stream, Buf zx, Buf xbc, Buf scale, Buf ssm, Buf alog, Buf dskip, Buf dtb,
                                Buf pos, Buf wx, Buf wb, Buf wdt, Out g, Out ss, Out ssm_out, Out wx_out, Out wb_out,
                                Out wdt_out, Out d0, Out extra, Out wts, int64_t bp, int64_t cb, float dt_lo,
-                               float dt_hi, bool pdl) {
+                               float dt_hi, int64_t pdl) {
   Params p{};
   const std::string m = setup(p, zx, xbc, scale, ssm, alog, dskip, dtb, pos, wx, wb, wdt, g, ss, ssm_out, wx_out,
                               wb_out, wdt_out, d0, extra, wts, bp, cb, dt_lo, dt_hi);
   if (!m.empty()) return ffi::Error::InvalidArgument("ssm_update_window: " + m);
-  const cudaError_t e = launch_pair(p, ssm.element_type() == ffi::F32, stream, pdl);
+  const cudaError_t e = launch_pair(p, ssm.element_type() == ffi::F32, stream, (int)pdl);
   if (e != cudaSuccess) return ffi::Error::Internal(std::string("ssm_update_window: ") + cudaGetErrorString(e));
   return ffi::Error::Success();
 }
@@ -439,5 +452,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaJaxSsmUpdateWindow, SsmUpdateWindowImpl,
                                   .Attr<int64_t>("cb")
                                   .Attr<float>("dt_lo")
                                   .Attr<float>("dt_hi")
-                                  .Attr<bool>("pdl"),
+                                  .Attr<int64_t>("pdl"),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -74,10 +74,11 @@ def unsupported(*, state_dtype, act_dtype, g_dtype, param_dtypes, window: int, h
 
 
 def update_window(zx_BGW, xbc_BGF, scale_B, ssm_BHPS, A_log_H, D_H, dt_bias_H, pos, window, *, block_p, dt_limit,
-                  g_dtype, g_rows, pdl=False):  # fmt: skip
+                  g_dtype, g_rows, pdl=0):  # fmt: skip
     """For the token at position `pos`: (g (g_rows, H·P), ss (B, H, P / block_p), the state, the window
     buffers) as `_update_kernel` with a window returns them; the state and the buffers are updated in place
-    (donate them)."""
+    (donate them). `pdl` 1: the state stream under programmatic dependent launch; 2: the coefficient launch
+    too (then the prep kernel in front must trigger its dependents)."""
     bsz, heads, p, _ = ssm_BHPS.shape
     f32 = jnp.float32
     head = (jax.ShapeDtypeStruct((g_rows, heads * p), g_dtype), jax.ShapeDtypeStruct((bsz, heads, p // block_p), f32))
@@ -90,6 +91,6 @@ def update_window(zx_BGW, xbc_BGF, scale_B, ssm_BHPS, A_log_H, D_H, dt_bias_H, p
     g, ss, ssm, *win, _, _, _ = call(
         zx_BGW, xbc_BGF, scale_B, ssm_BHPS, A_log_H, D_H, dt_bias_H, jnp.reshape(jnp.asarray(pos, jnp.int32), (1,)),
         *window, bp=np.int64(block_p), cb=np.int64(rows_per_cta(block_p)), dt_lo=np.float32(lo),
-        dt_hi=np.float32(hi), pdl=bool(pdl),
+        dt_hi=np.float32(hi), pdl=np.int64(pdl),
     )  # fmt: skip
     return g, ss, ssm, tuple(win)

@@ -250,6 +250,7 @@ def test_windowed_state_write_back_equals_the_per_token_step(groups, state_dtype
     (1, 16, 3, jnp.bfloat16, 32, 128, "0"),
     (1, 8, 13, jnp.bfloat16, 32, 256, "0"),  # Nemotron-H 56B's state size
     (2, 8, 7, jnp.bfloat16, 32, 128, "1"),  # the stream under programmatic dependent launch (opt-in)
+    (1, 8, 13, jnp.bfloat16, 32, 128, "2"),  # both launches under it, the prep kernel triggering
 ])  # fmt: skip
 def test_cuda_window_update_equals_pallas_on_gpu(monkeypatch, groups, window, pos0, state_dtype, rows, s, pdl):
     """The CUDA window step (kernels/ssm_update.cu, the default on a GPU behind the Pallas prep kernel: the
@@ -320,6 +321,11 @@ def test_window_defaults_and_knobs(monkeypatch):
     assert kd.window_size(True, kd.WINDOW_MIN_BATCH - 1) == 0 and kd.window_size(False, 64) == 0
     assert kd.window_size(True, 64, jnp.bfloat16, 32, 128) == 0  # shapes the CUDA update does not take
     assert kd.window_size(True, 64, jnp.bfloat16, 64, 256) == kd.STATE_WINDOW
+    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_PDL", "yes")
+    with pytest.raises(ValueError, match="give 0"):
+        kd._window_pdl()
+    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_PDL", "2")
+    assert kd._window_pdl() == 2
     monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW", "4")  # asked for: at any batch of the split step
     assert kd.window_size(True, 8, jnp.float32) == 4 and kd.window_size(False, 64) == 0
     # the CUDA update's shape rules (as if on a GPU with the kernel built)
