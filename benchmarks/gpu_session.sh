@@ -31,7 +31,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window2  # (done) its coefficients in registers, the coalesced stream: A/B
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window3  # the window step's GPU tests, generate.py 2.7B b32 + peer
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window4  # (done) its stream under PDL (A/B), generate.py b32 + peer again
-#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window5  # the window step's GPU tests with PDL 1 / 2, the PDL 0 / 1 / 2 A/B
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window5  # the window step's GPU tests (PDL, fused prep), PDL 0 / 1 / 2 / fused A/B
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -321,14 +321,14 @@ elif [ "$stage" = window4 ]; then  # ≈ 4 minutes: the stream under PDL (one ro
         --out "$OUT/decode_variants_window_pdl_2_7b_b32_$gpu.json"
     step generate_b32 200 python3 generate.py --model mamba2_2_7b --batch 32 \
         --state-dtype bfloat16 --peer --decode-impl auto --out "$OUT/generate_2_7b_b32_window_run2_$gpu.json"
-elif [ "$stage" = window5 ]; then  # ≈ 8 minutes: the window step's GPU tests (PDL cases too), then PDL 0 / 1 / 2 A/B
+elif [ "$stage" = window5 ]; then  # ≈ 9 minutes: the window step's GPU tests (PDL, fused prep), then one round of A/B
     find_nvcc
-    step window_tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decode_kernels.py -k cuda_window_update
+    step window_tests 220 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decode_kernels.py -k cuda_window_update
     cd benchmarks || exit 1
-    P=MAMBA_JAX_DECODE_WINDOW_PDL
-    step variants_pdl 300 python3 decode_variants.py --model mamba2_2_7b --batch 32 --rounds 2 --reps 3 \
-        --variant "pdl0:$P=0" --variant "pdl1:$P=1" --variant "pdl2:$P=2" \
-        --out "$OUT/decode_variants_window_pdl012_2_7b_b32_$gpu.json"
+    P=MAMBA_JAX_DECODE_WINDOW_PDL F=MAMBA_JAX_DECODE_WINDOW_PREP
+    step variants 300 python3 decode_variants.py --model mamba2_2_7b --batch 32 --rounds ${ROUNDS:-1} --reps 3 \
+        --variant "pdl0:$P=0" --variant "pdl1:$P=1" --variant "pdl2:$P=2" --variant "fused:$F=cuda" \
+        --variant "fused_pdl1:$F=cuda;$P=1" --out "$OUT/decode_variants_window_pdl_fused_2_7b_b32_$gpu.json"
 else
     echo "unknown stage $stage (a … z, window, window2 … window5)" >&2
     exit 2

@@ -448,6 +448,15 @@ def _split_step(zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H
     cuda_update = nwin and zx_BGW.ndim == 3 and _cuda_update_unsupported(zx_BGW, ssm_BHPS, A_log_H, D_H, dt_bias_H,
                                                                           g_dtype, nwin, bp) is None  # fmt: skip
     pdl = _window_pdl() if cuda_update else 0
+    if cuda_update and conv_BKGF.dtype == jnp.bfloat16:
+        from mamba_jax.kernels.ssm_update import fused_unsupported, step_window
+
+        # the prep's work in the CUDA step's first launch (opt-in)
+        if fused_unsupported(heads, g, p, s, k, norm_in_BD.shape[1]) is None:
+            return step_window(
+                zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, norm_in_BD, ssm_BHPS, A_log_H, D_H, dt_bias_H, pos, window,
+                block_p=bp, dt_limit=dt_limit, norm_eps=norm_eps, g_dtype=g_dtype, g_rows=g_rows, pdl=pdl,
+            )  # fmt: skip
     prep = functools.partial(_prep_kernel, rp=heads // g * p, bc=bc, taps=k - 1, norm_eps=norm_eps, cdtype=cdtype,
                              trigger=pdl >= 2)  # fmt: skip
     xbc_BGF, scale_B, conv = pl.pallas_call(
