@@ -344,16 +344,16 @@ __global__ void __launch_bounds__(256, 3) window_step(Params p) {
   const bool conv = tid < nv;
   const int ch = tid < nvx ? r0 * P + tid * 4 : RP + (tid - nvx) * 4;  // channel within the group (F columns)
   uint2 nraw = {}, tap[MAX_K - 1] = {};
-  float w[MAX_K][4] = {}, bias[4] = {};
+  float w[MAX_K - 1][4] = {}, wn[4] = {}, bias[4] = {};  // the ring taps' weights, the new input's (tap K − 1)
   if (conv) {
     nraw = *reinterpret_cast<const uint2*>(p.zx + ((long)b * p.G + grp) * p.ZW + RP + ch);
 #pragma unroll
     for (int t = 0; t < MAX_K - 1; ++t)
-      if (t < K - 1)
+      if (t < K - 1) {
         tap[t] = *reinterpret_cast<const uint2*>(p.ring + (((long)b * K + (slot + 1 + t) % K) * p.G + grp) * p.F + ch);
-#pragma unroll
-    for (int t = 0; t < MAX_K; ++t)
-      if (t < K) load4(w[t], p.convw, ((long)t * p.G + grp) * p.F + ch, p.convw_f32);
+        load4(w[t], p.convw, ((long)t * p.G + grp) * p.F + ch, p.convw_f32);
+      }
+    load4(wn, p.convw, ((long)(K - 1) * p.G + grp) * p.F + ch, p.convw_f32);
     load4(bias, p.convb, (long)grp * p.F + ch, p.convb_f32);
   }
   // the input norm's row b: Σ u² (D a multiple of 4), four vectors per thread in flight
@@ -379,7 +379,7 @@ __global__ void __launch_bounds__(256, 3) window_step(Params p) {
   if (conv) {
     float nw[4], acc[4];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) nw[k] = bf(bfat(nraw, k) * scale), acc[k] = bias[k] + nw[k] * w[K - 1][k];
+    for (int k = 0; k < 4; ++k) nw[k] = bf(bfat(nraw, k) * scale), acc[k] = bias[k] + nw[k] * wn[k];
 #pragma unroll
     for (int t = 0; t < MAX_K - 1; ++t)
       if (t < K - 1)
