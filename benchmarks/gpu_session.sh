@@ -326,9 +326,10 @@ elif [ "$stage" = window5 ]; then  # ≈ 9 minutes: the window step's GPU tests 
     step window_tests 220 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decode_kernels.py -k cuda_window_update
     cd benchmarks || exit 1
     P=MAMBA_JAX_DECODE_WINDOW_PDL F=MAMBA_JAX_DECODE_WINDOW_PREP
-    step variants 300 python3 decode_variants.py --model mamba2_2_7b --batch 32 --rounds ${ROUNDS:-1} --reps 3 \
+    step variants 340 python3 decode_variants.py --model mamba2_2_7b --batch 32 --rounds ${ROUNDS:-1} --reps 3 \
         --variant "pdl0:$P=0" --variant "pdl1:$P=1" --variant "pdl2:$P=2" --variant "fused:$F=cuda" \
-        --variant "fused_pdl1:$F=cuda;$P=1" --out "$OUT/decode_variants_window_pdl_fused_2_7b_b32_$gpu.json"
+        --variant "fused_pdl1:$F=cuda;$P=1" --variant "w16:MAMBA_JAX_DECODE_WINDOW=16" \
+        --out "$OUT/decode_variants_window_pdl_fused_2_7b_b32_$gpu.json"
 else
     echo "unknown stage $stage (a … z, window, window2 … window5)" >&2
     exit 2
