@@ -16,10 +16,12 @@
 //   2. window_stream, one CTA of 128 threads per (b, h, block of CB state rows): the state as a coalesced
 //      stream (20.6 µs per layer there, against 22.6 for a row-per-thread layout), then y = d₀ (h₀ · C) +
 //      extra, the gate, Σ g², and every W-th step the write-back.
-// (Measured slower and removed: kernel 1 doing the prep's work too, 6,605 against 6,965 tok/s; a persistent
-// stream loading its next tile ahead, 6,202 against 6,986. Programmatic dependent launch was slower with the
-// earlier kernels: opt-in, `pdl` 1 for kernel 2 (its state loads overlapping kernel 1), 2 for kernel 1 too
-// (its window loads overlapping the prep kernel, which then triggers first thing).)
+// Opt-in, not yet timed: `window_step` (the MambaJaxSsmStepWindow target) as kernel 1, the prep kernel's work
+// in it, a CTA per block of heads sharing the norm and the group's B, C conv (an earlier version, a warp per
+// head doing all of it, was slower: 6,605 against 6,965 tok/s, and was removed); programmatic dependent launch,
+// `pdl` 1 for kernel 2 (its state loads overlapping kernel 1), 2 for kernel 1 too (its window loads
+// overlapping the prep kernel, which then triggers first thing) — slower with the earlier kernels.
+// (Measured slower and removed: a persistent stream loading its next tile ahead, 6,202 against 6,986.)
 //
 // Per token (slot wj = pos mod W of the window; slots after wj hold no token of this window: dt 0):
 //   dt   = clip(softplus(round(zx_dt · scale) + dt_bias)),  A = −exp(A_log)
