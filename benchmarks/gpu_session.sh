@@ -31,7 +31,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window2  # (done) its coefficients in registers, the coalesced stream: A/B
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window3  # the window step's GPU tests, generate.py 2.7B b32 + peer
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window4  # (done) its stream under PDL (A/B), generate.py b32 + peer again
-#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window5  # the window step's GPU tests (PDL, fused prep), PDL 0 / 1 / 2 / fused A/B
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window5  # the window step's GPU tests (PDL, fused prep), PDL 0 / 1 / 2 / fused (8 or 4 heads per CTA) A/B
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -328,7 +328,7 @@ elif [ "$stage" = window5 ]; then  # ≈ 9 minutes: the window step's GPU tests 
     P=MAMBA_JAX_DECODE_WINDOW_PDL F=MAMBA_JAX_DECODE_WINDOW_PREP
     step variants 340 python3 decode_variants.py --model mamba2_2_7b --batch 32 --rounds ${ROUNDS:-1} --reps 3 \
         --variant "pdl0:$P=0" --variant "pdl1:$P=1" --variant "pdl2:$P=2" --variant "fused:$F=cuda" \
-        --variant "fused_pdl1:$F=cuda;$P=1" --variant "w16:MAMBA_JAX_DECODE_WINDOW=16" \
+        --variant "fused_pdl1:$F=cuda;$P=1" --variant "fused4_pdl1:$F=cuda;$P=1;MAMBA_JAX_DECODE_WINDOW_HB=4" \
         --out "$OUT/decode_variants_window_pdl_fused_2_7b_b32_$gpu.json"
 else
     echo "unknown stage $stage (a … z, window, window2 … window5)" >&2

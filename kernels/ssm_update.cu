@@ -610,7 +610,7 @@ ffi::Error SsmStepWindowImpl(cudaStream_t stream, Buf zx, Buf ring, Buf convw, B
                              Buf alog, Buf dskip, Buf dtb, Buf pos, Buf wx, Buf wb, Buf wdt, Out g, Out ss,
                              Out ring_out, Out ssm_out, Out wx_out, Out wb_out, Out wdt_out, Out d0, Out extra, Out wts,
                              Out scale, Out c, int64_t bp, int64_t cb, float dt_lo, float dt_hi, float eps,
-                             int64_t pdl) {
+                             int64_t hb, int64_t pdl) {
   Params p{};
   const auto rd = ring.dimensions(), nd = norm_in.dimensions();
   std::string m;
@@ -620,9 +620,11 @@ ffi::Error SsmStepWindowImpl(cudaStream_t stream, Buf zx, Buf ring, Buf convw, B
   else
     m = setup(p, zx, ssm, alog, dskip, dtb, pos, wx, wb, wdt, g, ss, ssm_out, wx_out, wb_out, wdt_out, d0, extra,
               wts, rd[3], bp, cb, dt_lo, dt_hi);
-  const int R = p.G ? p.H / p.G : 1, HB = R % 8 == 0 ? 8 : R % 4 == 0 ? 4 : R % 2 == 0 ? 2 : 1;  // heads per CTA
+  const int R = p.G ? p.H / p.G : 1, HB = (int)hb;  // heads per CTA (kernels/ssm_update.py's heads_per_cta)
+  if (m.empty() && (HB < 1 || HB > 8 || R % HB))
+    m = "hb (heads per CTA) must be 1 … 8 and divide the heads per group";
   if (m.empty() && (HB * p.P + 2 * p.S) / 4 > HB * 32)
-    m = "the heads per group give too few threads per CTA for the conv channels (4 each)";
+    m = "the heads per CTA give too few threads for the conv channels (4 each)";
   if (m.empty() && (rd[0] != p.B || rd[2] != p.G || rd[1] < 1 || rd[1] > MAX_K || nd[0] != p.B || nd[1] % 4 ||
                     convw.element_count() != (size_t)rd[1] * p.G * p.F || convb.element_count() != (size_t)p.G * p.F ||
                     scale->element_count() != (size_t)p.B || c->element_count() != (size_t)p.B * p.G * p.S))
@@ -672,5 +674,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaJaxSsmStepWindow, SsmStepWindowImpl,
                                   .Attr<float>("dt_lo")
                                   .Attr<float>("dt_hi")
                                   .Attr<float>("eps")
+                                  .Attr<int64_t>("hb")
                                   .Attr<int64_t>("pdl"),
                               {ffi::Traits::kCmdBufferCompatible});

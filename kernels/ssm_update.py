@@ -63,6 +63,19 @@ def available(act_dtype) -> bool:
 # batch 32, H100, results/decode_variants_window_fused_2_7b_b32_h100.json); this one is not yet timed: off;
 # MAMBA_JAX_DECODE_WINDOW_PREP=cuda turns it on at trace time.
 FUSED_PREP = False
+# Heads per CTA of `step_window` (at most; the largest of 8, 4, 2, 1 dividing the heads per group): 8 puts the
+# 320 CTAs of 2.7B at batch 32 in one wave at 3 CTAs of 256 threads per SM; 4 halves the CTA and doubles their
+# number (two CTAs per block of 8 heads each conv B and C again). MAMBA_JAX_DECODE_WINDOW_HB overrides it at
+# trace time, for A/B runs.
+HEADS_PER_CTA = 8
+
+
+def heads_per_cta(heads_per_group: int) -> int:
+    """`step_window`'s heads per CTA for this many heads per group (HEADS_PER_CTA or the variable, at most)."""
+    raw = os.environ.get("MAMBA_JAX_DECODE_WINDOW_HB", str(HEADS_PER_CTA))
+    if raw not in ("1", "2", "4", "8"):
+        raise ValueError(f"MAMBA_JAX_DECODE_WINDOW_HB={raw!r}: give 1, 2, 4 or 8 (heads per CTA, at most)")
+    return next(n for n in (8, 4, 2, 1) if n <= int(raw) and heads_per_group % n == 0)
 
 
 def fused_unsupported(heads: int, groups: int, head_dim: int, state_size: int, ring_slots: int,
@@ -75,11 +88,11 @@ def fused_unsupported(heads: int, groups: int, head_dim: int, state_size: int, r
     if env == "pallas" or (env is None and not FUSED_PREP):
         return "the Pallas prep kernel (FUSED_PREP, MAMBA_JAX_DECODE_WINDOW_PREP)"
     r = heads // groups
-    hb = next(n for n in (8, 4, 2, 1) if r % n == 0)  # heads per CTA (ssm_update.cu's SsmStepWindowImpl)
+    hb = heads_per_cta(r)
     if (hb * head_dim + 2 * state_size) // 4 > hb * 32 or ring_slots > 4 or norm_width % 4:
         return (
-            f"{r} heads per group, state size {state_size}, a conv of {ring_slots} taps, a norm over {norm_width} "
-            "(it needs enough threads per CTA for the conv channels, ≤ 4 taps, a multiple of 4)"
+            f"{r} heads per group ({hb} per CTA), state size {state_size}, a conv of {ring_slots} taps, a norm "
+            f"over {norm_width} (it needs enough threads per CTA for the conv channels, ≤ 4 taps, a multiple of 4)"
         )
     return load("ssm_update", "MambaJaxSsmStepWindow", FUSED_TARGET)
 
@@ -142,7 +155,7 @@ def step_window(zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, norm_in_BD, ssm_BHPS, 
     1/rms, the conv, the conv ring's update) in the first: (g, ss, the conv ring, the state, the window
     buffers) as `kernels.decode._split_step` returns them; the ring, the state and the buffers in place.
     `pdl` 1: the state stream under programmatic dependent launch."""
-    bsz, _, _, s = ssm_BHPS.shape
+    bsz, heads, _, s = ssm_BHPS.shape
     head, state, scratch = _outputs(ssm_BHPS, window, block_p, g_dtype, g_rows)
     ring = jax.ShapeDtypeStruct(conv_BKGF.shape, conv_BKGF.dtype)
     own = (jax.ShapeDtypeStruct((bsz,), jnp.float32), jax.ShapeDtypeStruct((bsz, zx_BGW.shape[1], s), jnp.bfloat16))
@@ -151,6 +164,6 @@ def step_window(zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, norm_in_BD, ssm_BHPS, 
     pos_1, attrs = _attrs(pos, block_p, dt_limit, min(pdl, 1))
     gv, ss, conv, ssm, *rest = call(
         zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, norm_in_BD, ssm_BHPS, A_log_H, D_H, dt_bias_H, pos_1, *window,
-        eps=np.float32(norm_eps), **attrs,
+        eps=np.float32(norm_eps), hb=np.int64(heads_per_cta(heads // zx_BGW.shape[1])), **attrs,
     )  # fmt: skip
     return gv, ss, conv, ssm, tuple(rest[:3])

@@ -254,6 +254,7 @@ def test_windowed_state_write_back_equals_the_per_token_step(groups, state_dtype
     (1, 8, 13, jnp.bfloat16, 32, 128, "0", "cuda"),  # the prep fused into the first launch (opt-in): 2 blocks
     (2, 5, 10, jnp.float32, 64, 128, "1", "cuda"),  # of 8 heads per group here, 1 with two groups
     (1, 16, 3, jnp.bfloat16, 32, 256, "0", "cuda"),
+    (1, 8, 13, jnp.bfloat16, 32, 128, "1", "cuda:4"),  # 4 heads per CTA: 4 blocks, each with the group's B, C
 ])  # fmt: skip
 def test_cuda_window_update_equals_pallas_on_gpu(monkeypatch, groups, window, pos0, state_dtype, rows, s, pdl, prep):
     """The CUDA window step (kernels/ssm_update.cu, the default on a GPU behind the Pallas prep kernel: the
@@ -265,7 +266,9 @@ def test_cuda_window_update_equals_pallas_on_gpu(monkeypatch, groups, window, po
 
     monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_ROWS", str(rows))
     monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_PDL", pdl)
+    prep, _, hb = prep.partition(":")  # cuda:HB — at most HB heads per CTA of the fused launch
     monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_PREP", prep)
+    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_HB", hb or "8")
     assert unsupported(state_dtype=state_dtype, act_dtype=jnp.bfloat16, g_dtype=jnp.bfloat16,
                        param_dtypes=(jnp.float32,) * 3, window=window, head_dim=64, state_size=s,
                        block_p=32) is None  # fmt: skip
@@ -330,6 +333,14 @@ def test_window_defaults_and_knobs(monkeypatch):
     monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_PREP", "cuda")
     assert "threads per CTA" in ssm_update.fused_unsupported(6, 1, 64, 128, 4, 2560)  # 6 heads: 2 per CTA
     assert "multiple of 4" in ssm_update.fused_unsupported(80, 1, 64, 128, 4, 1)  # no input norm
+    assert ssm_update.heads_per_cta(80) == 8 and ssm_update.heads_per_cta(12) == 4
+    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_HB", "4")
+    assert ssm_update.heads_per_cta(80) == 4 and ssm_update.heads_per_cta(6) == 2
+    assert "threads" in ssm_update.fused_unsupported(80, 1, 64, 256, 4, 2560)  # 4 heads: 64 threads short at S 256
+    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_HB", "3")
+    with pytest.raises(ValueError, match="1, 2, 4 or 8"):
+        ssm_update.heads_per_cta(80)
+    monkeypatch.delenv("MAMBA_JAX_DECODE_WINDOW_HB")
     monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_PREP", "on")
     with pytest.raises(ValueError, match="cuda or pallas"):
         ssm_update.fused_unsupported(80, 1, 64, 128, 4, 2560)
