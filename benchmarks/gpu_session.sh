@@ -32,6 +32,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window3  # the window step's GPU tests, generate.py 2.7B b32 + peer
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window4  # (done) its stream under PDL (A/B), generate.py b32 + peer again
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window5  # the window step's GPU tests (PDL, fused prep), PDL 0 / 1 / 2 / fused (8 or 4 heads per CTA) A/B
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window6  # window5 cut down, then generate.py b32 + peer under the A/B's winner
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -330,7 +331,25 @@ elif [ "$stage" = window5 ]; then  # ≈ 9 minutes: the window step's GPU tests 
         --variant "pdl0:$P=0" --variant "pdl1:$P=1" --variant "pdl2:$P=2" --variant "fused:$F=cuda" \
         --variant "fused_pdl1:$F=cuda;$P=1" --variant "fused4_pdl1:$F=cuda;$P=1;MAMBA_JAX_DECODE_WINDOW_HB=4" \
         --out "$OUT/decode_variants_window_pdl_fused_2_7b_b32_$gpu.json"
+elif [ "$stage" = window6 ]; then  # ≈ 8 minutes: window5 cut down — the fused-prep GPU tests, one A/B round of
+    # PDL 0 / 1 and the fused prep (8 or 4 heads per CTA) under PDL 1, then generate.py b32 + peer under the winner
+    find_nvcc
+    step window_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decode_kernels.py \
+        -k "cuda_window_update and (0-cuda or 1-cuda)"
+    cd benchmarks || exit 1
+    P=MAMBA_JAX_DECODE_WINDOW_PDL F=MAMBA_JAX_DECODE_WINDOW_PREP
+    ab="$OUT/decode_variants_window_pdl_fused_2_7b_b32_$gpu.json"
+    step variants 240 python3 decode_variants.py --model mamba2_2_7b --batch 32 --rounds 1 --reps 3 \
+        --variant "pdl0:$P=0" --variant "pdl1:$P=1" --variant "fused_pdl1:$F=cuda;$P=1" \
+        --variant "fused4_pdl1:$F=cuda;$P=1;MAMBA_JAX_DECODE_WINDOW_HB=4" --out "$ab"
+    # the fastest variant's settings, exported for generate.py (read at trace time; its JSON records them)
+    win=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); m=r['mean_tok_s']; b=max(m, key=m.get); \
+print(' '.join(f'{k}={v}' for k, v in r['variants'][b].items()))" "$ab" 2>/dev/null)
+    echo "winner: ${win:-none}"
+    [ -n "$win" ] && export $win
+    step generate_b32 200 python3 generate.py --model mamba2_2_7b --batch 32 \
+        --state-dtype bfloat16 --peer --decode-impl auto --out "$OUT/generate_2_7b_b32_window_best_$gpu.json"
 else
-    echo "unknown stage $stage (a … z, window, window2 … window5)" >&2
+    echo "unknown stage $stage (a … z, window, window2 … window6)" >&2
     exit 2
 fi
