@@ -336,15 +336,18 @@ elif [ "$stage" = window6 ]; then  # ≈ 8 minutes: window5 cut down — the fus
     find_nvcc
     step window_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decode_kernels.py \
         -k "cuda_window_update and (0-cuda or 1-cuda)"
+    tests_rc=$?
     cd benchmarks || exit 1
     P=MAMBA_JAX_DECODE_WINDOW_PDL F=MAMBA_JAX_DECODE_WINDOW_PREP
     ab="$OUT/decode_variants_window_pdl_fused_2_7b_b32_$gpu.json"
     step variants 240 python3 decode_variants.py --model mamba2_2_7b --batch 32 --rounds 1 --reps 3 \
         --variant "pdl0:$P=0" --variant "pdl1:$P=1" --variant "fused_pdl1:$F=cuda;$P=1" \
         --variant "fused4_pdl1:$F=cuda;$P=1;MAMBA_JAX_DECODE_WINDOW_HB=4" --out "$ab"
-    # the fastest variant's settings, exported for generate.py (read at trace time; its JSON records them)
-    win=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); m=r['mean_tok_s']; b=max(m, key=m.get); \
-print(' '.join(f'{k}={v}' for k, v in r['variants'][b].items()))" "$ab" 2>/dev/null)
+    # the fastest variant's settings (a fused one only where its tests passed), exported for generate.py (read
+    # at trace time; its JSON records them)
+    win=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); m=r['mean_tok_s']; \
+m={k: v for k, v in m.items() if sys.argv[2] == '0' or not k.startswith('fused')}; b=max(m, key=m.get); \
+print(' '.join(f'{k}={v}' for k, v in r['variants'][b].items()))" "$ab" "$tests_rc" 2>/dev/null)
     echo "winner: ${win:-none}"
     [ -n "$win" ] && export $win
     step generate_b32 200 python3 generate.py --model mamba2_2_7b --batch 32 \
