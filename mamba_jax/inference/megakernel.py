@@ -331,17 +331,17 @@ def kernel_mode() -> tuple[int, int]:
         parts = [int(v) for v in raw.split(",")] if raw else []
     except ValueError:
         parts = [-1]
-    mode = parts[0] if parts else DEFAULT_MODE
-    slack = parts[1] if len(parts) > 1 else 1
-    if len(parts) > 2 or mode not in (5, 10) or slack < 0:
-        raise ValueError(f"MAMBA_JAX_MEGAKERNEL_MODE={raw!r}: want MODE[,SLACK] with MODE 5 or 10, SLACK >= 0.")
-    return mode, slack
+    if len(parts) > 2:
+        parts = [-1]
+    mode = (parts[0] if parts else DEFAULT_MODE, parts[1] if len(parts) > 1 else 1)
+    return _checked_mode(mode, f"MAMBA_JAX_MEGAKERNEL_MODE={raw!r}: want MODE[,SLACK]")
 
 
-def _checked_mode(mode) -> tuple[int, int]:
-    """`step`'s mode argument, (MODE, SLACK) as `kernel_mode` returns it, checked."""
+def _checked_mode(mode, what: str | None = None) -> tuple[int, int]:
+    """`step`'s mode argument or the variable's parts, (MODE, SLACK) as `kernel_mode` returns it, checked."""
     if not (isinstance(mode, tuple) and len(mode) == 2 and mode[0] in (5, 10) and mode[1] >= 0):
-        raise ValueError(f"megakernel.step: mode={mode!r}; want (MODE, SLACK) with MODE 5 or 10, SLACK >= 0.")
+        what = what or f"megakernel.step: mode={mode!r}; want (MODE, SLACK)"
+        raise ValueError(what + " with MODE 5 or 10, SLACK >= 0.")
     return mode
 
 
