@@ -31,8 +31,8 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window2  # (done) its coefficients in registers, the coalesced stream: A/B
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window3  # the window step's GPU tests, generate.py 2.7B b32 + peer
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window4  # (done) its stream under PDL (A/B), generate.py b32 + peer again
-#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window5  # the window step's GPU tests (PDL, fused prep), PDL 0 / 1 / 2 / fused (8 or 4 heads per CTA) A/B
-#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window6  # window5 cut down, then generate.py b32 + peer under the A/B's winner
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window5  # (retired) PDL 0 / 1 / 2 and the fused prep: A/B done
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window6  # (retired) the same cut down, generate.py b32 + peer
 #
 # Carry .whl (../shared/tools/device-wheels) and .peer (mamba_ssm from state-spaces/mamba). Stage a: the
 # decode kernels' gpu tests at real widths (state write-back window, float8 weights) and the quantization
@@ -322,36 +322,11 @@ elif [ "$stage" = window4 ]; then  # ≈ 4 minutes: the stream under PDL (one ro
         --out "$OUT/decode_variants_window_pdl_2_7b_b32_$gpu.json"
     step generate_b32 200 python3 generate.py --model mamba2_2_7b --batch 32 \
         --state-dtype bfloat16 --peer --decode-impl auto --out "$OUT/generate_2_7b_b32_window_run2_$gpu.json"
-elif [ "$stage" = window5 ]; then  # ≈ 9 minutes: the window step's GPU tests (PDL, fused prep), then one round of A/B
-    find_nvcc
-    step window_tests 220 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decode_kernels.py -k cuda_window_update
-    cd benchmarks || exit 1
-    P=MAMBA_JAX_DECODE_WINDOW_PDL F=MAMBA_JAX_DECODE_WINDOW_PREP
-    step variants 340 python3 decode_variants.py --model mamba2_2_7b --batch 32 --rounds ${ROUNDS:-1} --reps 3 \
-        --variant "pdl0:$P=0" --variant "pdl1:$P=1" --variant "pdl2:$P=2" --variant "fused:$F=cuda" \
-        --variant "fused_pdl1:$F=cuda;$P=1" --variant "fused4_pdl1:$F=cuda;$P=1;MAMBA_JAX_DECODE_WINDOW_HB=4" \
-        --out "$OUT/decode_variants_window_pdl_fused_2_7b_b32_$gpu.json"
-elif [ "$stage" = window6 ]; then  # ≈ 8 minutes: window5 cut down — the fused-prep GPU tests, one A/B round of
-    # PDL 0 / 1 and the fused prep (8 or 4 heads per CTA) under PDL 1, then generate.py b32 + peer under the winner
-    find_nvcc
-    step window_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decode_kernels.py \
-        -k "cuda_window_update and (0-cuda or 1-cuda)"
-    tests_rc=$?
-    cd benchmarks || exit 1
-    P=MAMBA_JAX_DECODE_WINDOW_PDL F=MAMBA_JAX_DECODE_WINDOW_PREP
-    ab="$OUT/decode_variants_window_pdl_fused_2_7b_b32_$gpu.json"
-    step variants 240 python3 decode_variants.py --model mamba2_2_7b --batch 32 --rounds 1 --reps 3 \
-        --variant "pdl0:$P=0" --variant "pdl1:$P=1" --variant "fused_pdl1:$F=cuda;$P=1" \
-        --variant "fused4_pdl1:$F=cuda;$P=1;MAMBA_JAX_DECODE_WINDOW_HB=4" --out "$ab"
-    # the fastest variant's settings (a fused one only where its tests passed), exported for generate.py (read
-    # at trace time; its JSON records them)
-    win=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); m=r['mean_tok_s']; \
-m={k: v for k, v in m.items() if sys.argv[2] == '0' or not k.startswith('fused')}; b=max(m, key=m.get); \
-print(' '.join(f'{k}={v}' for k, v in r['variants'][b].items()))" "$ab" "$tests_rc" 2>/dev/null)
-    echo "winner: ${win:-none}"
-    [ -n "$win" ] && export $win
-    step generate_b32 200 python3 generate.py --model mamba2_2_7b --batch 32 \
-        --state-dtype bfloat16 --peer --decode-impl auto --out "$OUT/generate_2_7b_b32_window_best_$gpu.json"
+elif [ "$stage" = window5 ] || [ "$stage" = window6 ]; then
+    # the A/B of 2026-12-06 (results/decode_variants_window_pdl_fused_2_7b_b32_h100.json) is done: PDL 1 is the
+    # default, the fused prep (slower: 7,375 against 7,769 tok/s) and its variables removed
+    echo "stage $stage: the PDL / fused-prep A/B of 2026-12-06 is done; the fused prep removed, PDL 1 the default"
+    exit 0
 else
     echo "unknown stage $stage (a … z, window, window2 … window6)" >&2
     exit 2

@@ -97,8 +97,9 @@ WINDOW_MIN_BATCH = 32
 # coefficient launch); 2, its coefficient launch too (window loads overlapping the prep kernel, which then
 # triggers first thing). With the earlier kernels 2 measured slower (6,852 against 6,929 tok/s, 2.7B batch 32,
 # results/decode_variants_cuda_window_v2_2_7b_b32_h100.json); with the current ones 1 read 7,656 against 7,567
-# in one round (results/decode_variants_window_pdl_2_7b_b32_h100.json): not yet settled, so 0.
-WINDOW_PDL = 0
+# (results/decode_variants_window_pdl_2_7b_b32_h100.json) and 7,769 against 7,703
+# (decode_variants_window_pdl_fused_2_7b_b32_h100.json) in two H100 runs: 1.
+WINDOW_PDL = 1
 # The projections as the CUDA skinny GEMM (`kernels/skinny_gemm.py`: every SM streams its share of the weight
 # through a ring of TMA copies) from this batch on, with these (in_proj, out_proj) K splits; 0 keeps XLA's.
 # Off: on an H100 the 2.7B at batch 32 decoded 5,481 tok/s with it against 6,627 with XLA's GEMMs
@@ -448,15 +449,6 @@ def _split_step(zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, ssm_BHPS, A_log_H, D_H
     cuda_update = nwin and zx_BGW.ndim == 3 and _cuda_update_unsupported(zx_BGW, ssm_BHPS, A_log_H, D_H, dt_bias_H,
                                                                           g_dtype, nwin, bp) is None  # fmt: skip
     pdl = _window_pdl() if cuda_update else 0
-    if cuda_update and conv_BKGF.dtype == jnp.bfloat16:
-        from mamba_jax.kernels.ssm_update import fused_unsupported, step_window
-
-        # the prep's work in the CUDA step's first launch (opt-in)
-        if fused_unsupported(heads, g, p, s, k, norm_in_BD.shape[1]) is None:
-            return step_window(
-                zx_BGW, conv_BKGF, conv_w_KGF, conv_b_GF, norm_in_BD, ssm_BHPS, A_log_H, D_H, dt_bias_H, pos, window,
-                block_p=bp, dt_limit=dt_limit, norm_eps=norm_eps, g_dtype=g_dtype, g_rows=g_rows, pdl=pdl,
-            )  # fmt: skip
     prep = functools.partial(_prep_kernel, rp=heads // g * p, bc=bc, taps=k - 1, norm_eps=norm_eps, cdtype=cdtype,
                              trigger=pdl >= 2)  # fmt: skip
     xbc_BGF, scale_B, conv = pl.pallas_call(

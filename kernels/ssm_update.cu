@@ -16,12 +16,12 @@
 //   2. window_stream, one CTA of 128 threads per (b, h, block of CB state rows): the state as a coalesced
 //      stream (20.6 µs per layer there, against 22.6 for a row-per-thread layout), then y = d₀ (h₀ · C) +
 //      extra, the gate, Σ g², and every W-th step the write-back.
-// Opt-in, not yet timed: `window_step` (the MambaJaxSsmStepWindow target) as kernel 1, the prep kernel's work
-// in it, a CTA per block of heads sharing the norm and the group's B, C conv (an earlier version, a warp per
-// head doing all of it, was slower: 6,605 against 6,965 tok/s, and was removed); programmatic dependent launch,
-// `pdl` 1 for kernel 2 (its state loads overlapping kernel 1), 2 for kernel 1 too (its window loads
-// overlapping the prep kernel, which then triggers first thing) — slower with the earlier kernels.
-// (Measured slower and removed: a persistent stream loading its next tile ahead, 6,202 against 6,986.)
+// Programmatic dependent launch for kernel 2 (`pdl` 1, the default: its state loads overlap kernel 1; 7,769
+// against 7,703 tok/s without), opt-in for kernel 1 too (2: its window loads overlap the prep kernel, which then
+// triggers first thing; slower with the earlier kernels).
+// (Measured slower and removed: the prep kernel's work in kernel 1, a CTA per block of 8 or 4 heads sharing the
+// norm and the group's B, C conv, 7,375 against 7,769 tok/s, and before it a warp per head doing all of it,
+// 6,605 against 6,965; a persistent stream loading its next tile ahead, 6,202 against 6,986.)
 //
 // Per token (slot wj = pos mod W of the window; slots after wj hold no token of this window: dt 0):
 //   dt   = clip(softplus(round(zx_dt · scale) + dt_bias)),  A = −exp(A_log)
@@ -61,18 +61,9 @@ struct Params {
   int B, H, G, P, S, BP, CB, W, ZW, F;  // BP: ss's rows per block; CB: kernel 2's rows per CTA
   float dt_lo, dt_hi;
   int clip, alog_f32, dskip_f32, dtb_f32, g_f32;
-  // Kernel 2 reads C at c + (b · G + grp) · c_stride: xbc's C columns, or the fused kernel 1's copy.
+  // Kernel 2 reads C at c + (b · G + grp) · c_stride (xbc's C columns).
   const __nv_bfloat16* c;
   int c_stride;
-  // The fused kernel 1 (MambaJaxSsmStepWindow, opt-in): the conv ring (B, K, G, F) updated in place, its weights
-  // (K, G, F) and bias (G, F), the input norm's input (B, D); its outputs for kernel 2, the 1/rms (B,) and C
-  // (B, G, S); its heads per CTA.
-  int K, D, HB, convw_f32, convb_f32, norm_f32;
-  __nv_bfloat16* ring;
-  const void *convw, *convb, *norm_in;
-  float eps;
-  float* scale_out;
-  __nv_bfloat16* c_out;
 };
 
 __device__ __forceinline__ float param(const void* p, int i, int f32) {
@@ -307,105 +298,6 @@ __device__ __forceinline__ void coef_body(const Params& p, const HeadIn<PL, SL, 
   if (lane < W) p.wts[(long)bh * W + lane] = lane <= wj ? w_i : 0.f;
 }
 
-// 4 consecutive values of a bf16 or float32 array from element i (a multiple of 4), as floats.
-__device__ __forceinline__ void load4(float* dst, const void* base, long i, int f32) {
-  if (f32) {
-    const float4 a = *reinterpret_cast<const float4*>(reinterpret_cast<const float*>(base) + i);
-    dst[0] = a.x, dst[1] = a.y, dst[2] = a.z, dst[3] = a.w;
-  } else {
-    const uint2 a = *reinterpret_cast<const uint2*>(reinterpret_cast<const __nv_bfloat16*>(base) + i);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) dst[k] = bfat(a, k);
-  }
-}
-constexpr int MAX_K = 4;  // conv taps (Mamba2 and Nemotron-H: 4)
-
-// Kernel 1 with the prep kernel's work (opt-in: MambaJaxSsmStepWindow): a CTA per (b, block of HB heads of one
-// group), warp i for head h0 + i. One round of loads — every warp's window (HeadIn), the input norm's row b,
-// and per 4 conv channels of a thread (the block's x channels and the group's B and C) their new input, the
-// ring's K − 1 earlier inputs, the K weights and the bias — then the 1/rms (a CTA reduction), the conv as
-// kernels/decode.py's `_conv` rounds it (new = round(zx · scale); out = round(SiLU(round(bias + new · w_K−1 +
-// Σ_t ring_t · w_t)))) into shared memory, and each warp's coef_body. The ring's slot pos mod K takes the new
-// inputs (B and C: by the group's first block, which also writes C for kernel 2; the 1/rms: block 0).
-template <int PL, int SL, int WM>
-__global__ void __launch_bounds__(256, 3) window_step(Params p) {
-  constexpr int P = 32 * PL, S = 32 * SL;
-  using XR = typename RawT<PL>::type;
-  using BR = typename RawT<SL>::type;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __nv_bfloat16* sconv = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [x of the block's heads | B | C]
-  __shared__ float red[8];
-  const int HB = p.HB, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nt = HB * 32;
-  const int nblk = p.H / HB, b = blockIdx.x / nblk, h0 = (blockIdx.x % nblk) * HB, h = h0 + warp;
-  const int R = p.H / p.G, grp = h0 / R, r0 = h0 % R, r = h % R, RP = R * P, K = p.K;
-  HeadIn<PL, SL, WM> in;
-  in.load(p, b, h, grp, r, lane);
-  const int slot = in.pos % K;
-  // the conv channels of this thread (4, if any): x channels of the block's heads, then the group's B and C
-  const int nvx = HB * P / 4, nv = nvx + 2 * S / 4;  // (nv ≤ HB · 32: the handler's check)
-  const bool conv = tid < nv;
-  const int ch = tid < nvx ? r0 * P + tid * 4 : RP + (tid - nvx) * 4;  // channel within the group (F columns)
-  uint2 nraw = {}, tap[MAX_K - 1] = {};
-  float w[MAX_K - 1][4] = {}, wn[4] = {}, bias[4] = {};  // the ring taps' weights, the new input's (tap K − 1)
-  if (conv) {
-    nraw = *reinterpret_cast<const uint2*>(p.zx + ((long)b * p.G + grp) * p.ZW + RP + ch);
-#pragma unroll
-    for (int t = 0; t < MAX_K - 1; ++t)
-      if (t < K - 1) {
-        tap[t] = *reinterpret_cast<const uint2*>(p.ring + (((long)b * K + (slot + 1 + t) % K) * p.G + grp) * p.F + ch);
-        load4(w[t], p.convw, ((long)t * p.G + grp) * p.F + ch, p.convw_f32);
-      }
-    load4(wn, p.convw, ((long)(K - 1) * p.G + grp) * p.F + ch, p.convw_f32);
-    load4(bias, p.convb, (long)grp * p.F + ch, p.convb_f32);
-  }
-  // the input norm's row b: Σ u² (D a multiple of 4), four vectors per thread in flight
-  float sq = 0.f;
-  for (int i0 = tid * 4; i0 < p.D; i0 += 4 * nt * 4) {
-    float u[4][4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int i = i0 + j * nt * 4;
-      if (i < p.D) load4(u[j], p.norm_in, (long)b * p.D + i, p.norm_f32);
-      else u[j][0] = u[j][1] = u[j][2] = u[j][3] = 0.f;
-    }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) sq += (u[j][0] * u[j][0] + u[j][1] * u[j][1]) + (u[j][2] * u[j][2] + u[j][3] * u[j][3]);
-  }
-#pragma unroll
-  for (int o = 16; o; o >>= 1) sq += __shfl_xor_sync(~0u, sq, o);
-  if (lane == 0) red[warp] = sq;
-  __syncthreads();
-  float tot = 0.f;
-  for (int i = 0; i < HB; ++i) tot += red[i];
-  const float scale = rsqrtf(tot / p.D + p.eps);
-  if (conv) {
-    float nw[4], acc[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) nw[k] = bf(bfat(nraw, k) * scale), acc[k] = bias[k] + nw[k] * wn[k];
-#pragma unroll
-    for (int t = 0; t < MAX_K - 1; ++t)
-      if (t < K - 1)
-#pragma unroll
-        for (int k = 0; k < 4; ++k) acc[k] += bfat(tap[t], k) * w[t][k];
-    uint2 o4, n4;  // the conv output round(SiLU(round(acc))) and the new input, as bf16
-    __nv_bfloat162* op = reinterpret_cast<__nv_bfloat162*>(&o4);
-    __nv_bfloat162* np = reinterpret_cast<__nv_bfloat162*>(&n4);
-    op[0] = __floats2bfloat162_rn(silu(bf(acc[0])), silu(bf(acc[1])));
-    op[1] = __floats2bfloat162_rn(silu(bf(acc[2])), silu(bf(acc[3])));
-    np[0] = __floats2bfloat162_rn(nw[0], nw[1]), np[1] = __floats2bfloat162_rn(nw[2], nw[3]);
-    *reinterpret_cast<uint2*>(sconv + tid * 4) = o4;
-    if (tid < nvx || r0 == 0) *reinterpret_cast<uint2*>(p.ring + (((long)b * K + slot) * p.G + grp) * p.F + ch) = n4;
-    if (r0 == 0 && ch >= RP + S)  // C for kernel 2
-      *reinterpret_cast<uint2*>(p.c_out + ((long)b * p.G + grp) * S + (ch - RP - S)) = o4;
-  }
-  if (h0 == 0 && tid == 0) p.scale_out[b] = scale;
-  __syncthreads();
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  const XR xn = ldraw<PL>(sconv + warp * P + lane * PL);
-  const BR bn = ldraw<SL>(sconv + HB * P + lane * SL), cn = ldraw<SL>(sconv + HB * P + S + lane * SL);
-  coef_body<PL, SL, WM>(p, in, b, h, grp, r, lane, xn, bn, cn, scale);
-}
-
 // Kernel 2, the state stream: thread t takes the 8-column chunk t % C8 (C8 = S / 8) of rows t / C8 + RPI · q
 // (RPI = 128 / C8 rows per pass, q < NQ), so each load instruction of a warp reads whole rows (512 contiguous
 // bytes at S 128) and each thread needs one chunk of C; the row sums by reduce_rows.
@@ -493,17 +385,8 @@ cudaError_t launch_coef(const cudaLaunchConfig_t& cfg, const Params& p, bool pdl
   return pdl ? launch_coef_t<true>(cfg, p) : launch_coef_t<false>(cfg, p);
 }
 
-cudaError_t launch_fused(cudaLaunchConfig_t cfg, const Params& p) {
-  cfg.gridDim = dim3((unsigned)(p.B * (p.H / p.HB)));
-  cfg.blockDim = dim3((unsigned)(p.HB * 32));
-  cfg.dynamicSmemBytes = (size_t)(p.HB * p.P + 2 * p.S) * 2;
-  const bool w8 = p.W <= 8;
-  return p.S == 128 ? cudaLaunchKernelEx(&cfg, w8 ? window_step<2, 4, 8> : window_step<2, 4, 16>, p)
-                    : cudaLaunchKernelEx(&cfg, w8 ? window_step<2, 8, 8> : window_step<2, 8, 16>, p);
-}
-
-// Kernel 1 (`fused`: with the prep kernel's work), then kernel 2.
-cudaError_t launch_pair(const Params& p, bool f32_state, cudaStream_t stream, int pdl, bool fused) {
+// Kernel 1, then kernel 2.
+cudaError_t launch_pair(const Params& p, bool f32_state, cudaStream_t stream, int pdl) {
   cudaLaunchAttribute at[1];
   at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   at[0].val.programmaticStreamSerializationAllowed = 1;
@@ -513,12 +396,12 @@ cudaError_t launch_pair(const Params& p, bool f32_state, cudaStream_t stream, in
   cfg.stream = stream;
   cfg.attrs = at;
   cfg.numAttrs = pdl >= 2 ? 1 : 0;  // (opt-in) kernel 1's window loads overlap the prep kernel
-  const cudaError_t e = fused ? launch_fused(cfg, p) : launch_coef(cfg, p, pdl >= 2);
+  const cudaError_t e = launch_coef(cfg, p, pdl >= 2);
   if (e != cudaSuccess) return e;
   cfg.gridDim = dim3((unsigned)(p.B * p.H * (p.P / p.CB)));
   cfg.blockDim = dim3(NT);
   cfg.dynamicSmemBytes = 0;
-  cfg.numAttrs = pdl >= 1 ? 1 : 0;  // (opt-in) its state loads start once kernel 1's CTAs have issued theirs
+  cfg.numAttrs = pdl >= 1 ? 1 : 0;  // (the default) its state loads start once kernel 1's CTAs have issued theirs
   if (p.S == 256) return launch_stream<32, 8>(cfg, p, f32_state);
   return p.CB == 32 ? launch_stream<16, 4>(cfg, p, f32_state) : launch_stream<16, 8>(cfg, p, f32_state);
 }
@@ -528,7 +411,7 @@ bool f32_or_bf16(ffi::AnyBuffer x) { return x.element_type() == ffi::F32 || x.el
 using Buf = ffi::AnyBuffer;
 using Out = ffi::Result<ffi::AnyBuffer>;
 
-// The shapes, dtypes and aliasing both targets share checked into p (F: the conv channels per group); returns
+// The shapes, dtypes and aliasing checked into p (F: the conv channels per group); returns
 // an error message, or "" with p filled.
 std::string setup(Params& p, Buf zx, Buf ssm, Buf alog, Buf dskip, Buf dtb, Buf pos, Buf wx, Buf wb, Buf wdt, Out g,
                   Out ss, Out ssm_out, Out wx_out, Out wb_out, Out wdt_out, Out d0, Out extra, Out wts, int64_t F,
@@ -577,8 +460,8 @@ std::string setup(Params& p, Buf zx, Buf ssm, Buf alog, Buf dskip, Buf dtb, Buf 
   return "";
 }
 
-ffi::Error run(const Params& p, Buf ssm, cudaStream_t stream, int64_t pdl, bool fused, const char* name) {
-  const cudaError_t e = launch_pair(p, ssm.element_type() == ffi::F32, stream, (int)pdl, fused);
+ffi::Error run(const Params& p, Buf ssm, cudaStream_t stream, int64_t pdl, const char* name) {
+  const cudaError_t e = launch_pair(p, ssm.element_type() == ffi::F32, stream, (int)pdl);
   if (e != cudaSuccess) return ffi::Error::Internal(std::string(name) + ": " + cudaGetErrorString(e));
   return ffi::Error::Success();
 }
@@ -602,47 +485,7 @@ ffi::Error SsmUpdateWindowImpl(cudaStream_t stream, Buf zx, Buf xbc, Buf scale, 
   p.xbc = reinterpret_cast<const __nv_bfloat16*>(xbc.untyped_data());
   p.scale = reinterpret_cast<const float*>(scale.untyped_data());
   p.c = p.xbc + (p.H / p.G) * p.P + p.S, p.c_stride = p.F;  // xbc's C columns
-  return run(p, ssm, stream, pdl, false, "ssm_update_window");
-}
-
-// The whole split step (opt-in): kernel 1 does the prep kernel's work for its block of heads (window_step).
-ffi::Error SsmStepWindowImpl(cudaStream_t stream, Buf zx, Buf ring, Buf convw, Buf convb, Buf norm_in, Buf ssm,
-                             Buf alog, Buf dskip, Buf dtb, Buf pos, Buf wx, Buf wb, Buf wdt, Out g, Out ss,
-                             Out ring_out, Out ssm_out, Out wx_out, Out wb_out, Out wdt_out, Out d0, Out extra, Out wts,
-                             Out scale, Out c, int64_t bp, int64_t cb, float dt_lo, float dt_hi, float eps,
-                             int64_t hb, int64_t pdl) {
-  Params p{};
-  const auto rd = ring.dimensions(), nd = norm_in.dimensions();
-  std::string m;
-  if (rd.size() != 4 || ring.element_type() != ffi::BF16 || nd.size() != 2 || !f32_or_bf16(norm_in) ||
-      !f32_or_bf16(convw) || !f32_or_bf16(convb) || scale->element_type() != ffi::F32 || c->element_type() != ffi::BF16)
-    m = "want the conv ring (B, K, G, F) bfloat16, norm_in (B, D), conv weights float32 or bfloat16";
-  else
-    m = setup(p, zx, ssm, alog, dskip, dtb, pos, wx, wb, wdt, g, ss, ssm_out, wx_out, wb_out, wdt_out, d0, extra,
-              wts, rd[3], bp, cb, dt_lo, dt_hi);
-  const int R = p.G ? p.H / p.G : 1, HB = (int)hb;  // heads per CTA (kernels/ssm_update.py's heads_per_cta)
-  if (m.empty() && (HB < 1 || HB > 8 || R % HB))
-    m = "hb (heads per CTA) must be 1 … 8 and divide the heads per group";
-  if (m.empty() && (HB * p.P + 2 * p.S) / 4 > HB * 32)
-    m = "the heads per CTA give too few threads for the conv channels (4 each)";
-  if (m.empty() && (rd[0] != p.B || rd[2] != p.G || rd[1] < 1 || rd[1] > MAX_K || nd[0] != p.B || nd[1] % 4 ||
-                    convw.element_count() != (size_t)rd[1] * p.G * p.F || convb.element_count() != (size_t)p.G * p.F ||
-                    scale->element_count() != (size_t)p.B || c->element_count() != (size_t)p.B * p.G * p.S))
-    m = "needs ≤ 4 conv taps, the norm's width a multiple of 4, and consistent conv ring, weights, norm input and "
-        "scratch shapes";
-  if (m.empty() && ring_out->untyped_data() != ring.untyped_data()) m = "the conv ring must be updated in place";
-  if (!m.empty()) return ffi::Error::InvalidArgument("ssm_step_window: " + m);
-  p.HB = HB;
-  p.K = (int)rd[1], p.D = (int)nd[1], p.eps = eps;
-  p.ring = reinterpret_cast<__nv_bfloat16*>(ring_out->untyped_data());
-  p.convw = convw.untyped_data(), p.convb = convb.untyped_data(), p.norm_in = norm_in.untyped_data();
-  p.convw_f32 = convw.element_type() == ffi::F32, p.convb_f32 = convb.element_type() == ffi::F32;
-  p.norm_f32 = norm_in.element_type() == ffi::F32;
-  p.scale_out = reinterpret_cast<float*>(scale->untyped_data());
-  p.scale = p.scale_out;
-  p.c_out = reinterpret_cast<__nv_bfloat16*>(c->untyped_data());
-  p.c = p.c_out, p.c_stride = p.S;
-  return run(p, ssm, stream, pdl >= 1 ? 1 : 0, true, "ssm_step_window");
+  return run(p, ssm, stream, pdl, "ssm_update_window");
 }
 
 // zx, xbc, scale, ssm, A_log, D, dt_bias, pos, win_x, win_B, win_dt → g, ss, ssm, win_x, win_B, win_dt (aliased),
@@ -658,22 +501,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaJaxSsmUpdateWindow, SsmUpdateWindowImpl,
                                   .Attr<int64_t>("cb")
                                   .Attr<float>("dt_lo")
                                   .Attr<float>("dt_hi")
-                                  .Attr<int64_t>("pdl"),
-                              {ffi::Traits::kCmdBufferCompatible});
-// zx, conv ring, conv_w, conv_b, norm_in, ssm, A_log, D, dt_bias, pos, win_x, win_B, win_dt → g, ss, ring, ssm,
-// win_x, win_B, win_dt (aliased), d0, extra, wts, scale, C (scratch)
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MambaJaxSsmStepWindow, SsmStepWindowImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>()
-                                  .Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>()
-                                  .Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>()
-                                  .Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>()
-                                  .Attr<int64_t>("bp")
-                                  .Attr<int64_t>("cb")
-                                  .Attr<float>("dt_lo")
-                                  .Attr<float>("dt_hi")
-                                  .Attr<float>("eps")
-                                  .Attr<int64_t>("hb")
                                   .Attr<int64_t>("pdl"),
                               {ffi::Traits::kCmdBufferCompatible});

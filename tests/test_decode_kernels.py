@@ -242,33 +242,26 @@ def test_windowed_state_write_back_equals_the_per_token_step(groups, state_dtype
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("groups,window,pos0,state_dtype,rows,s,pdl,prep", [
-    (1, 8, 13, jnp.bfloat16, 32, 128, "0", "pallas"),  # starts mid-window (slot 5)
-    (2, 5, 10, jnp.float32, 64, 128, "0", "pallas"),  # two groups, W 5 from a boundary; 64 rows per CTA
-    (1, 16, 3, jnp.bfloat16, 64, 128, "0", "pallas"),
-    (2, 8, 7, jnp.bfloat16, 32, 128, "0", "pallas"),
-    (1, 16, 3, jnp.bfloat16, 32, 128, "0", "pallas"),
-    (1, 8, 13, jnp.bfloat16, 32, 256, "0", "pallas"),  # Nemotron-H 56B's state size
-    (2, 8, 7, jnp.bfloat16, 32, 128, "1", "pallas"),  # the stream under programmatic dependent launch (opt-in)
-    (1, 8, 13, jnp.bfloat16, 32, 128, "2", "pallas"),  # both launches under it, the prep kernel triggering
-    (1, 8, 13, jnp.bfloat16, 32, 128, "0", "cuda"),  # the prep fused into the first launch (opt-in): 2 blocks
-    (2, 5, 10, jnp.float32, 64, 128, "1", "cuda"),  # of 8 heads per group here, 1 with two groups
-    (1, 16, 3, jnp.bfloat16, 32, 256, "0", "cuda"),
-    (1, 8, 13, jnp.bfloat16, 32, 128, "1", "cuda:4"),  # 4 heads per CTA: 4 blocks, each with the group's B, C
+@pytest.mark.parametrize("groups,window,pos0,state_dtype,rows,s,pdl", [
+    (1, 8, 13, jnp.bfloat16, 32, 128, "1"),  # starts mid-window (slot 5); the stream under PDL (the default)
+    (2, 5, 10, jnp.float32, 64, 128, "1"),  # two groups, W 5 from a boundary; 64 rows per CTA
+    (1, 16, 3, jnp.bfloat16, 64, 128, "1"),
+    (2, 8, 7, jnp.bfloat16, 32, 128, "1"),
+    (1, 16, 3, jnp.bfloat16, 32, 128, "0"),  # no programmatic dependent launch
+    (1, 8, 13, jnp.bfloat16, 32, 256, "1"),  # Nemotron-H 56B's state size
+    (2, 8, 7, jnp.bfloat16, 32, 128, "0"),
+    (1, 8, 13, jnp.bfloat16, 32, 128, "2"),  # both launches under it, the prep kernel triggering
 ])  # fmt: skip
-def test_cuda_window_update_equals_pallas_on_gpu(monkeypatch, groups, window, pos0, state_dtype, rows, s, pdl, prep):
+def test_cuda_window_update_equals_pallas_on_gpu(monkeypatch, groups, window, pos0, state_dtype, rows, s, pdl):
     """The CUDA window step (kernels/ssm_update.cu, the default on a GPU behind the Pallas prep kernel: the
-    coefficients, then the state stream with 32 or 64 rows per CTA; opt-in, under programmatic dependent
-    launch or with the prep kernel's work in its first launch) against the Pallas kernels it replaces,
-    compiled, bf16 at Mamba2 widths (head dim 64, state 128 or 256) over 2½ windows: g, Σ g², the conv ring,
-    the state written back, the window buffers; and `window_state` of both against the per-token step."""
+    coefficients, then the state stream with 32 or 64 rows per CTA, under programmatic dependent launch or
+    not) against the Pallas kernels it replaces, compiled, bf16 at Mamba2 widths (head dim 64, state 128 or
+    256) over 2½ windows: g, Σ g², the conv ring, the state written back, the window buffers; and
+    `window_state` of both against the per-token step."""
     from mamba_jax.kernels.ssm_update import unsupported
 
     monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_ROWS", str(rows))
     monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_PDL", pdl)
-    prep, _, hb = prep.partition(":")  # cuda:HB — at most HB heads per CTA of the fused launch
-    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_PREP", prep)
-    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_HB", hb or "8")
     assert unsupported(state_dtype=state_dtype, act_dtype=jnp.bfloat16, g_dtype=jnp.bfloat16,
                        param_dtypes=(jnp.float32,) * 3, window=window, head_dim=64, state_size=s,
                        block_p=32) is None  # fmt: skip
@@ -307,7 +300,6 @@ def test_cuda_window_update_equals_pallas_on_gpu(monkeypatch, groups, window, po
         names = ("g", "ss", "conv", "state", "win_x", "win_B", "win_dt", "current")
         for name, a, b_ in zip(names, got, want, strict=True):
             # The same roundings; float32 summation order differs (a bf16 ulp where a value sits on a tie).
-            # (The fused prep's 1/rms sums in another order: a rare bf16 flip in the conv's input or output.)
             assert rel_err(a, b_) <= (2e-3 if name in ("conv", "win_x", "win_B", "win_dt") else 4e-3), (t, name)
         assert rel_err(got[-1], plain[1]) <= 2e-2, t  # bf16 rounding every token on the plain path
 
@@ -329,22 +321,8 @@ def test_window_defaults_and_knobs(monkeypatch):
     assert kd.window_size(True, kd.WINDOW_MIN_BATCH - 1) == 0 and kd.window_size(False, 64) == 0
     assert kd.window_size(True, 64, jnp.bfloat16, 32, 128) == 0  # shapes the CUDA update does not take
     assert kd.window_size(True, 64, jnp.bfloat16, 64, 256) == kd.STATE_WINDOW
-    assert "Pallas prep" in ssm_update.fused_unsupported(80, 1, 64, 128, 4, 2560)  # opt-in
-    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_PREP", "cuda")
-    assert "threads per CTA" in ssm_update.fused_unsupported(6, 1, 64, 128, 4, 2560)  # 6 heads: 2 per CTA
-    assert "multiple of 4" in ssm_update.fused_unsupported(80, 1, 64, 128, 4, 1)  # no input norm
-    assert ssm_update.heads_per_cta(80) == 8 and ssm_update.heads_per_cta(12) == 4
-    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_HB", "4")
-    assert ssm_update.heads_per_cta(80) == 4 and ssm_update.heads_per_cta(6) == 2
-    assert "threads" in ssm_update.fused_unsupported(80, 1, 64, 256, 4, 2560)  # 4 heads: 64 threads short at S 256
-    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_HB", "3")
-    with pytest.raises(ValueError, match="1, 2, 4 or 8"):
-        ssm_update.heads_per_cta(80)
-    monkeypatch.delenv("MAMBA_JAX_DECODE_WINDOW_HB")
-    monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_PREP", "on")
-    with pytest.raises(ValueError, match="cuda or pallas"):
-        ssm_update.fused_unsupported(80, 1, 64, 128, 4, 2560)
-    monkeypatch.delenv("MAMBA_JAX_DECODE_WINDOW_PREP")
+    monkeypatch.delenv("MAMBA_JAX_DECODE_WINDOW_PDL", raising=False)
+    assert kd._window_pdl() == kd.WINDOW_PDL == 1
     monkeypatch.setenv("MAMBA_JAX_DECODE_WINDOW_PDL", "yes")
     with pytest.raises(ValueError, match="give 0"):
         kd._window_pdl()
