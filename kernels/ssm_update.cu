@@ -147,9 +147,6 @@ __device__ __forceinline__ float reduce_rows(float (&v)[NQ], int lane) {
   return v[0];
 }
 
-// Kernel 1: one warp per (b, h), lane l holds columns l·SL … of the window's B rows and C (S = 32 SL) and rows
-// l·PL … of its x rows (P = 32 PL). Every load goes out at once, before the slot wj = pos mod W is known (all W
-// slots; those after wj are masked), and the W products Bᵢ · C are reduced over the lanes together.
 template <int N>
 struct RawT;
 template <>
@@ -203,32 +200,6 @@ struct HeadIn {
     dtb = param(p.dtb, h, p.dtb_f32), alog = param(p.alog, h, p.alog_f32), dskip = param(p.dskip, h, p.dskip_f32);
   }
 };
-
-template <int PL, int SL, int WM>
-__device__ __forceinline__ void coef_body(const Params& p, const HeadIn<PL, SL, WM>& in, int b, int h, int grp, int r,
-                                          int lane, typename RawT<PL>::type xn, typename RawT<SL>::type bn,
-                                          typename RawT<SL>::type cn, float scale);
-
-template <int PL, int SL, int WM, bool PDL>
-__global__ void __launch_bounds__(NT) window_coef(Params p) {
-  constexpr int P = 32 * PL, S = 32 * SL;
-  using XR = typename RawT<PL>::type;
-  using BR = typename RawT<SL>::type;
-  const int lane = threadIdx.x & 31, bh = blockIdx.x * (NT / 32) + (threadIdx.x >> 5);
-  if (bh >= p.B * p.H) return;
-  const int h = bh % p.H, b = bh / p.H, R = p.H / p.G, grp = h / R, r = h % R, RP = R * P;
-  HeadIn<PL, SL, WM> in;
-  in.load(p, b, h, grp, r, lane);
-  // Above, nothing the prep kernel writes; below, its outputs: launched under programmatic dependent launch
-  // (opt-in, pdl 2) the loads above overlap the prep kernel.
-  if (PDL) asm volatile("griddepcontrol.wait;" ::: "memory");
-  const __nv_bfloat16* xrow = p.xbc + ((long)b * p.G + grp) * p.F;
-  const XR xn = ldraw<PL>(xrow + r * P + lane * PL);
-  const BR bn = ldraw<SL>(xrow + RP + lane * SL), cn = ldraw<SL>(xrow + RP + S + lane * SL);
-  const float scale = p.scale[b];
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  coef_body<PL, SL, WM>(p, in, b, h, grp, r, lane, xn, bn, cn, scale);
-}
 
 // After the loads: dt, the weights, d₀, the products Bᵢ · C, extra; this token into slot wj.
 template <int PL, int SL, int WM>
@@ -296,6 +267,30 @@ __device__ __forceinline__ void coef_body(const Params& p, const HeadIn<PL, SL, 
   if (r == 0) straw<SL>(p.wb + (((long)b * W + wj) * p.G + grp) * S + lane * SL, bn);  // the group's B: its first head
   if (lane == 0) p.d0[bh] = d0, p.wdt[((long)b * W + wj) * p.H + h] = dt;
   if (lane < W) p.wts[(long)bh * W + lane] = lane <= wj ? w_i : 0.f;
+}
+
+// Kernel 1: one warp per (b, h), lane l holds columns l·SL … of the window's B rows and C (S = 32 SL) and rows
+// l·PL … of its x rows (P = 32 PL). Every load goes out at once, before the slot wj = pos mod W is known (all W
+// slots; those after wj are masked), and the W products Bᵢ · C are reduced over the lanes together.
+template <int PL, int SL, int WM, bool PDL>
+__global__ void __launch_bounds__(NT) window_coef(Params p) {
+  constexpr int P = 32 * PL, S = 32 * SL;
+  using XR = typename RawT<PL>::type;
+  using BR = typename RawT<SL>::type;
+  const int lane = threadIdx.x & 31, bh = blockIdx.x * (NT / 32) + (threadIdx.x >> 5);
+  if (bh >= p.B * p.H) return;
+  const int h = bh % p.H, b = bh / p.H, R = p.H / p.G, grp = h / R, r = h % R, RP = R * P;
+  HeadIn<PL, SL, WM> in;
+  in.load(p, b, h, grp, r, lane);
+  // Above, nothing the prep kernel writes; below, its outputs: launched under programmatic dependent launch
+  // (opt-in, pdl 2) the loads above overlap the prep kernel.
+  if (PDL) asm volatile("griddepcontrol.wait;" ::: "memory");
+  const __nv_bfloat16* xrow = p.xbc + ((long)b * p.G + grp) * p.F;
+  const XR xn = ldraw<PL>(xrow + r * P + lane * PL);
+  const BR bn = ldraw<SL>(xrow + RP + lane * SL), cn = ldraw<SL>(xrow + RP + S + lane * SL);
+  const float scale = p.scale[b];
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  coef_body<PL, SL, WM>(p, in, b, h, grp, r, lane, xn, bn, cn, scale);
 }
 
 // Kernel 2, the state stream: thread t takes the 8-column chunk t % C8 (C8 = S / 8) of rows t / C8 + RPI · q
