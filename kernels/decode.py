@@ -659,7 +659,7 @@ def window_size(split: bool, batch: int, dtype=jnp.bfloat16, head_dim: int = 64,
     (the state written every token)."""
     from mamba_jax.kernels import ssm_update
 
-    fits = head_dim == ssm_update.HEAD_DIM and state_size in ssm_update.STATE_SIZES
+    fits = ssm_update.shape_unsupported(STATE_WINDOW, head_dim, state_size) is None
     size = STATE_WINDOW if batch >= WINDOW_MIN_BATCH and split and fits and ssm_update.available(dtype) else 0
     if env := _env_ints("MAMBA_JAX_DECODE_WINDOW", 1, "one integer, the window in tokens (0: off)"):
         size = env[0]

@@ -56,6 +56,14 @@ def available(act_dtype) -> bool:
     return _not_here(act_dtype) is None and _load() is None
 
 
+def shape_unsupported(window: int, head_dim: int, state_size: int) -> str | None:
+    """Why the kernels' register tiles do not take this window, head dim and state size, or None."""
+    if not 1 <= window <= MAX_W or head_dim != HEAD_DIM or state_size not in STATE_SIZES:
+        return (f"window {window}, head dim {head_dim}, state size {state_size} (it takes W ≤ {MAX_W}, head dim "
+                f"{HEAD_DIM}, state size {' or '.join(map(str, STATE_SIZES))})")  # fmt: skip
+    return None
+
+
 def unsupported(*, state_dtype, act_dtype, g_dtype, param_dtypes, window: int, head_dim: int, state_size: int,
                 block_p: int) -> str | None:  # fmt: skip
     """Why `update_window` would not run for these shapes and dtypes here, or None when it runs."""
@@ -64,9 +72,8 @@ def unsupported(*, state_dtype, act_dtype, g_dtype, param_dtypes, window: int, h
     f32_bf16 = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
     if any(jnp.dtype(d) not in f32_bf16 for d in (state_dtype, g_dtype, *param_dtypes)):
         return "a state, g or parameter dtype other than float32 / bfloat16"
-    if not 1 <= window <= MAX_W or head_dim != HEAD_DIM or state_size not in STATE_SIZES:
-        return (f"window {window}, head dim {head_dim}, state size {state_size} (it takes W ≤ {MAX_W}, head dim "
-                f"{HEAD_DIM}, state size {' or '.join(map(str, STATE_SIZES))})")  # fmt: skip
+    if reason := shape_unsupported(window, head_dim, state_size):
+        return reason
     cb = rows_per_cta(block_p)
     if cb not in ((32, 64) if state_size == 128 else (32,)) or cb % block_p:
         return f"{cb} state rows per CTA for block_p {block_p} (32 or 64, 32 at state size 256; block_p | rows)"
