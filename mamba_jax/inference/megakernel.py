@@ -331,9 +331,7 @@ def kernel_mode() -> tuple[int, int]:
         parts = [int(v) for v in raw.split(",")] if raw else []
     except ValueError:
         parts = [-1]
-    if len(parts) > 2:
-        parts = [-1]
-    mode = (parts[0] if parts else DEFAULT_MODE, parts[1] if len(parts) > 1 else 1)
+    mode = tuple(parts) + (DEFAULT_MODE, 1)[len(parts) :]  # the defaults fill what is not given; 3 parts fail
     return _checked_mode(mode, f"MAMBA_JAX_MEGAKERNEL_MODE={raw!r}: want MODE[,SLACK]")
 
 
