@@ -30,7 +30,7 @@
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window   # the CUDA window step: tests, profile, b32 A/B (VARIANTS_ONLY=1 stops there), generate.py b32
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window2  # (done) its coefficients in registers, the coalesced stream: A/B
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window3  # the window step's GPU tests, generate.py 2.7B b32 + peer
-#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window4  # (done) its stream under PDL (A/B), generate.py b32 + peer again
+#   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window4  # (retired) its stream under PDL (A/B): PDL 1 the default since
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window5  # (retired) PDL 0 / 1 / 2 and the fused prep: A/B done
 #   GIT_REVISION=<commit> bash benchmarks/gpu_session.sh window6  # (retired) the same cut down, generate.py b32 + peer
 #
@@ -315,14 +315,7 @@ elif [ "$stage" = window3 ]; then  # ≈ 8 minutes: the kernel and model tests o
     cd benchmarks || exit 1
     step generate_b32 330 python3 generate.py --model mamba2_2_7b --batch 32 \
         --state-dtype bfloat16 --peer --decode-impl auto --out "$OUT/generate_2_7b_b32_window_$gpu.json"
-elif [ "$stage" = window4 ]; then  # ≈ 4 minutes: the stream under PDL (one round, A/B), then generate.py b32 + peer again
-    cd benchmarks || exit 1
-    step variants_pdl 150 python3 decode_variants.py --model mamba2_2_7b --batch 32 --rounds 1 --reps 3 \
-        --variant "w8:" --variant "w8_pdl:MAMBA_JAX_DECODE_WINDOW_PDL=1" \
-        --out "$OUT/decode_variants_window_pdl_2_7b_b32_$gpu.json"
-    step generate_b32 200 python3 generate.py --model mamba2_2_7b --batch 32 \
-        --state-dtype bfloat16 --peer --decode-impl auto --out "$OUT/generate_2_7b_b32_window_run2_$gpu.json"
-elif [ "$stage" = window5 ] || [ "$stage" = window6 ]; then
+elif [ "$stage" = window4 ] || [ "$stage" = window5 ] || [ "$stage" = window6 ]; then
     # the A/B of 2026-12-06 (results/decode_variants_window_pdl_fused_2_7b_b32_h100.json) is done: PDL 1 is the
     # default, the fused prep (slower: 7,375 against 7,769 tok/s) and its variables removed
     echo "stage $stage: the PDL / fused-prep A/B of 2026-12-06 is done; the fused prep removed, PDL 1 the default"
